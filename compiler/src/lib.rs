@@ -1,0 +1,1 @@
+//! Compiler (modc): see the compiler issue. Nothing here yet.

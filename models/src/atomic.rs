@@ -1,0 +1,57 @@
+//! Crash-safe file writes: write a temporary sibling, sync, rename.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Writes `bytes` to `path` so that a crash never leaves a half-written file:
+/// the data goes to a temporary file in the same directory, is synced, and is then
+/// renamed over `path` (atomic on POSIX file systems).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_existing_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("a.bin");
+        write_atomic(&p, b"first").expect("write");
+        write_atomic(&p, b"second").expect("write");
+        assert_eq!(std::fs::read(&p).expect("read"), b"second");
+        let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
+        assert_eq!(entries.len(), 1, "temporary file left behind");
+    }
+
+    #[test]
+    fn missing_directory_is_an_error_naming_the_path() {
+        let err = write_atomic(Path::new("/nonexistent-dir-xyz/a.bin"), b"x").unwrap_err();
+        assert!(err.to_string().contains("nonexistent-dir-xyz"), "{err}");
+    }
+}

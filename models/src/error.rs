@@ -1,0 +1,82 @@
+//! Errors of the format layer.
+
+use std::path::PathBuf;
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong reading, writing or validating modkit's shared types.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown spec preset {name:?}: use one of {available}")]
+    UnknownPreset { name: String, available: String },
+
+    #[error(
+        "spec {what}: input {input}×{input} is too small for the network (it reaches {reached} at {stage}); use an input of at least {minimum}"
+    )]
+    InputTooSmall {
+        what: String,
+        input: usize,
+        reached: i64,
+        stage: &'static str,
+        minimum: usize,
+    },
+
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+
+    #[error("unknown variant {name:?}: use one of modulated, shared, independent, branch:K, csn, only-mask")]
+    UnknownVariant { name: String },
+
+    #[error("unknown task {name:?}; available tasks: {}", available.join(", "))]
+    UnknownTask { name: String, available: Vec<String> },
+
+    #[error("invalid task name {name:?}: use letters, digits and '_' only")]
+    InvalidTaskName { name: String },
+
+    #[error("{path:?} is not a modkit checkpoint (no `modkit.format` metadata); train one with `modtrain train`")]
+    NotACheckpoint { path: PathBuf },
+
+    #[error(
+        "{path:?} is checkpoint format version {found}, newer than this build supports ({supported}); upgrade modkit"
+    )]
+    VersionMismatch {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error("{path:?}: checkpoint is missing tensor {name:?}")]
+    MissingTensor { path: PathBuf, name: String },
+
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+
+    #[error("tensor {name:?} is {dtype}, only F32 is supported")]
+    UnsupportedDtype { name: String, dtype: String },
+
+    #[error("{path:?}: corrupt checkpoint: {source}")]
+    Safetensors {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+
+    #[error("{path:?}: bad checkpoint header: {source}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{path:?}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

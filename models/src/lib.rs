@@ -1,0 +1,38 @@
+//! The shared vocabulary of modkit: what every other crate agrees on.
+//!
+//! * [`NetSpec`]: the network of the paper's Table 2 with configurable input size,
+//!   widths, embedding size and modulation placement ([`NetSpec::paper`],
+//!   [`NetSpec::tiny`]).
+//! * [`Variant`]: the training variants of the paper's section 4.2 (`modulated`,
+//!   `shared`, `independent`, `branch:K`, `csn`, `only-mask`).
+//! * [`ParamCount`]: exact shared / per-task parameter counts of a spec and variant.
+//! * [`names`]: the tensor names of the checkpoint, the one place the schema lives.
+//! * [`Checkpoint`]: the safetensors checkpoint with its JSON header.
+//! * [`tasks`]: the 20 CelebA attributes of the paper's Table 3.
+//!
+//! This crate knows no tensors library and no graphs: it is the format layer.
+//!
+//! ```
+//! use modkit_models::{NetSpec, ParamCount, Variant};
+//!
+//! let spec = NetSpec::paper();
+//! let count = ParamCount::of(&spec, &Variant::Modulated, 20);
+//! assert_eq!(count.per_task, 512); // 128 + 128 + 256: block4, block5, fc
+//! assert_eq!(count.task_specific(), 10_240); // the paper's "10k"
+//! ```
+
+mod atomic;
+pub mod checkpoint;
+mod error;
+pub mod names;
+mod params;
+mod spec;
+pub mod tasks;
+mod variant;
+
+pub use atomic::write_atomic;
+pub use checkpoint::{Checkpoint, CheckpointHeader, TensorData};
+pub use error::{Error, Result};
+pub use params::ParamCount;
+pub use spec::{Modulation, NetSpec, StageShape};
+pub use variant::Variant;

@@ -1,0 +1,75 @@
+//! Task names: the 20 CelebA attributes of the paper's Table 3, and name checks.
+
+use crate::{Error, Result};
+
+/// The 20 face attributes of the paper's Table 3, in its order, spelled as in
+/// CelebA's `list_attr_celeba.txt` header (lower case).
+pub const CELEBA_20: [&str; 20] = [
+    "smiling",
+    "5_o_clock_shadow",
+    "bald",
+    "arched_eyebrows",
+    "chubby",
+    "double_chin",
+    "high_cheekbones",
+    "goatee",
+    "mustache",
+    "no_beard",
+    "sideburns",
+    "bangs",
+    "straight_hair",
+    "wavy_hair",
+    "receding_hairline",
+    "bags_under_eyes",
+    "bushy_eyebrows",
+    "young",
+    "oval_face",
+    "mouth_slightly_open",
+];
+
+/// Checks a task name: non-empty ASCII letters, digits and `_` (it becomes part of
+/// tensor names and file names).
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(Error::InvalidTaskName { name: name.into() });
+    }
+    Ok(())
+}
+
+/// Resolves `wanted` (case-insensitive) against `available`, returning indices into
+/// `available` in the order asked, or [`Error::UnknownTask`] listing what exists.
+pub fn select(wanted: &[String], available: &[String]) -> Result<Vec<usize>> {
+    wanted
+        .iter()
+        .map(|w| {
+            available
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(w))
+                .ok_or_else(|| Error::UnknownTask {
+                    name: w.clone(),
+                    available: available.to_vec(),
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_is_case_insensitive_and_lists_available_on_error() {
+        let avail: Vec<String> = CELEBA_20.iter().map(|s| s.to_string()).collect();
+        let idx = select(&["Young".into(), "smiling".into()], &avail).expect("select");
+        assert_eq!(idx, vec![17, 0]);
+        let err = select(&["smile".into()], &avail).unwrap_err().to_string();
+        assert!(err.contains("\"smile\"") && err.contains("smiling, 5_o_clock_shadow"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        assert!(check_name("no_beard").is_ok());
+        assert!(check_name("heel height").is_err());
+        assert!(check_name("").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Runtime (modrt): see the runtime issue. Nothing here yet.

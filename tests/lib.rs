@@ -1,0 +1,1 @@
+//! Shared helpers of the workspace tests live in `tests.rs` modules.
