@@ -5,8 +5,8 @@
 //! ├─ metadata
 //! │  ├─ "modkit.format"  = "checkpoint"
 //! │  ├─ "modkit.version" = "1"
-//! │  └─ "modkit.header"  = JSON CheckpointHeader { spec, variant, tasks, epoch,
-//! │                                                train_config, metrics }
+//! │  └─ "modkit.header"  = JSON CheckpointHeader { spec, variant, tasks, preprocess,
+//! │                                                epoch, train_config, metrics }
 //! └─ tensors (F32, little endian), named as in [`crate::names`]
 //! ```
 //!
@@ -19,7 +19,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, NetSpec, Result, Variant, names, write_atomic};
+use crate::{Error, NetSpec, Preprocess, Result, Variant, names, write_atomic};
 
 /// Metadata key naming the file kind.
 pub const FORMAT_KEY: &str = "modkit.format";
@@ -39,6 +39,8 @@ pub struct CheckpointHeader {
     pub variant: Variant,
     /// Task names; row `t` of every per-task tensor belongs to `tasks[t]`.
     pub tasks: Vec<String>,
+    /// How images become input.
+    pub preprocess: Preprocess,
     /// Epochs completed.
     pub epoch: usize,
     /// The trainer's configuration, as the trainer wrote it.
@@ -234,6 +236,7 @@ mod tests {
                 spec,
                 variant,
                 tasks,
+                preprocess: Preprocess::default(),
                 epoch: 3,
                 train_config: serde_json::json!({"lr": 0.01}),
                 metrics: serde_json::json!({"mean_accuracy": 0.9}),

@@ -1,1 +1,32 @@
+//! modtrain: trains modulated multi-task retrieval networks (Zhao et al., ECCV 2018)
+//! and the baselines the paper compares against, with candle.
+//!
+//! * [`data`]: the built-in synthetic faces and CelebA's layout.
+//! * [`triplets`]: per-task triplet sampling (paper section 4.1).
+//! * [`net`]: the network of the paper's Table 2 with modulation (section 3.2) and
+//!   the variants of section 4.2.
+//! * [`adagrad`]: the optimizer the paper uses.
+//! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy.
+//! * [`ops`]: fast CPU kernels for convolution and max-pool backward.
+//!
+//! ```no_run
+//! use modkit_trainer::{data::Dataset, train::{TrainConfig, Trainer}};
+//! # fn main() -> modkit_trainer::Result<()> {
+//! let cfg = TrainConfig::default();
+//! let data = Dataset::synthetic(2000, cfg.spec.input_size, cfg.seed);
+//! let mut trainer = Trainer::new(cfg, &data, candle_core::Device::Cpu)?;
+//! let report = trainer.run(&data, std::path::Path::new("model.safetensors"))?;
+//! println!("mean accuracy {:.3}", report.mean_accuracy);
+//! # Ok(()) }
+//! ```
 
+pub mod adagrad;
+pub mod data;
+mod error;
+pub mod eval;
+pub mod net;
+pub mod ops;
+pub mod train;
+pub mod triplets;
+
+pub use error::{Error, Result};

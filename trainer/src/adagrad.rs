@@ -1,0 +1,98 @@
+//! Adagrad (Duchi et al. 2011), the optimizer of the paper's section 4.1, over candle
+//! `Var`s (candle 0.11 has none).
+//!
+//! Per parameter: `G ← G + g²`, `θ ← θ − lr · g / (√G + ε)`, with `G` starting at
+//! `initial_accumulator` (0.1, TensorFlow's default, which the authors' code used).
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::Result;
+
+/// Adagrad state: one accumulator per parameter.
+#[derive(Debug)]
+pub struct Adagrad {
+    params: Vec<(String, Var)>,
+    accum: Vec<Tensor>,
+    /// Learning rate of the next step.
+    pub lr: f64,
+    eps: f64,
+}
+
+impl Adagrad {
+    /// TensorFlow's defaults besides the learning rate.
+    pub const INITIAL_ACCUMULATOR: f64 = 0.1;
+    /// Added to `√G` for stability.
+    pub const EPS: f64 = 1e-7;
+
+    /// Optimises `params` (named, for saving the state).
+    pub fn new(params: Vec<(String, Var)>, lr: f64) -> Result<Self> {
+        let accum = params
+            .iter()
+            .map(|(_, v)| v.ones_like().and_then(|t| t.affine(Self::INITIAL_ACCUMULATOR, 0.0)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Adagrad {
+            params,
+            accum,
+            lr,
+            eps: Self::EPS,
+        })
+    }
+
+    /// Applies one update from `grads`; parameters without a gradient are untouched.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        for ((_, var), acc) in self.params.iter().zip(self.accum.iter_mut()) {
+            let Some(g) = grads.get(var) else { continue };
+            *acc = (&*acc + g.sqr()?)?;
+            let update = (g / (acc.sqrt()? + self.eps)?)?;
+            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The accumulators by parameter name, for checkpoints.
+    pub fn state(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.params.iter().map(|(n, _)| n.as_str()).zip(self.accum.iter())
+    }
+
+    /// Restores an accumulator saved by [`Adagrad::state`].
+    pub fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        if let Some(i) = self.params.iter().position(|(n, _)| n == name) {
+            let want = self.accum[i].shape().clone();
+            self.accum[i] = value.reshape(want)?.to_device(self.accum[i].device())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn two_steps_match_hand_computation() {
+        let dev = Device::Cpu;
+        let v = Var::new(&[1.0f32, -2.0], &dev).expect("var");
+        let mut opt = Adagrad::new(vec![("w".into(), v.clone())], 0.5).expect("opt");
+        // loss = Σ w² / 2 → g = w.
+        for _ in 0..2 {
+            let loss = (v.as_tensor().sqr().expect("sqr").sum_all().expect("sum") * 0.5).expect("half");
+            opt.step(&loss.backward().expect("bwd")).expect("step");
+        }
+        // By hand, for w0 = 1: G1 = 0.1 + 1 = 1.1, w1 = 1 − 0.5·1/√1.1;
+        // G2 = 1.1 + w1², w2 = w1 − 0.5·w1/√G2. Likewise for −2.
+        let hand = |w0: f64| {
+            let g1 = 0.1 + w0 * w0;
+            let w1 = w0 - 0.5 * w0 / (g1.sqrt() + 1e-7);
+            let g2 = g1 + w1 * w1;
+            w1 - 0.5 * w1 / (g2.sqrt() + 1e-7)
+        };
+        let got = v.as_tensor().to_vec1::<f32>().expect("vec");
+        for (g, w0) in got.iter().zip([1.0, -2.0]) {
+            let want = hand(w0) as f32;
+            assert!((g - want).abs() < 1e-6, "got {g}, want {want}");
+        }
+    }
+}

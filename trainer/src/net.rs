@@ -1,0 +1,436 @@
+//! The network of the paper's Table 2 in candle, with the modulation module of
+//! section 3.2 and the variants of section 4.2.
+//!
+//! Every conv (and fc) is followed by BatchNorm when the spec says so, as in the
+//! authors' released code. A block is `conv → BN → ReLU → 2×2 max-pool`, then a
+//! residual block `y + BN(conv(ReLU(BN(conv(y)))))` and a ReLU. Modulation multiplies
+//! the output of blocks N..5 and of fc by `ReLU(w_t)` (vector) or `W_t` (projection)
+//! of each sample's task. The embedding is L2-normalised.
+//!
+//! Variables live under the names of [`modkit_models::names`], so a `VarMap` saved
+//! by name *is* a checkpoint.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::{BatchNorm, BatchNormConfig, ModuleT, VarBuilder, VarMap};
+use modkit_models::names::{self, TensorEntry};
+use modkit_models::{Modulation, NetSpec, Variant};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::ops::{conv3x3, max_pool2x2};
+use crate::Result;
+
+fn bn_config() -> BatchNormConfig {
+    BatchNormConfig {
+        eps: 1e-5,
+        remove_mean: true,
+        affine: true,
+        momentum: 0.1,
+    }
+}
+
+/// A 3×3 conv (stride 1) followed by BatchNorm, or with a bias when BN is off.
+#[derive(Debug)]
+struct ConvBn {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    bn: Option<BatchNorm>,
+    pad: usize,
+}
+
+impl ConvBn {
+    fn new(cin: usize, cout: usize, pad: usize, bn: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((cout, cin, 3, 3), "weight")?;
+        let (bias, bn) = if bn {
+            (None, Some(candle_nn::batch_norm(cout, bn_config(), vb.pp("bn"))?))
+        } else {
+            (Some(vb.get(cout, "bias")?), None)
+        };
+        Ok(ConvBn {
+            weight,
+            bias,
+            bn,
+            pad,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = conv3x3(x, &self.weight, self.pad)?;
+        Ok(match (&self.bias, &self.bn) {
+            (_, Some(bn)) => bn.forward_t(&y, train)?,
+            (Some(b), None) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            (None, None) => y,
+        })
+    }
+}
+
+/// Conv-Pool-ResnetBlock.
+#[derive(Debug)]
+struct Block {
+    conv: ConvBn,
+    res1: ConvBn,
+    res2: ConvBn,
+}
+
+impl Block {
+    fn new(cin: usize, c: usize, bn: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            conv: ConvBn::new(cin, c, 0, bn, vb.pp("conv"))?,
+            res1: ConvBn::new(c, c, 1, bn, vb.pp("res1"))?,
+            res2: ConvBn::new(c, c, 1, bn, vb.pp("res2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = max_pool2x2(&self.conv.forward(x, train)?.relu()?)?;
+        let r = self.res1.forward(&y, train)?.relu()?;
+        let r = self.res2.forward(&r, train)?;
+        Ok((y + r)?.relu()?)
+    }
+}
+
+/// One plain network: conv1, block2..block5, fc.
+#[derive(Debug)]
+struct Backbone {
+    conv1: ConvBn,
+    blocks: Vec<Block>,
+    fc_weight: Tensor,
+    fc_bias: Option<Tensor>,
+    fc_bn: Option<BatchNorm>,
+}
+
+impl Backbone {
+    fn new(spec: &NetSpec, vb: VarBuilder) -> Result<Self> {
+        let w = spec.widths;
+        let bn = spec.batch_norm;
+        let blocks = (2..=5)
+            .map(|k| Block::new(w[k - 2], w[k - 1], bn, vb.pp(format!("block{k}"))))
+            .collect::<Result<_>>()?;
+        let fc = vb.pp("fc");
+        let (fc_bias, fc_bn) = if bn {
+            (None, Some(candle_nn::batch_norm(spec.embedding, bn_config(), fc.pp("bn"))?))
+        } else {
+            (Some(fc.get(spec.embedding, "bias")?), None)
+        };
+        Ok(Backbone {
+            conv1: ConvBn::new(spec.in_channels, w[0], 0, bn, vb.pp("conv1"))?,
+            blocks,
+            fc_weight: fc.get((spec.embedding, spec.fc_inputs()), "weight")?,
+            fc_bias,
+            fc_bn,
+        })
+    }
+
+    /// Stage `k`: 1 is conv1 (with its ReLU), 2..=5 the blocks.
+    fn stage(&self, k: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        if k == 1 {
+            Ok(self.conv1.forward(x, train)?.relu()?)
+        } else {
+            self.blocks[k - 2].forward(x, train)
+        }
+    }
+
+    fn fc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = x.flatten_from(1)?.matmul(&self.fc_weight.t()?)?;
+        Ok(match (&self.fc_bias, &self.fc_bn) {
+            (_, Some(bn)) => bn.forward_t(&y, train)?,
+            (Some(b), None) => y.broadcast_add(b)?,
+            (None, None) => y,
+        })
+    }
+}
+
+/// A network of any [`Variant`] over a fixed task list.
+#[derive(Debug)]
+pub struct Network {
+    spec: NetSpec,
+    tasks: usize,
+    /// One backbone, or one per task for `independent`.
+    nets: Vec<Backbone>,
+    /// Per modulated stage (blocks N..=5, then fc): `[T, C]` or `[T, C, C]`.
+    modulation: Vec<Tensor>,
+    branch: Option<(Tensor, Tensor)>,
+    csn: Option<Tensor>,
+}
+
+impl Network {
+    /// Builds the network on the variables of `vb` (see [`init_varmap`]).
+    pub fn new(spec: &NetSpec, variant: Variant, tasks: &[String], vb: VarBuilder) -> Result<Self> {
+        spec.validate()?;
+        let t = tasks.len();
+        let nets = if variant == Variant::Independent {
+            tasks
+                .iter()
+                .map(|task| Backbone::new(spec, vb.pp(format!("task.{task}"))))
+                .collect::<Result<_>>()?
+        } else {
+            vec![Backbone::new(spec, vb.clone())?]
+        };
+        let modulation = if variant.is_modulated() {
+            spec.modulated_stages()
+                .iter()
+                .map(|s| {
+                    let name = names::modulation(s.name);
+                    Ok(match spec.modulation {
+                        Modulation::Vector => vb.get((t, s.channels), &name)?,
+                        Modulation::Projection => vb.get((t, s.channels, s.channels), &name)?,
+                    })
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let branch = match variant {
+            Variant::Branch { k } => Some((
+                vb.get((t, k, spec.embedding), names::BRANCH_WEIGHT)?,
+                vb.get((t, k), names::BRANCH_BIAS)?,
+            )),
+            _ => None,
+        };
+        let csn = match variant {
+            Variant::Csn => Some(vb.get((t, spec.embedding), names::CSN_MASKS)?),
+            _ => None,
+        };
+        Ok(Network {
+            spec: spec.clone(),
+            tasks: t,
+            nets,
+            modulation,
+            branch,
+            csn,
+        })
+    }
+
+    /// Whether one trunk serves all tasks (every variant but `independent`).
+    pub fn has_shared_trunk(&self) -> bool {
+        self.nets.len() == 1
+    }
+
+    /// Number of tasks.
+    pub fn num_tasks(&self) -> usize {
+        self.tasks
+    }
+
+    /// conv1..block N of the shared backbone (or of task `task`'s for `independent`):
+    /// the task-independent part.
+    pub fn trunk(&self, x: &Tensor, task: usize, train: bool) -> Result<Tensor> {
+        let net = &self.nets[if self.has_shared_trunk() { 0 } else { task }];
+        let mut x = x.clone();
+        for k in 1..=self.spec.first_modulated {
+            x = net.stage(k, &x, train)?;
+        }
+        Ok(x)
+    }
+
+    /// Block N+1..5 and fc with each sample's task modulation, then the variant's
+    /// head and L2 normalisation. `ids` holds one task index per sample (u32); for
+    /// `independent` all samples must share `task`.
+    pub fn tail(&self, feats: &Tensor, ids: &Tensor, task: usize, train: bool) -> Result<Tensor> {
+        let net = &self.nets[if self.has_shared_trunk() { 0 } else { task }];
+        let mut m = self.modulation.iter();
+        let mut x = self.modulate(feats, m.next(), ids)?;
+        for k in self.spec.first_modulated + 1..=5 {
+            x = net.stage(k, &x, train)?;
+            x = self.modulate(&x, m.next(), ids)?;
+        }
+        let mut e = net.fc(&x, train)?;
+        e = self.modulate(&e, m.next(), ids)?;
+        if let Some((w, b)) = &self.branch {
+            let w = w.index_select(ids, 0)?;
+            e = w.matmul(&e.unsqueeze(2)?)?.squeeze(2)?;
+            e = (e + b.index_select(ids, 0)?)?;
+        }
+        if let Some(masks) = &self.csn {
+            e = (e * masks.relu()?.index_select(ids, 0)?)?;
+        }
+        l2_normalize(&e)
+    }
+
+    fn modulate(&self, x: &Tensor, w: Option<&Tensor>, ids: &Tensor) -> Result<Tensor> {
+        let Some(w) = w else { return Ok(x.clone()) };
+        let b = x.dim(0)?;
+        Ok(match self.spec.modulation {
+            Modulation::Vector => {
+                let s = w.relu()?.index_select(ids, 0)?;
+                if x.rank() == 4 {
+                    x.broadcast_mul(&s.reshape((b, (), 1, 1))?)?
+                } else {
+                    (x * s)?
+                }
+            }
+            Modulation::Projection => {
+                let p = w.index_select(ids, 0)?;
+                if x.rank() == 4 {
+                    let (_, c, h, ww) = x.dims4()?;
+                    p.matmul(&x.reshape((b, c, h * ww))?)?.reshape((b, c, h, ww))?
+                } else {
+                    p.matmul(&x.unsqueeze(2)?)?.squeeze(2)?
+                }
+            }
+        })
+    }
+
+    /// Embeds a batch whose samples are grouped by task: `groups[i] = (task, count)`
+    /// covers the next `count` rows of `x`. Returns `[B, embedding]`, L2-normalised.
+    pub fn forward_grouped(&self, x: &Tensor, groups: &[(usize, usize)], train: bool) -> Result<Tensor> {
+        let device = x.device();
+        let ids_of = |gs: &[(usize, usize)]| -> Result<Tensor> {
+            let ids: Vec<u32> = gs
+                .iter()
+                .flat_map(|&(t, n)| std::iter::repeat_n(t as u32, n))
+                .collect();
+            Ok(Tensor::new(ids, device)?)
+        };
+        if self.has_shared_trunk() {
+            let f = self.trunk(x, 0, train)?;
+            return self.tail(&f, &ids_of(groups)?, 0, train);
+        }
+        let mut outs = Vec::with_capacity(groups.len());
+        let mut start = 0;
+        for &(t, n) in groups {
+            let xi = x.narrow(0, start, n)?;
+            let f = self.trunk(&xi, t, train)?;
+            outs.push(self.tail(&f, &ids_of(&[(t, n)])?, t, train)?);
+            start += n;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// `e / ‖e‖` per row.
+pub fn l2_normalize(e: &Tensor) -> Result<Tensor> {
+    let norm = (e.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+    Ok(e.broadcast_div(&norm)?)
+}
+
+/// Creates every variable of the schema with a deterministic initialisation from
+/// `seed`: He-normal convs, LeCun-normal fc and branches, BN scale 1 / shift 0,
+/// running mean 0 / variance 1, modulation vectors and CSN masks 1 (paper 4.1),
+/// projection matrices the identity.
+pub fn init_varmap(
+    spec: &NetSpec,
+    variant: Variant,
+    tasks: &[String],
+    seed: u64,
+    device: &Device,
+) -> Result<VarMap> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(2);
+    let varmap = VarMap::new();
+    let mut data = varmap.data().lock().map_err(|_| crate::Error::Config("poisoned VarMap".into()))?;
+    for TensorEntry { name, shape, .. } in names::schema(spec, &variant, tasks) {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.starts_with("modulation.") && shape.len() == 3 {
+            let c = shape[1];
+            (0..n).map(|i| if (i % (c * c)) % (c + 1) == 0 { 1.0 } else { 0.0 }).collect()
+        } else if name.starts_with("modulation.")
+            || name == names::CSN_MASKS
+            || name.ends_with("running_var")
+            || name.ends_with("bn.weight")
+        {
+            vec![1.0; n]
+        } else if name.ends_with("bias") || name.ends_with("running_mean") {
+            vec![0.0; n]
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            let gain = if shape.len() == 4 { 2.0 } else { 1.0 };
+            let std = (gain / fan_in as f64).sqrt() as f32;
+            (0..n)
+                .map(|_| {
+                    let z: f32 = StandardNormal.sample(&mut rng);
+                    z * std
+                })
+                .collect()
+        };
+        let t = Tensor::from_vec(values, shape, device)?.to_dtype(DType::F32)?;
+        data.insert(name, Var::from_tensor(&t)?);
+    }
+    drop(data);
+    Ok(varmap)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn small_spec() -> NetSpec {
+        let mut s = NetSpec::tiny();
+        s.widths = [4, 4, 8, 8, 8];
+        s.embedding = 8;
+        s
+    }
+
+    fn build(variant: Variant, tasks: &[String]) -> (VarMap, Network) {
+        let spec = small_spec();
+        let vm = init_varmap(&spec, variant, tasks, 1, &Device::Cpu).expect("init");
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let net = Network::new(&spec, variant, tasks, vb).expect("net");
+        (vm, net)
+    }
+
+    #[test]
+    fn every_variant_embeds_to_unit_vectors_and_uses_only_schema_variables() {
+        let tasks: Vec<String> = vec!["a".into(), "b".into()];
+        for variant in [
+            Variant::Modulated,
+            Variant::Shared,
+            Variant::Independent,
+            Variant::Branch { k: 5 },
+            Variant::Csn,
+        ] {
+            let (vm, net) = build(variant, &tasks);
+            let n_schema = names::schema(&small_spec(), &variant, &tasks).len();
+            assert_eq!(vm.all_vars().len(), n_schema, "{variant}: extra variables created");
+            let x = Tensor::randn(0f32, 1.0, (6, 3, 48, 48), &Device::Cpu).expect("x");
+            let e = net.forward_grouped(&x, &[(0, 3), (1, 3)], true).expect("forward");
+            let dim = if let Variant::Branch { k } = variant { k } else { 8 };
+            assert_eq!(e.dims(), &[6, dim]);
+            let norms = e.sqr().and_then(|t| t.sum(1)).and_then(|t| t.to_vec1::<f32>()).expect("n");
+            for n in norms {
+                assert!((n - 1.0).abs() < 1e-4, "{variant}: norm² {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn modulation_vectors_of_one_make_tasks_identical_until_trained() {
+        let tasks: Vec<String> = vec!["a".into(), "b".into()];
+        let (vm, net) = build(Variant::Modulated, &tasks);
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).expect("x");
+        let x2 = Tensor::cat(&[&x, &x], 0).expect("cat");
+        let e = net.forward_grouped(&x2, &[(0, 2), (1, 2)], false).expect("fwd");
+        let diff = (e.narrow(0, 0, 2).expect("a") - e.narrow(0, 2, 2).expect("b"))
+            .and_then(|t| t.abs())
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff < 1e-6, "tasks differ before training: {diff}");
+        // Zeroing one task's fc vector channel changes only that task.
+        let data = vm.data().lock().expect("lock");
+        let v = data.get("modulation.fc").expect("mod");
+        let mut w = v.as_tensor().to_vec2::<f32>().expect("w");
+        w[1][0] = 0.0;
+        v.set(&Tensor::new(w, &Device::Cpu).expect("t")).expect("set");
+        drop(data);
+        let e2 = net.forward_grouped(&x2, &[(0, 2), (1, 2)], false).expect("fwd");
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b).and_then(|t| t.abs()).and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("d")
+        };
+        assert!(d(&e.narrow(0, 0, 2).expect("a"), &e2.narrow(0, 0, 2).expect("a")) < 1e-6);
+        assert!(d(&e.narrow(0, 2, 2).expect("b"), &e2.narrow(0, 2, 2).expect("b")) > 1e-4);
+    }
+
+    #[test]
+    fn initialisation_is_deterministic() {
+        let tasks: Vec<String> = vec!["a".into()];
+        let get = || {
+            let (vm, _) = build(Variant::Modulated, &tasks);
+            let data = vm.data().lock().expect("lock");
+            data["block3.conv.weight"].as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v")
+        };
+        assert_eq!(get(), get());
+    }
+}

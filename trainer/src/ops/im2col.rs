@@ -1,0 +1,194 @@
+//! 3×3 stride-1 convolution as `im2col` + matmul, with `col2im` as the backward.
+//!
+//! `im2col` turns `x: [B, C, H, W]` into `cols: [B, C·9, Ho·Wo]` where row
+//! `c·9 + ky·3 + kx` holds `x[b, c, oy+ky−p, ox+kx−p]` (0 outside). Then
+//! `conv(x, w) = w.reshape(O, C·9) · cols`, whose gradients are two GEMMs, and
+//! `∂cols → ∂x` is `col2im`, the scatter-add of the same indexing.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Unfolds 3×3 patches (stride 1, zero padding `pad`).
+#[derive(Debug, Clone, Copy)]
+pub struct Im2Col {
+    pub pad: usize,
+}
+
+/// The adjoint of [`Im2Col`]: folds `[B, C·9, Ho·Wo]` back into `[B, C, H, W]`,
+/// summing overlapping contributions.
+#[derive(Debug, Clone, Copy)]
+pub struct Col2Im {
+    pub pad: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+fn out_size(n: usize, pad: usize) -> Result<usize> {
+    (n + 2 * pad)
+        .checked_sub(2)
+        .filter(|&o| o > 0)
+        .ok_or_else(|| candle_core::Error::Msg(format!("3×3 conv on a {n}-pixel side with padding {pad}")))
+}
+
+/// The columns `[lo, hi)` of an output row that read inside the input for tap `k`.
+fn valid_cols(k: usize, pad: usize, w: usize, wo: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(k);
+    let hi = wo.min((w + pad).saturating_sub(k));
+    (lo, hi.max(lo))
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("{what} expects a contiguous input"),
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let x = contiguous(s, l, "im2col")?;
+        let p = self.pad;
+        let (ho, wo) = (out_size(h, p)?, out_size(w, p)?);
+        let n = ho * wo;
+        let mut out = vec![0f32; b * c * 9 * n];
+        out.par_chunks_mut(9 * n).enumerate().for_each(|(bc, chunk)| {
+            let src = &x[bc * h * w..(bc + 1) * h * w];
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let row = &mut chunk[(ky * 3 + kx) * n..(ky * 3 + kx + 1) * n];
+                    let (lo, hi) = valid_cols(kx, p, w, wo);
+                    for oy in 0..ho {
+                        let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                            continue;
+                        };
+                        let s0 = iy * w + lo + kx - p;
+                        row[oy * wo + lo..oy * wo + hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c * 9, n))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = arg.dims4()?;
+        let g = grad.contiguous()?.apply_op1_no_bwd(&Col2Im { pad: self.pad, h, w })?;
+        Ok(Some(g))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c9, n) = l.shape().dims3()?;
+        let cols = contiguous(s, l, "col2im")?;
+        let (h, w, p) = (self.h, self.w, self.pad);
+        let (ho, wo) = (out_size(h, p)?, out_size(w, p)?);
+        if c9 % 9 != 0 || n != ho * wo {
+            candle_core::bail!("col2im: {:?} does not match a {h}×{w} input", l.shape());
+        }
+        let c = c9 / 9;
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
+            let chunk = &cols[bc * 9 * n..(bc + 1) * 9 * n];
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let row = &chunk[(ky * 3 + kx) * n..(ky * 3 + kx + 1) * n];
+                    let (lo, hi) = valid_cols(kx, p, w, wo);
+                    for oy in 0..ho {
+                        let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                            continue;
+                        };
+                        let d0 = iy * w + lo + kx - p;
+                        let src = &row[oy * wo + lo..oy * wo + hi];
+                        for (d, s) in dst[d0..d0 + hi - lo].iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+    }
+}
+
+/// `x: [B, C, H, W]` convolved with `weight: [O, C, 3, 3]` (stride 1, zero padding
+/// `pad`), no bias. On CPU this is `im2col` + a batched GEMM; elsewhere candle's
+/// `conv2d`.
+pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.conv2d(weight, pad, 1, 1, 1);
+    }
+    let (b, _, h, w) = x.dims4()?;
+    let o = weight.dim(0)?;
+    let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
+    let cols = x.contiguous()?.apply_op1(Im2Col { pad })?;
+    let w2 = weight.flatten_from(1)?;
+    let k = w2.dim(1)?;
+    w2.unsqueeze(0)?
+        .broadcast_as((b, o, k))?
+        .matmul(&cols)?
+        .reshape((b, o, ho, wo))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        // A fixed pseudo-random fill: no RNG state shared between tests.
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|i| {
+                let z = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                ((z >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .flatten_all()
+            .expect("flat")
+            .max(0)
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar")
+    }
+
+    #[test]
+    fn forward_and_gradients_match_candle_conv2d() {
+        for (pad, h, w) in [(0, 7, 9), (1, 5, 6), (1, 3, 3), (0, 3, 4)] {
+            let x = Var::from_tensor(&rand(&[2, 3, h, w], 1)).expect("x");
+            let k = Var::from_tensor(&rand(&[4, 3, 3, 3], 2)).expect("k");
+            let up = rand(&[2, 4, h + 2 * pad - 2, w + 2 * pad - 2], 3);
+
+            let ours = conv3x3(&x, &k, pad).expect("ours");
+            let theirs = x.conv2d(&k, pad, 1, 1, 1).expect("candle");
+            let d = max_diff(&ours, &theirs);
+            assert!(d < 1e-5, "forward pad {pad} {h}×{w}: max diff {d}");
+
+            let g1 = (ours * &up).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+            let g2 = (theirs * &up).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+            for v in [&x, &k] {
+                let (a, b) = (g1.get(v).expect("g1"), g2.get(v).expect("g2"));
+                let d = max_diff(a, b);
+                assert!(d < 1e-4, "gradient pad {pad} {h}×{w}: max diff {d}");
+            }
+        }
+    }
+}

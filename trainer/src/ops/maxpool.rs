@@ -1,0 +1,146 @@
+//! 2×2 stride-2 max-pool with floor semantics and an exact backward.
+//!
+//! Output `[B, C, ⌊H/2⌋, ⌊W/2⌋]`; a trailing odd row or column is dropped, as in the
+//! paper's network (35 → 16 → 7 at block4/5 of the 150×150 spec). The gradient goes
+//! to the first maximum of each window.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+struct MaxPool;
+
+#[derive(Debug, Clone, Copy)]
+struct MaxPoolBackward;
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("max_pool2x2 expects contiguous inputs"),
+    }
+}
+
+/// The flat index (within one `H×W` plane) of the first maximum of window `(oy, ox)`.
+#[inline]
+fn argmax(plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
+    let i = 2 * oy * w + 2 * ox;
+    let mut best = i;
+    for j in [i + 1, i + w, i + w + 1] {
+        if plane[j] > plane[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max_pool2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let x = contiguous(s, l)?;
+        let (ho, wo) = (h / 2, w / 2);
+        let mut out = vec![0f32; b * c * ho * wo];
+        out.par_chunks_mut(ho * wo).enumerate().for_each(|(bc, dst)| {
+            let plane = &x[bc * h * w..(bc + 1) * h * w];
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    dst[oy * wo + ox] = plane[argmax(plane, w, oy, ox)];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolBackward)?;
+        Ok(Some(g))
+    }
+}
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "max_pool2x2_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let x = contiguous(s1, l1)?;
+        let g = contiguous(s2, l2)?;
+        let (ho, wo) = (h / 2, w / 2);
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
+            let plane = &x[bc * h * w..(bc + 1) * h * w];
+            let gp = &g[bc * ho * wo..(bc + 1) * ho * wo];
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    dst[argmax(plane, w, oy, ox)] += gp[oy * wo + ox];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// 2×2 stride-2 max-pool, floor semantics. CPU: the kernel above; elsewhere a
+/// crop + reshape + max that candle differentiates exactly.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(MaxPool);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (ho, wo) = (h / 2, w / 2);
+    x.narrow(2, 0, 2 * ho)?
+        .narrow(3, 0, 2 * wo)?
+        .contiguous()?
+        .reshape((b, c, ho, 2, wo, 2))?
+        .max(5)?
+        .max(3)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    #[test]
+    fn matches_reshape_max_reference_on_odd_sizes() {
+        let (b, c, h, w) = (2, 3, 7, 5);
+        // Distinct values so the maximum of each window is unique.
+        let data: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 37) % 101) as f32).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(data, (b, c, h, w), &Device::Cpu).expect("t"))
+            .expect("var");
+        let ours = max_pool2x2(&x).expect("ours");
+        let reference = x
+            .narrow(2, 0, 6)
+            .and_then(|t| t.narrow(3, 0, 4))
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.reshape((b, c, 3, 2, 2, 2)))
+            .and_then(|t| t.max(5))
+            .and_then(|t| t.max(3))
+            .expect("reference");
+        assert_eq!(ours.dims(), &[b, c, 3, 2]);
+        assert_eq!(
+            ours.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v"),
+            reference.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v")
+        );
+        let up = Tensor::arange(0f32, (b * c * 6) as f32, &Device::Cpu)
+            .and_then(|t| t.reshape((b, c, 3, 2)))
+            .expect("up");
+        let g1 = (ours * &up).and_then(|t| t.sum_all()).and_then(|t| t.backward()).expect("g1");
+        let g2 = (reference * &up).and_then(|t| t.sum_all()).and_then(|t| t.backward()).expect("g2");
+        let v = |g: &candle_core::backprop::GradStore| {
+            g.get(&x).expect("grad").flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v")
+        };
+        assert_eq!(v(&g1), v(&g2));
+    }
+}

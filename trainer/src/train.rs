@@ -1,0 +1,501 @@
+//! The training loop (paper sections 3.3 and 4.1): every minibatch holds the same
+//! number of triplets from every task; squared-L2 triplet loss with margin α;
+//! Adagrad; evaluation, a JSON-lines log line and an atomic checkpoint per epoch.
+//!
+//! Files written next to the checkpoint `OUT.safetensors`:
+//! `OUT.metrics.jsonl` (one line per epoch) and `OUT.triplets.json` (the fixed test
+//! triplets, by file name).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use modkit_models::names::{self, OPTIMIZER_PREFIX};
+use modkit_models::{Checkpoint, CheckpointHeader, NetSpec, Preprocess, TensorData, Variant};
+use serde::{Deserialize, Serialize};
+
+use crate::adagrad::Adagrad;
+use crate::data::{Dataset, Split};
+use crate::eval::{batch_images, triplet_accuracy};
+use crate::net::{Network, init_varmap};
+use crate::triplets::{self, TEST_STREAM, Triplet};
+use crate::{Error, Result};
+
+/// Everything that defines a training run; stored in the checkpoint header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub spec: NetSpec,
+    pub variant: Variant,
+    pub tasks: Vec<String>,
+    /// Where the data came from (`synth`, `celeba:DIR`), for the record.
+    pub data: String,
+    pub epochs: usize,
+    /// Training triplets per task per epoch (re-sampled every epoch).
+    pub triplets_per_task: usize,
+    /// Triplets per task in one minibatch (paper: 9 for 20 tasks).
+    pub batch_per_task: usize,
+    /// Fixed test triplets per task.
+    pub test_triplets_per_task: usize,
+    pub lr: f64,
+    /// Learning rate multiplier per epoch (1 = constant).
+    pub lr_decay: f64,
+    /// Triplet margin α.
+    pub margin: f64,
+    pub seed: u64,
+    pub preprocess: Preprocess,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            spec: NetSpec::tiny(),
+            variant: Variant::Modulated,
+            tasks: modkit_models::tasks::CELEBA_20.iter().map(|s| s.to_string()).collect(),
+            data: "synth".into(),
+            epochs: 4,
+            triplets_per_task: 400,
+            batch_per_task: 4,
+            test_triplets_per_task: 500,
+            lr: 0.01,
+            lr_decay: 1.0,
+            margin: 0.2,
+            seed: 0,
+            preprocess: Preprocess::default(),
+        }
+    }
+}
+
+/// One epoch's numbers, as logged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub loss: f64,
+    /// Fraction of training triplets already satisfied (d⁺ < d⁻) during the epoch.
+    pub train_accuracy: f64,
+    pub test_accuracy: BTreeMap<String, f64>,
+    pub mean_accuracy: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// The result of [`Trainer::run`].
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub epochs: Vec<EpochLog>,
+    pub accuracy: Vec<(String, f64)>,
+    pub mean_accuracy: f64,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    device: Device,
+    varmap: VarMap,
+    net: Network,
+    opt: Adagrad,
+    attrs: Vec<usize>,
+    test: Vec<Vec<Triplet>>,
+    /// Epochs completed.
+    pub epoch: usize,
+    last_metrics: serde_json::Value,
+}
+
+/// `OUT.suffix` next to the checkpoint `OUT.safetensors`.
+pub fn sibling(ckpt: &Path, suffix: &str) -> PathBuf {
+    ckpt.with_extension(suffix)
+}
+
+/// Squared-L2 triplet loss `mean [‖a−p‖² − ‖a−n‖² + α]₊` over an embedding batch laid
+/// out as `T` task blocks of `[k anchors, k positives, k negatives]`; also returns
+/// how many triplets already satisfy `d⁺ < d⁻`.
+pub fn triplet_loss(emb: &Tensor, tasks: usize, k: usize, margin: f64) -> Result<(Tensor, usize)> {
+    let d = emb.dim(1)?;
+    let e = emb.reshape((tasks, 3, k, d))?;
+    let (a, p, n) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?, e.narrow(1, 2, 1)?);
+    let dp = (&a - &p)?.sqr()?.sum(D::Minus1)?;
+    let dn = (&a - &n)?.sqr()?.sum(D::Minus1)?;
+    let ok = dp.lt(&dn)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let loss = ((dp - dn)? + margin)?.relu()?.mean_all()?;
+    Ok((loss, ok))
+}
+
+impl Trainer {
+    /// A fresh run: validates the config against the data, initialises the network
+    /// from the seed and fixes the test triplets.
+    pub fn new(cfg: TrainConfig, ds: &Dataset, device: Device) -> Result<Self> {
+        cfg.spec.validate()?;
+        if ds.image_size != cfg.spec.input_size {
+            return Err(Error::ImageSize {
+                found: ds.image_size,
+                expected: cfg.spec.input_size,
+            });
+        }
+        if cfg.tasks.is_empty() || cfg.batch_per_task == 0 || cfg.triplets_per_task < cfg.batch_per_task {
+            return Err(Error::Config(format!(
+                "need at least one task and --triplets-per-task ({}) ≥ --batch-per-task ({}) > 0",
+                cfg.triplets_per_task, cfg.batch_per_task
+            )));
+        }
+        let attrs = ds.task_indices(&cfg.tasks)?;
+        // Canonical names: as the data spells them.
+        let mut cfg = cfg;
+        cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
+        let test = triplets::sample(ds, Split::Test, &attrs, cfg.test_triplets_per_task, cfg.seed, TEST_STREAM)?;
+        // Fail now, not after an epoch, if a task cannot form training triplets.
+        triplets::sample(ds, Split::Train, &attrs, 1, cfg.seed, 0)?;
+        let varmap = init_varmap(&cfg.spec, cfg.variant, &cfg.tasks, cfg.seed, &device)?;
+        Self::assemble(cfg, varmap, attrs, test, device)
+    }
+
+    fn assemble(
+        cfg: TrainConfig,
+        varmap: VarMap,
+        attrs: Vec<usize>,
+        test: Vec<Vec<Triplet>>,
+        device: Device,
+    ) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
+        let params = trainable(&varmap, &cfg)?;
+        let opt = Adagrad::new(params, cfg.lr)?;
+        Ok(Trainer {
+            cfg,
+            device,
+            varmap,
+            net,
+            opt,
+            attrs,
+            test,
+            epoch: 0,
+            last_metrics: serde_json::Value::Null,
+        })
+    }
+
+    /// Continues a run from its checkpoint: weights, BatchNorm statistics, Adagrad
+    /// state and epoch count are restored, so the result equals an uninterrupted run.
+    /// `epochs` (if given) replaces the total number of epochs.
+    pub fn resume(path: &Path, ds: &Dataset, device: Device, epochs: Option<usize>) -> Result<Self> {
+        let ckpt = Checkpoint::load(path)?;
+        let mut cfg: TrainConfig = serde_json::from_value(ckpt.header.train_config.clone())
+            .map_err(|e| Error::Config(format!("{path:?}: cannot read its training config: {e}")))?;
+        if let Some(e) = epochs {
+            cfg.epochs = e;
+        }
+        let mut t = Self::new(cfg, ds, device)?;
+        t.load_tensors(&ckpt)?;
+        t.epoch = ckpt.header.epoch;
+        t.last_metrics = ckpt.header.metrics.clone();
+        Ok(t)
+    }
+
+    fn load_tensors(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("poisoned VarMap".into()))?;
+        for (name, t) in &ckpt.tensors {
+            let value = Tensor::from_slice(&t.data, t.shape.as_slice(), &self.device)?;
+            if let Some(param) = name.strip_prefix(OPTIMIZER_PREFIX) {
+                self.opt.set_state(param, &value)?;
+            } else if let Some(var) = data.get(name) {
+                var.set(&value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The network being trained.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// The test triplets, per task.
+    pub fn test_triplets(&self) -> &[Vec<Triplet>] {
+        &self.test
+    }
+
+    /// Trains one epoch; `progress(step, steps, loss)` is called after every step.
+    pub fn train_epoch(&mut self, ds: &Dataset, progress: &mut dyn FnMut(usize, usize, f32)) -> Result<(f64, f64)> {
+        let cfg = &self.cfg;
+        let k = cfg.batch_per_task;
+        let t = self.attrs.len();
+        self.opt.lr = cfg.lr * cfg.lr_decay.powi(self.epoch as i32);
+        let train = triplets::sample(
+            ds,
+            Split::Train,
+            &self.attrs,
+            cfg.triplets_per_task,
+            cfg.seed,
+            triplets::train_stream(self.epoch),
+        )?;
+        let steps = cfg.triplets_per_task / k;
+        let groups: Vec<(usize, usize)> = (0..t).map(|task| (task, 3 * k)).collect();
+        let (mut loss_sum, mut ok_sum) = (0.0, 0usize);
+        for step in 0..steps {
+            let mut idx = Vec::with_capacity(3 * k * t);
+            for ts in &train {
+                let chunk = &ts[step * k..(step + 1) * k];
+                idx.extend(chunk.iter().map(|x| x.anchor));
+                idx.extend(chunk.iter().map(|x| x.positive));
+                idx.extend(chunk.iter().map(|x| x.negative));
+            }
+            let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
+            let emb = self.net.forward_grouped(&x, &groups, true)?;
+            let (loss, ok) = triplet_loss(&emb, t, k, cfg.margin)?;
+            let value = loss.to_scalar::<f32>()?;
+            // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
+            let probe = emb.sum_all()?.to_scalar::<f32>()?;
+            if !value.is_finite() || !probe.is_finite() {
+                let value = if value.is_finite() { probe } else { value };
+                return Err(Error::NonFinite {
+                    epoch: self.epoch + 1,
+                    step: step + 1,
+                    loss: value,
+                });
+            }
+            self.opt.step(&loss.backward()?)?;
+            loss_sum += value as f64;
+            ok_sum += ok;
+            progress(step + 1, steps, value);
+        }
+        self.epoch += 1;
+        Ok((loss_sum / steps as f64, ok_sum as f64 / (steps * k * t) as f64))
+    }
+
+    /// Per-task test triplet accuracy.
+    pub fn evaluate(&self, ds: &Dataset) -> Result<Vec<f64>> {
+        triplet_accuracy(&self.net, ds, &self.test, &self.cfg.preprocess, &self.device)
+    }
+
+    /// The checkpoint of the current state (weights, BN statistics, Adagrad state).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("poisoned VarMap".into()))?;
+        let to_data = |t: &Tensor| -> Result<TensorData> {
+            Ok(TensorData {
+                shape: t.dims().to_vec(),
+                data: t.flatten_all()?.to_vec1::<f32>()?,
+            })
+        };
+        let mut tensors = BTreeMap::new();
+        for e in names::schema(&self.cfg.spec, &self.cfg.variant, &self.cfg.tasks) {
+            let var = data.get(&e.name).ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
+            tensors.insert(e.name, to_data(var.as_tensor())?);
+        }
+        for (name, acc) in self.opt.state() {
+            tensors.insert(format!("{OPTIMIZER_PREFIX}{name}"), to_data(acc)?);
+        }
+        Ok(Checkpoint {
+            header: CheckpointHeader {
+                spec: self.cfg.spec.clone(),
+                variant: self.cfg.variant,
+                tasks: self.cfg.tasks.clone(),
+                preprocess: self.cfg.preprocess,
+                epoch: self.epoch,
+                train_config: serde_json::to_value(&self.cfg)
+                    .map_err(|e| Error::Config(format!("serialising the config: {e}")))?,
+                metrics: self.last_metrics.clone(),
+            },
+            tensors,
+        })
+    }
+
+    /// Trains the remaining epochs, evaluating, logging and checkpointing to `out`
+    /// after each. `on_epoch` sees each epoch's log; `progress` each step.
+    pub fn run_with(
+        &mut self,
+        ds: &Dataset,
+        out: &Path,
+        progress: &mut dyn FnMut(usize, usize, f32),
+        on_epoch: &mut dyn FnMut(&EpochLog),
+    ) -> Result<Report> {
+        self.write_test_triplets(ds, out)?;
+        let mut logs = Vec::new();
+        let images_per_epoch = (self.cfg.triplets_per_task * 3 * self.attrs.len()) as f64;
+        while self.epoch < self.cfg.epochs {
+            let start = Instant::now();
+            let (loss, train_accuracy) = self.train_epoch(ds, progress)?;
+            let seconds = start.elapsed().as_secs_f64();
+            let acc = self.evaluate(ds)?;
+            let mean = acc.iter().sum::<f64>() / acc.len() as f64;
+            let log = EpochLog {
+                epoch: self.epoch,
+                loss,
+                train_accuracy,
+                test_accuracy: self.cfg.tasks.iter().cloned().zip(acc.iter().copied()).collect(),
+                mean_accuracy: mean,
+                lr: self.opt.lr,
+                seconds,
+                images_per_second: images_per_epoch / seconds,
+            };
+            self.last_metrics = serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
+            self.checkpoint()?.save(out)?;
+            append_line(&sibling(out, "metrics.jsonl"), &self.last_metrics)?;
+            on_epoch(&log);
+            logs.push(log);
+        }
+        let accuracy = self.evaluate(ds)?;
+        let mean_accuracy = accuracy.iter().sum::<f64>() / accuracy.len() as f64;
+        Ok(Report {
+            epochs: logs,
+            accuracy: self.cfg.tasks.iter().cloned().zip(accuracy).collect(),
+            mean_accuracy,
+        })
+    }
+
+    /// [`Trainer::run_with`] without callbacks.
+    pub fn run(&mut self, ds: &Dataset, out: &Path) -> Result<Report> {
+        self.run_with(ds, out, &mut |_, _, _| {}, &mut |_| {})
+    }
+
+    fn write_test_triplets(&self, ds: &Dataset, out: &Path) -> Result<()> {
+        let by_name: BTreeMap<&str, Vec<[&str; 3]>> = self
+            .cfg
+            .tasks
+            .iter()
+            .zip(&self.test)
+            .map(|(task, ts)| {
+                let rows = ts
+                    .iter()
+                    .map(|t| [&ds.files[t.anchor], &ds.files[t.positive], &ds.files[t.negative]].map(String::as_str))
+                    .collect();
+                (task.as_str(), rows)
+            })
+            .collect();
+        let json = serde_json::json!({ "seed": self.cfg.seed, "split": "test", "tasks": by_name });
+        modkit_models::write_atomic(&sibling(out, "triplets.json"), json.to_string().as_bytes())?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("cfg", &self.cfg)
+            .field("device", &self.device)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The trainable variables of the variant, by name, in schema order.
+fn trainable(varmap: &VarMap, cfg: &TrainConfig) -> Result<Vec<(String, Var)>> {
+    let data = varmap.data().lock().map_err(|_| Error::Config("poisoned VarMap".into()))?;
+    names::schema(&cfg.spec, &cfg.variant, &cfg.tasks)
+        .into_iter()
+        .filter(|e| e.trainable)
+        .map(|e| {
+            let v = data.get(&e.name).cloned().ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
+            Ok((e.name, v))
+        })
+        .collect()
+}
+
+fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.into(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    writeln!(f, "{value}").map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_cfg() -> TrainConfig {
+        let mut spec = NetSpec::tiny();
+        spec.widths = [4, 8, 8, 8, 8];
+        spec.embedding = 8;
+        TrainConfig {
+            spec,
+            tasks: vec!["smiling".into(), "bangs".into()],
+            epochs: 2,
+            triplets_per_task: 16,
+            batch_per_task: 4,
+            test_triplets_per_task: 20,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn triplet_loss_by_hand() {
+        // One task, one triplet: a = (1,0), p = (0,1), n = (1,0): d⁺ = 2, d⁻ = 0.
+        let e = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 0.]], &Device::Cpu).expect("t");
+        let (loss, ok) = triplet_loss(&e, 1, 1, 0.2).expect("loss");
+        assert!((loss.to_scalar::<f32>().expect("s") - 2.2).abs() < 1e-6);
+        assert_eq!(ok, 0);
+        let e = Tensor::new(&[[1f32, 0.], [1., 0.], [0., 1.]], &Device::Cpu).expect("t");
+        let (loss, ok) = triplet_loss(&e, 1, 1, 0.2).expect("loss");
+        assert_eq!(loss.to_scalar::<f32>().expect("s"), 0.0);
+        assert_eq!(ok, 1);
+    }
+
+    #[test]
+    fn resume_continues_exactly() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let full = dir.path().join("full.safetensors");
+        let mut a = Trainer::new(small_cfg(), &ds, Device::Cpu).expect("a");
+        a.run(&ds, &full).expect("run");
+
+        let half = dir.path().join("half.safetensors");
+        let mut cfg = small_cfg();
+        cfg.epochs = 1;
+        Trainer::new(cfg, &ds, Device::Cpu).expect("b").run(&ds, &half).expect("run1");
+        let mut b = Trainer::resume(&half, &ds, Device::Cpu, Some(2)).expect("resume");
+        assert_eq!(b.epoch, 1);
+        b.run(&ds, &half).expect("run2");
+
+        let (ca, cb) = (a.checkpoint().expect("ca"), b.checkpoint().expect("cb"));
+        assert_eq!(ca.header.epoch, 2);
+        for (name, t) in &ca.tensors {
+            assert_eq!(t, &cb.tensors[name], "{name} differs after resume");
+        }
+        let lines = std::fs::read_to_string(sibling(&half, "metrics.jsonl")).expect("log");
+        assert_eq!(lines.lines().count(), 2);
+    }
+
+    #[test]
+    fn rejects_unknown_task_and_wrong_image_size() {
+        let ds = Dataset::synthetic(60, 48, 4);
+        let mut cfg = small_cfg();
+        cfg.tasks = vec!["smile".into()];
+        let err = Trainer::new(cfg, &ds, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("\"smile\"") && err.contains("smiling"), "{err}");
+        let ds64 = Dataset::synthetic(20, 64, 4);
+        let err = Trainer::new(small_cfg(), &ds64, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("64") && err.contains("48"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("m.safetensors");
+        let mut cfg = small_cfg();
+        cfg.epochs = 1;
+        let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
+        t.run(&ds, &out).expect("epoch 1");
+        let before = std::fs::read(&out).expect("ckpt");
+        // Poison one weight: the next loss is NaN.
+        {
+            let data = t.varmap.data().lock().expect("lock");
+            let v = &data["fc.weight"];
+            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("nan")).expect("set");
+        }
+        t.cfg.epochs = 2;
+        let err = t.run(&ds, &out).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { epoch: 2, step: 1, .. }), "{err}");
+        assert_eq!(std::fs::read(&out).expect("ckpt"), before, "last good checkpoint changed");
+    }
+}
