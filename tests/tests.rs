@@ -1,1 +1,3 @@
+//! Workspace end-to-end and regression tests, one binary (ripgrep's layout).
 
+mod pipeline;

@@ -193,10 +193,13 @@ impl Checkpoint {
         }
         let h = &self.header;
         for e in names::schema(&h.spec, &h.variant, &h.tasks) {
-            let t = self.tensors.get(&e.name).ok_or_else(|| Error::MissingTensor {
-                path: path.into(),
-                name: e.name.clone(),
-            })?;
+            let t = self
+                .tensors
+                .get(&e.name)
+                .ok_or_else(|| Error::MissingTensor {
+                    path: path.into(),
+                    name: e.name.clone(),
+                })?;
             if t.shape != e.shape {
                 return Err(Error::ShapeMismatch {
                     name: e.name,
@@ -226,10 +229,19 @@ mod tests {
         let tasks = vec!["smiling".to_string(), "young".to_string()];
         let variant = Variant::Modulated;
         let mut tensors = BTreeMap::new();
-        for (i, e) in names::schema(&spec, &variant, &tasks).into_iter().enumerate() {
+        for (i, e) in names::schema(&spec, &variant, &tasks)
+            .into_iter()
+            .enumerate()
+        {
             let n = e.shape.iter().product::<usize>();
             let data = (0..n).map(|j| (i * 31 + j) as f32 * 0.001).collect();
-            tensors.insert(e.name, TensorData { shape: e.shape, data });
+            tensors.insert(
+                e.name,
+                TensorData {
+                    shape: e.shape,
+                    data,
+                },
+            );
         }
         Checkpoint {
             header: CheckpointHeader {
@@ -277,7 +289,10 @@ mod tests {
     fn rejects_future_version() {
         let bytes = rewrite_meta(&sample(), VERSION_KEY, Some("99"));
         let err = Checkpoint::from_bytes(&bytes, Path::new("x.safetensors")).unwrap_err();
-        assert!(matches!(err, Error::VersionMismatch { found: 99, .. }), "{err}");
+        assert!(
+            matches!(err, Error::VersionMismatch { found: 99, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("upgrade"), "{err}");
     }
 

@@ -25,16 +25,23 @@ pub enum Error {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
 
-    #[error("unknown variant {name:?}: use one of modulated, shared, independent, branch:K, csn, only-mask")]
+    #[error(
+        "unknown variant {name:?}: use one of modulated, shared, independent, branch:K, csn, only-mask"
+    )]
     UnknownVariant { name: String },
 
     #[error("unknown task {name:?}; available tasks: {}", available.join(", "))]
-    UnknownTask { name: String, available: Vec<String> },
+    UnknownTask {
+        name: String,
+        available: Vec<String>,
+    },
 
     #[error("invalid task name {name:?}: use letters, digits and '_' only")]
     InvalidTaskName { name: String },
 
-    #[error("{path:?} is not a modkit checkpoint (no `modkit.format` metadata); train one with `modtrain train`")]
+    #[error(
+        "{path:?} is not a modkit checkpoint (no `modkit.format` metadata); train one with `modtrain train`"
+    )]
     NotACheckpoint { path: PathBuf },
 
     #[error(

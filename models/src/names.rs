@@ -80,7 +80,12 @@ pub fn base_network(spec: &NetSpec, prefix: &str) -> Vec<TensorEntry> {
     let mut out = Vec::new();
     let w = spec.widths;
     let bn = spec.batch_norm;
-    push_layer(&mut out, &format!("{prefix}conv1"), vec![w[0], spec.in_channels, 3, 3], bn);
+    push_layer(
+        &mut out,
+        &format!("{prefix}conv1"),
+        vec![w[0], spec.in_channels, 3, 3],
+        bn,
+    );
     for k in 2..=5 {
         let (cin, c) = (w[k - 2], w[k - 1]);
         let [conv, res1, res2] = block_layers(k);
@@ -88,7 +93,12 @@ pub fn base_network(spec: &NetSpec, prefix: &str) -> Vec<TensorEntry> {
         push_layer(&mut out, &format!("{prefix}{res1}"), vec![c, c, 3, 3], bn);
         push_layer(&mut out, &format!("{prefix}{res2}"), vec![c, c, 3, 3], bn);
     }
-    push_layer(&mut out, &format!("{prefix}fc"), vec![spec.embedding, spec.fc_inputs()], bn);
+    push_layer(
+        &mut out,
+        &format!("{prefix}fc"),
+        vec![spec.embedding, spec.fc_inputs()],
+        bn,
+    );
     out
 }
 
@@ -115,7 +125,11 @@ pub fn schema(spec: &NetSpec, variant: &Variant, tasks: &[String]) -> Vec<Tensor
         }
         Variant::Branch { k } => {
             let mut out = base_network(spec, "");
-            out.push(entry(BRANCH_WEIGHT.into(), vec![t, *k, spec.embedding], true));
+            out.push(entry(
+                BRANCH_WEIGHT.into(),
+                vec![t, *k, spec.embedding],
+                true,
+            ));
             out.push(entry(BRANCH_BIAS.into(), vec![t, *k], true));
             out
         }

@@ -86,14 +86,20 @@ mod tests {
         assert_eq!(ib256.task_specific(), 1_315_840); // "1.3M"
         let ib25 = ParamCount::of(&spec, &Variant::Branch { k: 25 }, 20);
         assert_eq!(ib25.task_specific(), 128_500); // "128k"
-        assert_eq!(ParamCount::of(&spec, &Variant::Shared, 20).task_specific(), 0);
+        assert_eq!(
+            ParamCount::of(&spec, &Variant::Shared, 20).task_specific(),
+            0
+        );
     }
 
     #[test]
     fn modulation_from_block2_and_projection() {
         let mut spec = NetSpec::paper();
         spec.first_modulated = 2;
-        assert_eq!(ParamCount::of(&spec, &Variant::Modulated, 1).per_task, 64 + 128 * 3 + 256);
+        assert_eq!(
+            ParamCount::of(&spec, &Variant::Modulated, 1).per_task,
+            64 + 128 * 3 + 256
+        );
         spec.first_modulated = 4;
         spec.modulation = crate::Modulation::Projection;
         assert_eq!(

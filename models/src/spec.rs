@@ -201,12 +201,13 @@ impl NetSpec {
         let stages = self.stages();
         let conv = |cin: usize, cout: usize, size: usize| (cin * 9 * cout * size * size) as u64;
         let mut per_stage = vec![conv(self.in_channels, self.widths[0], stages[0].size)];
-        let mut size = stages[0].size;
-        for i in 1..5 {
-            let (cin, cout) = (self.widths[i - 1], self.widths[i]);
-            let conv_size = size.saturating_sub(2);
-            size = stages[i].size;
-            per_stage.push(conv(cin, cout, conv_size) + 2 * conv(cout, cout, size));
+        for pair in stages[..5].windows(2) {
+            let (prev, s) = (&pair[0], &pair[1]);
+            let conv_size = prev.size.saturating_sub(2);
+            per_stage.push(
+                conv(prev.channels, s.channels, conv_size)
+                    + 2 * conv(s.channels, s.channels, s.size),
+            );
         }
         let fc = (self.fc_inputs() * self.embedding) as u64;
         let trunk: u64 = per_stage[..self.first_modulated].iter().sum();
@@ -256,14 +257,22 @@ mod tests {
         s.validate().expect("minimum");
         s.input_size = NetSpec::MIN_INPUT - 1;
         let err = s.validate().unwrap_err().to_string();
-        assert!(err.contains("47×47") && err.contains("at least 48"), "{err}");
+        assert!(
+            err.contains("47×47") && err.contains("at least 48"),
+            "{err}"
+        );
     }
 
     #[test]
     fn rejects_out_of_range_modulation_start() {
         let mut s = NetSpec::paper();
         s.first_modulated = 1;
-        assert!(s.validate().unwrap_err().to_string().contains("use 2, 3, 4 or 5"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("use 2, 3, 4 or 5")
+        );
     }
 
     #[test]

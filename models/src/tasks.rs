@@ -63,7 +63,10 @@ mod tests {
         let idx = select(&["Young".into(), "smiling".into()], &avail).expect("select");
         assert_eq!(idx, vec![17, 0]);
         let err = select(&["smile".into()], &avail).unwrap_err().to_string();
-        assert!(err.contains("\"smile\"") && err.contains("smiling, 5_o_clock_shadow"), "{err}");
+        assert!(
+            err.contains("\"smile\"") && err.contains("smiling, 5_o_clock_shadow"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -98,7 +98,10 @@ mod tests {
         ] {
             assert_eq!(v.to_string().parse::<Variant>().expect("parse"), v);
         }
-        assert_eq!("IB-256".parse::<Variant>().expect("ib"), Variant::Branch { k: 256 });
+        assert_eq!(
+            "IB-256".parse::<Variant>().expect("ib"),
+            Variant::Branch { k: 256 }
+        );
     }
 
     #[test]

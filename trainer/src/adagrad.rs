@@ -29,7 +29,10 @@ impl Adagrad {
     pub fn new(params: Vec<(String, Var)>, lr: f64) -> Result<Self> {
         let accum = params
             .iter()
-            .map(|(_, v)| v.ones_like().and_then(|t| t.affine(Self::INITIAL_ACCUMULATOR, 0.0)))
+            .map(|(_, v)| {
+                v.ones_like()
+                    .and_then(|t| t.affine(Self::INITIAL_ACCUMULATOR, 0.0))
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok(Adagrad {
             params,
@@ -52,7 +55,10 @@ impl Adagrad {
 
     /// The accumulators by parameter name, for checkpoints.
     pub fn state(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.params.iter().map(|(n, _)| n.as_str()).zip(self.accum.iter())
+        self.params
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .zip(self.accum.iter())
     }
 
     /// Restores an accumulator saved by [`Adagrad::state`].
@@ -78,7 +84,8 @@ mod tests {
         let mut opt = Adagrad::new(vec![("w".into(), v.clone())], 0.5).expect("opt");
         // loss = Σ w² / 2 → g = w.
         for _ in 0..2 {
-            let loss = (v.as_tensor().sqr().expect("sqr").sum_all().expect("sum") * 0.5).expect("half");
+            let loss =
+                (v.as_tensor().sqr().expect("sqr").sum_all().expect("sum") * 0.5).expect("half");
             opt.step(&loss.backward().expect("bwd")).expect("step");
         }
         // By hand, for w0 = 1: G1 = 0.1 + 1 = 1.1, w1 = 1 − 0.5·1/√1.1;

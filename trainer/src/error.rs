@@ -9,7 +9,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path:?} line {line}: {msg}")]
-    Malformed { path: PathBuf, line: usize, msg: String },
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
 
     #[error("{path:?}: {source}")]
     Io {
@@ -41,9 +45,15 @@ pub enum Error {
     #[error(
         "loss became {loss} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept. Lower --lr or check the data"
     )]
-    NonFinite { epoch: usize, step: usize, loss: f32 },
+    NonFinite {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+    },
 
-    #[error("image size {found} does not match the spec's input {expected}; load the data at {expected}")]
+    #[error(
+        "image size {found} does not match the spec's input {expected}; load the data at {expected}"
+    )]
     ImageSize { found: usize, expected: usize },
 
     #[error("{0}")]

@@ -18,7 +18,12 @@ use crate::triplets::Triplet;
 const EVAL_BATCH: usize = 256;
 
 /// `[B, 3, S, S]` network input for images `idx`.
-pub fn batch_images(ds: &Dataset, idx: &[usize], pre: &Preprocess, device: &Device) -> Result<Tensor> {
+pub fn batch_images(
+    ds: &Dataset,
+    idx: &[usize],
+    pre: &Preprocess,
+    device: &Device,
+) -> Result<Tensor> {
     let s = ds.image_size;
     let plane = s * s;
     let mut out = vec![0f32; idx.len() * 3 * plane];
@@ -100,11 +105,21 @@ pub fn triplet_accuracy(
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let emb = embed(net, ds, &images, task, cache.as_ref().map(|c| (c, all.as_slice())), pre, device)?;
+            let emb = embed(
+                net,
+                ds,
+                &images,
+                task,
+                cache.as_ref().map(|c| (c, all.as_slice())),
+                pre,
+                device,
+            )?;
             let row = |i: usize| &emb[images.binary_search(&i).unwrap_or(0)];
             let ok = ts
                 .iter()
-                .filter(|t| dist2(row(t.anchor), row(t.positive)) < dist2(row(t.anchor), row(t.negative)))
+                .filter(|t| {
+                    dist2(row(t.anchor), row(t.positive)) < dist2(row(t.anchor), row(t.negative))
+                })
                 .count();
             Ok(ok as f64 / ts.len().max(1) as f64)
         })

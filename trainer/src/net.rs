@@ -18,8 +18,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::ops::{conv3x3, max_pool2x2};
 use crate::Result;
+use crate::ops::{conv3x3, max_pool2x2};
 
 fn bn_config() -> BatchNormConfig {
     BatchNormConfig {
@@ -43,7 +43,10 @@ impl ConvBn {
     fn new(cin: usize, cout: usize, pad: usize, bn: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((cout, cin, 3, 3), "weight")?;
         let (bias, bn) = if bn {
-            (None, Some(candle_nn::batch_norm(cout, bn_config(), vb.pp("bn"))?))
+            (
+                None,
+                Some(candle_nn::batch_norm(cout, bn_config(), vb.pp("bn"))?),
+            )
         } else {
             (Some(vb.get(cout, "bias")?), None)
         };
@@ -109,7 +112,14 @@ impl Backbone {
             .collect::<Result<_>>()?;
         let fc = vb.pp("fc");
         let (fc_bias, fc_bn) = if bn {
-            (None, Some(candle_nn::batch_norm(spec.embedding, bn_config(), fc.pp("bn"))?))
+            (
+                None,
+                Some(candle_nn::batch_norm(
+                    spec.embedding,
+                    bn_config(),
+                    fc.pp("bn"),
+                )?),
+            )
         } else {
             (Some(fc.get(spec.embedding, "bias")?), None)
         };
@@ -263,7 +273,8 @@ impl Network {
                 let p = w.index_select(ids, 0)?;
                 if x.rank() == 4 {
                     let (_, c, h, ww) = x.dims4()?;
-                    p.matmul(&x.reshape((b, c, h * ww))?)?.reshape((b, c, h, ww))?
+                    p.matmul(&x.reshape((b, c, h * ww))?)?
+                        .reshape((b, c, h, ww))?
                 } else {
                     p.matmul(&x.unsqueeze(2)?)?.squeeze(2)?
                 }
@@ -273,7 +284,12 @@ impl Network {
 
     /// Embeds a batch whose samples are grouped by task: `groups[i] = (task, count)`
     /// covers the next `count` rows of `x`. Returns `[B, embedding]`, L2-normalised.
-    pub fn forward_grouped(&self, x: &Tensor, groups: &[(usize, usize)], train: bool) -> Result<Tensor> {
+    pub fn forward_grouped(
+        &self,
+        x: &Tensor,
+        groups: &[(usize, usize)],
+        train: bool,
+    ) -> Result<Tensor> {
         let device = x.device();
         let ids_of = |gs: &[(usize, usize)]| -> Result<Tensor> {
             let ids: Vec<u32> = gs
@@ -318,12 +334,23 @@ pub fn init_varmap(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(2);
     let varmap = VarMap::new();
-    let mut data = varmap.data().lock().map_err(|_| crate::Error::Config("poisoned VarMap".into()))?;
+    let mut data = varmap
+        .data()
+        .lock()
+        .map_err(|_| crate::Error::Config("poisoned VarMap".into()))?;
     for TensorEntry { name, shape, .. } in names::schema(spec, &variant, tasks) {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = if name.starts_with("modulation.") && shape.len() == 3 {
             let c = shape[1];
-            (0..n).map(|i| if (i % (c * c)) % (c + 1) == 0 { 1.0 } else { 0.0 }).collect()
+            (0..n)
+                .map(|i| {
+                    if (i % (c * c)) % (c + 1) == 0 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         } else if name.starts_with("modulation.")
             || name == names::CSN_MASKS
             || name.ends_with("running_var")
@@ -383,12 +410,26 @@ mod tests {
         ] {
             let (vm, net) = build(variant, &tasks);
             let n_schema = names::schema(&small_spec(), &variant, &tasks).len();
-            assert_eq!(vm.all_vars().len(), n_schema, "{variant}: extra variables created");
+            assert_eq!(
+                vm.all_vars().len(),
+                n_schema,
+                "{variant}: extra variables created"
+            );
             let x = Tensor::randn(0f32, 1.0, (6, 3, 48, 48), &Device::Cpu).expect("x");
-            let e = net.forward_grouped(&x, &[(0, 3), (1, 3)], true).expect("forward");
-            let dim = if let Variant::Branch { k } = variant { k } else { 8 };
+            let e = net
+                .forward_grouped(&x, &[(0, 3), (1, 3)], true)
+                .expect("forward");
+            let dim = if let Variant::Branch { k } = variant {
+                k
+            } else {
+                8
+            };
             assert_eq!(e.dims(), &[6, dim]);
-            let norms = e.sqr().and_then(|t| t.sum(1)).and_then(|t| t.to_vec1::<f32>()).expect("n");
+            let norms = e
+                .sqr()
+                .and_then(|t| t.sum(1))
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("n");
             for n in norms {
                 assert!((n - 1.0).abs() < 1e-4, "{variant}: norm² {n}");
             }
@@ -401,7 +442,9 @@ mod tests {
         let (vm, net) = build(Variant::Modulated, &tasks);
         let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &Device::Cpu).expect("x");
         let x2 = Tensor::cat(&[&x, &x], 0).expect("cat");
-        let e = net.forward_grouped(&x2, &[(0, 2), (1, 2)], false).expect("fwd");
+        let e = net
+            .forward_grouped(&x2, &[(0, 2), (1, 2)], false)
+            .expect("fwd");
         let diff = (e.narrow(0, 0, 2).expect("a") - e.narrow(0, 2, 2).expect("b"))
             .and_then(|t| t.abs())
             .and_then(|t| t.max_all())
@@ -413,14 +456,31 @@ mod tests {
         let v = data.get("modulation.fc").expect("mod");
         let mut w = v.as_tensor().to_vec2::<f32>().expect("w");
         w[1][0] = 0.0;
-        v.set(&Tensor::new(w, &Device::Cpu).expect("t")).expect("set");
+        v.set(&Tensor::new(w, &Device::Cpu).expect("t"))
+            .expect("set");
         drop(data);
-        let e2 = net.forward_grouped(&x2, &[(0, 2), (1, 2)], false).expect("fwd");
+        let e2 = net
+            .forward_grouped(&x2, &[(0, 2), (1, 2)], false)
+            .expect("fwd");
         let d = |a: &Tensor, b: &Tensor| {
-            (a - b).and_then(|t| t.abs()).and_then(|t| t.max_all()).and_then(|t| t.to_scalar::<f32>()).expect("d")
+            (a - b)
+                .and_then(|t| t.abs())
+                .and_then(|t| t.max_all())
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("d")
         };
-        assert!(d(&e.narrow(0, 0, 2).expect("a"), &e2.narrow(0, 0, 2).expect("a")) < 1e-6);
-        assert!(d(&e.narrow(0, 2, 2).expect("b"), &e2.narrow(0, 2, 2).expect("b")) > 1e-4);
+        assert!(
+            d(
+                &e.narrow(0, 0, 2).expect("a"),
+                &e2.narrow(0, 0, 2).expect("a")
+            ) < 1e-6
+        );
+        assert!(
+            d(
+                &e.narrow(0, 2, 2).expect("b"),
+                &e2.narrow(0, 2, 2).expect("b")
+            ) > 1e-4
+        );
     }
 
     #[test]
@@ -429,7 +489,11 @@ mod tests {
         let get = || {
             let (vm, _) = build(Variant::Modulated, &tasks);
             let data = vm.data().lock().expect("lock");
-            data["block3.conv.weight"].as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v")
+            data["block3.conv.weight"]
+                .as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("v")
         };
         assert_eq!(get(), get());
     }

@@ -53,7 +53,10 @@ impl Default for TrainConfig {
         TrainConfig {
             spec: NetSpec::tiny(),
             variant: Variant::Modulated,
-            tasks: modkit_models::tasks::CELEBA_20.iter().map(|s| s.to_string()).collect(),
+            tasks: modkit_models::tasks::CELEBA_20
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             data: "synth".into(),
             epochs: 4,
             triplets_per_task: 400,
@@ -118,7 +121,11 @@ pub fn triplet_loss(emb: &Tensor, tasks: usize, k: usize, margin: f64) -> Result
     let (a, p, n) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?, e.narrow(1, 2, 1)?);
     let dp = (&a - &p)?.sqr()?.sum(D::Minus1)?;
     let dn = (&a - &n)?.sqr()?.sum(D::Minus1)?;
-    let ok = dp.lt(&dn)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let ok = dp
+        .lt(&dn)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize;
     let loss = ((dp - dn)? + margin)?.relu()?.mean_all()?;
     Ok((loss, ok))
 }
@@ -134,7 +141,10 @@ impl Trainer {
                 expected: cfg.spec.input_size,
             });
         }
-        if cfg.tasks.is_empty() || cfg.batch_per_task == 0 || cfg.triplets_per_task < cfg.batch_per_task {
+        if cfg.tasks.is_empty()
+            || cfg.batch_per_task == 0
+            || cfg.triplets_per_task < cfg.batch_per_task
+        {
             return Err(Error::Config(format!(
                 "need at least one task and --triplets-per-task ({}) ≥ --batch-per-task ({}) > 0",
                 cfg.triplets_per_task, cfg.batch_per_task
@@ -144,7 +154,14 @@ impl Trainer {
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
-        let test = triplets::sample(ds, Split::Test, &attrs, cfg.test_triplets_per_task, cfg.seed, TEST_STREAM)?;
+        let test = triplets::sample(
+            ds,
+            Split::Test,
+            &attrs,
+            cfg.test_triplets_per_task,
+            cfg.seed,
+            TEST_STREAM,
+        )?;
         // Fail now, not after an epoch, if a task cannot form training triplets.
         triplets::sample(ds, Split::Train, &attrs, 1, cfg.seed, 0)?;
         let varmap = init_varmap(&cfg.spec, cfg.variant, &cfg.tasks, cfg.seed, &device)?;
@@ -178,10 +195,17 @@ impl Trainer {
     /// Continues a run from its checkpoint: weights, BatchNorm statistics, Adagrad
     /// state and epoch count are restored, so the result equals an uninterrupted run.
     /// `epochs` (if given) replaces the total number of epochs.
-    pub fn resume(path: &Path, ds: &Dataset, device: Device, epochs: Option<usize>) -> Result<Self> {
+    pub fn resume(
+        path: &Path,
+        ds: &Dataset,
+        device: Device,
+        epochs: Option<usize>,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::load(path)?;
         let mut cfg: TrainConfig = serde_json::from_value(ckpt.header.train_config.clone())
-            .map_err(|e| Error::Config(format!("{path:?}: cannot read its training config: {e}")))?;
+            .map_err(|e| {
+                Error::Config(format!("{path:?}: cannot read its training config: {e}"))
+            })?;
         if let Some(e) = epochs {
             cfg.epochs = e;
         }
@@ -220,7 +244,11 @@ impl Trainer {
     }
 
     /// Trains one epoch; `progress(step, steps, loss)` is called after every step.
-    pub fn train_epoch(&mut self, ds: &Dataset, progress: &mut dyn FnMut(usize, usize, f32)) -> Result<(f64, f64)> {
+    pub fn train_epoch(
+        &mut self,
+        ds: &Dataset,
+        progress: &mut dyn FnMut(usize, usize, f32),
+    ) -> Result<(f64, f64)> {
         let cfg = &self.cfg;
         let k = cfg.batch_per_task;
         let t = self.attrs.len();
@@ -264,12 +292,21 @@ impl Trainer {
             progress(step + 1, steps, value);
         }
         self.epoch += 1;
-        Ok((loss_sum / steps as f64, ok_sum as f64 / (steps * k * t) as f64))
+        Ok((
+            loss_sum / steps as f64,
+            ok_sum as f64 / (steps * k * t) as f64,
+        ))
     }
 
     /// Per-task test triplet accuracy.
     pub fn evaluate(&self, ds: &Dataset) -> Result<Vec<f64>> {
-        triplet_accuracy(&self.net, ds, &self.test, &self.cfg.preprocess, &self.device)
+        triplet_accuracy(
+            &self.net,
+            ds,
+            &self.test,
+            &self.cfg.preprocess,
+            &self.device,
+        )
     }
 
     /// The checkpoint of the current state (weights, BN statistics, Adagrad state).
@@ -287,7 +324,9 @@ impl Trainer {
         };
         let mut tensors = BTreeMap::new();
         for e in names::schema(&self.cfg.spec, &self.cfg.variant, &self.cfg.tasks) {
-            let var = data.get(&e.name).ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
+            let var = data
+                .get(&e.name)
+                .ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
             tensors.insert(e.name, to_data(var.as_tensor())?);
         }
         for (name, acc) in self.opt.state() {
@@ -330,13 +369,20 @@ impl Trainer {
                 epoch: self.epoch,
                 loss,
                 train_accuracy,
-                test_accuracy: self.cfg.tasks.iter().cloned().zip(acc.iter().copied()).collect(),
+                test_accuracy: self
+                    .cfg
+                    .tasks
+                    .iter()
+                    .cloned()
+                    .zip(acc.iter().copied())
+                    .collect(),
                 mean_accuracy: mean,
                 lr: self.opt.lr,
                 seconds,
                 images_per_second: images_per_epoch / seconds,
             };
-            self.last_metrics = serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
+            self.last_metrics =
+                serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
             self.checkpoint()?.save(out)?;
             append_line(&sibling(out, "metrics.jsonl"), &self.last_metrics)?;
             on_epoch(&log);
@@ -365,7 +411,14 @@ impl Trainer {
             .map(|(task, ts)| {
                 let rows = ts
                     .iter()
-                    .map(|t| [&ds.files[t.anchor], &ds.files[t.positive], &ds.files[t.negative]].map(String::as_str))
+                    .map(|t| {
+                        [
+                            &ds.files[t.anchor],
+                            &ds.files[t.positive],
+                            &ds.files[t.negative],
+                        ]
+                        .map(String::as_str)
+                    })
                     .collect();
                 (task.as_str(), rows)
             })
@@ -388,12 +441,18 @@ impl std::fmt::Debug for Trainer {
 
 /// The trainable variables of the variant, by name, in schema order.
 fn trainable(varmap: &VarMap, cfg: &TrainConfig) -> Result<Vec<(String, Var)>> {
-    let data = varmap.data().lock().map_err(|_| Error::Config("poisoned VarMap".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("poisoned VarMap".into()))?;
     names::schema(&cfg.spec, &cfg.variant, &cfg.tasks)
         .into_iter()
         .filter(|e| e.trainable)
         .map(|e| {
-            let v = data.get(&e.name).cloned().ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
+            let v = data
+                .get(&e.name)
+                .cloned()
+                .ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
             Ok((e.name, v))
         })
         .collect()
@@ -404,7 +463,11 @@ fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {
         path: path.into(),
         source,
     };
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
     writeln!(f, "{value}").map_err(io)
 }
 
@@ -441,6 +504,42 @@ mod tests {
     }
 
     #[test]
+    fn loss_falls_when_training_on_one_batch() {
+        // Gradients reach every layer through the custom conv/pool kernels: a fixed
+        // batch of 2 tasks × 8 triplets is fitted within a few Adagrad steps.
+        let ds = Dataset::synthetic(200, 48, 4);
+        let cfg = TrainConfig {
+            batch_per_task: 8,
+            ..small_cfg()
+        };
+        let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+        let ts = triplets::sample(&ds, Split::Train, &t.attrs, 8, 0, 0).expect("triplets");
+        let idx: Vec<usize> = ts
+            .iter()
+            .flat_map(|ts| {
+                let a = ts.iter().map(|x| x.anchor);
+                let p = ts.iter().map(|x| x.positive);
+                a.chain(p)
+                    .chain(ts.iter().map(|x| x.negative))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+        let mut losses = Vec::new();
+        for _ in 0..15 {
+            let emb = t
+                .net
+                .forward_grouped(&x, &[(0, 24), (1, 24)], true)
+                .expect("fwd");
+            let (loss, _) = triplet_loss(&emb, 2, 8, 0.2).expect("loss");
+            losses.push(loss.to_scalar::<f32>().expect("scalar"));
+            t.opt.step(&loss.backward().expect("bwd")).expect("step");
+        }
+        let (first, last) = (losses[0], losses[losses.len() - 1]);
+        assert!(last < first * 0.5, "loss did not fall: {losses:?}");
+    }
+
+    #[test]
     fn resume_continues_exactly() {
         let ds = Dataset::synthetic(120, 48, 4);
         let dir = tempfile::tempdir().expect("tmp");
@@ -451,7 +550,10 @@ mod tests {
         let half = dir.path().join("half.safetensors");
         let mut cfg = small_cfg();
         cfg.epochs = 1;
-        Trainer::new(cfg, &ds, Device::Cpu).expect("b").run(&ds, &half).expect("run1");
+        Trainer::new(cfg, &ds, Device::Cpu)
+            .expect("b")
+            .run(&ds, &half)
+            .expect("run1");
         let mut b = Trainer::resume(&half, &ds, Device::Cpu, Some(2)).expect("resume");
         assert_eq!(b.epoch, 1);
         b.run(&ds, &half).expect("run2");
@@ -471,9 +573,14 @@ mod tests {
         let mut cfg = small_cfg();
         cfg.tasks = vec!["smile".into()];
         let err = Trainer::new(cfg, &ds, Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("\"smile\"") && err.contains("smiling"), "{err}");
+        assert!(
+            err.contains("\"smile\"") && err.contains("smiling"),
+            "{err}"
+        );
         let ds64 = Dataset::synthetic(20, 64, 4);
-        let err = Trainer::new(small_cfg(), &ds64, Device::Cpu).unwrap_err().to_string();
+        let err = Trainer::new(small_cfg(), &ds64, Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("64") && err.contains("48"), "{err}");
     }
 
@@ -491,11 +598,26 @@ mod tests {
         {
             let data = t.varmap.data().lock().expect("lock");
             let v = &data["fc.weight"];
-            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("nan")).expect("set");
+            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("nan"))
+                .expect("set");
         }
         t.cfg.epochs = 2;
         let err = t.run(&ds, &out).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { epoch: 2, step: 1, .. }), "{err}");
-        assert_eq!(std::fs::read(&out).expect("ckpt"), before, "last good checkpoint changed");
+        assert!(
+            matches!(
+                err,
+                Error::NonFinite {
+                    epoch: 2,
+                    step: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&out).expect("ckpt"),
+            before,
+            "last good checkpoint changed"
+        );
     }
 }

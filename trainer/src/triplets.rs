@@ -31,9 +31,12 @@ pub struct Pools {
 impl Pools {
     /// Splits `split`'s images by attribute `attr`; errors if no triplet can be formed.
     pub fn new(ds: &Dataset, split: Split, attr: usize) -> Result<Self> {
-        let (with, without): (Vec<usize>, Vec<usize>) =
-            ds.indices(split).into_iter().partition(|&i| ds.label(i, attr));
-        let ok = (with.len() >= 2 && !without.is_empty()) || (without.len() >= 2 && !with.is_empty());
+        let (with, without): (Vec<usize>, Vec<usize>) = ds
+            .indices(split)
+            .into_iter()
+            .partition(|&i| ds.label(i, attr));
+        let ok =
+            (with.len() >= 2 && !without.is_empty()) || (without.len() >= 2 && !with.is_empty());
         if !ok {
             return Err(Error::EmptySplit {
                 task: ds.attributes[attr].clone(),
@@ -120,7 +123,10 @@ mod tests {
                 anchors_with += ds.label(t.anchor, a) as usize;
             }
             // Balanced anchor classes: 100 ± 30 of 200.
-            assert!((70..=130).contains(&anchors_with), "attr {a}: {anchors_with}");
+            assert!(
+                (70..=130).contains(&anchors_with),
+                "attr {a}: {anchors_with}"
+            );
         }
     }
 
@@ -139,7 +145,12 @@ mod tests {
         for i in 0..ds.len() {
             ds.labels[i * 20] = true;
         }
-        let err = sample(&ds, Split::Test, &[0], 5, 1, TEST_STREAM).unwrap_err().to_string();
-        assert!(err.contains("\"smiling\"") && err.contains("test split") && err.contains("0 without"), "{err}");
+        let err = sample(&ds, Split::Test, &[0], 5, 1, TEST_STREAM)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"smiling\"") && err.contains("test split") && err.contains("0 without"),
+            "{err}"
+        );
     }
 }

@@ -90,7 +90,9 @@ impl Canvas {
     pub fn map(&mut self, mut f: impl FnMut(usize, usize, usize, f32) -> f32) {
         for (i, v) in self.px.iter_mut().enumerate() {
             let (p, c) = (i / 3, i % 3);
-            *v = f(p % self.side, p / self.side, c, *v as f32).round().clamp(0.0, 255.0) as u8;
+            *v = f(p % self.side, p / self.side, c, *v as f32)
+                .round()
+                .clamp(0.0, 255.0) as u8;
         }
     }
 }

@@ -56,15 +56,23 @@ fn read_text(path: &Path) -> Result<String> {
 /// Parses `list_attr_celeba.txt` text; `path` names the file in errors.
 pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
-    let (_, count) = lines.next().ok_or_else(|| malformed(path, 1, "empty file"))?;
-    let count: usize = count
-        .trim()
-        .parse()
-        .map_err(|_| malformed(path, 1, format!("expected the image count, found {count:?}")))?;
+    let (_, count) = lines
+        .next()
+        .ok_or_else(|| malformed(path, 1, "empty file"))?;
+    let count: usize = count.trim().parse().map_err(|_| {
+        malformed(
+            path,
+            1,
+            format!("expected the image count, found {count:?}"),
+        )
+    })?;
     let (_, header) = lines
         .next()
         .ok_or_else(|| malformed(path, 2, "missing the attribute-name header"))?;
-    let attributes: Vec<String> = header.split_whitespace().map(|s| s.to_lowercase()).collect();
+    let attributes: Vec<String> = header
+        .split_whitespace()
+        .map(|s| s.to_lowercase())
+        .collect();
     if attributes.is_empty() {
         return Err(malformed(path, 2, "the attribute-name header is empty"));
     }
@@ -86,7 +94,11 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
             return Err(malformed(
                 path,
                 no,
-                format!("{} values for {} attributes", labels.len(), attributes.len()),
+                format!(
+                    "{} values for {} attributes",
+                    labels.len(),
+                    attributes.len()
+                ),
             ));
         }
         rows.push((file.to_string(), labels));
@@ -95,7 +107,10 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
         return Err(malformed(
             path,
             1,
-            format!("the header says {count} images, the file lists {}", rows.len()),
+            format!(
+                "the header says {count} images, the file lists {}",
+                rows.len()
+            ),
         ));
     }
     Ok(AttrTable { attributes, rows })
@@ -153,7 +168,11 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
     Ok(Dataset {
         attributes: table.attributes,
         files: table.rows.iter().map(|(f, _)| f.clone()).collect(),
-        labels: table.rows.iter().flat_map(|(_, l)| l.iter().copied()).collect(),
+        labels: table
+            .rows
+            .iter()
+            .flat_map(|(_, l)| l.iter().copied())
+            .collect(),
         splits,
         image_size: size,
         pixels: images.concat(),
@@ -254,8 +273,11 @@ mod tests {
 
     #[test]
     fn reads_any_header_and_case() {
-        let t = parse_attributes("2\nHeel_Height Closure\na.jpg 1 -1\nb.jpg -1 1\n", Path::new("x"))
-            .expect("parse");
+        let t = parse_attributes(
+            "2\nHeel_Height Closure\na.jpg 1 -1\nb.jpg -1 1\n",
+            Path::new("x"),
+        )
+        .expect("parse");
         assert_eq!(t.attributes, ["heel_height", "closure"]);
         assert_eq!(t.rows[1], ("b.jpg".to_string(), vec![false, true]));
     }
@@ -272,10 +294,17 @@ mod tests {
             ("1\nA b-c\na.jpg 1 1\n", "line 2"),
         ];
         for (text, want) in cases {
-            let err = parse_attributes(text, Path::new("attr.txt")).unwrap_err().to_string();
-            assert!(err.contains(want) && err.contains("attr.txt"), "{text:?}: {err}");
+            let err = parse_attributes(text, Path::new("attr.txt"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(want) && err.contains("attr.txt"),
+                "{text:?}: {err}"
+            );
         }
-        let err = parse_partition("a.jpg 0\nb.jpg 7\n", Path::new("p.txt")).unwrap_err().to_string();
+        let err = parse_partition("a.jpg 0\nb.jpg 7\n", Path::new("p.txt"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2") && err.contains("\"7\""), "{err}");
     }
 

@@ -82,7 +82,9 @@ impl Dataset {
 
     /// Indices of the images in `split`.
     pub fn indices(&self, split: Split) -> Vec<usize> {
-        (0..self.len()).filter(|&i| self.splits[i] == split).collect()
+        (0..self.len())
+            .filter(|&i| self.splits[i] == split)
+            .collect()
     }
 
     /// Indices into [`Dataset::attributes`] of the named tasks (case-insensitive).
@@ -172,14 +174,20 @@ mod tests {
         };
         let lift = |a: usize, b: usize| joint(a, b) / (p(a) * p(b));
         // Positive correlations.
-        assert!(lift(SMILING, MOUTH_OPEN) > 1.3, "smile/mouth {}", lift(SMILING, MOUTH_OPEN));
+        assert!(
+            lift(SMILING, MOUTH_OPEN) > 1.3,
+            "smile/mouth {}",
+            lift(SMILING, MOUTH_OPEN)
+        );
         assert!(lift(SMILING, HIGH_CHEEKBONES) > 1.3);
         assert!(lift(CHUBBY, DOUBLE_CHIN) > 1.8);
         // Negative: young ↔ bags.
         assert!(lift(YOUNG, BAGS_UNDER_EYES) < 0.7);
         // Exact rules.
         for i in 0..n {
-            let beard = [SHADOW, GOATEE, MUSTACHE, SIDEBURNS].iter().any(|&a| ds.label(i, a));
+            let beard = [SHADOW, GOATEE, MUSTACHE, SIDEBURNS]
+                .iter()
+                .any(|&a| ds.label(i, a));
             assert_eq!(ds.label(i, NO_BEARD), !beard);
             if ds.label(i, BALD) {
                 assert!(!ds.label(i, BANGS) && !ds.label(i, RECEDING_HAIRLINE));
@@ -188,13 +196,22 @@ mod tests {
             assert!(!(ds.label(i, STRAIGHT_HAIR) && ds.label(i, WAVY_HAIR)));
         }
         // Independent pairs stay near lift 1.
-        for (a, b) in [(SMILING, YOUNG), (ARCHED_EYEBROWS, SMILING), (OVAL_FACE, BUSHY_EYEBROWS)] {
+        for (a, b) in [
+            (SMILING, YOUNG),
+            (ARCHED_EYEBROWS, SMILING),
+            (OVAL_FACE, BUSHY_EYEBROWS),
+        ] {
             let l = lift(a, b);
-            assert!((0.85..1.15).contains(&l), "{} / {}: lift {l}", ATTRIBUTES[a], ATTRIBUTES[b]);
+            assert!(
+                (0.85..1.15).contains(&l),
+                "{} / {}: lift {l}",
+                ATTRIBUTES[a],
+                ATTRIBUTES[b]
+            );
         }
         // Every attribute occurs, none is near-universal.
-        for a in 0..20 {
-            assert!((0.04..0.9).contains(&p(a)), "{}: {}", ATTRIBUTES[a], p(a));
+        for (a, name) in ATTRIBUTES.iter().enumerate() {
+            assert!((0.04..0.9).contains(&p(a)), "{name}: {}", p(a));
         }
     }
 
@@ -208,12 +225,18 @@ mod tests {
 
     #[test]
     fn data_source_parsing() {
-        assert_eq!("synth".parse::<DataSource>().expect("synth"), DataSource::Synth);
+        assert_eq!(
+            "synth".parse::<DataSource>().expect("synth"),
+            DataSource::Synth
+        );
         assert_eq!(
             "celeba:/x".parse::<DataSource>().expect("celeba"),
             DataSource::Celeba("/x".into())
         );
         let err = "imagenet:/x".parse::<DataSource>().unwrap_err().to_string();
-        assert!(err.contains("imagenet:/x") && err.contains("celeba:DIR"), "{err}");
+        assert!(
+            err.contains("imagenet:/x") && err.contains("celeba:DIR"),
+            "{err}"
+        );
     }
 }

@@ -164,7 +164,10 @@ struct Pen<'a> {
 
 impl Pen<'_> {
     fn pt(&self, x: f32, y: f32) -> Point {
-        Point::new((x * self.unit).round() as i32, (y * self.unit).round() as i32)
+        Point::new(
+            (x * self.unit).round() as i32,
+            (y * self.unit).round() as i32,
+        )
     }
 
     fn len(&self, v: f32) -> u32 {
@@ -176,7 +179,9 @@ impl Pen<'_> {
         for<'s> embedded_graphics::primitives::Styled<P, PrimitiveStyle<Rgb888>>:
             Drawable<Color = Rgb888>,
     {
-        let _ = shape.into_styled(PrimitiveStyle::with_fill(color)).draw(self.canvas);
+        let _ = shape
+            .into_styled(PrimitiveStyle::with_fill(color))
+            .draw(self.canvas);
     }
 
     fn stroke<P: Primitive>(&mut self, shape: P, color: Rgb888, width: f32)
@@ -193,12 +198,18 @@ impl Pen<'_> {
 
     /// A filled ellipse centred at `(cx, cy)` with full width `w` and height `h`.
     fn ellipse(&mut self, cx: f32, cy: f32, w: f32, h: f32, color: Rgb888) {
-        let e = Ellipse::new(self.pt(cx - w / 2.0, cy - h / 2.0), Size::new(self.len(w), self.len(h)));
+        let e = Ellipse::new(
+            self.pt(cx - w / 2.0, cy - h / 2.0),
+            Size::new(self.len(w), self.len(h)),
+        );
         self.fill(e, color);
     }
 
     fn rect(&mut self, x0: f32, y0: f32, x1: f32, y1: f32, color: Rgb888) {
-        let r = Rectangle::new(self.pt(x0, y0), Size::new(self.len(x1 - x0), self.len(y1 - y0)));
+        let r = Rectangle::new(
+            self.pt(x0, y0),
+            Size::new(self.len(x1 - x0), self.len(y1 - y0)),
+        );
         self.fill(r, color);
     }
 
@@ -207,14 +218,14 @@ impl Pen<'_> {
         self.stroke(l, color, width);
     }
 
-    /// An arc of the circle centred at `(cx, cy)` with diameter `d`; angles in
-    /// degrees, clockwise from 3 o'clock.
-    fn arc(&mut self, cx: f32, cy: f32, d: f32, start: f32, sweep: f32, color: Rgb888, width: f32) {
+    /// An arc of the circle centred at `(cx, cy)` with diameter `d`; `angles` are
+    /// (start, sweep) in degrees, clockwise from 3 o'clock.
+    fn arc(&mut self, (cx, cy): (f32, f32), d: f32, angles: (f32, f32), color: Rgb888, width: f32) {
         let a = Arc::new(
             self.pt(cx - d / 2.0, cy - d / 2.0),
             self.len(d),
-            Angle::from_degrees(start),
-            Angle::from_degrees(sweep),
+            Angle::from_degrees(angles.0),
+            Angle::from_degrees(angles.1),
         );
         self.stroke(a, color, width);
     }
@@ -231,9 +242,17 @@ pub fn face(seed: u64, index: u64, size: usize) -> Face {
 /// Draws `a` with nuisance factors drawn from `r`.
 fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
     use attr::*;
-    let bg = Rgb888::new(r.random_range(30..230), r.random_range(30..230), r.random_range(30..230));
+    let bg = Rgb888::new(
+        r.random_range(30..230),
+        r.random_range(30..230),
+        r.random_range(30..230),
+    );
     let bg2 = mix(bg, Rgb888::new(r.random(), r.random(), r.random()), 0.5);
-    let skin = mix(Rgb888::new(250, 214, 180), Rgb888::new(110, 72, 48), r.random::<f32>());
+    let skin = mix(
+        Rgb888::new(250, 214, 180),
+        Rgb888::new(110, 72, 48),
+        r.random::<f32>(),
+    );
     let palette = [
         Rgb888::new(28, 22, 18),
         Rgb888::new(92, 58, 32),
@@ -256,7 +275,8 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
     let band = r.random_range(0.0..80.0);
     pen.rect(0.0, band, 100.0, band + r.random_range(8.0..25.0), bg2);
 
-    let jitter = |r: &mut dyn rand::RngCore, s: f32| (r.next_u32() as f32 / u32::MAX as f32 - 0.5) * s;
+    let jitter =
+        |r: &mut dyn rand::RngCore, s: f32| (r.next_u32() as f32 / u32::MAX as f32 - 0.5) * s;
     let mut fw = if a[CHUBBY] { 56.0 } else { 44.0 } + jitter(r, 3.0);
     let mut fh = 56.0 + jitter(r, 3.0);
     if a[OVAL_FACE] {
@@ -269,7 +289,13 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
 
     // Long hair behind the head.
     if a[STRAIGHT_HAIR] {
-        pen.rect(cx - fw / 2.0 - 7.0, top + 4.0, cx + fw / 2.0 + 7.0, chin + 8.0, hair);
+        pen.rect(
+            cx - fw / 2.0 - 7.0,
+            top + 4.0,
+            cx + fw / 2.0 + 7.0,
+            chin + 8.0,
+            hair,
+        );
     } else if a[WAVY_HAIR] {
         let mut y = top + 6.0;
         let mut k = 0;
@@ -292,7 +318,13 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
     // Hair on top, carved by the forehead; bald heads get a scalp highlight.
     let hairline = top + if a[RECEDING_HAIRLINE] { 16.0 } else { 8.0 };
     if a[BALD] {
-        pen.ellipse(cx - 6.0, top + 8.0, 14.0, 7.0, mix(skin, Rgb888::WHITE, 0.45));
+        pen.ellipse(
+            cx - 6.0,
+            top + 8.0,
+            14.0,
+            7.0,
+            mix(skin, Rgb888::WHITE, 0.45),
+        );
     } else {
         pen.ellipse(cx, top + 10.0, fw + 8.0, 30.0, hair);
         pen.ellipse(cx, hairline + 16.0, fw - 6.0, 32.0, skin);
@@ -310,7 +342,13 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
         pen.line(cx + 11.0, 62.0, cx + 14.0, 72.0, shade(skin, 0.65), 1.0);
     }
     if a[BANGS] {
-        pen.rect(cx - fw / 2.0 + 3.0, top + 2.0, cx + fw / 2.0 - 3.0, 41.0, hair);
+        pen.rect(
+            cx - fw / 2.0 + 3.0,
+            top + 2.0,
+            cx + fw / 2.0 - 3.0,
+            41.0,
+            hair,
+        );
     }
 
     // Eyes, bags, brows.
@@ -323,7 +361,7 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
         let brow = shade(hair, 0.7);
         let width = if a[BUSHY_EYEBROWS] { 3.5 } else { 1.3 };
         if a[ARCHED_EYEBROWS] {
-            pen.arc(ex, 49.0, 14.0, 200.0, 140.0, brow, width);
+            pen.arc((ex, 49.0), 14.0, (200.0, 140.0), brow, width);
         } else {
             pen.line(ex - 6.0, 44.0, ex + 6.0, 44.0, brow, width);
         }
@@ -333,7 +371,13 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
     pen.line(cx - 2.0, 61.0, cx + 2.0, 61.0, shade(skin, 0.7), 1.0);
     if a[HIGH_CHEEKBONES] {
         for sx in [cx - 14.0, cx + 14.0] {
-            pen.ellipse(sx, 59.0, 10.0, 6.0, mix(skin, Rgb888::new(255, 150, 150), 0.5));
+            pen.ellipse(
+                sx,
+                59.0,
+                10.0,
+                6.0,
+                mix(skin, Rgb888::new(255, 150, 150), 0.5),
+            );
             pen.line(sx - 4.0, 65.0, sx + 4.0, 65.0, shade(skin, 0.7), 1.2);
         }
     }
@@ -344,7 +388,8 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
         while y < chin {
             let mut x = cx - fw / 2.0;
             while x < cx + fw / 2.0 {
-                let inside = ((x - cx) / (fw / 2.0)).powi(2) + ((y - cy) / (fh / 2.0)).powi(2) < 0.95;
+                let inside =
+                    ((x - cx) / (fw / 2.0)).powi(2) + ((y - cy) / (fh / 2.0)).powi(2) < 0.95;
                 if inside && r.random_bool(0.5) {
                     pen.rect(x, y, x + 1.2, y + 1.2, stubble);
                 }
@@ -366,7 +411,7 @@ fn render(a: &[bool; 20], r: &mut impl Rng, size: usize) -> Vec<u8> {
         pen.ellipse(cx, 71.5, 14.0, 7.0, dark);
     }
     if a[SMILING] {
-        pen.arc(cx, 63.0, 22.0, 25.0, 130.0, lips, 2.2);
+        pen.arc((cx, 63.0), 22.0, (25.0, 130.0), lips, 2.2);
     } else {
         pen.line(cx - 8.0, 71.0, cx + 8.0, 71.0, lips, 2.0);
     }
@@ -418,7 +463,11 @@ mod tests {
             if i == NO_BEARD {
                 continue; // derived: drawn through the four beard attributes
             }
-            let diff = base.iter().zip(&flipped).filter(|(x, y)| x.abs_diff(**y) > 20).count();
+            let diff = base
+                .iter()
+                .zip(&flipped)
+                .filter(|(x, y)| x.abs_diff(**y) > 20)
+                .count();
             assert!(diff >= 3, "{}: only {diff} pixels changed", ATTRIBUTES[i]);
         }
     }

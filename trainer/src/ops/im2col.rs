@@ -27,7 +27,9 @@ fn out_size(n: usize, pad: usize) -> Result<usize> {
     (n + 2 * pad)
         .checked_sub(2)
         .filter(|&o| o > 0)
-        .ok_or_else(|| candle_core::Error::Msg(format!("3×3 conv on a {n}-pixel side with padding {pad}")))
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("3×3 conv on a {n}-pixel side with padding {pad}"))
+        })
 }
 
 /// The columns `[lo, hi)` of an output row that read inside the input for tap `k`.
@@ -56,28 +58,34 @@ impl CustomOp1 for Im2Col {
         let (ho, wo) = (out_size(h, p)?, out_size(w, p)?);
         let n = ho * wo;
         let mut out = vec![0f32; b * c * 9 * n];
-        out.par_chunks_mut(9 * n).enumerate().for_each(|(bc, chunk)| {
-            let src = &x[bc * h * w..(bc + 1) * h * w];
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let row = &mut chunk[(ky * 3 + kx) * n..(ky * 3 + kx + 1) * n];
-                    let (lo, hi) = valid_cols(kx, p, w, wo);
-                    for oy in 0..ho {
-                        let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
-                            continue;
-                        };
-                        let s0 = iy * w + lo + kx - p;
-                        row[oy * wo + lo..oy * wo + hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+        out.par_chunks_mut(9 * n)
+            .enumerate()
+            .for_each(|(bc, chunk)| {
+                let src = &x[bc * h * w..(bc + 1) * h * w];
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let row = &mut chunk[(ky * 3 + kx) * n..(ky * 3 + kx + 1) * n];
+                        let (lo, hi) = valid_cols(kx, p, w, wo);
+                        for oy in 0..ho {
+                            let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                                continue;
+                            };
+                            let s0 = iy * w + lo + kx - p;
+                            row[oy * wo + lo..oy * wo + hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                        }
                     }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, c * 9, n))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = arg.dims4()?;
-        let g = grad.contiguous()?.apply_op1_no_bwd(&Col2Im { pad: self.pad, h, w })?;
+        let g = grad.contiguous()?.apply_op1_no_bwd(&Col2Im {
+            pad: self.pad,
+            h,
+            w,
+        })?;
         Ok(Some(g))
     }
 }
@@ -182,8 +190,18 @@ mod tests {
             let d = max_diff(&ours, &theirs);
             assert!(d < 1e-5, "forward pad {pad} {h}×{w}: max diff {d}");
 
-            let g1 = (ours * &up).expect("mul").sum_all().expect("sum").backward().expect("bwd");
-            let g2 = (theirs * &up).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+            let g1 = (ours * &up)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("bwd");
+            let g2 = (theirs * &up)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("bwd");
             for v in [&x, &k] {
                 let (a, b) = (g1.get(v).expect("g1"), g2.get(v).expect("g2"));
                 let d = max_diff(a, b);

@@ -43,14 +43,16 @@ impl CustomOp1 for MaxPool {
         let x = contiguous(s, l)?;
         let (ho, wo) = (h / 2, w / 2);
         let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo).enumerate().for_each(|(bc, dst)| {
-            let plane = &x[bc * h * w..(bc + 1) * h * w];
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    dst[oy * wo + ox] = plane[argmax(plane, w, oy, ox)];
+        out.par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each(|(bc, dst)| {
+                let plane = &x[bc * h * w..(bc + 1) * h * w];
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        dst[oy * wo + ox] = plane[argmax(plane, w, oy, ox)];
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
     }
 
@@ -116,7 +118,9 @@ mod tests {
     fn matches_reshape_max_reference_on_odd_sizes() {
         let (b, c, h, w) = (2, 3, 7, 5);
         // Distinct values so the maximum of each window is unique.
-        let data: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 37) % 101) as f32).collect();
+        let data: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * 37) % 101) as f32)
+            .collect();
         let x = Var::from_tensor(&Tensor::from_vec(data, (b, c, h, w), &Device::Cpu).expect("t"))
             .expect("var");
         let ours = max_pool2x2(&x).expect("ours");
@@ -130,16 +134,31 @@ mod tests {
             .expect("reference");
         assert_eq!(ours.dims(), &[b, c, 3, 2]);
         assert_eq!(
-            ours.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v"),
-            reference.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v")
+            ours.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("v"),
+            reference
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("v")
         );
         let up = Tensor::arange(0f32, (b * c * 6) as f32, &Device::Cpu)
             .and_then(|t| t.reshape((b, c, 3, 2)))
             .expect("up");
-        let g1 = (ours * &up).and_then(|t| t.sum_all()).and_then(|t| t.backward()).expect("g1");
-        let g2 = (reference * &up).and_then(|t| t.sum_all()).and_then(|t| t.backward()).expect("g2");
+        let g1 = (ours * &up)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("g1");
+        let g2 = (reference * &up)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("g2");
         let v = |g: &candle_core::backprop::GradStore| {
-            g.get(&x).expect("grad").flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v")
+            g.get(&x)
+                .expect("grad")
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("v")
         };
         assert_eq!(v(&g1), v(&g2));
     }

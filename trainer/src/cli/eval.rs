@@ -1,0 +1,63 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use modkit_models::Checkpoint;
+use modkit_trainer::train::{TrainConfig, Trainer};
+
+/// Per-task triplet accuracy of a checkpoint on its fixed test triplets.
+///
+/// Example: modtrain eval runs/mod.safetensors --data synth
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The checkpoint.
+    checkpoint: PathBuf,
+    /// Data the test triplets come from; default: what the checkpoint was trained on.
+    #[arg(long)]
+    data: Option<String>,
+    /// Images to generate for `--data synth`; default: 6000 (modtrain train's default).
+    #[arg(long, default_value_t = 6000)]
+    synth_images: usize,
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl EvalArgs {
+    pub fn run(self) -> Result<()> {
+        let ckpt = Checkpoint::load(&self.checkpoint)?;
+        let cfg: TrainConfig = serde_json::from_value(ckpt.header.train_config.clone())
+            .with_context(|| {
+                format!(
+                    "reading the training config of {}",
+                    self.checkpoint.display()
+                )
+            })?;
+        let data = self.data.clone().unwrap_or(cfg.data.clone());
+        let ds = super::load_data(
+            &data,
+            cfg.spec.input_size,
+            self.synth_images,
+            cfg.seed,
+            self.limit,
+        )?;
+        let trainer = Trainer::resume(&self.checkpoint, &ds, super::device(&self.device)?, None)?;
+        let acc = trainer.evaluate(&ds)?;
+        let mean = acc.iter().sum::<f64>() / acc.len() as f64;
+        let rows: Vec<(String, f64)> = trainer.cfg.tasks.iter().cloned().zip(acc).collect();
+        if self.json {
+            let map: std::collections::BTreeMap<_, _> = rows.iter().cloned().collect();
+            println!(
+                "{}",
+                serde_json::json!({ "accuracy": map, "mean_accuracy": mean, "epoch": trainer.epoch })
+            );
+        } else {
+            super::print_table(&rows, mean);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use modkit_models::{Modulation, NetSpec, Variant};
+use modkit_trainer::train::{TrainConfig, Trainer};
+
+/// Train a network on triplets from every task (paper sections 3.3, 4.1).
+///
+/// Writes OUT (safetensors checkpoint, updated atomically after every epoch),
+/// OUT.metrics.jsonl (one line per epoch) and OUT.triplets.json (the fixed test
+/// triplets).
+///
+/// Example: modtrain train --data synth --variant modulated --spec tiny -o runs/mod.safetensors
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Data: `synth` (generated in memory) or `celeba:DIR` (CelebA layout, e.g. from `modtrain synth`).
+    #[arg(long, default_value = "synth")]
+    data: String,
+    /// Images to generate for `--data synth`.
+    #[arg(long, default_value_t = 6000)]
+    synth_images: usize,
+    /// Load only the first N images of a CelebA directory.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// modulated, shared (FSN), independent (ITN), branch:K (IB-K) or csn.
+    #[arg(long, default_value = "modulated")]
+    variant: String,
+    /// Network preset: tiny (48×48, trains on a CPU in minutes) or paper (Table 2, 150×150).
+    #[arg(long, default_value = "tiny")]
+    spec: String,
+    /// First modulated block N (2..=5); default: the preset's (4).
+    #[arg(long)]
+    first_modulated: Option<usize>,
+    /// Channel-wise projection matrices instead of scaling vectors (paper eq. 4).
+    #[arg(long)]
+    projection: bool,
+    /// Drop BatchNorm (the paper's Table 2 as printed; the authors' code has it).
+    #[arg(long)]
+    no_batch_norm: bool,
+    /// Comma-separated task (attribute) names; default: the paper's 20.
+    #[arg(long, value_delimiter = ',')]
+    tasks: Option<Vec<String>>,
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    /// Training triplets per task per epoch (re-sampled every epoch).
+    #[arg(long, default_value_t = 400)]
+    triplets_per_task: usize,
+    /// Triplets per task in each minibatch (paper: 9 for 20 tasks).
+    #[arg(long, default_value_t = 4)]
+    batch_per_task: usize,
+    /// Fixed test triplets per task.
+    #[arg(long, default_value_t = 500)]
+    test_triplets: usize,
+    /// Adagrad learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    /// Learning-rate multiplier per epoch.
+    #[arg(long, default_value_t = 1.0)]
+    lr_decay: f64,
+    /// Triplet margin α.
+    #[arg(long, default_value_t = 0.2)]
+    margin: f64,
+    /// Fixes the data, initialisation and sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, or cuda[:N] when built with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Continue from this checkpoint (its config is used; --epochs sets the new total).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Checkpoint to write.
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut spec = NetSpec::preset(&self.spec)?;
+        if let Some(n) = self.first_modulated {
+            spec.first_modulated = n;
+        }
+        if self.projection {
+            spec.modulation = Modulation::Projection;
+        }
+        if self.no_batch_norm {
+            spec.batch_norm = false;
+        }
+        spec.validate()?;
+        let variant: Variant = self.variant.parse()?;
+        if variant == Variant::OnlyMask {
+            anyhow::bail!(
+                "--variant only-mask needs shared weights from another checkpoint, which this modtrain cannot load yet; use modulated, shared, independent, branch:K or csn"
+            );
+        }
+        let defaults = TrainConfig::default();
+        Ok(TrainConfig {
+            spec,
+            variant,
+            tasks: self.tasks.clone().unwrap_or(defaults.tasks),
+            data: self.data.clone(),
+            epochs: self.epochs,
+            triplets_per_task: self.triplets_per_task,
+            batch_per_task: self.batch_per_task,
+            test_triplets_per_task: self.test_triplets,
+            lr: self.lr,
+            lr_decay: self.lr_decay,
+            margin: self.margin,
+            seed: self.seed,
+            preprocess: defaults.preprocess,
+        })
+    }
+
+    pub fn run(self) -> Result<()> {
+        let device = super::device(&self.device)?;
+        if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut trainer = match &self.resume {
+            Some(path) => {
+                let ckpt = modkit_models::Checkpoint::load(path)?;
+                let cfg: TrainConfig = serde_json::from_value(ckpt.header.train_config)
+                    .with_context(|| {
+                        format!("reading the training config of {}", path.display())
+                    })?;
+                let ds = super::load_data(
+                    &self.data,
+                    cfg.spec.input_size,
+                    self.synth_images,
+                    cfg.seed,
+                    self.limit,
+                )?;
+                let t = Trainer::resume(path, &ds, device, Some(self.epochs))?;
+                eprintln!(
+                    "resuming {} at epoch {} of {}",
+                    path.display(),
+                    t.epoch,
+                    t.cfg.epochs
+                );
+                (t, ds)
+            }
+            None => {
+                let cfg = self.config()?;
+                let ds = super::load_data(
+                    &self.data,
+                    cfg.spec.input_size,
+                    self.synth_images,
+                    cfg.seed,
+                    self.limit,
+                )?;
+                (Trainer::new(cfg, &ds, device)?, ds)
+            }
+        };
+        let (trainer, ds) = (&mut trainer.0, &trainer.1);
+        let count = modkit_models::ParamCount::of(
+            &trainer.cfg.spec,
+            &trainer.cfg.variant,
+            trainer.cfg.tasks.len(),
+        );
+        eprintln!(
+            "training {} ({} spec) on {} tasks: {} shared + {} per task parameters",
+            trainer.cfg.variant,
+            trainer.cfg.spec.name,
+            trainer.cfg.tasks.len(),
+            count.shared,
+            count.per_task
+        );
+        let epochs = trainer.cfg.epochs;
+        // Both callbacks share the bar: the step callback opens it, the epoch one closes it.
+        let pb: std::cell::RefCell<Option<indicatif::ProgressBar>> = Default::default();
+        let epoch = std::cell::Cell::new(trainer.epoch);
+        let report = trainer.run_with(
+            ds,
+            &self.out,
+            &mut |step, steps, loss| {
+                let mut pb = pb.borrow_mut();
+                let bar = pb.get_or_insert_with(|| super::bar(steps as u64, format!("epoch {}/{epochs}", epoch.get() + 1)));
+                bar.set_position(step as u64);
+                bar.set_message(format!("loss {loss:.4}"));
+            },
+            &mut |log| {
+                if let Some(bar) = pb.borrow_mut().take() {
+                    bar.finish_and_clear();
+                }
+                epoch.set(log.epoch);
+                eprintln!(
+                    "epoch {}/{epochs}: loss {:.4}, train acc {:.1}%, test acc {:.2}%, {:.0} s, {:.0} img/s",
+                    log.epoch,
+                    log.loss,
+                    log.train_accuracy * 100.0,
+                    log.mean_accuracy * 100.0,
+                    log.seconds,
+                    log.images_per_second
+                );
+            },
+        )?;
+        if self.json {
+            let json = serde_json::json!({
+                "variant": trainer.cfg.variant,
+                "accuracy": report.accuracy.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "mean_accuracy": report.mean_accuracy,
+                "epochs": report.epochs,
+            });
+            println!("{json}");
+        } else {
+            super::print_table(&report.accuracy, report.mean_accuracy);
+        }
+        eprintln!("checkpoint: {}", self.out.display());
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! The `modtrain` command line: synth → train → eval, and one-line errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn modtrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_modtrain"))
+        .args(args)
+        .output()
+        .expect("runs modtrain")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn synth_train_eval_round_trip() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let ckpt = dir.path().join("run/m.safetensors");
+    let o = modtrain(&[
+        "synth",
+        "--out",
+        data.to_str().expect("utf8"),
+        "--n",
+        "120",
+        "--size",
+        "48",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(data.join("Anno/list_attr_celeba.txt").exists());
+
+    let src = format!("celeba:{}", data.display());
+    let o = modtrain(&[
+        "train",
+        "--data",
+        &src,
+        "--tasks",
+        "smiling,bangs",
+        "--epochs",
+        "1",
+        "--triplets-per-task",
+        "8",
+        "--batch-per-task",
+        "4",
+        "--test-triplets",
+        "10",
+        "--json",
+        "-o",
+        ckpt.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json report");
+    assert!(report["accuracy"]["smiling"].is_number(), "{report}");
+    for sibling in ["metrics.jsonl", "triplets.json"] {
+        assert!(ckpt.with_extension(sibling).exists(), "missing {sibling}");
+    }
+
+    let o = modtrain(&[
+        "eval",
+        ckpt.to_str().expect("utf8"),
+        "--data",
+        &src,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        eval["mean_accuracy"], report["mean_accuracy"],
+        "eval disagrees with train's final report"
+    );
+}
+
+#[test]
+fn bad_input_gets_one_line_errors_and_exit_2() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("m.safetensors");
+    let out = out.to_str().expect("utf8");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "train",
+                "--tasks",
+                "smile",
+                "--synth-images",
+                "60",
+                "-o",
+                out,
+            ],
+            "available tasks: smiling",
+        ),
+        (
+            &["train", "--variant", "mixed", "-o", out],
+            "unknown variant \"mixed\"",
+        ),
+        (&["train", "--data", "imagenet:/x", "-o", out], "celeba:DIR"),
+        (
+            &["eval", "/nonexistent/ckpt.safetensors"],
+            "/nonexistent/ckpt.safetensors",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = modtrain(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("modtrain: ") && last.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!Path::new(out).exists(), "a failed run left a checkpoint");
+}
