@@ -25,13 +25,20 @@ impl Adagrad {
     /// Added to `√G` for stability.
     pub const EPS: f64 = 1e-7;
 
-    /// Optimises `params` (named, for saving the state).
+    /// Optimises `params` (named, for saving the state) with accumulators starting
+    /// at [`Adagrad::INITIAL_ACCUMULATOR`].
     pub fn new(params: Vec<(String, Var)>, lr: f64) -> Result<Self> {
+        Self::with_initial_accumulator(params, lr, Self::INITIAL_ACCUMULATOR)
+    }
+
+    /// Like [`Adagrad::new`] with accumulators starting at `initial` (PyTorch uses 0,
+    /// which makes the first step `lr · sign(g)`).
+    pub fn with_initial_accumulator(params: Vec<(String, Var)>, lr: f64, initial: f64) -> Result<Self> {
         let accum = params
             .iter()
             .map(|(_, v)| {
                 v.ones_like()
-                    .and_then(|t| t.affine(Self::INITIAL_ACCUMULATOR, 0.0))
+                    .and_then(|t| t.affine(initial, 0.0))
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(Adagrad {

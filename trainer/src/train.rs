@@ -44,6 +44,9 @@ pub struct TrainConfig {
     pub lr_decay: f64,
     /// Triplet margin α.
     pub margin: f64,
+    /// Adagrad's starting accumulator (TensorFlow 0.1, PyTorch 0).
+    #[serde(default = "default_initial_accumulator")]
+    pub adagrad_initial_accumulator: f64,
     pub seed: u64,
     pub preprocess: Preprocess,
 }
@@ -65,10 +68,15 @@ impl Default for TrainConfig {
             lr: 0.01,
             lr_decay: 1.0,
             margin: 0.2,
+            adagrad_initial_accumulator: Adagrad::INITIAL_ACCUMULATOR,
             seed: 0,
             preprocess: Preprocess::default(),
         }
     }
+}
+
+fn default_initial_accumulator() -> f64 {
+    Adagrad::INITIAL_ACCUMULATOR
 }
 
 /// One epoch's numbers, as logged.
@@ -178,7 +186,7 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
         let params = trainable(&varmap, &cfg)?;
-        let opt = Adagrad::new(params, cfg.lr)?;
+        let opt = Adagrad::with_initial_accumulator(params, cfg.lr, cfg.adagrad_initial_accumulator)?;
         Ok(Trainer {
             cfg,
             device,

@@ -61,6 +61,9 @@ pub struct TrainArgs {
     /// Triplet margin α.
     #[arg(long, default_value_t = 0.2)]
     margin: f64,
+    /// Adagrad's starting accumulator (TensorFlow's 0.1; PyTorch's 0 takes larger first steps).
+    #[arg(long, default_value_t = 0.1)]
+    adagrad_init: f64,
     /// Fixes the data, initialisation and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -110,6 +113,7 @@ impl TrainArgs {
             lr: self.lr,
             lr_decay: self.lr_decay,
             margin: self.margin,
+            adagrad_initial_accumulator: self.adagrad_init,
             seed: self.seed,
             preprocess: defaults.preprocess,
         })
