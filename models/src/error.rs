@@ -80,6 +80,46 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    #[error("{path:?} is not a {what} (bad magic bytes); {hint}")]
+    BadMagic {
+        path: PathBuf,
+        what: &'static str,
+        hint: &'static str,
+    },
+
+    #[error(
+        "{path:?} is {what} format version {found}, newer than this build supports ({supported}); upgrade modkit"
+    )]
+    FutureVersion {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error(
+        "{path:?} is truncated: {found} bytes, the header promises {expected}; the file was cut short, write it again"
+    )]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+
+    #[error("{path:?} is corrupt (checksum {found:016x}, stored {stored:016x}); write it again")]
+    BadChecksum {
+        path: PathBuf,
+        found: u64,
+        stored: u64,
+    },
+
+    #[error("{path:?}: cannot decode its contents: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: postcard::Error,
+    },
+
     #[error("{path:?}: {source}")]
     Io {
         path: PathBuf,

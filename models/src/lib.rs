@@ -23,8 +23,10 @@
 
 mod atomic;
 pub mod checkpoint;
+pub mod container;
 mod error;
 pub mod names;
+pub mod package;
 mod params;
 mod preprocess;
 mod spec;
@@ -34,6 +36,7 @@ mod variant;
 pub use atomic::write_atomic;
 pub use checkpoint::{Checkpoint, CheckpointHeader, TensorData};
 pub use error::{Error, Result};
+pub use package::{Package, Precision, Tails};
 pub use params::ParamCount;
 pub use preprocess::Preprocess;
 pub use spec::{Modulation, NetSpec, StageShape};

@@ -33,13 +33,14 @@ impl Adagrad {
 
     /// Like [`Adagrad::new`] with accumulators starting at `initial` (PyTorch uses 0,
     /// which makes the first step `lr · sign(g)`).
-    pub fn with_initial_accumulator(params: Vec<(String, Var)>, lr: f64, initial: f64) -> Result<Self> {
+    pub fn with_initial_accumulator(
+        params: Vec<(String, Var)>,
+        lr: f64,
+        initial: f64,
+    ) -> Result<Self> {
         let accum = params
             .iter()
-            .map(|(_, v)| {
-                v.ones_like()
-                    .and_then(|t| t.affine(initial, 0.0))
-            })
+            .map(|(_, v)| v.ones_like().and_then(|t| t.affine(initial, 0.0)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Adagrad {
             params,

@@ -186,7 +186,8 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
         let params = trainable(&varmap, &cfg)?;
-        let opt = Adagrad::with_initial_accumulator(params, cfg.lr, cfg.adagrad_initial_accumulator)?;
+        let opt =
+            Adagrad::with_initial_accumulator(params, cfg.lr, cfg.adagrad_initial_accumulator)?;
         Ok(Trainer {
             cfg,
             device,

@@ -77,7 +77,8 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("m.safetensors");
     let out = out.to_str().expect("utf8");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (&["train", "--input-size", "40", "-o", out], "at least 48"),
         (
             &[
                 "train",

@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// Channel-wise projection matrices instead of scaling vectors (paper eq. 4).
     #[arg(long)]
     projection: bool,
+    /// Input side in pixels; default: the preset's (48 tiny, 150 paper; at least 48).
+    #[arg(long)]
+    input_size: Option<usize>,
     /// Drop BatchNorm (the paper's Table 2 as printed; the authors' code has it).
     #[arg(long)]
     no_batch_norm: bool,
@@ -86,6 +89,10 @@ impl TrainArgs {
         let mut spec = NetSpec::preset(&self.spec)?;
         if let Some(n) = self.first_modulated {
             spec.first_modulated = n;
+        }
+        if let Some(size) = self.input_size {
+            spec.input_size = size;
+            spec.name = format!("{}@{size}", spec.name);
         }
         if self.projection {
             spec.modulation = Modulation::Projection;
@@ -174,6 +181,10 @@ impl TrainArgs {
             count.per_task
         );
         let epochs = trainer.cfg.epochs;
+        let images_per_step = 3 * trainer.cfg.batch_per_task * trainer.cfg.tasks.len();
+        // Without a terminal the bar is hidden: log every tenth of an epoch instead.
+        let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let started = std::cell::Cell::new(std::time::Instant::now());
         // Both callbacks share the bar: the step callback opens it, the epoch one closes it.
         let pb: std::cell::RefCell<Option<indicatif::ProgressBar>> = Default::default();
         let epoch = std::cell::Cell::new(trainer.epoch);
@@ -181,10 +192,17 @@ impl TrainArgs {
             ds,
             &self.out,
             &mut |step, steps, loss| {
+                if step == 1 {
+                    started.set(std::time::Instant::now());
+                }
+                let rate = (step * images_per_step) as f64 / started.get().elapsed().as_secs_f64();
                 let mut pb = pb.borrow_mut();
                 let bar = pb.get_or_insert_with(|| super::bar(steps as u64, format!("epoch {}/{epochs}", epoch.get() + 1)));
                 bar.set_position(step as u64);
-                bar.set_message(format!("loss {loss:.4}"));
+                bar.set_message(format!("loss {loss:.4}, {rate:.0} img/s"));
+                if plain && (step % (steps / 10).max(1) == 0 || step == steps) {
+                    eprintln!("epoch {}/{epochs}: step {step}/{steps}, loss {loss:.4}, {rate:.0} img/s", epoch.get() + 1);
+                }
             },
             &mut |log| {
                 if let Some(bar) = pb.borrow_mut().take() {

@@ -168,8 +168,14 @@ impl Pen<'_> {
     const ZOOM: f32 = 1.4;
 
     fn pt(&self, x: f32, y: f32) -> Point {
-        let (x, y) = ((x - 50.0) * Self::ZOOM + 50.0, (y - 55.0) * Self::ZOOM + 50.0);
-        Point::new((x * self.unit).round() as i32, (y * self.unit).round() as i32)
+        let (x, y) = (
+            (x - 50.0) * Self::ZOOM + 50.0,
+            (y - 55.0) * Self::ZOOM + 50.0,
+        );
+        Point::new(
+            (x * self.unit).round() as i32,
+            (y * self.unit).round() as i32,
+        )
     }
 
     fn len(&self, v: f32) -> u32 {

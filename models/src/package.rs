@@ -1,0 +1,186 @@
+//! The compiled package `.modpack` (compiler → runtime), framed by
+//! [`crate::container`] with magic `MODPACK\0`.
+//!
+//! ```text
+//! Package (postcard)
+//! ├─ spec, variant, tasks, preprocess, precision
+//! ├─ trunk: ONNX  image [1, 3, S, S] → features [1, C, H, W]   (conv1..block N)
+//! ├─ tails: Switch { one ONNX: features [B, C, H, W] + per-stage vectors [B, C_s]
+//! │                  → embedding [B, E] }
+//! │       | Folded { one ONNX per task: features [1, C, H, W] → embedding [1, E] }
+//! └─ task_vectors[task][stage]: the modulation vectors with ReLU applied, the
+//!    switch tail's inputs (kept in folded packages too, for inspection)
+//! ```
+//!
+//! The package's fingerprint is its payload checksum; a gallery index stores it.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::container::{self, Kind};
+use crate::{Error, NetSpec, Preprocess, Result, Variant, write_atomic};
+
+/// The `.modpack` file kind.
+pub const KIND: Kind = Kind {
+    magic: *b"MODPACK\0",
+    version: 1,
+    what: "modkit package",
+    hint: "compile one with `modc compile CKPT -o model.modpack`",
+};
+
+/// How weights are stored in the graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// The task-specific part of the network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Tails {
+    /// One shared tail whose inputs include the task's vectors (the runtime switch).
+    Switch { graph: Vec<u8> },
+    /// One tail per task (in task order) with its vectors folded into the weights.
+    Folded { graphs: Vec<Vec<u8>> },
+}
+
+/// A compiled package in memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Package {
+    pub spec: NetSpec,
+    pub variant: Variant,
+    pub tasks: Vec<String>,
+    pub preprocess: Preprocess,
+    pub precision: Precision,
+    /// ONNX bytes of the trunk.
+    pub trunk: Vec<u8>,
+    pub tails: Tails,
+    /// `[task][stage][channel]`, ReLU applied.
+    pub task_vectors: Vec<Vec<Vec<f32>>>,
+}
+
+impl Package {
+    /// Serializes and frames the package.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let payload = postcard::to_stdvec(self).map_err(|source| Error::Decode {
+            path: "<memory>".into(),
+            source,
+        })?;
+        Ok(container::frame(&KIND, &payload))
+    }
+
+    /// Writes the package atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// Reads a package and its fingerprint.
+    pub fn load(path: &Path) -> Result<(Self, u64)> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses framed bytes; `path` only names the file in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(Self, u64)> {
+        let (payload, _, fingerprint) = container::unframe(&KIND, bytes, path)?;
+        let pkg: Package = postcard::from_bytes(payload).map_err(|source| Error::Decode {
+            path: path.into(),
+            source,
+        })?;
+        pkg.spec.validate()?;
+        Ok((pkg, fingerprint))
+    }
+
+    /// The index of `task` (case-insensitive), or an error listing the tasks.
+    pub fn task_index(&self, task: &str) -> Result<usize> {
+        Ok(crate::tasks::select(&[task.to_string()], &self.tasks)?[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Package {
+        Package {
+            spec: NetSpec::tiny(),
+            variant: Variant::Modulated,
+            tasks: vec!["smiling".into(), "young".into()],
+            preprocess: Preprocess::default(),
+            precision: Precision::F32,
+            trunk: vec![1, 2, 3],
+            tails: Tails::Folded {
+                graphs: vec![vec![4], vec![5, 6]],
+            },
+            task_vectors: vec![vec![vec![1.0, 0.5]], vec![vec![0.0, 2.0]]],
+        }
+    }
+
+    #[test]
+    fn round_trip_with_stable_fingerprint() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("m.modpack");
+        sample().save(&path).expect("save");
+        let (pkg, fp) = Package::load(&path).expect("load");
+        assert_eq!(pkg, sample());
+        let (_, fp2) = Package::from_bytes(&sample().to_bytes().expect("b"), &path).expect("again");
+        assert_eq!(fp, fp2);
+        let mut other = sample();
+        other.task_vectors[0][0][0] = 0.9;
+        let (_, fp3) = Package::from_bytes(&other.to_bytes().expect("b"), &path).expect("other");
+        assert_ne!(fp, fp3);
+    }
+
+    #[test]
+    fn rejects_bad_magic() {
+        let mut bytes = sample().to_bytes().expect("b");
+        bytes[..8].copy_from_slice(b"MODIDX\0\0");
+        let err = Package::from_bytes(&bytes, Path::new("m.modpack"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a modkit package") && err.contains("modc compile"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_future_version() {
+        let mut bytes = sample().to_bytes().expect("b");
+        bytes[8] = 9;
+        let err = Package::from_bytes(&bytes, Path::new("m.modpack")).unwrap_err();
+        assert!(
+            matches!(err, Error::FutureVersion { found: 9, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_checksum() {
+        let mut bytes = sample().to_bytes().expect("b");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        let err = Package::from_bytes(&bytes, Path::new("m.modpack")).unwrap_err();
+        assert!(matches!(err, Error::BadChecksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_truncated() {
+        let bytes = sample().to_bytes().expect("b");
+        let err =
+            Package::from_bytes(&bytes[..bytes.len() - 3], Path::new("m.modpack")).unwrap_err();
+        assert!(matches!(err, Error::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_task_lists_tasks() {
+        let err = sample().task_index("smile").unwrap_err().to_string();
+        assert!(err.contains("smiling, young"), "{err}");
+        assert_eq!(sample().task_index("YOUNG").expect("young"), 1);
+    }
+}
