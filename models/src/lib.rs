@@ -39,5 +39,5 @@ pub use error::{Error, Result};
 pub use package::{Package, Precision, Tails};
 pub use params::ParamCount;
 pub use preprocess::Preprocess;
-pub use spec::{Modulation, NetSpec, StageShape};
+pub use spec::{BATCH_NORM_EPS, Modulation, NetSpec, StageShape};
 pub use variant::Variant;

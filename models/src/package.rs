@@ -5,9 +5,11 @@
 //! Package (postcard)
 //! ├─ spec, variant, tasks, preprocess, precision
 //! ├─ trunk: ONNX  image [1, 3, S, S] → features [1, C, H, W]   (conv1..block N)
-//! ├─ tails: Switch { one ONNX: features [B, C, H, W] + per-stage vectors [B, C_s]
-//! │                  → embedding [B, E] }
-//! │       | Folded { one ONNX per task: features [1, C, H, W] → embedding [1, E] }
+//! ├─ tails.switch: optional ONNX: features [1, C, H, W] + one vector input per
+//! │                modulated stage [B, C_s] → embedding [B, E] (B tasks at once)
+//! ├─ tails.folded: (task, ONNX) with the task's vectors folded into the weights:
+//! │                features [N, C, H, W] → embedding [N, E]
+//! │  every task has a folded tail or is served by the switch tail
 //! └─ task_vectors[task][stage]: the modulation vectors with ReLU applied, the
 //!    switch tail's inputs (kept in folded packages too, for inspection)
 //! ```
@@ -39,11 +41,21 @@ pub enum Precision {
 
 /// The task-specific part of the network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Tails {
+pub struct Tails {
     /// One shared tail whose inputs include the task's vectors (the runtime switch).
-    Switch { graph: Vec<u8> },
-    /// One tail per task (in task order) with its vectors folded into the weights.
-    Folded { graphs: Vec<Vec<u8>> },
+    pub switch: Option<Vec<u8>>,
+    /// Per-task tails with the task's vectors folded into the weights.
+    pub folded: Vec<(String, Vec<u8>)>,
+}
+
+impl Tails {
+    /// The folded tail of `task`, if it has one.
+    pub fn folded(&self, task: &str) -> Option<&[u8]> {
+        self.folded
+            .iter()
+            .find(|(t, _)| t == task)
+            .map(|(_, g)| g.as_slice())
+    }
 }
 
 /// A compiled package in memory.
@@ -93,6 +105,13 @@ impl Package {
             source,
         })?;
         pkg.spec.validate()?;
+        for task in &pkg.tasks {
+            if pkg.tails.switch.is_none() && pkg.tails.folded(task).is_none() {
+                return Err(Error::InvalidSpec(format!(
+                    "{path:?}: task {task:?} has no tail; compile the package again"
+                )));
+            }
+        }
         Ok((pkg, fingerprint))
     }
 
@@ -114,8 +133,9 @@ mod tests {
             preprocess: Preprocess::default(),
             precision: Precision::F32,
             trunk: vec![1, 2, 3],
-            tails: Tails::Folded {
-                graphs: vec![vec![4], vec![5, 6]],
+            tails: Tails {
+                switch: Some(vec![7]),
+                folded: vec![("young".into(), vec![5, 6])],
             },
             task_vectors: vec![vec![vec![1.0, 0.5]], vec![vec![0.0, 2.0]]],
         }

@@ -59,6 +59,9 @@ pub struct StageShape {
     pub size: usize,
 }
 
+/// The BatchNorm epsilon of every BN layer (trainer and compiler must agree).
+pub const BATCH_NORM_EPS: f64 = 1e-5;
+
 const BLOCK_NAMES: [&str; 4] = ["block2", "block3", "block4", "block5"];
 const PRESETS: &str = "paper, tiny";
 

@@ -23,7 +23,7 @@ use crate::ops::{conv3x3, max_pool2x2};
 
 fn bn_config() -> BatchNormConfig {
     BatchNormConfig {
-        eps: 1e-5,
+        eps: modkit_models::BATCH_NORM_EPS,
         remove_mean: true,
         affine: true,
         momentum: 0.1,
@@ -375,6 +375,29 @@ pub fn init_varmap(
     }
     drop(data);
     Ok(varmap)
+}
+
+/// The network stored in `ckpt`, in evaluation form (weights, BatchNorm statistics
+/// and task vectors as trained).
+pub fn network_from_checkpoint(
+    ckpt: &modkit_models::Checkpoint,
+    device: &Device,
+) -> Result<(VarMap, Network)> {
+    let h = &ckpt.header;
+    let varmap = init_varmap(&h.spec, h.variant, &h.tasks, 0, device)?;
+    {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| crate::Error::Config("poisoned VarMap".into()))?;
+        for (name, var) in data.iter() {
+            let t = ckpt.tensor(name)?;
+            var.set(&Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)?;
+        }
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let net = Network::new(&h.spec, h.variant, &h.tasks, vb)?;
+    Ok((varmap, net))
 }
 
 #[cfg(test)]

@@ -1,0 +1,202 @@
+//! `modc`: compile modkit checkpoints into `.modpack` packages. See `modc --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use modkit_compiler::compile::{CompileOptions, FoldTasks, compile, task_network};
+use modkit_compiler::{emit, fold_batch_norm, inspect, verify};
+use modkit_models::{Checkpoint, Package, Precision, tasks};
+
+/// Compile a trained checkpoint into a compact package for the modkit runtime.
+#[derive(Debug, Parser)]
+#[command(name = "modc", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Compile(CompileArgs),
+    ExportOnnx(ExportArgs),
+    Inspect(InspectArgs),
+    Verify(VerifyArgs),
+}
+
+/// Checkpoint → .modpack: the shared trunk once, then per task a folded tail or the
+/// runtime switch (one shared tail plus ~512 numbers per task).
+///
+/// Example: modc compile runs/mod.safetensors -o model.modpack --fold-tasks smiling,young
+#[derive(Debug, Args)]
+struct CompileArgs {
+    checkpoint: PathBuf,
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Fold these tasks' vectors into their own tail weights (`all`, or a comma list);
+    /// the others use the runtime switch.
+    #[arg(long, num_args = 0..=1, default_missing_value = "all")]
+    fold_tasks: Option<String>,
+    /// Keep only these tasks (comma list).
+    #[arg(long, value_delimiter = ',')]
+    tasks: Option<Vec<String>>,
+    /// f32, or f16 (half the bytes; the runtime converts at load).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+/// One task as a single standard ONNX model (image → embedding), any runtime runs it.
+///
+/// Example: modc export-onnx runs/mod.safetensors --task smiling -o smiling.onnx
+#[derive(Debug, Args)]
+struct ExportArgs {
+    checkpoint: PathBuf,
+    #[arg(long)]
+    task: String,
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+/// Parameters and bytes of a package: shared trunk, tails, per task, whole file.
+#[derive(Debug, Args)]
+struct InspectArgs {
+    package: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run every graph of a package with tract and compare with the checkpoint in candle.
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    package: PathBuf,
+    #[arg(long)]
+    against: PathBuf,
+    /// Images to compare on.
+    #[arg(long, default_value_t = 4)]
+    images: usize,
+    /// Largest acceptable absolute difference per embedding value.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+}
+
+fn precision(s: &str) -> Result<Precision> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "f16" => Ok(Precision::F16),
+        _ => bail!("unknown --precision {s:?}: use f32 or f16"),
+    }
+}
+
+impl CompileArgs {
+    fn run(self) -> Result<()> {
+        let ckpt = Checkpoint::load(&self.checkpoint)?;
+        let fold = match self.fold_tasks.as_deref() {
+            None => FoldTasks::None,
+            Some("all") => FoldTasks::All,
+            Some(list) => FoldTasks::Some(list.split(',').map(|s| s.trim().to_string()).collect()),
+        };
+        let opts = CompileOptions {
+            tasks: self.tasks,
+            fold,
+            precision: precision(&self.precision)?,
+        };
+        let pkg = compile(&ckpt, &opts)
+            .with_context(|| format!("compiling {}", self.checkpoint.display()))?;
+        pkg.save(&self.out)?;
+        let size = std::fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "wrote {} ({} tasks, {size} bytes)",
+            self.out.display(),
+            pkg.tasks.len()
+        );
+        Ok(())
+    }
+}
+
+impl ExportArgs {
+    fn run(self) -> Result<()> {
+        let ckpt = Checkpoint::load(&self.checkpoint)?;
+        let t = tasks::select(std::slice::from_ref(&self.task), &ckpt.header.tasks)?[0];
+        let prefix = match ckpt.header.variant {
+            modkit_models::Variant::Independent => {
+                modkit_models::names::independent_prefix(&ckpt.header.tasks[t])
+            }
+            _ => String::new(),
+        };
+        let base = fold_batch_norm::fold_batch_norm(&ckpt, &prefix)?;
+        let (net, head) = task_network(&ckpt, &base, t)?;
+        let bytes = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32);
+        modkit_models::write_atomic(&self.out, &bytes)?;
+        eprintln!(
+            "wrote {} (task {}, image [N, 3, {s}, {s}] → embedding)",
+            self.out.display(),
+            ckpt.header.tasks[t],
+            s = ckpt.header.spec.input_size
+        );
+        Ok(())
+    }
+}
+
+impl InspectArgs {
+    fn run(self) -> Result<()> {
+        let (pkg, _) = Package::load(&self.package)?;
+        let size = std::fs::metadata(&self.package).map(|m| m.len() as usize)?;
+        let report = inspect::inspect(&pkg, size);
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.render());
+        }
+        Ok(())
+    }
+}
+
+impl VerifyArgs {
+    fn run(self) -> Result<()> {
+        let (pkg, _) = Package::load(&self.package)?;
+        let ckpt = Checkpoint::load(&self.against)?;
+        let checks = verify::verify(&pkg, &ckpt, self.images)?;
+        println!("{:<22} {:<7} {:>14}", "task", "route", "max abs error");
+        let mut worst = 0f32;
+        for c in &checks {
+            println!("{:<22} {:<7} {:>14.3e}", c.task, c.route, c.max_abs_error);
+            worst = worst.max(c.max_abs_error);
+        }
+        if worst > self.tolerance || worst.is_nan() {
+            bail!(
+                "max abs error {worst:.3e} exceeds --tolerance {:.1e}",
+                self.tolerance
+            );
+        }
+        println!(
+            "ok: all {} tasks within {:.1e}",
+            checks.len(),
+            self.tolerance
+        );
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Compile(a) => a.run(),
+        Command::ExportOnnx(a) => a.run(),
+        Command::Inspect(a) => a.run(),
+        Command::Verify(a) => a.run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("modc: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Runs ONNX bytes with tract on concrete input shapes (verify and tests; the
+//! shipped runtime is `modkit-runtime`).
+
+use tract_onnx::prelude::*;
+
+use crate::{Error, Result};
+
+/// A float tensor: shape and row-major data.
+pub type Array = (Vec<usize>, Vec<f32>);
+
+/// Runs `onnx` on `inputs` (in graph input order); returns the first output.
+pub fn run(graph: &str, onnx: &[u8], inputs: &[Array]) -> Result<Array> {
+    let err = |source: anyhow::Error| Error::Tract {
+        graph: graph.into(),
+        source,
+    };
+    let run = || -> TractResult<Array> {
+        let mut model = tract_onnx::onnx().model_for_read(&mut &onnx[..])?;
+        for (i, (shape, _)) in inputs.iter().enumerate() {
+            model = model.with_input_fact(i, f32::fact(shape).into())?;
+        }
+        let plan = model.into_optimized()?.into_runnable()?;
+        let values: TVec<TValue> = inputs
+            .iter()
+            .map(|(shape, data)| Ok(Tensor::from_shape(shape, data)?.into_tvalue()))
+            .collect::<TractResult<_>>()?;
+        let out = plan.run(values)?;
+        let view = out[0].to_plain_array_view::<f32>()?;
+        Ok((view.shape().to_vec(), view.iter().copied().collect()))
+    };
+    run().map_err(|e| err(e.into()))
+}
