@@ -90,6 +90,7 @@ fn precision(s: &str) -> Result<Precision> {
 
 impl CompileArgs {
     fn run(self) -> Result<()> {
+        let precision = precision(&self.precision)?;
         let ckpt = Checkpoint::load(&self.checkpoint)?;
         let fold = match self.fold_tasks.as_deref() {
             None => FoldTasks::None,
@@ -99,7 +100,7 @@ impl CompileArgs {
         let opts = CompileOptions {
             tasks: self.tasks,
             fold,
-            precision: precision(&self.precision)?,
+            precision,
         };
         let pkg = compile(&ckpt, &opts)
             .with_context(|| format!("compiling {}", self.checkpoint.display()))?;

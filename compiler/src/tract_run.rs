@@ -28,5 +28,5 @@ pub fn run(graph: &str, onnx: &[u8], inputs: &[Array]) -> Result<Array> {
         let view = out[0].to_plain_array_view::<f32>()?;
         Ok((view.shape().to_vec(), view.iter().copied().collect()))
     };
-    run().map_err(|e| err(e.into()))
+    run().map_err(err)
 }

@@ -1,0 +1,91 @@
+//! The `modc` command line.
+
+use std::process::{Command, Output};
+
+use modkit_models::Variant;
+
+mod common;
+
+fn modc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_modc"))
+        .args(args)
+        .output()
+        .expect("runs modc")
+}
+
+#[test]
+fn compile_inspect_verify_export() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ckpt = dir.path().join("m.safetensors");
+    common::checkpoint(&common::small(), Variant::Modulated, &["smiling", "young"])
+        .save(&ckpt)
+        .expect("save");
+    let c = ckpt.to_str().expect("utf8");
+    let pkg = dir.path().join("m.modpack");
+    let p = pkg.to_str().expect("utf8");
+
+    let o = modc(&["compile", c, "-o", p, "--fold-tasks", "young"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = modc(&["inspect", p, "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(r["mode"], "mixed");
+    assert_eq!(r["vectors_per_task"]["params"], 8 + 8 + 8);
+
+    let o = modc(&["verify", p, "--against", c]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("ok: all 2 tasks"),
+        "{out}"
+    );
+
+    // Against a different checkpoint of the same shape: verify fails with exit 2.
+    let other = dir.path().join("other.safetensors");
+    let mut ck = common::checkpoint(&common::small(), Variant::Modulated, &["smiling", "young"]);
+    for t in ck.tensors.values_mut() {
+        t.data.iter_mut().for_each(|v| *v *= 1.5);
+    }
+    ck.save(&other).expect("save");
+    let o = modc(&["verify", p, "--against", other.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exceeds --tolerance"));
+
+    let onnx = dir.path().join("smiling.onnx");
+    let o = modc(&[
+        "export-onnx",
+        c,
+        "--task",
+        "smiling",
+        "-o",
+        onnx.to_str().expect("utf8"),
+    ]);
+    assert!(
+        o.status.success() && onnx.exists(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let junk = dir.path().join("junk.modpack");
+    std::fs::write(&junk, b"not a package at all").expect("write");
+    let j = junk.to_str().expect("utf8");
+    let cases: [(&[&str], &str); 3] = [
+        (&["inspect", j], "not a modkit package"),
+        (
+            &["compile", "/nonexistent.safetensors", "-o", j],
+            "/nonexistent.safetensors",
+        ),
+        (&["compile", j, "-o", j, "--precision", "int4"], "int4"),
+    ];
+    for (args, want) in cases {
+        let o = modc(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.trim_end().lines().last().unwrap_or("").contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! modc end to end: fold == switch, verify against candle, export, inspect
+//! accounting, f16, and the errors.
+
+use modkit_compiler::compile::{CompileOptions, FoldTasks, compile, task_network};
+use modkit_compiler::verify::{sample_images, tract_embed, verify};
+use modkit_compiler::{emit, fold_batch_norm, inspect, tract_run};
+use modkit_models::{NetSpec, Package, Precision, Variant};
+
+mod common;
+use common::{checkpoint, small};
+
+const TASKS: [&str; 3] = ["smiling", "young", "bangs"];
+
+#[test]
+fn folded_equals_switch_for_every_task() {
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let switch = compile(&ckpt, &CompileOptions::default()).expect("switch");
+    let folded = compile(
+        &ckpt,
+        &CompileOptions {
+            fold: FoldTasks::All,
+            ..Default::default()
+        },
+    )
+    .expect("fold");
+    assert!(switch.tails.folded.is_empty() && folded.tails.switch.is_none());
+    let images = sample_images(&switch, 3);
+    for (t, name) in TASKS.iter().enumerate() {
+        let ((_, a), ra) = tract_embed(&switch, &images, t).expect("switch");
+        let ((_, b), rb) = tract_embed(&folded, &images, t).expect("folded");
+        assert_eq!((ra, rb), ("switch", "folded"));
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "{name}: folded vs switch differ by {d}");
+    }
+    // The tasks really differ: the vectors are not all the same.
+    let ((_, e0), _) = tract_embed(&switch, &images, 0).expect("t0");
+    let ((_, e1), _) = tract_embed(&switch, &images, 1).expect("t1");
+    assert!(e0.iter().zip(&e1).any(|(x, y)| (x - y).abs() > 1e-3));
+}
+
+#[test]
+fn packages_match_candle_for_every_variant_and_mode() {
+    let cases = [
+        (Variant::Modulated, FoldTasks::None),
+        (Variant::Modulated, FoldTasks::Some(vec!["young".into()])),
+        (Variant::Shared, FoldTasks::None),
+        (Variant::Csn, FoldTasks::All),
+        (Variant::Branch { k: 5 }, FoldTasks::All),
+    ];
+    for (variant, fold) in cases {
+        let ckpt = checkpoint(&small(), variant, &TASKS);
+        let pkg = compile(
+            &ckpt,
+            &CompileOptions {
+                fold: fold.clone(),
+                ..Default::default()
+            },
+        )
+        .expect("compile");
+        for c in verify(&pkg, &ckpt, 3).expect("verify") {
+            assert!(
+                c.max_abs_error < 1e-4,
+                "{variant} {fold:?} {}: {}",
+                c.task,
+                c.max_abs_error
+            );
+        }
+    }
+    let mut proj = small();
+    proj.modulation = modkit_models::Modulation::Projection;
+    let ckpt = checkpoint(&proj, Variant::Modulated, &TASKS);
+    let pkg = compile(
+        &ckpt,
+        &CompileOptions {
+            fold: FoldTasks::All,
+            ..Default::default()
+        },
+    )
+    .expect("projection");
+    for c in verify(&pkg, &ckpt, 2).expect("verify") {
+        assert!(
+            c.max_abs_error < 1e-4,
+            "projection {}: {}",
+            c.task,
+            c.max_abs_error
+        );
+    }
+}
+
+#[test]
+fn half_precision_halves_the_weights_and_stays_close() {
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let f32p = compile(&ckpt, &CompileOptions::default()).expect("f32");
+    let f16p = compile(
+        &ckpt,
+        &CompileOptions {
+            precision: Precision::F16,
+            ..Default::default()
+        },
+    )
+    .expect("f16");
+    let ratio = f16p.trunk.len() as f64 / f32p.trunk.len() as f64;
+    assert!(ratio < 0.65, "f16 trunk is {ratio:.2} of f32");
+    for c in verify(&f16p, &ckpt, 2).expect("verify") {
+        assert!(c.max_abs_error < 2e-2, "{}: {}", c.task, c.max_abs_error);
+    }
+}
+
+#[test]
+fn exported_model_runs_in_tract_and_matches_the_package() {
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let base = fold_batch_norm::fold_batch_norm(&ckpt, "").expect("bn");
+    let (net, head) = task_network(&ckpt, &base, 1).expect("task");
+    let onnx = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32);
+    let pkg = compile(&ckpt, &CompileOptions::default()).expect("pkg");
+    let images = sample_images(&pkg, 2);
+    let (shape, got) = tract_run::run("export", &onnx, std::slice::from_ref(&images)).expect("run");
+    assert_eq!(shape, vec![2, 8]);
+    let ((_, want), _) = tract_embed(&pkg, &images, 1).expect("pkg");
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-5, "export vs package: {d}");
+}
+
+#[test]
+fn inspect_accounts_for_the_paper_spec_with_20_tasks() {
+    let tasks = modkit_models::tasks::CELEBA_20;
+    let ckpt = checkpoint(&NetSpec::paper(), Variant::Modulated, &tasks);
+    let dir = tempfile::tempdir().expect("tmp");
+    for (fold, name) in [(FoldTasks::None, "switch"), (FoldTasks::All, "folded")] {
+        let pkg = compile(
+            &ckpt,
+            &CompileOptions {
+                fold,
+                ..Default::default()
+            },
+        )
+        .expect("compile");
+        let path = dir.path().join(format!("{name}.modpack"));
+        pkg.save(&path).expect("save");
+        let size = std::fs::metadata(&path).expect("meta").len() as usize;
+        let r = inspect::inspect(&Package::load(&path).expect("load").0, size);
+        assert_eq!(r.mode, name);
+        // Shared parameters ≈ 3.0M (BN folded into biases: 2,953,664 as in Table 2).
+        let shared = r.trunk.params + r.switch_tail.as_ref().map_or(0, |p| p.params);
+        if name == "switch" {
+            assert_eq!(shared, 2_953_664);
+            assert_eq!(r.vectors_per_task.params, 512);
+            assert_eq!(r.per_task.params, 512);
+        } else {
+            // Each folded tail: block5 (3 convs, 442,752) + fc (1,605,888).
+            assert_eq!(r.per_task.params, 2_048_640);
+            assert_eq!(r.folded_tails.len(), 20);
+        }
+        // The parts add up to the file within the container overhead (< 0.5%).
+        assert!(
+            r.overhead_bytes * 200 < size,
+            "{name}: overhead {} of {size}",
+            r.overhead_bytes
+        );
+    }
+}
+
+#[test]
+fn unsupported_requests_get_clear_errors() {
+    let ind = checkpoint(&small(), Variant::Independent, &TASKS);
+    let err = compile(&ind, &CompileOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("independent") && err.contains("export-onnx"),
+        "{err}"
+    );
+    let csn = checkpoint(&small(), Variant::Csn, &TASKS);
+    let err = compile(&csn, &CompileOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--fold-tasks all"), "{err}");
+    let m = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let opts = CompileOptions {
+        tasks: Some(vec!["smile".into()]),
+        ..Default::default()
+    };
+    let err = compile(&m, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("\"smile\"") && err.contains("smiling, young, bangs"),
+        "{err}"
+    );
+}
