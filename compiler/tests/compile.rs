@@ -36,6 +36,32 @@ fn folded_equals_switch_for_every_task() {
             .fold(0.0, f32::max);
         assert!(d < 1e-5, "{name}: folded vs switch differ by {d}");
     }
+    // All tasks of one image in one call: the switch tail takes a batch of vectors.
+    let (c, hw) = emit::features_shape(&switch.spec);
+    let feats =
+        tract_run::run("trunk", &switch.trunk, std::slice::from_ref(&images)).expect("trunk");
+    let first = feats.1[..c * hw * hw].to_vec();
+    let mut inputs = vec![(vec![1, c, hw, hw], first)];
+    for stage in 0..switch.task_vectors[0].len() {
+        let v: Vec<f32> = switch
+            .task_vectors
+            .iter()
+            .flat_map(|t| t[stage].clone())
+            .collect();
+        inputs.push((vec![TASKS.len(), v.len() / TASKS.len()], v));
+    }
+    let tail = switch.tails.switch.as_ref().expect("switch tail");
+    let (shape, batched) = tract_run::run("switch", tail, &inputs).expect("batched");
+    assert_eq!(shape, vec![TASKS.len(), 8]);
+    for t in 0..TASKS.len() {
+        let ((_, single), _) = tract_embed(&switch, &images, t).expect("single");
+        let d = batched[t * 8..(t + 1) * 8]
+            .iter()
+            .zip(&single[..8])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "task {t}: batched vs single differ by {d}");
+    }
     // The tasks really differ: the vectors are not all the same.
     let ((_, e0), _) = tract_embed(&switch, &images, 0).expect("t0");
     let ((_, e1), _) = tract_embed(&switch, &images, 1).expect("t1");

@@ -192,10 +192,12 @@ impl TrainArgs {
             ds,
             &self.out,
             &mut |step, steps, loss| {
+                // Timed from the end of the first step, which pays one-off costs.
                 if step == 1 {
                     started.set(std::time::Instant::now());
                 }
-                let rate = (step * images_per_step) as f64 / started.get().elapsed().as_secs_f64();
+                let secs = started.get().elapsed().as_secs_f64();
+                let rate = if step > 1 { ((step - 1) * images_per_step) as f64 / secs } else { 0.0 };
                 let mut pb = pb.borrow_mut();
                 let bar = pb.get_or_insert_with(|| super::bar(steps as u64, format!("epoch {}/{epochs}", epoch.get() + 1)));
                 bar.set_position(step as u64);
