@@ -113,9 +113,9 @@ pub fn features_shape(spec: &NetSpec) -> (usize, usize) {
     (s.channels, s.size)
 }
 
-/// image `[N, 3, S, S]` → features `[N, C, H, W]` (conv1..block N).
-pub fn trunk(spec: &NetSpec, net: &PlainNet, precision: Precision) -> (Vec<u8>, usize) {
-    let mut g = GraphBuilder::new("trunk", precision);
+/// Declares the image input `[N, 3, S, S]` and emits conv1..block N; returns the
+/// features' name.
+fn trunk_body(g: &mut GraphBuilder, spec: &NetSpec, net: &PlainNet) -> String {
     let s = spec.input_size;
     let mut x = g.input(
         IMAGE,
@@ -127,8 +127,15 @@ pub fn trunk(spec: &NetSpec, net: &PlainNet, precision: Precision) -> (Vec<u8>, 
         ],
     );
     for k in 1..=spec.first_modulated {
-        x = stage(&mut g, net, k, &x);
+        x = stage(g, net, k, &x);
     }
+    x
+}
+
+/// image `[N, 3, S, S]` → features `[N, C, H, W]` (conv1..block N).
+pub fn trunk(spec: &NetSpec, net: &PlainNet, precision: Precision) -> (Vec<u8>, usize) {
+    let mut g = GraphBuilder::new("trunk", precision);
+    let x = trunk_body(&mut g, spec, net);
     g.node("Identity", &[&x], FEATURES, &[]);
     let (c, h) = features_shape(spec);
     g.output(
@@ -236,19 +243,7 @@ pub fn export_model(
     precision: Precision,
 ) -> Vec<u8> {
     let mut g = GraphBuilder::new("modkit_task", precision);
-    let s = spec.input_size;
-    let mut x = g.input(
-        IMAGE,
-        &[
-            Dim::Symbol("N"),
-            Dim::Fixed(3),
-            Dim::Fixed(s),
-            Dim::Fixed(s),
-        ],
-    );
-    for k in 1..=spec.first_modulated {
-        x = stage(&mut g, net, k, &x);
-    }
+    let x = trunk_body(&mut g, spec, net);
     tail_body(&mut g, spec, net, x, h);
     g.output(EMBEDDING, &[Dim::Symbol("N"), Dim::Fixed(out_dim(spec, h))]);
     g.finish()

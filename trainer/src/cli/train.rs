@@ -131,20 +131,25 @@ impl TrainArgs {
         if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let mut trainer = match &self.resume {
+        // The config comes from the checkpoint when resuming, so the data is loaded
+        // at the size it was trained at.
+        let cfg = match &self.resume {
             Some(path) => {
                 let ckpt = modkit_models::Checkpoint::load(path)?;
-                let cfg: TrainConfig = serde_json::from_value(ckpt.header.train_config)
-                    .with_context(|| {
-                        format!("reading the training config of {}", path.display())
-                    })?;
-                let ds = super::load_data(
-                    &self.data,
-                    cfg.spec.input_size,
-                    self.synth_images,
-                    cfg.seed,
-                    self.limit,
-                )?;
+                serde_json::from_value::<TrainConfig>(ckpt.header.train_config)
+                    .with_context(|| format!("reading the training config of {}", path.display()))?
+            }
+            None => self.config()?,
+        };
+        let ds = super::load_data(
+            &self.data,
+            cfg.spec.input_size,
+            self.synth_images,
+            cfg.seed,
+            self.limit,
+        )?;
+        let mut trainer = match &self.resume {
+            Some(path) => {
                 let t = Trainer::resume(path, &ds, device, Some(self.epochs))?;
                 eprintln!(
                     "resuming {} at epoch {} of {}",
@@ -152,21 +157,11 @@ impl TrainArgs {
                     t.epoch,
                     t.cfg.epochs
                 );
-                (t, ds)
+                t
             }
-            None => {
-                let cfg = self.config()?;
-                let ds = super::load_data(
-                    &self.data,
-                    cfg.spec.input_size,
-                    self.synth_images,
-                    cfg.seed,
-                    self.limit,
-                )?;
-                (Trainer::new(cfg, &ds, device)?, ds)
-            }
+            None => Trainer::new(cfg, &ds, device)?,
         };
-        let (trainer, ds) = (&mut trainer.0, &trainer.1);
+        let (trainer, ds) = (&mut trainer, &ds);
         let count = modkit_models::ParamCount::of(
             &trainer.cfg.spec,
             &trainer.cfg.variant,
