@@ -156,6 +156,43 @@ fn exported_model_runs_in_tract_and_matches_the_package() {
 }
 
 #[test]
+fn independent_networks_export_per_task() {
+    let ckpt = checkpoint(&small(), Variant::Independent, &TASKS);
+    let (_vm, candle_net) =
+        modkit_trainer::net::network_from_checkpoint(&ckpt, &candle_core::Device::Cpu)
+            .expect("candle");
+    let pkg_like = compile(
+        &checkpoint(&small(), Variant::Modulated, &TASKS),
+        &CompileOptions::default(),
+    )
+    .expect("pkg");
+    let images = sample_images(&pkg_like, 2);
+    let x =
+        candle_core::Tensor::from_slice(&images.1, images.0.as_slice(), &candle_core::Device::Cpu)
+            .expect("x");
+    for (t, task) in TASKS.iter().enumerate() {
+        let base = fold_batch_norm::fold_batch_norm(
+            &ckpt,
+            &modkit_models::names::independent_prefix(task),
+        )
+        .expect("bn");
+        let (net, head) = task_network(&ckpt, &base, t).expect("task");
+        let onnx = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32);
+        let (_, got) = tract_run::run("export", &onnx, std::slice::from_ref(&images)).expect("run");
+        let want = candle_net
+            .forward_grouped(&x, &[(t, 2)], false)
+            .and_then(|e| Ok(e.flatten_all()?.to_vec1::<f32>()?))
+            .expect("forward");
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-4, "{task}: export vs candle {d}");
+    }
+}
+
+#[test]
 fn inspect_accounts_for_the_paper_spec_with_20_tasks() {
     let tasks = modkit_models::tasks::CELEBA_20;
     let ckpt = checkpoint(&NetSpec::paper(), Variant::Modulated, &tasks);
