@@ -30,8 +30,14 @@ pub struct TrainConfig {
     pub spec: NetSpec,
     pub variant: Variant,
     pub tasks: Vec<String>,
-    /// Where the data came from (`synth`, `celeba:DIR`), for the record.
+    /// Where the data comes from (`synth`, `celeba:DIR`).
     pub data: String,
+    /// Images generated for `data = "synth"`.
+    #[serde(default = "default_synth_images")]
+    pub synth_images: usize,
+    /// Images kept from a CelebA directory (all when `None`).
+    #[serde(default)]
+    pub limit: Option<usize>,
     pub epochs: usize,
     /// Training triplets per task per epoch (re-sampled every epoch).
     pub triplets_per_task: usize,
@@ -61,6 +67,8 @@ impl Default for TrainConfig {
                 .map(|s| s.to_string())
                 .collect(),
             data: "synth".into(),
+            synth_images: default_synth_images(),
+            limit: None,
             epochs: 4,
             triplets_per_task: 400,
             batch_per_task: 4,
@@ -73,6 +81,10 @@ impl Default for TrainConfig {
             preprocess: Preprocess::default(),
         }
     }
+}
+
+fn default_synth_images() -> usize {
+    6000
 }
 
 fn default_initial_accumulator() -> f64 {

@@ -113,3 +113,46 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     }
     assert!(!Path::new(out).exists(), "a failed run left a checkpoint");
 }
+
+#[test]
+fn eval_and_resume_reuse_the_checkpoints_data_settings() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ckpt = dir.path().join("m.safetensors");
+    let c = ckpt.to_str().expect("utf8");
+    let common = [
+        "--tasks",
+        "smiling,bangs",
+        "--triplets-per-task",
+        "8",
+        "--batch-per-task",
+        "4",
+        "--test-triplets",
+        "10",
+    ];
+    let mut args = vec![
+        "train",
+        "--synth-images",
+        "150",
+        "--epochs",
+        "1",
+        "--json",
+        "-o",
+        c,
+    ];
+    args.extend(common);
+    let o = modtrain(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+
+    // No --data / --synth-images: eval rebuilds the same 150 images from the checkpoint.
+    let o = modtrain(&["eval", c, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(eval["mean_accuracy"], trained["mean_accuracy"]);
+
+    let o = modtrain(&["train", "--resume", c, "--epochs", "2", "--json", "-o", c]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("150 images"), "{}", stderr(&o));
+    let resumed: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(resumed["epochs"][0]["epoch"], 2);
+}

@@ -15,9 +15,10 @@ pub struct EvalArgs {
     /// Data the test triplets come from; default: what the checkpoint was trained on.
     #[arg(long)]
     data: Option<String>,
-    /// Images to generate for `--data synth`; default: 6000 (modtrain train's default).
-    #[arg(long, default_value_t = 6000)]
-    synth_images: usize,
+    /// Images to generate for `--data synth`; default: the checkpoint's.
+    #[arg(long)]
+    synth_images: Option<usize>,
+    /// Load only the first N images of a CelebA directory; default: the checkpoint's.
     #[arg(long)]
     limit: Option<usize>,
     #[arg(long, default_value = "cpu")]
@@ -41,9 +42,9 @@ impl EvalArgs {
         let ds = super::load_data(
             &data,
             cfg.spec.input_size,
-            self.synth_images,
+            self.synth_images.unwrap_or(cfg.synth_images),
             cfg.seed,
-            self.limit,
+            self.limit.or(cfg.limit),
         )?;
         let trainer = Trainer::resume(&self.checkpoint, &ds, super::device(&self.device)?, None)?;
         let acc = trainer.evaluate(&ds)?;

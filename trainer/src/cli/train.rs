@@ -14,12 +14,13 @@ use modkit_trainer::train::{TrainConfig, Trainer};
 /// Example: modtrain train --data synth --variant modulated --spec tiny -o runs/mod.safetensors
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Data: `synth` (generated in memory) or `celeba:DIR` (CelebA layout, e.g. from `modtrain synth`).
-    #[arg(long, default_value = "synth")]
-    data: String,
-    /// Images to generate for `--data synth`.
-    #[arg(long, default_value_t = 6000)]
-    synth_images: usize,
+    /// Data: `synth` (generated in memory, the default) or `celeba:DIR` (CelebA layout,
+    /// e.g. from `modtrain synth`). With --resume: the checkpoint's.
+    #[arg(long)]
+    data: Option<String>,
+    /// Images to generate for `--data synth` [default: 6000; with --resume: the checkpoint's].
+    #[arg(long)]
+    synth_images: Option<usize>,
     /// Load only the first N images of a CelebA directory.
     #[arg(long)]
     limit: Option<usize>,
@@ -112,7 +113,9 @@ impl TrainArgs {
             spec,
             variant,
             tasks: self.tasks.clone().unwrap_or(defaults.tasks),
-            data: self.data.clone(),
+            data: self.data.clone().unwrap_or(defaults.data),
+            synth_images: self.synth_images.unwrap_or(defaults.synth_images),
+            limit: self.limit,
             epochs: self.epochs,
             triplets_per_task: self.triplets_per_task,
             batch_per_task: self.batch_per_task,
@@ -136,17 +139,23 @@ impl TrainArgs {
         let cfg = match &self.resume {
             Some(path) => {
                 let ckpt = modkit_models::Checkpoint::load(path)?;
-                serde_json::from_value::<TrainConfig>(ckpt.header.train_config)
-                    .with_context(|| format!("reading the training config of {}", path.display()))?
+                let mut cfg = serde_json::from_value::<TrainConfig>(ckpt.header.train_config)
+                    .with_context(|| {
+                        format!("reading the training config of {}", path.display())
+                    })?;
+                cfg.data = self.data.clone().unwrap_or(cfg.data);
+                cfg.synth_images = self.synth_images.unwrap_or(cfg.synth_images);
+                cfg.limit = self.limit.or(cfg.limit);
+                cfg
             }
             None => self.config()?,
         };
         let ds = super::load_data(
-            &self.data,
+            &cfg.data,
             cfg.spec.input_size,
-            self.synth_images,
+            cfg.synth_images,
             cfg.seed,
-            self.limit,
+            cfg.limit,
         )?;
         let mut trainer = match &self.resume {
             Some(path) => {
