@@ -120,6 +120,13 @@ pub enum Error {
         source: postcard::Error,
     },
 
+    #[error("{path:?} line {line}: {msg}")]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
     #[error("{path:?}: {source}")]
     Io {
         path: PathBuf,

@@ -22,6 +22,7 @@
 //! ```
 
 mod atomic;
+pub mod celeba;
 pub mod checkpoint;
 pub mod container;
 mod error;
