@@ -1,0 +1,113 @@
+//! `modrt bench`: median latencies of the trunk, one tail, all tasks' tails in one
+//! batched call, and the naive alternative (a full pass per task), all measured in
+//! one run so their ratios are meaningful on a noisy machine.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::{Input, Model, Result};
+
+/// Medians in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tasks: usize,
+    pub runs: usize,
+    pub threads: usize,
+    pub trunk_ms: f64,
+    pub one_tail_ms: f64,
+    pub all_tails_ms: f64,
+    /// Trunk + one task's tail: one task's embedding of one image.
+    pub one_task_ms: f64,
+    /// Trunk + all tasks' tails batched: every task's embedding of one image.
+    pub all_tasks_ms: f64,
+    /// A full pass (trunk + tail) per task.
+    pub naive_ms: f64,
+}
+
+impl Report {
+    /// All tasks ÷ one task (theory for the paper spec, 20 tasks, N = 4: ≈ 1.5).
+    pub fn all_over_one(&self) -> f64 {
+        self.all_tasks_ms / self.one_task_ms
+    }
+
+    /// Naive ÷ all tasks (theory for the paper spec, 20 tasks, N = 4: ≈ 13.6).
+    pub fn naive_over_all(&self) -> f64 {
+        self.naive_ms / self.all_tasks_ms
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Milliseconds of each of `runs` calls of `f`, after one warm-up call.
+fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut out = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        f()?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(out))
+}
+
+/// Measures `model` on `image` for `tasks` (package indices), `runs` times each.
+pub fn run(
+    model: &Model,
+    image: &Input,
+    tasks: &[usize],
+    runs: usize,
+    threads: usize,
+) -> Result<Report> {
+    let runs = runs.max(1);
+    let features = model.trunk(image)?;
+    let first = tasks.first().copied().unwrap_or(0);
+    let trunk_ms = time(runs, || model.trunk(image).map(drop))?;
+    let one_tail_ms = time(runs, || model.embed(&features, first).map(drop))?;
+    let all_tails_ms = time(runs, || model.embed_all(&features, tasks).map(drop))?;
+    let one_task_ms = time(runs, || model.embed_image(image, first).map(drop))?;
+    let all_tasks_ms = time(runs, || {
+        let f = model.trunk(image)?;
+        model.embed_all(&f, tasks).map(drop)
+    })?;
+    let naive_ms = time(runs, || {
+        for &t in tasks {
+            model.embed_image(image, t)?;
+        }
+        Ok(())
+    })?;
+    Ok(Report {
+        tasks: tasks.len(),
+        runs,
+        threads,
+        trunk_ms,
+        one_tail_ms,
+        all_tails_ms,
+        one_task_ms,
+        all_tasks_ms,
+        naive_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+}

@@ -1,0 +1,355 @@
+//! The gallery index `.modidx`: per-task embeddings of a folder of images, framed
+//! by [`modkit_models::container`] with magic `MODIDX\0\0`.
+//!
+//! ```text
+//! GalleryIndex (postcard)
+//! ├─ fingerprint   the .modpack's checksum: another model's index is refused
+//! ├─ root          the folder the ids are relative to
+//! ├─ dim           embedding size
+//! ├─ ids[n]        image paths relative to root ('/'-separated)
+//! └─ tasks[t]      name, rows n × dim (row i = image i), labels[n] (+1 / −1 / 0
+//!                  unknown) from a CelebA attribute file next to the images
+//! ```
+//!
+//! Building runs each image's trunk once and every task's tail in one batched
+//! call. Unreadable images are reported and skipped; they never abort the run.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use modkit_models::celeba::{ATTR_FILE, AttrTable, IMAGES};
+use modkit_models::container::{self, Kind};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::search::{Hit, nearest};
+use crate::{Error, Model, Result};
+
+/// The `.modidx` file kind.
+pub const KIND: Kind = Kind {
+    magic: *b"MODIDX\0\0",
+    version: 1,
+    what: "modkit gallery index",
+    hint: "build one with `modrt index DIR --model MODEL -o gallery.modidx`",
+};
+
+/// Image file extensions a gallery folder is searched for.
+pub const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// One task's embeddings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRows {
+    pub task: String,
+    /// `ids.len() × dim`, row-major.
+    pub rows: Vec<f32>,
+    /// Per image: +1 / −1 where an attribute file knows the value, 0 where not.
+    pub labels: Vec<i8>,
+}
+
+/// A gallery index in memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GalleryIndex {
+    pub fingerprint: u64,
+    pub root: PathBuf,
+    pub dim: usize,
+    pub ids: Vec<String>,
+    pub tasks: Vec<TaskRows>,
+}
+
+/// What [`build`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Images embedded in this run.
+    pub added: usize,
+    /// Images already in the index (`--append`).
+    pub kept: usize,
+    /// Unreadable images and why.
+    pub skipped: Vec<(String, String)>,
+    pub seconds: f64,
+}
+
+/// A gallery folder: where its images are, their ids, and labels if any.
+#[derive(Debug, Clone)]
+pub struct Gallery {
+    pub root: PathBuf,
+    pub ids: Vec<String>,
+    pub attributes: Option<AttrTable>,
+}
+
+impl Gallery {
+    /// Lists `dir`. A CelebA-layout folder (`img_align_celeba/` beside
+    /// `Anno/list_attr_celeba.txt`), given as the root or as its image folder,
+    /// brings its attribute values along.
+    pub fn open(dir: &Path) -> Result<Gallery> {
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{dir:?} is not a folder; give the folder of gallery images"
+            )));
+        }
+        let (root, attr) = if dir.join(IMAGES).is_dir() {
+            (dir.join(IMAGES), dir.join(ATTR_FILE))
+        } else {
+            let parent = dir.parent().unwrap_or(dir);
+            (dir.to_path_buf(), parent.join(ATTR_FILE))
+        };
+        let mut ids = Vec::new();
+        list(&root, &root, &mut ids)?;
+        ids.sort();
+        if ids.is_empty() {
+            return Err(Error::EmptyGallery { path: root });
+        }
+        let attributes = if attr.is_file() {
+            Some(AttrTable::read(&attr)?)
+        } else {
+            None
+        };
+        Ok(Gallery {
+            root,
+            ids,
+            attributes,
+        })
+    }
+
+    /// +1 / −1 / 0 for `task` per id in `ids`.
+    fn labels(&self, task: &str, ids: &[String]) -> Vec<i8> {
+        let Some(table) = &self.attributes else {
+            return vec![0; ids.len()];
+        };
+        let Some(col) = table.column(task) else {
+            return vec![0; ids.len()];
+        };
+        let by_file: std::collections::HashMap<&str, bool> = table
+            .rows
+            .iter()
+            .map(|(f, l)| (f.as_str(), l[col]))
+            .collect();
+        ids.iter()
+            .map(|id| match by_file.get(id.as_str()) {
+                Some(true) => 1,
+                Some(false) => -1,
+                None => 0,
+            })
+            .collect()
+    }
+}
+
+fn list(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(Error::io(dir))?;
+    for entry in entries {
+        let path = entry.map_err(Error::io(dir))?.path();
+        if path.is_dir() {
+            list(root, &path, out)?;
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let id: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.push(id.join("/"));
+        }
+    }
+    Ok(())
+}
+
+/// Progress callback: `(done, total)`.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// Embeds the gallery at `dir` for `tasks` (package indices). With `existing`,
+/// keeps its rows and embeds only images it does not hold (`--append`).
+pub fn build(
+    model: &Model,
+    dir: &Path,
+    tasks: &[usize],
+    existing: Option<GalleryIndex>,
+    progress: Progress,
+) -> Result<(GalleryIndex, Report)> {
+    let start = Instant::now();
+    let gallery = Gallery::open(dir)?;
+    let names: Vec<String> = tasks.iter().map(|&t| model.tasks()[t].clone()).collect();
+    let dim = model.embedding_dim();
+    let root = std::path::absolute(&gallery.root).unwrap_or(gallery.root.clone());
+    let mut index = match existing {
+        Some(old) => {
+            if old.fingerprint != model.fingerprint() {
+                return Err(Error::WrongModel {
+                    path: old.root.clone(),
+                    found: old.fingerprint,
+                    expected: model.fingerprint(),
+                });
+            }
+            let old_names: Vec<&str> = old.tasks.iter().map(|t| t.task.as_str()).collect();
+            if old_names != names.iter().map(String::as_str).collect::<Vec<_>>() {
+                return Err(Error::Invalid(format!(
+                    "the index holds tasks {} but this run asks for {}; append with the same --tasks",
+                    old_names.join(","),
+                    names.join(",")
+                )));
+            }
+            old
+        }
+        None => GalleryIndex {
+            fingerprint: model.fingerprint(),
+            root: root.clone(),
+            dim,
+            ids: Vec::new(),
+            tasks: names
+                .iter()
+                .map(|n| TaskRows {
+                    task: n.clone(),
+                    rows: Vec::new(),
+                    labels: Vec::new(),
+                })
+                .collect(),
+        },
+    };
+    let known: HashSet<PathBuf> = index.ids.iter().map(|id| index.root.join(id)).collect();
+    let todo: Vec<&String> = gallery
+        .ids
+        .iter()
+        .filter(|id| !known.contains(&root.join(id)))
+        .collect();
+    let done = AtomicUsize::new(0);
+    let results: Vec<Result<Vec<Vec<f32>>>> = todo
+        .par_iter()
+        .map(|id| {
+            let r = model
+                .load_image(&gallery.root.join(id))
+                .and_then(|x| model.embed_all(&model.trunk(&x)?, tasks));
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, todo.len());
+            r
+        })
+        .collect();
+    let mut report = Report {
+        kept: index.ids.len(),
+        ..Report::default()
+    };
+    let mut added_ids = Vec::new();
+    for (id, r) in todo.iter().zip(results) {
+        match r {
+            Ok(embeddings) => {
+                added_ids.push((*id).clone());
+                for (rows, e) in index.tasks.iter_mut().zip(embeddings) {
+                    rows.rows.extend_from_slice(&e);
+                }
+            }
+            Err(e @ (Error::Image { .. } | Error::Io { .. })) => {
+                report.skipped.push(((*id).clone(), e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Ids are stored relative to the index's root (an appended folder may differ).
+    for id in &added_ids {
+        let abs = root.join(id);
+        let rel = abs.strip_prefix(&index.root).map_or_else(
+            |_| abs.to_string_lossy().into_owned(),
+            |p| p.to_string_lossy().replace('\\', "/"),
+        );
+        index.ids.push(rel);
+    }
+    for rows in &mut index.tasks {
+        rows.labels.extend(gallery.labels(&rows.task, &added_ids));
+    }
+    report.added = added_ids.len();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok((index, report))
+}
+
+impl GalleryIndex {
+    /// Serializes and frames the index.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let payload = postcard::to_stdvec(self).map_err(|source| modkit_models::Error::Decode {
+            path: "<memory>".into(),
+            source,
+        })?;
+        Ok(container::frame(&KIND, &payload))
+    }
+
+    /// Writes the index atomically (temp file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        Ok(modkit_models::write_atomic(path, &self.to_bytes()?)?)
+    }
+
+    /// Reads an index and checks it.
+    pub fn load(path: &Path) -> Result<GalleryIndex> {
+        let bytes = std::fs::read(path).map_err(Error::io(path))?;
+        let (payload, _, _) = container::unframe(&KIND, &bytes, path)?;
+        let index: GalleryIndex =
+            postcard::from_bytes(payload).map_err(|source| modkit_models::Error::Decode {
+                path: path.into(),
+                source,
+            })?;
+        let n = index.ids.len();
+        for t in &index.tasks {
+            if t.rows.len() != n * index.dim || t.labels.len() != n {
+                return Err(Error::Invalid(format!(
+                    "{path:?}: task {:?} holds {} numbers and {} labels for {n} images of dimension {}; rebuild the index",
+                    t.task,
+                    t.rows.len(),
+                    t.labels.len(),
+                    index.dim
+                )));
+            }
+        }
+        Ok(index)
+    }
+
+    /// Loads `path` and checks it was built with `model`.
+    pub fn load_for(path: &Path, model: &Model) -> Result<GalleryIndex> {
+        let index = GalleryIndex::load(path)?;
+        if index.fingerprint != model.fingerprint() {
+            return Err(Error::WrongModel {
+                path: path.into(),
+                found: index.fingerprint,
+                expected: model.fingerprint(),
+            });
+        }
+        Ok(index)
+    }
+
+    /// The rows of `task` (case-insensitive); `path` names the index in errors.
+    pub fn task(&self, task: &str, path: &Path) -> Result<&TaskRows> {
+        let want = task.to_lowercase();
+        self.tasks
+            .iter()
+            .find(|t| t.task.to_lowercase() == want)
+            .ok_or_else(|| Error::TaskNotIndexed {
+                path: path.into(),
+                task: task.to_string(),
+                available: self.tasks.iter().map(|t| t.task.clone()).collect(),
+            })
+    }
+
+    /// The path of image `row`.
+    pub fn path(&self, row: usize) -> PathBuf {
+        self.root.join(&self.ids[row])
+    }
+
+    /// The row of an image file, if the index holds it.
+    pub fn find(&self, image: &Path) -> Option<usize> {
+        let want = std::fs::canonicalize(image).ok()?;
+        let root = std::fs::canonicalize(&self.root).ok()?;
+        let id = match want.strip_prefix(&root) {
+            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
+            Err(_) => want.to_string_lossy().into_owned(),
+        };
+        self.ids.iter().position(|i| *i == id)
+    }
+
+    /// The `k` images nearest to `query` for `rows`, skipping `exclude`.
+    pub fn search(
+        &self,
+        rows: &TaskRows,
+        query: &[f32],
+        k: usize,
+        exclude: Option<usize>,
+    ) -> Vec<Hit> {
+        nearest(&rows.rows, self.dim, query, k, |r| Some(r) == exclude)
+    }
+}

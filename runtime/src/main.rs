@@ -1,0 +1,440 @@
+//! `modrt`: on-device multi-task image retrieval with a compiled `.modpack`.
+//! See `modrt --help`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use image::DynamicImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use modkit_runtime::index::{self, GalleryIndex};
+use modkit_runtime::sheet::{Tile, contact_sheet};
+use modkit_runtime::{Model, Options, bench, input};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Run a compiled modkit package: embed images for any set of tasks (the shared
+/// trunk once per image, the short per-task tails batched), index a gallery and
+/// answer attribute queries against it.
+///
+/// A model trained on the built-in synthetic faces ships in models/pretrained/:
+///
+///   modrt index faces/ --model models/pretrained/tiny-faces.modpack -o faces.modidx
+///   modrt query faces/000042.png --task smiling --model models/pretrained/tiny-faces.modpack --index faces.modidx --sheet top5.png
+#[derive(Debug, Parser)]
+#[command(name = "modrt", version, about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Index(IndexArgs),
+    Query(QueryArgs),
+    Embed(EmbedArgs),
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// The compiled package (`modc compile CKPT -o model.modpack`).
+    #[arg(long, short)]
+    model: PathBuf,
+    /// Threads for tract's matrix products (1 is tract's single-threaded default).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Model> {
+        Ok(Model::load_with(
+            &self.model,
+            &Options {
+                threads: self.threads,
+            },
+        )?)
+    }
+}
+
+/// Embed every image of a folder (recursively: .jpg, .jpeg, .png) for every task
+/// and write a gallery index. Each image's trunk runs once; all tasks' tails run
+/// in one batched call. Unreadable images are reported and skipped. A CelebA-layout
+/// folder (img_align_celeba/ + Anno/list_attr_celeba.txt, as `modtrain synth`
+/// writes) also records each image's attribute values, shown by `query`.
+/// Images are embedded in parallel on all cores (RAYON_NUM_THREADS limits it).
+///
+/// Example: modrt index faces/ --model model.modpack -o faces.modidx
+#[derive(Debug, Args)]
+struct IndexArgs {
+    /// Folder of gallery images.
+    dir: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The index to write.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Index only these tasks (comma list); default: all of the package's.
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+    /// Keep OUT's images and embed only the ones it does not hold yet.
+    #[arg(long)]
+    append: bool,
+}
+
+/// Find the gallery images nearest to IMAGE for one task (attribute).
+///
+/// Example: modrt query q.png --task smiling --model model.modpack --index faces.modidx -k 5 --sheet top5.png
+#[derive(Debug, Args)]
+struct QueryArgs {
+    image: PathBuf,
+    /// The task (attribute) to search by, e.g. smiling.
+    #[arg(long, short)]
+    task: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The gallery index (`modrt index`).
+    #[arg(long, short)]
+    index: PathBuf,
+    /// How many results.
+    #[arg(short, default_value_t = 5)]
+    k: usize,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write a contact sheet PNG: the query, then the results with rank, distance
+    /// and attribute value.
+    #[arg(long)]
+    sheet: Option<PathBuf>,
+    /// Keep the query image itself in the results when it is in the gallery.
+    #[arg(long)]
+    include_self: bool,
+}
+
+/// Print an image's embedding for one task or all.
+///
+/// Example: modrt embed q.png --model model.modpack --task smiling --json
+#[derive(Debug, Args)]
+struct EmbedArgs {
+    image: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// One task; default: every task of the package.
+    #[arg(long, short)]
+    task: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Median latency of the trunk, one tail, all tasks' tails batched, and the naive
+/// alternative (a full pass per task), with their ratios, all from one run.
+///
+/// Example: modrt bench --model model.modpack --tasks 20 --threads 2
+#[derive(Debug, Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use the package's first N tasks; default: all.
+    #[arg(long)]
+    tasks: Option<usize>,
+    /// Timed calls per measurement (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Image to run on; default: a fixed synthetic pattern.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn bar(len: usize, prefix: &str) -> ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {per_sec} ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+impl IndexArgs {
+    fn run(self) -> Result<()> {
+        let model = self.model.load()?;
+        let tasks = model.select_tasks(&self.tasks)?;
+        let existing = if self.append && self.out.exists() {
+            Some(GalleryIndex::load_for(&self.out, &model)?)
+        } else {
+            None
+        };
+        let pb = bar(0, "embedding");
+        let progress = |done: usize, total: usize| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        };
+        let (index, report) = index::build(&model, &self.dir, &tasks, existing, &progress)?;
+        pb.finish_and_clear();
+        for (id, why) in &report.skipped {
+            eprintln!("modrt: skipped {id}: {why}");
+        }
+        if index.ids.is_empty() {
+            bail!(
+                "no image of {:?} could be read ({} skipped); nothing to index",
+                self.dir,
+                report.skipped.len()
+            );
+        }
+        index.save(&self.out)?;
+        let rate = report.added as f64 / report.seconds.max(1e-9);
+        println!(
+            "indexed {} images ({} new, {} kept, {} skipped) x {} tasks in {:.1} s ({:.1} images/s) -> {}",
+            index.ids.len(),
+            report.added,
+            report.kept,
+            report.skipped.len(),
+            index.tasks.len(),
+            report.seconds,
+            rate,
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
+fn label(v: i8) -> Option<bool> {
+    match v {
+        1 => Some(true),
+        -1 => Some(false),
+        _ => None,
+    }
+}
+
+fn yes_no(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    }
+}
+
+impl QueryArgs {
+    fn run(self) -> Result<()> {
+        if self.k == 0 {
+            bail!("-k 0: ask for at least one result");
+        }
+        let model = self.model.load()?;
+        let task = model.task_index(&self.task)?;
+        let task_name = model.tasks()[task].clone();
+        let index = GalleryIndex::load_for(&self.index, &model)?;
+        let rows = index.task(&task_name, &self.index)?;
+        let img = input::open(&self.image)?;
+        let query = model.embed(&model.trunk(&model.prepare(&img)?)?, task)?;
+        let own_row = index.find(&self.image);
+        let exclude = own_row.filter(|_| !self.include_self);
+        let hits = index.search(rows, &query, self.k, exclude);
+        let query_label = own_row.and_then(|r| label(rows.labels[r]));
+        let results: Vec<(usize, f32, PathBuf, Option<bool>)> = hits
+            .iter()
+            .map(|h| {
+                (
+                    h.row,
+                    h.distance,
+                    index.path(h.row),
+                    label(rows.labels[h.row]),
+                )
+            })
+            .collect();
+        let known: Vec<bool> = results.iter().filter_map(|r| r.3).collect();
+        let precision = query_label
+            .filter(|_| known.len() == results.len() && !known.is_empty())
+            .map(|q| known.iter().filter(|&&v| v == q).count() as f64 / known.len() as f64);
+        if let Some(sheet) = &self.sheet {
+            let tiles: Vec<Tile> = results
+                .iter()
+                .enumerate()
+                .map(|(i, (_, d, path, l))| Tile {
+                    image: input::open(path).ok(),
+                    title: format!("#{} d={d:.3}", i + 1),
+                    label: *l,
+                })
+                .collect();
+            let q = Tile {
+                image: Some(img.clone()),
+                title: "query".to_string(),
+                label: query_label,
+            };
+            write_png(sheet, &contact_sheet(&task_name, &q, &tiles))?;
+        }
+        if self.json {
+            let json = serde_json::json!({
+                "query": self.image,
+                "task": task_name,
+                "query_label": query_label,
+                "gallery_images": index.ids.len(),
+                "results": results.iter().enumerate().map(|(i, (row, d, path, l))| serde_json::json!({
+                    "rank": i + 1,
+                    "id": index.ids[*row],
+                    "path": path,
+                    "distance": d,
+                    "label": l,
+                })).collect::<Vec<_>>(),
+                "precision": precision,
+                "sheet": self.sheet,
+            });
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            return Ok(());
+        }
+        println!(
+            "query {} ({task_name}: {}), {} nearest of {} images",
+            self.image.display(),
+            yes_no(query_label),
+            results.len(),
+            index.ids.len()
+        );
+        println!("{:>4}  {:>9}  {:>8}  image", "rank", "distance", "value");
+        for (i, (_, d, path, l)) in results.iter().enumerate() {
+            println!(
+                "{:>4}  {d:>9.5}  {:>8}  {}",
+                i + 1,
+                yes_no(*l),
+                path.display()
+            );
+        }
+        if let Some(p) = precision {
+            println!(
+                "precision@{}: {p:.2} (results with the query's {task_name} value)",
+                results.len()
+            );
+        }
+        if let Some(sheet) = &self.sheet {
+            println!("sheet: {}", sheet.display());
+        }
+        Ok(())
+    }
+}
+
+fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png)
+        .context("encoding the PNG")?;
+    modkit_models::write_atomic(path, bytes.get_ref())?;
+    Ok(())
+}
+
+impl EmbedArgs {
+    fn run(self) -> Result<()> {
+        let model = self.model.load()?;
+        let tasks = match &self.task {
+            Some(t) => vec![model.task_index(t)?],
+            None => (0..model.tasks().len()).collect(),
+        };
+        let features = model.trunk(&model.load_image(&self.image)?)?;
+        let embeddings = model.embed_all(&features, &tasks)?;
+        if self.json {
+            let map: serde_json::Map<String, serde_json::Value> = tasks
+                .iter()
+                .zip(&embeddings)
+                .map(|(&t, e)| (model.tasks()[t].clone(), serde_json::json!(e)))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&map)?);
+        } else {
+            for (&t, e) in tasks.iter().zip(&embeddings) {
+                let v: Vec<String> = e.iter().map(|x| format!("{x:.5}")).collect();
+                println!("{}: [{}]", model.tasks()[t], v.join(", "));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fixed, image-like pattern (the latency does not depend on content).
+fn pattern(side: u32) -> DynamicImage {
+    DynamicImage::ImageRgb8(image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 5 % 256) as u8,
+            ((x ^ y) % 256) as u8,
+        ])
+    }))
+}
+
+impl BenchArgs {
+    fn run(self) -> Result<()> {
+        let model = self.model.load()?;
+        let all = model.tasks().len();
+        let n = self.tasks.unwrap_or(all);
+        if n == 0 || n > all {
+            bail!("--tasks {n}: the package has {all} tasks; use 1..={all}");
+        }
+        let tasks: Vec<usize> = (0..n).collect();
+        let img = match &self.image {
+            Some(p) => input::open(p)?,
+            None => pattern(model.input_size() as u32),
+        };
+        let x = model.prepare(&img)?;
+        let r = bench::run(&model, &x, &tasks, self.runs, self.model.threads)?;
+        if self.json {
+            let mut v = serde_json::to_value(&r)?;
+            v["all_over_one"] = r.all_over_one().into();
+            v["naive_over_all"] = r.naive_over_all().into();
+            v["spec"] = model.spec().name.clone().into();
+            v["variant"] = model.variant().to_string().into();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        let route = model.route(0).name();
+        println!(
+            "{} spec {}x{}, {} of {all} tasks ({route} tails), {} thread(s), median of {} runs",
+            model.spec().name,
+            model.input_size(),
+            model.input_size(),
+            n,
+            r.threads,
+            r.runs
+        );
+        let rows = [
+            ("trunk (once per image)", r.trunk_ms),
+            ("one task's tail", r.one_tail_ms),
+            ("all tasks' tails, batched", r.all_tails_ms),
+            ("one task: trunk + tail", r.one_task_ms),
+            ("all tasks: trunk + batched tails", r.all_tasks_ms),
+            ("naive: a full pass per task", r.naive_ms),
+        ];
+        for (what, ms) in rows {
+            println!("  {what:<34} {ms:>10.3} ms");
+        }
+        println!("  all tasks / one task   {:>6.2}x", r.all_over_one());
+        println!("  naive / all tasks      {:>6.2}x", r.naive_over_all());
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Index(a) => a.run(),
+        Command::Query(a) => a.run(),
+        Command::Embed(a) => a.run(),
+        Command::Bench(a) => a.run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("modrt: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The contact sheet of `modrt query --sheet`: the query, then the top-k results
+//! with their rank, distance and (where the index knows it) the attribute value,
+//! green where it matches the query's and red where it does not.
+
+use embedded_graphics::Drawable;
+use embedded_graphics::mono_font::MonoTextStyle;
+use embedded_graphics::mono_font::ascii::{FONT_6X10, FONT_7X13_BOLD};
+use embedded_graphics::pixelcolor::Rgb888;
+use embedded_graphics::prelude::{Point, Primitive, Size};
+use embedded_graphics::primitives::{PrimitiveStyle, Rectangle};
+use embedded_graphics::text::{Baseline, Text};
+use image::{DynamicImage, RgbImage};
+
+use crate::canvas::RgbCanvas;
+use crate::input::square;
+
+/// Thumbnail side in pixels.
+pub const THUMB: u32 = 112;
+const PAD: u32 = 8;
+const HEADER: u32 = 24;
+const CAPTION: u32 = 36;
+
+/// One tile of the sheet.
+#[derive(Debug, Clone)]
+pub struct Tile {
+    /// `None` draws a grey "missing" box (the file moved since indexing).
+    pub image: Option<DynamicImage>,
+    /// First caption line: "query" or "#1  d=0.123".
+    pub title: String,
+    /// The task's attribute value, if known.
+    pub label: Option<bool>,
+}
+
+const BACKGROUND: Rgb888 = Rgb888::new(24, 24, 28);
+const TEXT: Rgb888 = Rgb888::new(230, 230, 230);
+const MATCH: Rgb888 = Rgb888::new(80, 200, 100);
+const MISMATCH: Rgb888 = Rgb888::new(230, 80, 70);
+const UNKNOWN: Rgb888 = Rgb888::new(150, 150, 150);
+const QUERY: Rgb888 = Rgb888::new(90, 150, 255);
+
+/// Fits `s` into `max` characters, eliding the middle.
+pub fn fit(s: &str, max: usize) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= max || max < 3 {
+        return chars.into_iter().take(max).collect();
+    }
+    let keep = max - 1;
+    let head: String = chars[..keep / 2].iter().collect();
+    let tail: String = chars[chars.len() - (keep - keep / 2)..].iter().collect();
+    format!("{head}~{tail}")
+}
+
+/// Draws the sheet: a header naming the task, the query tile, then `results`.
+pub fn contact_sheet(task: &str, query: &Tile, results: &[Tile]) -> RgbImage {
+    let n = 1 + results.len() as u32;
+    let width = PAD + n * (THUMB + PAD) + PAD;
+    let height = HEADER + THUMB + CAPTION + PAD;
+    let mut canvas = RgbCanvas::new(width, height, BACKGROUND);
+    let header = format!("task: {task}   top {} of the gallery", results.len());
+    let max = (width / 7) as usize;
+    let _ = Text::with_baseline(
+        &fit(&header, max),
+        Point::new(PAD as i32, 6),
+        MonoTextStyle::new(&FONT_7X13_BOLD, TEXT),
+        Baseline::Top,
+    )
+    .draw(&mut canvas);
+    let q = query.label;
+    draw_tile(&mut canvas, 0, query, task, q, true);
+    for (i, tile) in results.iter().enumerate() {
+        draw_tile(&mut canvas, i as u32 + 1, tile, task, q, false);
+    }
+    canvas.image
+}
+
+fn draw_tile(
+    c: &mut RgbCanvas,
+    col: u32,
+    tile: &Tile,
+    task: &str,
+    query: Option<bool>,
+    is_query: bool,
+) {
+    let x = PAD + col * (THUMB + PAD) + if is_query { 0 } else { PAD };
+    let y = HEADER;
+    match &tile.image {
+        Some(img) => c.blit(&square(img, THUMB), x.into(), y.into()),
+        None => {
+            let _ = Rectangle::new(Point::new(x as i32, y as i32), Size::new(THUMB, THUMB))
+                .into_styled(PrimitiveStyle::with_fill(Rgb888::new(70, 70, 70)))
+                .draw(c);
+            text(c, "missing", x + 30, y + THUMB / 2 - 5, UNKNOWN);
+        }
+    }
+    if is_query {
+        let _ = Rectangle::new(
+            Point::new(x as i32 - 2, y as i32 - 2),
+            Size::new(THUMB + 4, THUMB + 4),
+        )
+        .into_styled(PrimitiveStyle::with_stroke(QUERY, 2))
+        .draw(c);
+    }
+    let max = (THUMB / 6) as usize;
+    let ty = y + THUMB + 4;
+    text(
+        c,
+        &fit(&tile.title, max),
+        x,
+        ty,
+        if is_query { QUERY } else { TEXT },
+    );
+    let (value, colour) = match (tile.label, query) {
+        (None, _) => ("?".to_string(), UNKNOWN),
+        (Some(v), _) if is_query => (yes_no(v), TEXT),
+        (Some(v), Some(q)) => (yes_no(v), if v == q { MATCH } else { MISMATCH }),
+        (Some(v), None) => (yes_no(v), TEXT),
+    };
+    text(
+        c,
+        &fit(&format!("{task}: {value}"), max),
+        x,
+        ty + 12,
+        colour,
+    );
+}
+
+fn yes_no(v: bool) -> String {
+    if v { "yes" } else { "no" }.to_string()
+}
+
+fn text(c: &mut RgbCanvas, s: &str, x: u32, y: u32, colour: Rgb888) {
+    let _ = Text::with_baseline(
+        s,
+        Point::new(x as i32, y as i32),
+        MonoTextStyle::new(&FONT_6X10, colour),
+        Baseline::Top,
+    )
+    .draw(c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use embedded_graphics::pixelcolor::RgbColor;
+
+    fn tile(label: Option<bool>, image: bool) -> Tile {
+        Tile {
+            image: image.then(|| {
+                DynamicImage::ImageRgb8(RgbImage::from_pixel(48, 48, image::Rgb([200, 10, 10])))
+            }),
+            title: "#1 d=0.1".into(),
+            label,
+        }
+    }
+
+    #[test]
+    fn lays_out_query_and_results_with_match_colours() {
+        let sheet = contact_sheet(
+            "a_very_long_attribute_name_that_does_not_fit_anywhere",
+            &tile(Some(true), true),
+            &[
+                tile(Some(true), true),
+                tile(Some(false), false),
+                tile(None, true),
+            ],
+        );
+        assert_eq!(sheet.width(), PAD + 4 * (THUMB + PAD) + PAD);
+        assert_eq!(sheet.height(), HEADER + THUMB + CAPTION + PAD);
+        // The query thumbnail sits in the first column, framed in blue.
+        assert_eq!(sheet.get_pixel(PAD + 50, HEADER + 50).0, [200, 10, 10]);
+        assert_eq!(
+            sheet.get_pixel(PAD - 2, HEADER + 50).0,
+            [QUERY.r(), QUERY.g(), QUERY.b()]
+        );
+        // The caption colours: the first result matches (green text), the second not (red).
+        let colours_in = |col: u32| {
+            let x0 = PAD + col * (THUMB + PAD) + PAD;
+            let y0 = HEADER + THUMB + 16;
+            let mut set = std::collections::HashSet::new();
+            for y in y0..y0 + 10 {
+                for x in x0..x0 + THUMB {
+                    set.insert(sheet.get_pixel(x, y).0);
+                }
+            }
+            set
+        };
+        assert!(colours_in(1).contains(&[MATCH.r(), MATCH.g(), MATCH.b()]));
+        assert!(colours_in(2).contains(&[MISMATCH.r(), MISMATCH.g(), MISMATCH.b()]));
+        assert!(colours_in(3).contains(&[UNKNOWN.r(), UNKNOWN.g(), UNKNOWN.b()]));
+        // A missing image is a grey box.
+        let x2 = PAD + 2 * (THUMB + PAD) + PAD;
+        assert_eq!(sheet.get_pixel(x2 + 2, HEADER + 2).0, [70, 70, 70]);
+    }
+
+    #[test]
+    fn fit_elides_the_middle() {
+        assert_eq!(fit("short", 10), "short");
+        assert_eq!(fit("abcdefghijkl", 7), "abc~jkl");
+        assert_eq!(fit("abcdefghijkl", 7).chars().count(), 7);
+    }
+}

@@ -1,0 +1,309 @@
+//! The runtime against the rest of the pipeline: a checkpoint trained by
+//! `modkit-trainer` on the built-in faces, compiled by `modkit-compiler`, run by
+//! `modkit-runtime` (tract) on the PNG files of a CelebA-layout gallery.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use modkit_compiler::compile::{CompileOptions, FoldTasks, compile};
+use modkit_models::{Checkpoint, NetSpec, Variant};
+use modkit_runtime::index::{self, GalleryIndex};
+use modkit_runtime::{Error, Model};
+use modkit_trainer::data::celeba;
+use modkit_trainer::eval::batch_images;
+use modkit_trainer::net::network_from_checkpoint;
+use modkit_trainer::train::{TrainConfig, Trainer};
+
+const TASKS: [&str; 3] = ["smiling", "young", "mouth_slightly_open"];
+const GALLERY: usize = 80;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    ckpt: PathBuf,
+    switch: PathBuf,
+    folded: PathBuf,
+}
+
+fn spec() -> NetSpec {
+    let mut s = NetSpec::tiny();
+    s.widths = [4, 8, 8, 8, 8];
+    s.embedding = 8;
+    s
+}
+
+/// Trains one small checkpoint (one short epoch) and compiles it both ways.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = dir.path().join("data");
+        celeba::write_synthetic(&data, GALLERY, 48, 11, &|_| {}).expect("synth");
+        let ds = celeba::load(&data, 48, None).expect("load");
+        let cfg = TrainConfig {
+            spec: spec(),
+            variant: Variant::Modulated,
+            tasks: TASKS.map(String::from).to_vec(),
+            epochs: 1,
+            triplets_per_task: 8,
+            batch_per_task: 4,
+            test_triplets_per_task: 10,
+            ..TrainConfig::default()
+        };
+        let ckpt = dir.path().join("m.safetensors");
+        Trainer::new(cfg, &ds, Device::Cpu)
+            .expect("trainer")
+            .run(&ds, &ckpt)
+            .expect("train");
+        let c = Checkpoint::load(&ckpt).expect("ckpt");
+        let switch = dir.path().join("switch.modpack");
+        compile(&c, &CompileOptions::default())
+            .expect("compile")
+            .save(&switch)
+            .expect("save");
+        let folded = dir.path().join("folded.modpack");
+        let opts = CompileOptions {
+            fold: FoldTasks::All,
+            ..CompileOptions::default()
+        };
+        compile(&c, &opts)
+            .expect("fold")
+            .save(&folded)
+            .expect("save");
+        Fixture {
+            _dir: dir,
+            data,
+            ckpt,
+            switch,
+            folded,
+        }
+    })
+}
+
+fn build(
+    model: &Model,
+    dir: &Path,
+    existing: Option<GalleryIndex>,
+) -> (GalleryIndex, index::Report) {
+    let tasks: Vec<usize> = (0..model.tasks().len()).collect();
+    index::build(model, dir, &tasks, existing, &|_, _| {}).expect("index")
+}
+
+#[test]
+fn runtime_embeddings_of_png_files_equal_the_checkpoints() {
+    let f = fixture();
+    let ckpt = Checkpoint::load(&f.ckpt).expect("ckpt");
+    let (_vm, net) = network_from_checkpoint(&ckpt, &Device::Cpu).expect("net");
+    let ds = celeba::load(&f.data, 48, None).expect("load");
+    let rows: Vec<usize> = (0..6).collect();
+    let x = batch_images(&ds, &rows, &ckpt.header.preprocess, &Device::Cpu).expect("batch");
+    for package in [&f.switch, &f.folded] {
+        let model = Model::load(package).expect("model");
+        let all: Vec<usize> = (0..TASKS.len()).collect();
+        for &i in &rows {
+            let path = f.data.join(celeba::IMAGES).join(&ds.files[i]);
+            let got = model
+                .embed_all(
+                    &model
+                        .trunk(&model.load_image(&path).expect("img"))
+                        .expect("trunk"),
+                    &all,
+                )
+                .expect("embed");
+            for (t, got) in got.iter().enumerate() {
+                let xi = x.narrow(0, i, 1).expect("row");
+                let e: Tensor = net.forward_grouped(&xi, &[(t, 1)], false).expect("candle");
+                let want: Vec<f32> = e.flatten_all().and_then(|e| e.to_vec1()).expect("vec");
+                let err = want
+                    .iter()
+                    .zip(got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-4, "{package:?} image {i} task {t}: {err}");
+                // One task alone equals the same task inside the batch.
+                let alone = model
+                    .embed(
+                        &model
+                            .trunk(&model.load_image(&path).expect("img"))
+                            .expect("t"),
+                        t,
+                    )
+                    .expect("one");
+                assert_eq!(alone.len(), got.len());
+                assert!(alone.iter().zip(got).all(|(a, b)| (a - b).abs() < 1e-6));
+            }
+        }
+    }
+}
+
+#[test]
+fn switch_and_folded_packages_rank_the_gallery_alike() {
+    let f = fixture();
+    let switch = Model::load(&f.switch).expect("switch");
+    let folded = Model::load(&f.folded).expect("folded");
+    let (a, _) = build(&switch, &f.data, None);
+    let (b, _) = build(&folded, &f.data, None);
+    assert_eq!(a.ids, b.ids);
+    for (ta, tb) in a.tasks.iter().zip(&b.tasks) {
+        assert_eq!(ta.labels, tb.labels);
+        for q in 0..5 {
+            let query = &ta.rows[q * a.dim..(q + 1) * a.dim];
+            let ra: Vec<usize> = a
+                .search(ta, query, 10, Some(q))
+                .iter()
+                .map(|h| h.row)
+                .collect();
+            let rb: Vec<usize> = b
+                .search(tb, query, 10, Some(q))
+                .iter()
+                .map(|h| h.row)
+                .collect();
+            assert_eq!(ra, rb, "task {} query {q}", ta.task);
+        }
+    }
+}
+
+#[test]
+fn index_round_trips_appends_and_refuses_other_models_and_damage() {
+    let f = fixture();
+    let model = Model::load(&f.switch).expect("model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A CelebA-layout copy holding the first 60 images, then all 80.
+    let images = f.data.join(celeba::IMAGES);
+    let gallery = tmp.path().join("g");
+    std::fs::create_dir_all(gallery.join(celeba::IMAGES)).expect("mkdir");
+    std::fs::create_dir_all(gallery.join("Anno")).expect("mkdir");
+    std::fs::copy(
+        f.data.join(celeba::ATTR_FILE),
+        gallery.join(celeba::ATTR_FILE),
+    )
+    .expect("attr");
+    let mut names: Vec<String> = std::fs::read_dir(&images)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in &names[..60] {
+        std::fs::copy(images.join(n), gallery.join(celeba::IMAGES).join(n)).expect("cp");
+    }
+    let (first, report) = build(&model, &gallery, None);
+    assert_eq!((report.added, report.kept, first.ids.len()), (60, 0, 60));
+    assert!(
+        first.tasks[0].labels.iter().all(|&l| l == 1 || l == -1),
+        "labels come from Anno/"
+    );
+    let path = tmp.path().join("g.modidx");
+    first.save(&path).expect("save");
+    assert_eq!(GalleryIndex::load_for(&path, &model).expect("load"), first);
+
+    for n in &names[60..] {
+        std::fs::copy(images.join(n), gallery.join(celeba::IMAGES).join(n)).expect("cp");
+    }
+    let (appended, report) = build(&model, &gallery, Some(first.clone()));
+    assert_eq!((report.added, report.kept), (20, 60));
+    let (fresh, _) = build(&model, &gallery, None);
+    assert_eq!(appended.ids, fresh.ids);
+    for (a, b) in appended.tasks.iter().zip(&fresh.tasks) {
+        assert_eq!(a.labels, b.labels);
+        let err = a
+            .rows
+            .iter()
+            .zip(&b.rows)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-6, "appended rows equal a fresh build: {err}");
+    }
+
+    // Another package's index is refused, with the way out in the message.
+    let other = Model::load(&f.folded).expect("folded");
+    let err = GalleryIndex::load_for(&path, &other).unwrap_err();
+    assert!(matches!(err, Error::WrongModel { .. }), "{err}");
+    assert!(err.to_string().contains("modrt index"), "{err}");
+
+    // A flipped byte and a cut file are named as such.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("write");
+    let err = GalleryIndex::load(&path).unwrap_err().to_string();
+    assert!(err.contains("corrupt"), "{err}");
+    bytes[mid] ^= 0x40;
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).expect("write");
+    let err = GalleryIndex::load(&path).unwrap_err().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    // A package is not an index.
+    let err = GalleryIndex::load(&f.switch).unwrap_err().to_string();
+    assert!(err.contains("not a modkit gallery index"), "{err}");
+}
+
+#[test]
+fn odd_images_are_embedded_and_unreadable_ones_skipped() {
+    let f = fixture();
+    let model = Model::load(&f.switch).expect("model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let face = image::open(f.data.join(celeba::IMAGES).join("000001.png")).expect("face");
+    face.resize_exact(100, 61, image::imageops::FilterType::Triangle)
+        .to_rgb8()
+        .save(dir.join("wide.jpg"))
+        .expect("jpg");
+    face.to_luma8().save(dir.join("grey.png")).expect("grey");
+    face.to_rgba8().save(dir.join("alpha.PNG")).expect("rgba");
+    std::fs::create_dir(dir.join("sub")).expect("mkdir");
+    face.resize_exact(7, 9, image::imageops::FilterType::Nearest)
+        .to_rgb8()
+        .save(dir.join("sub/tiny.png"))
+        .expect("tiny");
+    std::fs::write(dir.join("empty.png"), b"").expect("empty");
+    std::fs::write(dir.join("text.jpg"), b"hello, not a jpeg").expect("text");
+    std::fs::write(dir.join("notes.txt"), b"ignored").expect("txt");
+    let (idx, report) = build(&model, dir, None);
+    assert_eq!(
+        idx.ids,
+        ["alpha.PNG", "grey.png", "sub/tiny.png", "wide.jpg"]
+    );
+    let skipped: Vec<&str> = report.skipped.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(skipped, ["empty.png", "text.jpg"]);
+    assert!(
+        report
+            .skipped
+            .iter()
+            .all(|(_, why)| why.contains("JPEG or PNG"))
+    );
+    // No attribute file here: labels are unknown.
+    assert!(idx.tasks.iter().all(|t| t.labels.iter().all(|&l| l == 0)));
+    // An RGBA copy of an image embeds like the RGB original.
+    let a = &idx.tasks[0].rows[..idx.dim];
+    let rgb = model
+        .embed(
+            &model
+                .trunk(&model.prepare(&face).expect("prep"))
+                .expect("trunk"),
+            0,
+        )
+        .expect("embed");
+    let err = a
+        .iter()
+        .zip(&rgb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-6, "{err}");
+
+    let empty = tempfile::tempdir().expect("tmp");
+    let tasks = [0usize];
+    let err = index::build(&model, empty.path(), &tasks, None, &|_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("holds no images"), "{err}");
+}
+
+#[test]
+fn unknown_tasks_are_listed() {
+    let f = fixture();
+    let model = Model::load(&f.switch).expect("model");
+    let err = model.task_index("smile").unwrap_err().to_string();
+    assert!(
+        err.contains("\"smile\"") && err.contains("smiling, young, mouth_slightly_open"),
+        "{err}"
+    );
+    assert_eq!(model.task_index("Smiling").expect("case"), 0);
+}
