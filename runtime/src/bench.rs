@@ -23,6 +23,10 @@ pub struct Report {
     pub all_tasks_ms: f64,
     /// A full pass (trunk + tail) per task.
     pub naive_ms: f64,
+    /// Gallery rows searched by [`search_ms`](Report::search_ms).
+    pub search_rows: usize,
+    /// Exact top-5 search of one task over `search_rows` embeddings.
+    pub search_ms: f64,
 }
 
 impl Report {
@@ -62,13 +66,31 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(out))
 }
 
-/// Measures `model` on `image` for `tasks` (package indices), `runs` times each.
+/// `n` pseudo-random unit rows of `dim` numbers (a fixed LCG: the same every run).
+fn random_rows(n: usize, dim: usize) -> Vec<f32> {
+    let mut state = 0x2545_f491_u32;
+    let mut rows: Vec<f32> = (0..n * dim)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect();
+    for r in rows.chunks_mut(dim.max(1)) {
+        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        r.iter_mut().for_each(|x| *x /= norm);
+    }
+    rows
+}
+
+/// Measures `model` on `image` for `tasks` (package indices), `runs` times each,
+/// and a top-5 search over `gallery` random embeddings.
 pub fn run(
     model: &Model,
     image: &Input,
     tasks: &[usize],
     runs: usize,
     threads: usize,
+    gallery: usize,
 ) -> Result<Report> {
     let runs = runs.max(1);
     let features = model.trunk(image)?;
@@ -87,6 +109,13 @@ pub fn run(
         }
         Ok(())
     })?;
+    let dim = model.embedding_dim();
+    let rows = random_rows(gallery, dim);
+    let query = model.embed(&features, first)?;
+    let search_ms = time(runs, || {
+        std::hint::black_box(crate::search::nearest(&rows, dim, &query, 5, |_| false));
+        Ok(())
+    })?;
     Ok(Report {
         tasks: tasks.len(),
         runs,
@@ -97,6 +126,8 @@ pub fn run(
         one_task_ms,
         all_tasks_ms,
         naive_ms,
+        search_rows: gallery,
+        search_ms,
     })
 }
 

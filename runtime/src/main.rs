@@ -142,11 +142,24 @@ struct BenchArgs {
     /// Timed calls per measurement (after one warm-up).
     #[arg(long, default_value_t = 10)]
     runs: usize,
+    /// Gallery size for the search timing (random embeddings).
+    #[arg(long, default_value_t = 100_000)]
+    gallery: usize,
     /// Image to run on; default: a fixed synthetic pattern.
     #[arg(long)]
     image: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+}
+
+/// Appends a line to a command's output. Commands return their stdout as a string
+/// and `main` writes it, so a closed pipe (`modrt query ... | head -1`) is an
+/// error `main` can ignore rather than a panic inside `println!`.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
 }
 
 fn bar(len: usize, prefix: &str) -> ProgressBar {
@@ -166,7 +179,8 @@ fn bar(len: usize, prefix: &str) -> ProgressBar {
 }
 
 impl IndexArgs {
-    fn run(self) -> Result<()> {
+    fn run(self) -> Result<String> {
+        let mut out = String::new();
         let model = self.model.load()?;
         let tasks = model.select_tasks(&self.tasks)?;
         let existing = if self.append && self.out.exists() {
@@ -193,7 +207,8 @@ impl IndexArgs {
         }
         index.save(&self.out)?;
         let rate = report.added as f64 / report.seconds.max(1e-9);
-        println!(
+        say!(
+            out,
             "indexed {} images ({} new, {} kept, {} skipped) x {} tasks in {:.1} s ({:.1} images/s) -> {}",
             index.ids.len(),
             report.added,
@@ -204,7 +219,7 @@ impl IndexArgs {
             rate,
             self.out.display()
         );
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -225,7 +240,8 @@ fn yes_no(v: Option<bool>) -> &'static str {
 }
 
 impl QueryArgs {
-    fn run(self) -> Result<()> {
+    fn run(self) -> Result<String> {
+        let mut out = String::new();
         if self.k == 0 {
             bail!("-k 0: ask for at least one result");
         }
@@ -288,19 +304,27 @@ impl QueryArgs {
                 "precision": precision,
                 "sheet": self.sheet,
             });
-            println!("{}", serde_json::to_string_pretty(&json)?);
-            return Ok(());
+            say!(out, "{}", serde_json::to_string_pretty(&json)?);
+            return Ok(out);
         }
-        println!(
+        say!(
+            out,
             "query {} ({task_name}: {}), {} nearest of {} images",
             self.image.display(),
             yes_no(query_label),
             results.len(),
             index.ids.len()
         );
-        println!("{:>4}  {:>9}  {:>8}  image", "rank", "distance", "value");
+        say!(
+            out,
+            "{:>4}  {:>9}  {:>8}  image",
+            "rank",
+            "distance",
+            "value"
+        );
         for (i, (_, d, path, l)) in results.iter().enumerate() {
-            println!(
+            say!(
+                out,
                 "{:>4}  {d:>9.5}  {:>8}  {}",
                 i + 1,
                 yes_no(*l),
@@ -308,15 +332,16 @@ impl QueryArgs {
             );
         }
         if let Some(p) = precision {
-            println!(
+            say!(
+                out,
                 "precision@{}: {p:.2} (results with the query's {task_name} value)",
                 results.len()
             );
         }
         if let Some(sheet) = &self.sheet {
-            println!("sheet: {}", sheet.display());
+            say!(out, "sheet: {}", sheet.display());
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -329,7 +354,8 @@ fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
 }
 
 impl EmbedArgs {
-    fn run(self) -> Result<()> {
+    fn run(self) -> Result<String> {
+        let mut out = String::new();
         let model = self.model.load()?;
         let tasks = match &self.task {
             Some(t) => vec![model.task_index(t)?],
@@ -343,14 +369,14 @@ impl EmbedArgs {
                 .zip(&embeddings)
                 .map(|(&t, e)| (model.tasks()[t].clone(), serde_json::json!(e)))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&map)?);
+            say!(out, "{}", serde_json::to_string_pretty(&map)?);
         } else {
             for (&t, e) in tasks.iter().zip(&embeddings) {
                 let v: Vec<String> = e.iter().map(|x| format!("{x:.5}")).collect();
-                println!("{}: [{}]", model.tasks()[t], v.join(", "));
+                say!(out, "{}: [{}]", model.tasks()[t], v.join(", "));
             }
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -366,7 +392,8 @@ fn pattern(side: u32) -> DynamicImage {
 }
 
 impl BenchArgs {
-    fn run(self) -> Result<()> {
+    fn run(self) -> Result<String> {
+        let mut out = String::new();
         let model = self.model.load()?;
         let all = model.tasks().len();
         let n = self.tasks.unwrap_or(all);
@@ -379,18 +406,26 @@ impl BenchArgs {
             None => pattern(model.input_size() as u32),
         };
         let x = model.prepare(&img)?;
-        let r = bench::run(&model, &x, &tasks, self.runs, self.model.threads)?;
+        let r = bench::run(
+            &model,
+            &x,
+            &tasks,
+            self.runs,
+            self.model.threads,
+            self.gallery,
+        )?;
         if self.json {
             let mut v = serde_json::to_value(&r)?;
             v["all_over_one"] = r.all_over_one().into();
             v["naive_over_all"] = r.naive_over_all().into();
             v["spec"] = model.spec().name.clone().into();
             v["variant"] = model.variant().to_string().into();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            return Ok(());
+            say!(out, "{}", serde_json::to_string_pretty(&v)?);
+            return Ok(out);
         }
         let route = model.route(0).name();
-        println!(
+        say!(
+            out,
             "{} spec {}x{}, {} of {all} tasks ({route} tails), {} thread(s), median of {} runs",
             model.spec().name,
             model.input_size(),
@@ -408,11 +443,13 @@ impl BenchArgs {
             ("naive: a full pass per task", r.naive_ms),
         ];
         for (what, ms) in rows {
-            println!("  {what:<34} {ms:>10.3} ms");
+            say!(out, "  {what:<34} {ms:>10.3} ms");
         }
-        println!("  all tasks / one task   {:>6.2}x", r.all_over_one());
-        println!("  naive / all tasks      {:>6.2}x", r.naive_over_all());
-        Ok(())
+        let search = format!("top-5 search of {} embeddings", r.search_rows);
+        say!(out, "  {search:<34} {:>10.3} ms", r.search_ms);
+        say!(out, "  all tasks / one task   {:>6.2}x", r.all_over_one());
+        say!(out, "  naive / all tasks      {:>6.2}x", r.naive_over_all());
+        Ok(out)
     }
 }
 
@@ -424,6 +461,12 @@ fn main() -> ExitCode {
         Command::Embed(a) => a.run(),
         Command::Bench(a) => a.run(),
     };
+    let result = result.and_then(|out| {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(out.as_bytes())?;
+        Ok(stdout.flush()?)
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
