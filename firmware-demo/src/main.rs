@@ -1,1 +1,276 @@
-fn main() {}
+//! `firmware-demo`: attribute retrieval on a small screen. See `--help`.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use embedded_graphics::pixelcolor::Rgb888;
+use embedded_graphics::prelude::{OriginDimensions, RgbColor};
+use modkit_firmware_demo::app::{Demo, Folder, QuerySource, Ranked};
+use modkit_firmware_demo::fb::Framebuffer;
+use modkit_firmware_demo::screen::{self, Frame};
+use modkit_runtime::canvas::RgbCanvas;
+use modkit_runtime::{GalleryIndex, Model, Options};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// On-device attribute retrieval: shows a query image, the task it searches by,
+/// the best matches from a gallery index and how long each stage took (trunk once
+/// per query, one short tail per task, search).
+///
+/// Keys (type then Enter): n or empty = next task, p = previous task,
+/// j = next query, k = previous query, q = quit. `--gpio` adds a push button.
+///
+/// Examples:
+///   firmware-demo -m model.modpack -i faces.modidx --queries queries/ --display fb:/dev/fb0
+///   firmware-demo -m model.modpack -i faces.modidx --queries q.png --task smiling --once --display png:frame.png
+#[derive(Debug, Parser)]
+#[command(name = "firmware-demo", version, about, verbatim_doc_comment)]
+struct Cli {
+    /// The compiled package.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// The gallery index (`modrt index`), built with the same package.
+    #[arg(long, short)]
+    index: PathBuf,
+    /// Where the gallery images are now, if not where they were indexed (the
+    /// index stores paths relative to this folder).
+    #[arg(long)]
+    gallery: Option<PathBuf>,
+    /// A query image, or a folder of them (.jpg/.png, in name order).
+    #[arg(long, short)]
+    queries: PathBuf,
+    /// Tasks to cycle through (comma list); default: all the index holds.
+    #[arg(long, short, value_delimiter = ',')]
+    task: Vec<String>,
+    /// Results per screen.
+    #[arg(short, default_value_t = 5)]
+    k: usize,
+    /// `png:PATH` (a `{}` in PATH becomes query-task, one file per screen) or
+    /// `fb:/dev/fb0` (the Linux framebuffer, RGB565 or XRGB8888).
+    #[arg(long, default_value = "png:frame.png")]
+    display: String,
+    /// Screen size for PNG output, WIDTHxHEIGHT.
+    #[arg(long, default_value = "480x320")]
+    size: String,
+    /// Draw every query × task once, print the results and exit.
+    #[arg(long)]
+    once: bool,
+    /// With --once: print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Draw "-- ms" instead of timings, so frames are reproducible (golden images).
+    #[arg(long)]
+    no_timings: bool,
+    /// A GPIO value file polled for a push button to ground (next task), e.g.
+    /// /sys/class/gpio/gpio17/value after exporting the pin as an input.
+    #[arg(long)]
+    gpio: Option<PathBuf>,
+    /// Threads for tract's matrix products.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// Where frames go.
+enum Display {
+    Png { path: String, canvas: RgbCanvas },
+    Fb(Framebuffer),
+}
+
+impl Display {
+    fn open(spec: &str, size: &str) -> Result<Display> {
+        if let Some(path) = spec.strip_prefix("png:") {
+            let (w, h) = size
+                .split_once('x')
+                .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+                .filter(|&(w, h): &(u32, u32)| {
+                    (160..=4096).contains(&w) && (120..=4096).contains(&h)
+                })
+                .with_context(|| {
+                    format!("--size {size:?}: use WIDTHxHEIGHT, at least 160x120, e.g. 480x320")
+                })?;
+            return Ok(Display::Png {
+                path: path.to_string(),
+                canvas: RgbCanvas::new(w, h, Rgb888::BLACK),
+            });
+        }
+        if let Some(dev) = spec.strip_prefix("fb:") {
+            let fb = Framebuffer::open(Path::new(dev)).map_err(anyhow::Error::msg)?;
+            return Ok(Display::Fb(fb));
+        }
+        bail!("--display {spec:?}: use png:PATH or fb:/dev/fb0")
+    }
+
+    /// Draws and shows `frame`; returns where it went.
+    fn show(&mut self, frame: &Frame, query: &str) -> Result<String> {
+        match self {
+            Display::Png { path, canvas } => {
+                let _ = screen::draw(canvas, frame);
+                let stem = Path::new(query)
+                    .file_stem()
+                    .map_or("query".into(), |s| s.to_string_lossy());
+                let file = path.replace("{}", &format!("{stem}-{}", frame.task));
+                let mut bytes = std::io::Cursor::new(Vec::new());
+                canvas
+                    .image
+                    .write_to(&mut bytes, image::ImageFormat::Png)
+                    .context("encoding the frame")?;
+                modkit_models::write_atomic(Path::new(&file), bytes.get_ref())?;
+                Ok(file)
+            }
+            Display::Fb(fb) => {
+                let _ = screen::draw(fb, frame);
+                fb.flush().context("writing the framebuffer")?;
+                let size = fb.size();
+                Ok(format!("framebuffer {}x{}", size.width, size.height))
+            }
+        }
+    }
+
+    fn writes_every_frame(&self) -> bool {
+        !matches!(self, Display::Png { path, .. } if !path.contains("{}"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    NextTask,
+    PrevTask,
+    NextQuery,
+    PrevQuery,
+    Quit,
+}
+
+/// Keys from stdin and presses of a GPIO button, on one channel.
+fn events(gpio: Option<PathBuf>) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel();
+    let keys = tx.clone();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            let e = match line.trim() {
+                "" | "n" => Event::NextTask,
+                "p" => Event::PrevTask,
+                "j" => Event::NextQuery,
+                "k" => Event::PrevQuery,
+                "q" => Event::Quit,
+                _ => continue,
+            };
+            if keys.send(e).is_err() {
+                return;
+            }
+        }
+        let _ = keys.send(Event::Quit);
+    });
+    if let Some(path) = gpio {
+        std::thread::spawn(move || {
+            // A button to ground with a pull-up reads 1 until pressed.
+            let mut last = true;
+            loop {
+                let high = std::fs::read_to_string(&path)
+                    .map(|v| v.trim() != "0")
+                    .unwrap_or(true);
+                if last && !high && tx.send(Event::NextTask).is_err() {
+                    return;
+                }
+                last = high;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        });
+    }
+    rx
+}
+
+fn print_results(query: &str, task: &str, ranked: &[Ranked]) {
+    println!("{query} {task}:");
+    for r in ranked {
+        println!("  {:>2}  {:.5}  {}", r.rank, r.distance, r.id);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if cli.k == 0 {
+        bail!("-k 0: ask for at least one result");
+    }
+    let mut display = Display::open(&cli.display, &cli.size)?;
+    let model = Model::load_with(
+        &cli.model,
+        &Options {
+            threads: cli.threads,
+        },
+    )?;
+    let mut index = GalleryIndex::load_for(&cli.index, &model)?;
+    if let Some(root) = &cli.gallery {
+        index.root = root.clone();
+    }
+    let demo = Demo::new(model, index, &cli.index, &cli.task, cli.k)?;
+    let mut source = Folder::open(&cli.queries).map_err(anyhow::Error::msg)?;
+    let n = source.count().unwrap_or(1);
+    let show_timings = !cli.no_timings;
+
+    if cli.once {
+        let mut all = Vec::new();
+        let mut first = true;
+        for q in 0..n {
+            let (name, img, path) = source.get(q)?;
+            let query = demo.query(name, img, path.as_deref())?;
+            for t in 0..demo.tasks.len() {
+                let (frame, ranked) = demo.frame(&query, (q + 1, n), t, show_timings)?;
+                if first || display.writes_every_frame() {
+                    let to = display.show(&frame, &query.name)?;
+                    eprintln!("frame: {to}");
+                    first = false;
+                }
+                if !cli.json {
+                    print_results(&query.name, &demo.tasks[t], &ranked);
+                }
+                all.push(serde_json::json!({"query": query.name, "task": demo.tasks[t], "results": ranked}));
+            }
+        }
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        return Ok(());
+    }
+
+    let rx = events(cli.gpio.clone());
+    let (mut q, mut t) = (0usize, 0usize);
+    loop {
+        let (name, img, path) = source.get(q)?;
+        let query = demo.query(name, img, path.as_deref())?;
+        loop {
+            let (frame, ranked) = demo.frame(&query, (q % n + 1, n), t, show_timings)?;
+            display.show(&frame, &query.name)?;
+            print_results(&query.name, &demo.tasks[t], &ranked);
+            let tasks = demo.tasks.len();
+            match rx.recv().unwrap_or(Event::Quit) {
+                Event::NextTask => t = (t + 1) % tasks,
+                Event::PrevTask => t = (t + tasks - 1) % tasks,
+                Event::NextQuery => {
+                    q = (q + 1) % n;
+                    break;
+                }
+                Event::PrevQuery => {
+                    q = (q + n - 1) % n;
+                    break;
+                }
+                Event::Quit => return Ok(()),
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("firmware-demo: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
