@@ -32,6 +32,12 @@ pub enum Error {
     #[error("unknown data source {value:?}: use `synth` or `celeba:DIR`")]
     BadDataSource { value: String },
 
+    #[error("unknown optimizer {value:?}: use adagrad or adam")]
+    UnknownOptimizer { value: String },
+
+    #[error("unknown triplet mining {value:?}: use sampled, batch-all or pooled")]
+    UnknownMining { value: String },
+
     #[error(
         "task {task:?} cannot form triplets in the {split} split: {positives} images with the attribute, {negatives} without (need 2 of one and 1 of the other); use more images or another split"
     )]

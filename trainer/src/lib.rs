@@ -5,7 +5,9 @@
 //! * [`triplets`]: per-task triplet sampling (paper section 4.1).
 //! * [`net`]: the network of the paper's Table 2 with modulation (section 3.2) and
 //!   the variants of section 4.2.
-//! * [`adagrad`]: the optimizer the paper uses.
+//! * [`adagrad`]: the optimizer the paper uses; [`adam`]: a faster alternative;
+//!   [`optim`]: the choice between them and their checkpoint state.
+//! * [`mining`]: which triplets of a minibatch the loss sees.
 //! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy.
 //! * [`ops`]: fast CPU kernels for convolution and max-pool backward.
 //!
@@ -21,11 +23,14 @@
 //! ```
 
 pub mod adagrad;
+pub mod adam;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod mining;
 pub mod net;
 pub mod ops;
+pub mod optim;
 pub mod train;
 pub mod triplets;
 

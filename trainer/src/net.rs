@@ -312,6 +312,25 @@ impl Network {
         }
         Ok(Tensor::cat(&outs, 0)?)
     }
+
+    /// Embeds every image of `x` for every task: the trunk once, then each task's
+    /// tail. Returns `[T·B, embedding]`, task-major (row `t·B + i` is image `i` for
+    /// task `t`). Needs a shared trunk (every variant but `independent`).
+    pub fn forward_all_tasks(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !self.has_shared_trunk() {
+            return Err(crate::Error::Config(
+                "embedding all tasks from one trunk pass needs a shared trunk; the independent variant has one per task".into(),
+            ));
+        }
+        let (b, t) = (x.dim(0)?, self.tasks);
+        let f = self.trunk(x, 0, train)?;
+        let rep: Vec<u32> = (0..t).flat_map(|_| 0..b as u32).collect();
+        let f = f.index_select(&Tensor::new(rep, x.device())?, 0)?;
+        let ids: Vec<u32> = (0..t as u32)
+            .flat_map(|task| std::iter::repeat_n(task, b))
+            .collect();
+        self.tail(&f, &Tensor::new(ids, x.device())?, 0, train)
+    }
 }
 
 /// `e / ‖e‖` per row.
@@ -504,6 +523,37 @@ mod tests {
                 &e2.narrow(0, 2, 2).expect("b")
             ) > 1e-4
         );
+    }
+
+    #[test]
+    fn all_tasks_from_one_trunk_pass_equal_per_task_embeddings() {
+        let tasks: Vec<String> = vec!["a".into(), "b".into()];
+        let (vm, net) = build(Variant::Modulated, &tasks);
+        {
+            // Distinct task vectors, so the two tasks' embeddings differ.
+            let data = vm.data().lock().expect("lock");
+            let v = &data["modulation.fc"];
+            let w = Tensor::new(
+                &[[1f32; 8], [0.5, 2., 1., 0., 1., 3., 1., 1.]],
+                &Device::Cpu,
+            )
+            .expect("w");
+            v.set(&w).expect("set");
+        }
+        let x = Tensor::randn(0f32, 1.0, (3, 3, 48, 48), &Device::Cpu).expect("x");
+        let all = net.forward_all_tasks(&x, false).expect("all");
+        let x2 = Tensor::cat(&[&x, &x], 0).expect("cat");
+        let grouped = net
+            .forward_grouped(&x2, &[(0, 3), (1, 3)], false)
+            .expect("grouped");
+        let diff = (all - grouped)
+            .and_then(|t| t.abs())
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff < 1e-6, "max diff {diff}");
+        let (_, ind) = build(Variant::Independent, &tasks);
+        assert!(ind.forward_all_tasks(&x, false).is_err());
     }
 
     #[test]

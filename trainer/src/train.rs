@@ -1,6 +1,8 @@
 //! The training loop (paper sections 3.3 and 4.1): every minibatch holds the same
-//! number of triplets from every task; squared-L2 triplet loss with margin α;
-//! Adagrad; evaluation, a JSON-lines log line and an atomic checkpoint per epoch.
+//! number of triplets from every task; squared-L2 triplet loss with margin α over
+//! those triplets (or, with `--mining`, over every valid triplet the batch holds:
+//! [`crate::mining`]); Adagrad (or Adam, `--optimizer adam`); evaluation, a
+//! JSON-lines log line and an atomic checkpoint per epoch.
 //!
 //! Files written next to the checkpoint `OUT.safetensors`:
 //! `OUT.metrics.jsonl` (one line per epoch) and `OUT.triplets.json` (the fixed test
@@ -13,14 +15,16 @@ use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use modkit_models::names::{self, OPTIMIZER_PREFIX};
+use modkit_models::names;
 use modkit_models::{Checkpoint, CheckpointHeader, NetSpec, Preprocess, TensorData, Variant};
 use serde::{Deserialize, Serialize};
 
 use crate::adagrad::Adagrad;
 use crate::data::{Dataset, Split};
 use crate::eval::{batch_images, triplet_accuracy};
+use crate::mining::{Mining, batch_all_loss, pooled_loss};
 use crate::net::{Network, init_varmap};
+use crate::optim::{Optimizer, OptimizerKind};
 use crate::triplets::{self, TEST_STREAM, Triplet};
 use crate::{Error, Result};
 
@@ -50,6 +54,13 @@ pub struct TrainConfig {
     pub lr_decay: f64,
     /// Triplet margin α.
     pub margin: f64,
+    /// Which triplets of a minibatch the loss uses (runs from before it was
+    /// recorded used the sampled ones).
+    #[serde(default)]
+    pub mining: Mining,
+    /// The optimizer (runs from before it was recorded used Adagrad).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
     /// Adagrad's starting accumulator (TensorFlow 0.1, PyTorch 0).
     #[serde(default = "default_initial_accumulator")]
     pub adagrad_initial_accumulator: f64,
@@ -76,6 +87,8 @@ impl Default for TrainConfig {
             lr: 0.01,
             lr_decay: 1.0,
             margin: 0.2,
+            mining: Mining::Sampled,
+            optimizer: OptimizerKind::Adagrad,
             adagrad_initial_accumulator: Adagrad::INITIAL_ACCUMULATOR,
             seed: 0,
             preprocess: Preprocess::default(),
@@ -96,7 +109,8 @@ fn default_initial_accumulator() -> f64 {
 pub struct EpochLog {
     pub epoch: usize,
     pub loss: f64,
-    /// Fraction of training triplets already satisfied (d⁺ < d⁻) during the epoch.
+    /// Fraction of training triplets already satisfied (d⁺ < d⁻) during the epoch
+    /// (with `--mining batch-all` or `pooled`: of the valid triplets in each batch).
     pub train_accuracy: f64,
     pub test_accuracy: BTreeMap<String, f64>,
     pub mean_accuracy: f64,
@@ -119,7 +133,7 @@ pub struct Trainer {
     device: Device,
     varmap: VarMap,
     net: Network,
-    opt: Adagrad,
+    opt: Optimizer,
     attrs: Vec<usize>,
     test: Vec<Vec<Triplet>>,
     /// Epochs completed.
@@ -170,6 +184,11 @@ impl Trainer {
                 cfg.triplets_per_task, cfg.batch_per_task
             )));
         }
+        if cfg.mining == Mining::Pooled && cfg.variant == Variant::Independent {
+            return Err(Error::Config(
+                "--mining pooled shares one trunk between the tasks; with --variant independent use batch-all or sampled".into(),
+            ));
+        }
         let attrs = ds.task_indices(&cfg.tasks)?;
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
@@ -198,8 +217,12 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
         let params = trainable(&varmap, &cfg)?;
-        let opt =
-            Adagrad::with_initial_accumulator(params, cfg.lr, cfg.adagrad_initial_accumulator)?;
+        let opt = Optimizer::new(
+            cfg.optimizer,
+            params,
+            cfg.lr,
+            cfg.adagrad_initial_accumulator,
+        )?;
         Ok(Trainer {
             cfg,
             device,
@@ -213,7 +236,7 @@ impl Trainer {
         })
     }
 
-    /// Continues a run from its checkpoint: weights, BatchNorm statistics, Adagrad
+    /// Continues a run from its checkpoint: weights, BatchNorm statistics, optimizer
     /// state and epoch count are restored, so the result equals an uninterrupted run.
     /// `epochs` (if given) replaces the total number of epochs.
     pub fn resume(
@@ -245,9 +268,10 @@ impl Trainer {
             .map_err(|_| Error::Config("poisoned VarMap".into()))?;
         for (name, t) in &ckpt.tensors {
             let value = Tensor::from_slice(&t.data, t.shape.as_slice(), &self.device)?;
-            if let Some(param) = name.strip_prefix(OPTIMIZER_PREFIX) {
-                self.opt.set_state(param, &value)?;
-            } else if let Some(var) = data.get(name) {
+            if self.opt.load_state(name, &value)? {
+                continue;
+            }
+            if let Some(var) = data.get(name) {
                 var.set(&value)?;
             }
         }
@@ -273,7 +297,8 @@ impl Trainer {
         let cfg = &self.cfg;
         let k = cfg.batch_per_task;
         let t = self.attrs.len();
-        self.opt.lr = cfg.lr * cfg.lr_decay.powi(self.epoch as i32);
+        self.opt
+            .set_lr(cfg.lr * cfg.lr_decay.powi(self.epoch as i32));
         let train = triplets::sample(
             ds,
             Split::Train,
@@ -284,7 +309,7 @@ impl Trainer {
         )?;
         let steps = cfg.triplets_per_task / k;
         let groups: Vec<(usize, usize)> = (0..t).map(|task| (task, 3 * k)).collect();
-        let (mut loss_sum, mut ok_sum) = (0.0, 0usize);
+        let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
         for step in 0..steps {
             let mut idx = Vec::with_capacity(3 * k * t);
             for ts in &train {
@@ -294,8 +319,33 @@ impl Trainer {
                 idx.extend(chunk.iter().map(|x| x.negative));
             }
             let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
-            let emb = self.net.forward_grouped(&x, &groups, true)?;
-            let (loss, ok) = triplet_loss(&emb, t, k, cfg.margin)?;
+            let emb = if cfg.mining == Mining::Pooled {
+                self.net.forward_all_tasks(&x, true)?
+            } else {
+                self.net.forward_grouped(&x, &groups, true)?
+            };
+            let (loss, ok) = match cfg.mining {
+                Mining::Sampled => {
+                    let (loss, ok) = triplet_loss(&emb, t, k, cfg.margin)?;
+                    (loss, ok as f64 / (k * t) as f64)
+                }
+                Mining::BatchAll => {
+                    let labels: Vec<bool> = idx
+                        .chunks(3 * k)
+                        .zip(&self.attrs)
+                        .flat_map(|(block, &a)| block.iter().map(move |&i| ds.label(i, a)))
+                        .collect();
+                    batch_all_loss(&emb, &labels, t, 3 * k, cfg.margin)?
+                }
+                Mining::Pooled => {
+                    let labels: Vec<bool> = self
+                        .attrs
+                        .iter()
+                        .flat_map(|&a| idx.iter().map(move |&i| ds.label(i, a)))
+                        .collect();
+                    pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
+                }
+            };
             let value = loss.to_scalar::<f32>()?;
             // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
             let probe = emb.sum_all()?.to_scalar::<f32>()?;
@@ -313,10 +363,7 @@ impl Trainer {
             progress(step + 1, steps, value);
         }
         self.epoch += 1;
-        Ok((
-            loss_sum / steps as f64,
-            ok_sum as f64 / (steps * k * t) as f64,
-        ))
+        Ok((loss_sum / steps as f64, ok_sum / steps as f64))
     }
 
     /// Per-task test triplet accuracy.
@@ -330,7 +377,7 @@ impl Trainer {
         )
     }
 
-    /// The checkpoint of the current state (weights, BN statistics, Adagrad state).
+    /// The checkpoint of the current state (weights, BN statistics, optimizer state).
     pub fn checkpoint(&self) -> Result<Checkpoint> {
         let data = self
             .varmap
@@ -350,8 +397,8 @@ impl Trainer {
                 .ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
             tensors.insert(e.name, to_data(var.as_tensor())?);
         }
-        for (name, acc) in self.opt.state() {
-            tensors.insert(format!("{OPTIMIZER_PREFIX}{name}"), to_data(acc)?);
+        for (name, t) in self.opt.state()? {
+            tensors.insert(name, to_data(&t)?);
         }
         Ok(Checkpoint {
             header: CheckpointHeader {
@@ -398,7 +445,7 @@ impl Trainer {
                     .zip(acc.iter().copied())
                     .collect(),
                 mean_accuracy: mean,
-                lr: self.opt.lr,
+                lr: self.opt.lr(),
                 seconds,
                 images_per_second: images_per_epoch / seconds,
             };
@@ -562,30 +609,90 @@ mod tests {
 
     #[test]
     fn resume_continues_exactly() {
-        let ds = Dataset::synthetic(120, 48, 4);
-        let dir = tempfile::tempdir().expect("tmp");
-        let full = dir.path().join("full.safetensors");
-        let mut a = Trainer::new(small_cfg(), &ds, Device::Cpu).expect("a");
-        a.run(&ds, &full).expect("run");
+        for optimizer in [OptimizerKind::Adagrad, OptimizerKind::Adam] {
+            let base = TrainConfig {
+                optimizer,
+                lr: optimizer.default_lr(),
+                ..small_cfg()
+            };
+            let ds = Dataset::synthetic(120, 48, 4);
+            let dir = tempfile::tempdir().expect("tmp");
+            let full = dir.path().join("full.safetensors");
+            let mut a = Trainer::new(base.clone(), &ds, Device::Cpu).expect("a");
+            a.run(&ds, &full).expect("run");
 
-        let half = dir.path().join("half.safetensors");
-        let mut cfg = small_cfg();
-        cfg.epochs = 1;
-        Trainer::new(cfg, &ds, Device::Cpu)
-            .expect("b")
-            .run(&ds, &half)
-            .expect("run1");
-        let mut b = Trainer::resume(&half, &ds, Device::Cpu, Some(2)).expect("resume");
-        assert_eq!(b.epoch, 1);
-        b.run(&ds, &half).expect("run2");
+            let half = dir.path().join("half.safetensors");
+            let mut cfg = base.clone();
+            cfg.epochs = 1;
+            Trainer::new(cfg, &ds, Device::Cpu)
+                .expect("b")
+                .run(&ds, &half)
+                .expect("run1");
+            let mut b = Trainer::resume(&half, &ds, Device::Cpu, Some(2)).expect("resume");
+            assert_eq!(b.epoch, 1);
+            assert_eq!(b.cfg.optimizer, optimizer);
+            b.run(&ds, &half).expect("run2");
 
-        let (ca, cb) = (a.checkpoint().expect("ca"), b.checkpoint().expect("cb"));
-        assert_eq!(ca.header.epoch, 2);
-        for (name, t) in &ca.tensors {
-            assert_eq!(t, &cb.tensors[name], "{name} differs after resume");
+            let (ca, cb) = (a.checkpoint().expect("ca"), b.checkpoint().expect("cb"));
+            assert_eq!(ca.header.epoch, 2);
+            let state = match optimizer {
+                OptimizerKind::Adagrad => "optimizer.adagrad.fc.weight",
+                OptimizerKind::Adam => "optimizer.adam.v.fc.weight",
+            };
+            assert!(ca.tensors.contains_key(state), "{optimizer}: no {state}");
+            assert_eq!(
+                ca.tensors.keys().collect::<Vec<_>>(),
+                cb.tensors.keys().collect::<Vec<_>>()
+            );
+            for (name, t) in &ca.tensors {
+                assert_eq!(
+                    t, &cb.tensors[name],
+                    "{optimizer}: {name} differs after resume"
+                );
+            }
+            let lines = std::fs::read_to_string(sibling(&half, "metrics.jsonl")).expect("log");
+            assert_eq!(lines.lines().count(), 2);
         }
-        let lines = std::fs::read_to_string(sibling(&half, "metrics.jsonl")).expect("log");
-        assert_eq!(lines.lines().count(), 2);
+    }
+
+    #[test]
+    fn mining_modes_train_and_pooled_needs_a_shared_trunk() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        for mining in [Mining::BatchAll, Mining::Pooled] {
+            let cfg = TrainConfig {
+                mining,
+                optimizer: OptimizerKind::Adam,
+                lr: 0.001,
+                ..small_cfg()
+            };
+            let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
+            let (loss, acc) = t.train_epoch(&ds, &mut |_, _, _| {}).expect("epoch");
+            assert!(loss.is_finite() && loss > 0.0, "{mining}: loss {loss}");
+            assert!((0.0..=1.0).contains(&acc), "{mining}: accuracy {acc}");
+        }
+        let cfg = TrainConfig {
+            mining: Mining::Pooled,
+            variant: Variant::Independent,
+            ..small_cfg()
+        };
+        let err = Trainer::new(cfg, &ds, Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("pooled") && err.contains("independent"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn configs_without_optimizer_or_mining_load_as_before() {
+        let mut json = serde_json::to_value(TrainConfig::default()).expect("json");
+        assert_eq!(json["optimizer"], "adagrad");
+        assert_eq!(json["mining"], "sampled");
+        let obj = json.as_object_mut().expect("object");
+        obj.remove("optimizer");
+        obj.remove("mining");
+        let cfg: TrainConfig = serde_json::from_value(json).expect("old config");
+        assert_eq!(cfg.optimizer, OptimizerKind::Adagrad);
+        assert_eq!(cfg.mining, Mining::Sampled);
     }
 
     #[test]

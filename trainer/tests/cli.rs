@@ -156,3 +156,67 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
     let resumed: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(resumed["epochs"][0]["epoch"], 2);
 }
+
+#[test]
+fn adam_runs_resume_bit_exactly_and_record_the_optimizer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let full = dir.path().join("full.safetensors");
+    let half = dir.path().join("half.safetensors");
+    let train = |out: &Path, epochs: &str| {
+        let o = modtrain(&[
+            "train",
+            "--synth-images",
+            "150",
+            "--tasks",
+            "smiling,bangs",
+            "--optimizer",
+            "adam",
+            "--triplets-per-task",
+            "8",
+            "--batch-per-task",
+            "4",
+            "--test-triplets",
+            "10",
+            "--epochs",
+            epochs,
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    train(&full, "2");
+    train(&half, "1");
+    let h = half.to_str().expect("utf8");
+    // --optimizer is the checkpoint's on resume; a wrong one here is not even parsed.
+    let o = modtrain(&["train", "--resume", h, "--epochs", "2", "-o", h]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let a = modkit_models::Checkpoint::load(&full).expect("full");
+    let b = modkit_models::Checkpoint::load(&half).expect("half");
+    assert_eq!(a.header.train_config["optimizer"], "adam");
+    assert_eq!(a.header.train_config["lr"], 0.001, "adam's default lr");
+    assert_eq!(b.header.epoch, 2);
+    assert!(a.tensors.contains_key("optimizer.adam.step"));
+    assert!(
+        !a.tensors
+            .keys()
+            .any(|n| n.starts_with("optimizer.adagrad."))
+    );
+    assert_eq!(
+        a.tensors["optimizer.adam.step"].data,
+        [4.0],
+        "2 epochs × 2 steps"
+    );
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, t) in &a.tensors {
+        assert_eq!(t, &b.tensors[name], "{name} differs after resume");
+    }
+
+    let o = modtrain(&["train", "--optimizer", "sgd", "-o", h]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown optimizer \"sgd\""),
+        "{}",
+        stderr(&o)
+    );
+}

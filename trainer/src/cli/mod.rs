@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Synth(synth::SynthArgs),
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     Eval(eval::EvalArgs),
 }
 
@@ -30,7 +30,7 @@ impl Cli {
     pub fn run(self) -> Result<()> {
         match self.command {
             Command::Synth(a) => a.run(),
-            Command::Train(a) => a.run(),
+            Command::Train(a) => (*a).run(),
             Command::Eval(a) => a.run(),
         }
     }

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use modkit_models::{Modulation, NetSpec, Variant};
+use modkit_trainer::optim::OptimizerKind;
 use modkit_trainer::train::{TrainConfig, Trainer};
 
 /// Train a network on triplets from every task (paper sections 3.3, 4.1).
@@ -56,15 +57,24 @@ pub struct TrainArgs {
     /// Fixed test triplets per task.
     #[arg(long, default_value_t = 500)]
     test_triplets: usize,
-    /// Adagrad learning rate.
-    #[arg(long, default_value_t = 0.01)]
-    lr: f64,
+    /// adagrad (the paper's) or adam (β 0.9/0.999, bias-corrected).
+    #[arg(long, default_value = "adagrad")]
+    optimizer: String,
+    /// Learning rate [default: 0.01 with adagrad, 0.001 with adam].
+    #[arg(long)]
+    lr: Option<f64>,
     /// Learning-rate multiplier per epoch.
     #[arg(long, default_value_t = 1.0)]
     lr_decay: f64,
     /// Triplet margin α.
     #[arg(long, default_value_t = 0.2)]
     margin: f64,
+    /// sampled (the paper's: only the sampled triplets), batch-all (every valid
+    /// triplet within each task's block of the minibatch) or pooled (each task's
+    /// block anchors against every image of the minibatch: each image serves all
+    /// tasks; learns the synthetic set fastest).
+    #[arg(long, default_value = "sampled")]
+    mining: String,
     /// Adagrad's starting accumulator (TensorFlow's 0.1; PyTorch's 0 takes larger first steps).
     #[arg(long, default_value_t = 0.1)]
     adagrad_init: f64,
@@ -108,6 +118,7 @@ impl TrainArgs {
                 "--variant only-mask needs shared weights from another checkpoint, which this modtrain cannot load yet; use modulated, shared, independent, branch:K or csn"
             );
         }
+        let optimizer: OptimizerKind = self.optimizer.parse()?;
         let defaults = TrainConfig::default();
         Ok(TrainConfig {
             spec,
@@ -120,9 +131,11 @@ impl TrainArgs {
             triplets_per_task: self.triplets_per_task,
             batch_per_task: self.batch_per_task,
             test_triplets_per_task: self.test_triplets,
-            lr: self.lr,
+            lr: self.lr.unwrap_or(optimizer.default_lr()),
             lr_decay: self.lr_decay,
             margin: self.margin,
+            mining: self.mining.parse()?,
+            optimizer,
             adagrad_initial_accumulator: self.adagrad_init,
             seed: self.seed,
             preprocess: defaults.preprocess,
@@ -177,12 +190,14 @@ impl TrainArgs {
             trainer.cfg.tasks.len(),
         );
         eprintln!(
-            "training {} ({} spec) on {} tasks: {} shared + {} per task parameters",
+            "training {} ({} spec) on {} tasks: {} shared + {} per task parameters; {}, lr {}",
             trainer.cfg.variant,
             trainer.cfg.spec.name,
             trainer.cfg.tasks.len(),
             count.shared,
-            count.per_task
+            count.per_task,
+            trainer.cfg.optimizer,
+            trainer.cfg.lr
         );
         let epochs = trainer.cfg.epochs;
         let images_per_step = 3 * trainer.cfg.batch_per_task * trainer.cfg.tasks.len();

@@ -1,9 +1,11 @@
 //! 3×3 stride-1 convolution as `im2col` + matmul, with `col2im` as the backward.
 //!
-//! `im2col` turns `x: [B, C, H, W]` into `cols: [B, C·9, Ho·Wo]` where row
-//! `c·9 + ky·3 + kx` holds `x[b, c, oy+ky−p, ox+kx−p]` (0 outside). Then
-//! `conv(x, w) = w.reshape(O, C·9) · cols`, whose gradients are two GEMMs, and
-//! `∂cols → ∂x` is `col2im`, the scatter-add of the same indexing.
+//! `im2col` turns `x: [B, C, H, W]` into `cols: [C·9, B·Ho·Wo]` where row
+//! `c·9 + ky·3 + kx`, column `b·Ho·Wo + oy·Wo + ox` holds `x[b, c, oy+ky−p, ox+kx−p]`
+//! (0 outside). Then `conv(x, w) = w.reshape(O, C·9) · cols`, one GEMM for the whole
+//! batch, whose gradients are two GEMMs (the weight gradient sums over the batch
+//! inside the GEMM, with no per-sample `[B, O, C·9]` to reduce), and `∂cols → ∂x`
+//! is `col2im`, the scatter-add of the same indexing.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -14,11 +16,12 @@ pub struct Im2Col {
     pub pad: usize,
 }
 
-/// The adjoint of [`Im2Col`]: folds `[B, C·9, Ho·Wo]` back into `[B, C, H, W]`,
+/// The adjoint of [`Im2Col`]: folds `[C·9, B·Ho·Wo]` back into `[B, C, H, W]`,
 /// summing overlapping contributions.
 #[derive(Debug, Clone, Copy)]
 pub struct Col2Im {
     pub pad: usize,
+    pub b: usize,
     pub h: usize,
     pub w: usize,
 }
@@ -57,32 +60,30 @@ impl CustomOp1 for Im2Col {
         let p = self.pad;
         let (ho, wo) = (out_size(h, p)?, out_size(w, p)?);
         let n = ho * wo;
-        let mut out = vec![0f32; b * c * 9 * n];
-        out.par_chunks_mut(9 * n)
-            .enumerate()
-            .for_each(|(bc, chunk)| {
-                let src = &x[bc * h * w..(bc + 1) * h * w];
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let row = &mut chunk[(ky * 3 + kx) * n..(ky * 3 + kx + 1) * n];
-                        let (lo, hi) = valid_cols(kx, p, w, wo);
-                        for oy in 0..ho {
-                            let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
-                                continue;
-                            };
-                            let s0 = iy * w + lo + kx - p;
-                            row[oy * wo + lo..oy * wo + hi].copy_from_slice(&src[s0..s0 + hi - lo]);
-                        }
-                    }
+        let mut out = vec![0f32; c * 9 * b * n];
+        // One output row per (channel, tap); within it one segment per image.
+        out.par_chunks_mut(b * n).enumerate().for_each(|(r, row)| {
+            let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
+            let (lo, hi) = valid_cols(kx, p, w, wo);
+            for (bi, seg) in row.chunks_mut(n).enumerate() {
+                let src = &x[(bi * c + ch) * h * w..(bi * c + ch + 1) * h * w];
+                for oy in 0..ho {
+                    let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                        continue;
+                    };
+                    let s0 = iy * w + lo + kx - p;
+                    seg[oy * wo + lo..oy * wo + hi].copy_from_slice(&src[s0..s0 + hi - lo]);
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((b, c * 9, n))))
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((c * 9, b * n))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
+        let (b, _, h, w) = arg.dims4()?;
         let g = grad.contiguous()?.apply_op1_no_bwd(&Col2Im {
             pad: self.pad,
+            b,
             h,
             w,
         })?;
@@ -96,20 +97,25 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c9, n) = l.shape().dims3()?;
+        let (c9, bn) = l.shape().dims2()?;
         let cols = contiguous(s, l, "col2im")?;
-        let (h, w, p) = (self.h, self.w, self.pad);
+        let (b, h, w, p) = (self.b, self.h, self.w, self.pad);
         let (ho, wo) = (out_size(h, p)?, out_size(w, p)?);
-        if c9 % 9 != 0 || n != ho * wo {
-            candle_core::bail!("col2im: {:?} does not match a {h}×{w} input", l.shape());
+        let n = ho * wo;
+        if c9 % 9 != 0 || bn != b * n {
+            candle_core::bail!(
+                "col2im: {:?} does not match {b} inputs of {h}×{w}",
+                l.shape()
+            );
         }
         let c = c9 / 9;
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
-            let chunk = &cols[bc * 9 * n..(bc + 1) * 9 * n];
+            let (bi, ch) = (bc / c, bc % c);
             for ky in 0..3 {
                 for kx in 0..3 {
-                    let row = &chunk[(ky * 3 + kx) * n..(ky * 3 + kx + 1) * n];
+                    let r = ch * 9 + ky * 3 + kx;
+                    let row = &cols[r * bn + bi * n..r * bn + (bi + 1) * n];
                     let (lo, hi) = valid_cols(kx, p, w, wo);
                     for oy in 0..ho {
                         let Some(iy) = (oy + ky).checked_sub(p).filter(|&iy| iy < h) else {
@@ -139,12 +145,13 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
     let o = weight.dim(0)?;
     let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
     let cols = x.contiguous()?.apply_op1(Im2Col { pad })?;
-    let w2 = weight.flatten_from(1)?;
-    let k = w2.dim(1)?;
-    w2.unsqueeze(0)?
-        .broadcast_as((b, o, k))?
+    // [O, B·Ho·Wo], returned as a [B, O, Ho, Wo] view: BatchNorm, which works
+    // channel-major, transposes it back without a copy.
+    weight
+        .flatten_from(1)?
         .matmul(&cols)?
-        .reshape((b, o, ho, wo))
+        .reshape((o, b, ho, wo))?
+        .transpose(0, 1)
 }
 
 #[cfg(test)]
