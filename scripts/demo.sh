@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# The main job, as far as the pipeline exists today: generate the built-in
-# synthetic face dataset, train the modulated network (tiny spec) on its 20
-# attribute tasks, evaluate it, compile it into a .modpack and check the package
-# against the checkpoint. Output goes to ${OUT:-out/demo}.
+# The main job on a fresh machine: generate the built-in synthetic faces, train the
+# modulated network (tiny spec), compile it into a .modpack, check the package
+# against the checkpoint, index a gallery of faces the model never saw, and answer
+# `modrt query --task smiling` with a contact sheet PNG.
+# Output goes to ${OUT:-out/demo}; N, EPOCHS, TRIPLETS and TASKS scale it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/demo}
+tasks=${TASKS:-smiling,young,bangs,mustache,bald,wavy_hair}
 mkdir -p "$out"
-cargo build --release -p modkit-trainer --bin modtrain -p modkit-compiler --bin modc
-bin=target/release/modtrain
-modc=target/release/modc
-"$bin" synth --out "$out/data" --n "${N:-6000}" --size 48 --seed 0
-"$bin" train --data "celeba:$out/data" --variant modulated --spec tiny \
-    --epochs "${EPOCHS:-3}" --triplets-per-task "${TRIPLETS:-300}" -o "$out/modulated.safetensors"
-"$bin" eval "$out/modulated.safetensors" --data "celeba:$out/data"
-"$modc" compile "$out/modulated.safetensors" -o "$out/model.modpack"
-"$modc" inspect "$out/model.modpack"
-"$modc" verify "$out/model.modpack" --against "$out/modulated.safetensors"
+cargo build --release -p modkit-trainer --bin modtrain -p modkit-compiler --bin modc \
+    -p modkit-runtime --bin modrt
+bin=target/release
+"$bin/modtrain" synth --out "$out/data" --n "${N:-6000}" --size 48 --seed 0
+"$bin/modtrain" train --data "celeba:$out/data" --variant modulated --spec tiny \
+    --tasks "$tasks" --optimizer adam --lr 0.003 --mining batch-all --batch-per-task 4 \
+    --epochs "${EPOCHS:-6}" --triplets-per-task "${TRIPLETS:-300}" \
+    -o "$out/modulated.safetensors"
+"$bin/modc" compile "$out/modulated.safetensors" -o "$out/model.modpack"
+"$bin/modc" inspect "$out/model.modpack"
+"$bin/modc" verify "$out/model.modpack" --against "$out/modulated.safetensors"
+# A gallery the model never saw: another seed.
+"$bin/modtrain" synth --out "$out/gallery" --n "${GALLERY:-1000}" --size 48 --seed 1
+"$bin/modrt" index "$out/gallery" --model "$out/model.modpack" -o "$out/gallery.modidx"
+"$bin/modrt" query "$out/gallery/img_align_celeba/000001.png" --task smiling \
+    --model "$out/model.modpack" --index "$out/gallery.modidx" -k 5 \
+    --sheet "$out/smiling.png"
 echo "checkpoint: $out/modulated.safetensors"
 echo "package: $out/model.modpack"
-echo "per-epoch metrics: $out/modulated.metrics.jsonl"
+echo "contact sheet: $out/smiling.png"

@@ -307,3 +307,37 @@ fn unknown_tasks_are_listed() {
     );
     assert_eq!(model.task_index("Smiling").expect("case"), 0);
 }
+
+/// The shipped model retrieves faces that share the query's smiling value far
+/// more often than chance (the gallery is balanced: chance is about 0.5).
+#[test]
+fn pretrained_model_retrieves_by_smiling() {
+    let pkg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/pretrained/tiny-faces.modpack");
+    let model = Model::load(&pkg).expect("pretrained package");
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Faces the model never saw: another seed than its training set's.
+    celeba::write_synthetic(tmp.path(), 400, model.input_size(), 4242, &|_| {}).expect("synth");
+    let smiling = model.task_index("smiling").expect("task");
+    let (idx, report) =
+        index::build(&model, tmp.path(), &[smiling], None, &|_, _| {}).expect("index");
+    assert_eq!(report.added, 400);
+    let rows = &idx.tasks[0];
+    let queries = 60;
+    let mut same = 0;
+    for q in 0..queries {
+        let query = &rows.rows[q * idx.dim..(q + 1) * idx.dim];
+        let hits = idx.search(rows, query, 5, Some(q));
+        same += hits
+            .iter()
+            .filter(|h| rows.labels[h.row] == rows.labels[q])
+            .count();
+    }
+    let precision = same as f64 / (5 * queries) as f64;
+    let positives = rows.labels.iter().filter(|&&l| l == 1).count() as f64 / 400.0;
+    let chance = positives * positives + (1.0 - positives) * (1.0 - positives);
+    eprintln!("precision@5 for smiling: {precision:.3} (chance {chance:.3})");
+    assert!(
+        precision >= 0.8,
+        "precision@5 {precision:.3}, chance {chance:.3}"
+    );
+}
