@@ -30,12 +30,70 @@ fn bn_config() -> BatchNormConfig {
     }
 }
 
+/// BatchNorm over channel 1 of `[B, C, …]`: in training mode on the CPU the fused
+/// kernel of [`crate::ops::batch_norm_train`] (with the following ReLU folded in),
+/// otherwise candle-nn's. Both update the same running statistics.
+#[derive(Debug)]
+struct Norm {
+    inner: BatchNorm,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl Norm {
+    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = candle_nn::batch_norm(channels, bn_config(), vb)?;
+        // The VarMap's own variables: setting these updates the checkpoint's values.
+        let running_mean = Var::from_tensor(inner.running_mean())?;
+        let running_var = Var::from_tensor(inner.running_var())?;
+        Ok(Norm {
+            inner,
+            running_mean,
+            running_var,
+        })
+    }
+
+    /// `BN(x) (+ skip) (→ ReLU when relu)`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        skip: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let fused = train && x.device().is_cpu() && x.dtype() == DType::F32;
+        let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| fused) else {
+            let mut y = self.inner.forward_t(x, train)?;
+            if let Some(skip) = skip {
+                y = (y + skip)?;
+            }
+            return Ok(if relu { y.relu()? } else { y });
+        };
+        // Channel-major: a no-op view for the convolutions' `[C, B·H·W]` outputs.
+        let xc = x.transpose(0, 1)?;
+        let eps = self.inner.eps();
+        let (y, stats) = crate::ops::batch_norm_train(&xc, gamma, beta, eps, relu, skip)?;
+        let momentum = self.inner.momentum();
+        let n = stats.count as f64;
+        let dev = x.device();
+        let mean = Tensor::new(stats.mean.as_slice(), dev)?;
+        let var = Tensor::new(stats.var.as_slice(), dev)?;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - momentum))? + (mean * momentum)?)?)?;
+        self.running_var.set(
+            &((self.running_var.as_tensor() * (1.0 - momentum))?
+                + (var * (momentum * n / (n - 1.0).max(1.0)))?)?,
+        )?;
+        Ok(y)
+    }
+}
+
 /// A 3×3 conv (stride 1) followed by BatchNorm, or with a bias when BN is off.
 #[derive(Debug)]
 struct ConvBn {
     weight: Tensor,
     bias: Option<Tensor>,
-    bn: Option<BatchNorm>,
+    bn: Option<Norm>,
     pad: usize,
 }
 
@@ -43,10 +101,7 @@ impl ConvBn {
     fn new(cin: usize, cout: usize, pad: usize, bn: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((cout, cin, 3, 3), "weight")?;
         let (bias, bn) = if bn {
-            (
-                None,
-                Some(candle_nn::batch_norm(cout, bn_config(), vb.pp("bn"))?),
-            )
+            (None, Some(Norm::new(cout, vb.pp("bn"))?))
         } else {
             (Some(vb.get(cout, "bias")?), None)
         };
@@ -58,13 +113,24 @@ impl ConvBn {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// conv → BN (+ skip) (→ ReLU when `relu`).
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        skip: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let y = conv3x3(x, &self.weight, self.pad)?;
-        Ok(match (&self.bias, &self.bn) {
-            (_, Some(bn)) => bn.forward_t(&y, train)?,
+        let mut y = match (&self.bias, &self.bn) {
+            (_, Some(bn)) => return bn.forward(&y, train, relu, skip),
             (Some(b), None) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             (None, None) => y,
-        })
+        };
+        if let Some(skip) = skip {
+            y = (y + skip)?;
+        }
+        Ok(if relu { y.relu()? } else { y })
     }
 }
 
@@ -86,10 +152,10 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = max_pool2x2(&self.conv.forward(x, train)?.relu()?)?;
-        let r = self.res1.forward(&y, train)?.relu()?;
-        let r = self.res2.forward(&r, train)?;
-        Ok((y + r)?.relu()?)
+        let y = max_pool2x2(&self.conv.forward(x, train, true, None)?)?;
+        let r = self.res1.forward(&y, train, true, None)?;
+        // ReLU(y + BN(conv(r))), fused.
+        self.res2.forward(&r, train, true, Some(&y))
     }
 }
 
@@ -100,7 +166,7 @@ struct Backbone {
     blocks: Vec<Block>,
     fc_weight: Tensor,
     fc_bias: Option<Tensor>,
-    fc_bn: Option<BatchNorm>,
+    fc_bn: Option<Norm>,
 }
 
 impl Backbone {
@@ -112,14 +178,7 @@ impl Backbone {
             .collect::<Result<_>>()?;
         let fc = vb.pp("fc");
         let (fc_bias, fc_bn) = if bn {
-            (
-                None,
-                Some(candle_nn::batch_norm(
-                    spec.embedding,
-                    bn_config(),
-                    fc.pp("bn"),
-                )?),
-            )
+            (None, Some(Norm::new(spec.embedding, fc.pp("bn"))?))
         } else {
             (Some(fc.get(spec.embedding, "bias")?), None)
         };
@@ -135,7 +194,7 @@ impl Backbone {
     /// Stage `k`: 1 is conv1 (with its ReLU), 2..=5 the blocks.
     fn stage(&self, k: usize, x: &Tensor, train: bool) -> Result<Tensor> {
         if k == 1 {
-            Ok(self.conv1.forward(x, train)?.relu()?)
+            self.conv1.forward(x, train, true, None)
         } else {
             self.blocks[k - 2].forward(x, train)
         }
@@ -144,7 +203,7 @@ impl Backbone {
     fn fc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = x.flatten_from(1)?.matmul(&self.fc_weight.t()?)?;
         Ok(match (&self.fc_bias, &self.fc_bn) {
-            (_, Some(bn)) => bn.forward_t(&y, train)?,
+            (_, Some(bn)) => bn.forward(&y, train, false, None)?,
             (Some(b), None) => y.broadcast_add(b)?,
             (None, None) => y,
         })
@@ -438,6 +497,84 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let net = Network::new(&spec, variant, tasks, vb).expect("net");
         (vm, net)
+    }
+
+    /// A block in training mode computed with candle-nn's BatchNorm and plain ops.
+    fn reference_block(block: &Block, x: &Tensor) -> Tensor {
+        let convbn = |cb: &ConvBn, x: &Tensor| {
+            let y = conv3x3(x, &cb.weight, cb.pad).expect("conv");
+            cb.bn
+                .as_ref()
+                .expect("bn")
+                .inner
+                .forward_t(&y, true)
+                .expect("bn")
+        };
+        let y = max_pool2x2(&convbn(&block.conv, x).relu().expect("relu")).expect("pool");
+        let r = convbn(&block.res1, &y).relu().expect("relu");
+        (y + convbn(&block.res2, &r))
+            .and_then(|t| t.relu())
+            .expect("add")
+    }
+
+    #[test]
+    fn fused_batch_norm_block_equals_candle_nn_in_value_and_gradient() {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let block = Block::new(3, 4, true, vb).expect("block");
+        // Non-trivial γ, β so that the affine part is exercised.
+        for (name, var) in vm.data().lock().expect("lock").iter() {
+            let n = var.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| 0.6 + 0.3 * ((i * 7 + name.len()) % 5) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).expect("t"))
+                .expect("set");
+        }
+        let data: Vec<f32> = (0..2 * 3 * 9 * 9)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(data, (2, 3, 9, 9), &Device::Cpu).expect("x"))
+            .expect("x");
+        let w: Vec<f32> = (0..2 * 4 * 3 * 3).map(|i| (i % 7) as f32 - 3.0).collect();
+        let w = Tensor::from_vec(w, (2, 4, 3, 3), &Device::Cpu).expect("w");
+        let fused = block.forward(&x, true).expect("fused");
+        let reference = reference_block(&block, &x);
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff")
+        };
+        assert!(diff(&fused, &reference) < 1e-4);
+        let g1 = (&fused * &w)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("bwd");
+        let g2 = (&reference * &w)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("bwd");
+        let data = vm.data().lock().expect("lock");
+        let mut checked = 0;
+        for (name, var) in data
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_tensor()))
+            .chain([("x", x.as_tensor())])
+        {
+            let (Some(a), Some(b)) = (g1.get(var), g2.get(var)) else {
+                continue;
+            };
+            assert!(
+                diff(a, b) < 1e-3,
+                "gradient of {name} differs by {}",
+                diff(a, b)
+            );
+            checked += 1;
+        }
+        // x, 3 conv weights, 3 γ and 3 β.
+        assert_eq!(checked, 10);
     }
 
     #[test]

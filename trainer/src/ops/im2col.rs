@@ -156,34 +156,10 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     use super::*;
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        // A fixed pseudo-random fill: no RNG state shared between tests.
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| {
-                let z = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-                ((z >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .flatten_all()
-            .expect("flat")
-            .max(0)
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar")
-    }
+    use crate::ops::test_util::{max_diff, rand};
 
     #[test]
     fn forward_and_gradients_match_candle_conv2d() {

@@ -1,16 +1,51 @@
-//! Fast CPU kernels for the two ops whose candle backward is slow or approximate.
+//! Fast CPU kernels for the ops whose candle implementation is slow or approximate.
 //!
 //! * [`conv3x3`]: a 3×3 stride-1 convolution as `im2col` + matmul. The matmul's
 //!   backward is candle's (fast GEMM); `im2col`'s backward is `col2im`. candle's own
 //!   conv2d backward runs a direct transposed convolution, ~6× the forward.
+//! * [`batch_norm_train`]: training-mode BatchNorm (+ ReLU) in one pass forward and
+//!   two backward, instead of candle-nn's ten element-wise ops each way.
 //! * [`max_pool2x2`]: 2×2 stride-2 max-pool with floor semantics for odd sizes and an
 //!   exact backward (candle's upsampling-based backward assumes even sizes).
 //!
-//! On other devices both fall back to candle's built-in ops. Each kernel is checked
+//! On other devices they fall back to candle's built-in ops. Each kernel is checked
 //! against candle's reference implementation in its tests.
 
+mod batchnorm;
 mod im2col;
 mod maxpool;
 
+pub use batchnorm::{BatchStats, batch_norm_train};
 pub use im2col::{Col2Im, Im2Col, conv3x3};
 pub use maxpool::max_pool2x2;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
+
+    /// A fixed pseudo-random fill in [-0.5, 0.5): no RNG state shared between tests.
+    pub fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let z = (i + 1 + seed.wrapping_mul(0xD1B5_4A32_D192_ED03))
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                ((z >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .flatten_all()
+            .expect("flat")
+            .max(0)
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar")
+    }
+}

@@ -1,0 +1,462 @@
+//! BatchNorm in training mode, fused with what follows it in the network (a
+//! residual add, a ReLU), as one pass forward and two passes backward.
+//!
+//! candle-nn's `BatchNorm::forward_train` transposes, copies and runs about ten
+//! full-size element-wise ops forward (and as many backward); at the tiny spec those
+//! ops and their fresh buffers were the largest share of a training step
+//! (`docs/performance.md`). Here the batch statistics are computed once per channel,
+//! the forward is `y = max(0, a·x + c + skip)` with `a = γ/σ`, `c = β − μ·a`, and
+//! the backward is the closed form
+//!
+//! ```text
+//! g' = g · [y > 0]            (ReLU mask, when fused)       ∂skip = g'
+//! ∂β = Σ g'      ∂γ = Σ g'·x̂      ∂x = a · (g' − ∂β/M − x̂·∂γ/M)
+//! ```
+//!
+//! over the `M` values of each channel. The input is channel-major `[C, B, …]`
+//! (the convolutions produce `[C, B·H·W]`), the output batch-major `[B, C, …]`, so
+//! the next convolution, max-pool or residual add reads it without a copy.
+//! Statistics and running averages follow candle-nn exactly (biased variance to
+//! normalise, unbiased in the running variance).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// The training-mode BatchNorm op over channel-major `x: [C, B, …]` and `γβ: [2, C]`
+/// (and a batch-major `skip: [B, C, …]` as a third argument), carrying the batch
+/// statistics it was built with.
+#[derive(Debug, Clone)]
+struct BnTrain {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    relu: bool,
+    /// Batch size (dimension 1 of `x`).
+    b: usize,
+}
+
+/// Batch statistics of channel-major `x: [C, M]`: per-channel mean and biased variance.
+fn channel_stats(x: &[f32], m: usize) -> Vec<(f32, f32)> {
+    x.par_chunks(m)
+        .map(|ch| {
+            // f64 accumulation: M reaches millions at the paper's spec.
+            let mean = ch.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+            let var = ch
+                .iter()
+                .map(|&v| {
+                    let d = v as f64 - mean;
+                    d * d
+                })
+                .sum::<f64>()
+                / m as f64;
+            (mean as f32, var as f32)
+        })
+        .collect()
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("batch_norm_train runs on the CPU only");
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("batch_norm_train: non-contiguous".into()))?;
+    f(&cpu.as_slice::<f32>()?[a..b])
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("batch_norm_train expects contiguous inputs"),
+    }
+}
+
+/// `[C, B, rest…]` → `[B, C, rest…]`.
+fn batch_major(shape: &Shape) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    dims.swap(0, 1);
+    Shape::from(dims)
+}
+
+impl BnTrain {
+    fn forward(&self, x: &[f32], gb: &[f32], skip: Option<&[f32]>) -> Vec<f32> {
+        let c = self.mean.len();
+        let (gamma, beta) = gb.split_at(c);
+        let s = x.len() / (c * self.b).max(1);
+        let mut out = vec![0f32; x.len()];
+        // One image per task: its C segments of S values each.
+        out.par_chunks_mut(c * s).enumerate().for_each(|(bi, img)| {
+            for (ch, dst) in img.chunks_mut(s).enumerate() {
+                let a = gamma[ch] * self.invstd[ch];
+                let bias = beta[ch] - self.mean[ch] * a;
+                let src = &x[(ch * self.b + bi) * s..(ch * self.b + bi + 1) * s];
+                match skip {
+                    Some(skip) => {
+                        let add = &skip[(bi * c + ch) * s..(bi * c + ch + 1) * s];
+                        for ((d, &v), &k) in dst.iter_mut().zip(src).zip(add) {
+                            *d = a * v + bias + k;
+                        }
+                    }
+                    None => {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = a * v + bias;
+                        }
+                    }
+                }
+                if self.relu {
+                    dst.iter_mut().for_each(|d| *d = d.max(0.0));
+                }
+            }
+        });
+        out
+    }
+
+    /// `(∂x [C, B, …], ∂γβ [2, C], ∂skip [B, C, …])` from the output `y` and its
+    /// gradient `g`, both batch-major.
+    fn backward(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = self.mean.len();
+        let b = self.b;
+        let m = x.elem_count() / c.max(1);
+        let s = m / b.max(1);
+        let gamma = gb.get(0)?.to_vec1::<f32>()?;
+        let (dx, dgb, dskip) = with_slice(x, |x| {
+            with_slice(y, |y| {
+                with_slice(g, |g| {
+                    let masked = |i: usize| {
+                        if self.relu && y[i] <= 0.0 { 0.0 } else { g[i] }
+                    };
+                    let mut dx = vec![0f32; x.len()];
+                    let sums: Vec<(f32, f32)> = dx
+                        .par_chunks_mut(m)
+                        .enumerate()
+                        .map(|(ch, dx)| {
+                            let x = &x[ch * m..(ch + 1) * m];
+                            let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                            // Batch-major index of (image bi, position j) of this channel.
+                            let at = |bi: usize, j: usize| (bi * c + ch) * s + j;
+                            let (mut sb, mut sg) = (0f64, 0f64);
+                            for bi in 0..b {
+                                for j in 0..s {
+                                    let gi = masked(at(bi, j)) as f64;
+                                    sb += gi;
+                                    sg += gi * ((x[bi * s + j] - mu) * is) as f64;
+                                }
+                            }
+                            let a = gamma[ch] * is;
+                            let (mb, mg) = ((sb / m as f64) as f32, (sg / m as f64) as f32);
+                            for bi in 0..b {
+                                for j in 0..s {
+                                    let k = bi * s + j;
+                                    let xhat = (x[k] - mu) * is;
+                                    dx[k] = a * (masked(at(bi, j)) - mb - xhat * mg);
+                                }
+                            }
+                            (sg as f32, sb as f32)
+                        })
+                        .collect();
+                    let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+                    let dskip: Vec<f32> = (0..g.len()).into_par_iter().map(masked).collect();
+                    Ok((dx, [dgamma, dbeta].concat(), dskip))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dgb, (2, c), dev)?,
+            Tensor::from_vec(dskip, y.shape(), dev)?,
+        ))
+    }
+}
+
+impl CustomOp2 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch_norm_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.forward(slice(s1, l1)?, slice(s2, l2)?, None);
+        Ok((CpuStorage::F32(out), batch_major(l1.shape())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgb, _) = self.backward(x, gb, res, grad)?;
+        Ok((Some(dx), Some(dgb)))
+    }
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch_norm_add_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let skip = slice(s3, l3)?;
+        let out = self.forward(slice(s1, l1)?, slice(s2, l2)?, Some(skip));
+        Ok((CpuStorage::F32(out), batch_major(l1.shape())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        _skip: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgb, dskip) = self.backward(x, gb, res, grad)?;
+        Ok((Some(dx), Some(dgb), Some(dskip)))
+    }
+}
+
+/// BatchNorm statistics of one training-mode call, for the running averages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Per-channel batch mean.
+    pub mean: Vec<f32>,
+    /// Per-channel biased batch variance.
+    pub var: Vec<f32>,
+    /// Values per channel (`M`).
+    pub count: usize,
+}
+
+/// Training-mode BatchNorm on the CPU of channel-major `x: [C, B, …]`, plus `skip`
+/// (batch-major `[B, C, …]`) when given, then ReLU when `relu`. Returns the output,
+/// batch-major `[B, C, …]`, and the batch statistics.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    skip: Option<&Tensor>,
+) -> Result<(Tensor, BatchStats)> {
+    let x = x.contiguous()?;
+    let (c, b) = (x.dim(0)?, x.dim(1)?);
+    let m = x.elem_count() / c.max(1);
+    if m == 0 {
+        candle_core::bail!("batch_norm_train on an empty batch {:?}", x.shape());
+    }
+    let out_shape = batch_major(x.shape());
+    if let Some(skip) = skip.filter(|k| k.shape() != &out_shape) {
+        candle_core::bail!(
+            "batch_norm_train: skip {:?} does not match the output {out_shape:?}",
+            skip.shape()
+        );
+    }
+    let stats = with_slice(&x, |data| Ok(channel_stats(data, m)))?;
+    let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+    let invstd = var
+        .iter()
+        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+        .collect();
+    let op = BnTrain {
+        mean: mean.clone(),
+        invstd,
+        relu,
+        b,
+    };
+    let gb = Tensor::stack(&[gamma, beta], 0)?;
+    let y = match skip {
+        Some(skip) => x.apply_op3(&gb, &skip.contiguous()?, op)?,
+        None => x.apply_op2(&gb, op)?,
+    };
+    Ok((
+        y,
+        BatchStats {
+            mean,
+            var,
+            count: m,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use candle_nn::{BatchNorm, ModuleT};
+
+    use super::*;
+    use crate::ops::test_util::{max_diff, rand};
+
+    /// candle-nn's BatchNorm (+ skip, + ReLU) on `[B, C, …]`, the reference.
+    fn reference(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        relu: bool,
+        skip: Option<&Tensor>,
+    ) -> (Tensor, BatchNorm) {
+        let c = gamma.dim(0).expect("c");
+        let bn = BatchNorm::new_with_momentum(
+            c,
+            Tensor::zeros(c, candle_core::DType::F32, &Device::Cpu).expect("zeros"),
+            Tensor::ones(c, candle_core::DType::F32, &Device::Cpu).expect("ones"),
+            gamma.clone(),
+            beta.clone(),
+            1e-5,
+            0.1,
+        )
+        .expect("bn");
+        let mut y = bn.forward_t(x, true).expect("forward");
+        if let Some(skip) = skip {
+            y = (y + skip).expect("add");
+        }
+        if relu {
+            y = y.relu().expect("relu");
+        }
+        (y, bn)
+    }
+
+    #[test]
+    fn forward_gradients_and_statistics_match_candle_nn() {
+        for (shape, relu, with_skip) in [
+            (vec![4, 3, 5, 6], true, false),
+            (vec![4, 3, 5, 6], false, false),
+            (vec![4, 3, 5, 6], true, true),
+            (vec![3, 2, 4, 4], false, true),
+            (vec![7, 5], false, false),
+            (vec![2, 8, 3, 3], true, false),
+        ] {
+            let c = shape[1];
+            let x = Var::from_tensor(&rand(&shape, 1).affine(3.0, 0.7).expect("x")).expect("x");
+            let gamma = Var::from_tensor(&rand(&[c], 2).affine(1.0, 1.0).expect("g")).expect("g");
+            let beta = Var::from_tensor(&rand(&[c], 3)).expect("b");
+            let skip = Var::from_tensor(&rand(&shape, 5)).expect("skip");
+            let skip = with_skip.then_some(skip.as_tensor());
+            // A loss that weighs every output differently.
+            let w = rand(&shape, 4);
+            let case = format!("{shape:?} relu={relu} skip={with_skip}");
+
+            let (want, bn) = reference(&x, &gamma, &beta, relu, skip);
+            let want_grads = (&want * &w)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("backward");
+
+            let xc = x.transpose(0, 1).expect("t");
+            let (got, stats) = batch_norm_train(&xc, &gamma, &beta, 1e-5, relu, skip).expect("bn");
+            assert_eq!(got.dims(), shape.as_slice(), "{case}: batch-major output");
+            assert!(got.is_contiguous(), "{case}: contiguous output");
+            let got_grads = (&got * &w)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("backward");
+
+            assert!(max_diff(&got, &want) < 1e-5, "{case}: output");
+            let mut vars = vec![("x", x.as_tensor()), ("gamma", &gamma), ("beta", &beta)];
+            if let Some(skip) = skip {
+                vars.push(("skip", skip));
+            }
+            for (name, v) in vars {
+                let (a, b) = (
+                    got_grads.get(v).expect("got grad"),
+                    want_grads.get(v).expect("want grad"),
+                );
+                let scale = 1.0
+                    + b.abs()
+                        .and_then(|t| t.max_all())
+                        .and_then(|t| t.to_scalar::<f32>())
+                        .expect("scale");
+                assert!(
+                    max_diff(a, b) / scale < 2e-5,
+                    "{case}: d{name} differs by {}",
+                    max_diff(a, b)
+                );
+            }
+            // candle-nn's running averages after one step from (0, 1), momentum 0.1.
+            let n = stats.count as f32;
+            let mean = Tensor::new(stats.mean.as_slice(), &Device::Cpu).expect("mean");
+            let var = Tensor::new(stats.var.as_slice(), &Device::Cpu).expect("var");
+            let run_mean = mean.affine(0.1, 0.0).expect("m");
+            let run_var = var.affine((0.1 * n / (n - 1.0)) as f64, 0.9).expect("v");
+            assert!(
+                max_diff(&run_mean, bn.running_mean()) < 1e-6,
+                "{case}: running mean"
+            );
+            assert!(
+                max_diff(&run_var, bn.running_var()) < 1e-5,
+                "{case}: running var"
+            );
+        }
+    }
+
+    #[test]
+    fn relu_gradient_is_masked_where_the_output_is_clipped() {
+        let x = Var::from_tensor(&rand(&[3, 2, 4, 4], 9)).expect("x");
+        let gamma =
+            Var::from_tensor(&Tensor::new(&[1f32, -2.0], &Device::Cpu).expect("g")).expect("g");
+        let beta =
+            Var::from_tensor(&Tensor::new(&[0f32, 0.5], &Device::Cpu).expect("b")).expect("b");
+        let xc = x.transpose(0, 1).expect("t");
+        let (y, _) = batch_norm_train(&xc, &gamma, &beta, 1e-5, true, None).expect("bn");
+        // Channel-major view of the batch-major output: channel ch is row ch.
+        let ys = y
+            .transpose(0, 1)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("vec");
+        assert!(ys.contains(&0.0) && ys.iter().any(|&v| v > 0.0));
+        assert!(ys.iter().all(|&v| v >= 0.0));
+        let grads = y.sum_all().expect("sum").backward().expect("backward");
+        // Σ over a channel of (unclipped) outputs has zero gradient wrt β only if
+        // nothing is clipped; here some are, so ∂β counts the unclipped values.
+        let dbeta = grads
+            .get(&beta)
+            .expect("dbeta")
+            .to_vec1::<f32>()
+            .expect("vec");
+        let m = 3 * 16;
+        for (ch, d) in dbeta.iter().enumerate() {
+            let open = ys[ch * m..(ch + 1) * m]
+                .iter()
+                .filter(|&&v| v > 0.0)
+                .count();
+            assert_eq!(*d, open as f32, "channel {ch}");
+        }
+    }
+
+    #[test]
+    fn rejects_an_empty_batch_and_a_mismatched_skip() {
+        let x = Tensor::zeros((2, 0), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let g = Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).expect("g");
+        let err = batch_norm_train(&x, &g, &g, 1e-5, false, None).expect_err("empty");
+        assert!(err.to_string().contains("empty batch"), "{err}");
+        let x = Tensor::ones((2, 3, 4), candle_core::DType::F32, &Device::Cpu).expect("x");
+        let skip = Tensor::ones((2, 3, 4), candle_core::DType::F32, &Device::Cpu).expect("skip");
+        let err = batch_norm_train(&x, &g, &g, 1e-5, false, Some(&skip)).expect_err("skip");
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+}
