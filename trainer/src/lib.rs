@@ -9,7 +9,8 @@
 //!   [`optim`]: the choice between them and their checkpoint state.
 //! * [`mining`]: which triplets of a minibatch the loss sees.
 //! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy.
-//! * [`ops`]: fast CPU kernels for convolution and max-pool backward.
+//! * [`ops`]: fast CPU kernels for convolution, BatchNorm and max-pool.
+//! * [`bench`]: a training step's time per phase against the GEMM peak.
 //!
 //! ```no_run
 //! use modkit_trainer::{data::Dataset, train::{TrainConfig, Trainer}};
@@ -24,6 +25,7 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod bench;
 pub mod data;
 mod error;
 pub mod eval;

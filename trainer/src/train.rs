@@ -117,6 +117,40 @@ pub struct EpochLog {
     pub lr: f64,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// Where the epoch's training steps spent their time (logs from before this
+    /// was recorded read as zeros).
+    #[serde(default)]
+    pub step_seconds: StepTimes,
+}
+
+/// Where one training step's time went, in seconds (summed over steps when it
+/// describes an epoch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTimes {
+    /// Assembling the input batch from the dataset's decoded images.
+    pub data: f64,
+    /// Forward pass and loss, up to reading the loss value.
+    pub forward: f64,
+    /// `loss.backward()`: every gradient.
+    pub backward: f64,
+    /// The optimizer's update of every variable.
+    pub update: f64,
+}
+
+impl StepTimes {
+    /// The whole step.
+    pub fn total(&self) -> f64 {
+        self.data + self.forward + self.backward + self.update
+    }
+}
+
+impl std::ops::AddAssign for StepTimes {
+    fn add_assign(&mut self, o: StepTimes) {
+        self.data += o.data;
+        self.forward += o.forward;
+        self.backward += o.backward;
+        self.update += o.update;
+    }
 }
 
 /// The result of [`Trainer::run`].
@@ -139,6 +173,8 @@ pub struct Trainer {
     /// Epochs completed.
     pub epoch: usize,
     last_metrics: serde_json::Value,
+    /// Per-step timings of the last epoch trained.
+    step_times: Vec<StepTimes>,
 }
 
 /// `OUT.suffix` next to the checkpoint `OUT.safetensors`.
@@ -233,6 +269,7 @@ impl Trainer {
             test,
             epoch: 0,
             last_metrics: serde_json::Value::Null,
+            step_times: Vec::new(),
         })
     }
 
@@ -310,7 +347,16 @@ impl Trainer {
         let steps = cfg.triplets_per_task / k;
         let groups: Vec<(usize, usize)> = (0..t).map(|task| (task, 3 * k)).collect();
         let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
+        self.step_times.clear();
+        let since = |t: &mut Instant| {
+            let now = Instant::now();
+            let d = (now - *t).as_secs_f64();
+            *t = now;
+            d
+        };
         for step in 0..steps {
+            let mut times = StepTimes::default();
+            let mut clock = Instant::now();
             let mut idx = Vec::with_capacity(3 * k * t);
             for ts in &train {
                 let chunk = &ts[step * k..(step + 1) * k];
@@ -319,6 +365,7 @@ impl Trainer {
                 idx.extend(chunk.iter().map(|x| x.negative));
             }
             let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
+            times.data = since(&mut clock);
             let emb = if cfg.mining == Mining::Pooled {
                 self.net.forward_all_tasks(&x, true)?
             } else {
@@ -357,13 +404,26 @@ impl Trainer {
                     loss: value,
                 });
             }
-            self.opt.step(&loss.backward()?)?;
+            times.forward = since(&mut clock);
+            let grads = loss.backward()?;
+            // CUDA runs asynchronously: wait, or the time lands in the next phase.
+            self.device.synchronize()?;
+            times.backward = since(&mut clock);
+            self.opt.step(&grads)?;
+            self.device.synchronize()?;
+            times.update = since(&mut clock);
+            self.step_times.push(times);
             loss_sum += value as f64;
             ok_sum += ok;
             progress(step + 1, steps, value);
         }
         self.epoch += 1;
         Ok((loss_sum / steps as f64, ok_sum / steps as f64))
+    }
+
+    /// Per-step timings of the last epoch trained, in order.
+    pub fn step_times(&self) -> &[StepTimes] {
+        &self.step_times
     }
 
     /// Per-task test triplet accuracy.
@@ -448,6 +508,13 @@ impl Trainer {
                 lr: self.opt.lr(),
                 seconds,
                 images_per_second: images_per_epoch / seconds,
+                step_seconds: self
+                    .step_times
+                    .iter()
+                    .fold(StepTimes::default(), |mut a, &t| {
+                        a += t;
+                        a
+                    }),
             };
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;

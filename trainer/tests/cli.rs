@@ -77,7 +77,7 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("m.safetensors");
     let out = out.to_str().expect("utf8");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["train", "--input-size", "40", "-o", out], "at least 48"),
         (
             &[
@@ -100,6 +100,9 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
             &["eval", "/nonexistent/ckpt.safetensors"],
             "/nonexistent/ckpt.safetensors",
         ),
+        (&["bench-step", "--tasks", "21"], "--tasks 21"),
+        (&["bench-step", "--spec", "tiny", "--steps", "0"], "--steps"),
+        (&["bench-step", "--spec", "huge"], "huge"),
     ];
     for (args, want) in cases {
         let o = modtrain(args);
@@ -219,4 +222,59 @@ fn adam_runs_resume_bit_exactly_and_record_the_optimizer() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn bench_step_reports_phases_and_the_gemm_peak() {
+    let o = modtrain(&[
+        "bench-step",
+        "--spec",
+        "tiny",
+        "--tasks",
+        "2",
+        "--batch-per-task",
+        "2",
+        "--steps",
+        "2",
+        "--images",
+        "100",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(b["images_per_step"], 12);
+    assert_eq!(b["steps"].as_array().map(Vec::len), Some(2));
+    assert_eq!(b["net"]["widths"], serde_json::json!([8, 16, 32, 32, 32]));
+    for phase in ["forward", "backward", "update"] {
+        assert!(
+            b["median"][phase].as_f64().is_some_and(|t| t > 0.0),
+            "{phase}: {b}"
+        );
+    }
+    assert!(b["gemm_peak_gflops"].as_f64().is_some_and(|g| g > 0.0));
+
+    let o = modtrain(&[
+        "bench-step",
+        "--spec",
+        "tiny",
+        "--tasks",
+        "1",
+        "--batch-per-task",
+        "1",
+        "--steps",
+        "1",
+        "--images",
+        "60",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "forward",
+        "backward",
+        "update",
+        "images/s",
+        "% of the GEMM peak",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
 }

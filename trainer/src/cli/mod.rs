@@ -1,5 +1,6 @@
 //! Command-line interface: one args struct per subcommand, each with `run`.
 
+mod bench;
 mod eval;
 mod synth;
 mod train;
@@ -24,6 +25,7 @@ enum Command {
     Synth(synth::SynthArgs),
     Train(Box<train::TrainArgs>),
     Eval(eval::EvalArgs),
+    BenchStep(bench::BenchStepArgs),
 }
 
 impl Cli {
@@ -32,6 +34,7 @@ impl Cli {
             Command::Synth(a) => a.run(),
             Command::Train(a) => (*a).run(),
             Command::Eval(a) => a.run(),
+            Command::BenchStep(a) => a.run(),
         }
     }
 }

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Times modkit's training step in PyTorch (CPU) and compares it with modtrain's.
+
+Reads the JSON that `modtrain bench-step --json` printed (file argument), builds the
+same network in PyTorch (conv → BN → ReLU → 2×2 max-pool, residual block, ReLU; the
+task modulation ReLU(w_t) after blocks N..5 and fc; L2-normalised embedding), runs
+the same minibatch shape (tasks × [k anchors, k positives, k negatives]) through
+forward + squared-L2 triplet loss (margin 0.2), backward and Adagrad (lr 0.01,
+initial accumulator 0.1), with the same thread count, warm-up and timed steps, and
+prints both side by side. Run by scripts/compare_torch.sh.
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class ConvBn(nn.Module):
+    def __init__(self, cin, cout, pad, bn):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=pad, bias=not bn)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-5, momentum=0.1) if bn else nn.Identity()
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cin, c, bn):
+        super().__init__()
+        self.conv = ConvBn(cin, c, 0, bn)
+        self.res1 = ConvBn(c, c, 1, bn)
+        self.res2 = ConvBn(c, c, 1, bn)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.conv(x)), 2)
+        r = self.res2(F.relu(self.res1(y)))
+        return F.relu(y + r)
+
+
+class Net(nn.Module):
+    def __init__(self, spec, tasks, modulated):
+        super().__init__()
+        w, bn = spec["widths"], spec["batch_norm"]
+        self.conv1 = ConvBn(spec["in_channels"], w[0], 0, bn)
+        self.blocks = nn.ModuleList(Block(w[i], w[i + 1], bn) for i in range(4))
+        size = spec["input_size"] - 2
+        for _ in range(4):
+            size = (size - 2) // 2
+        emb = spec["embedding"]
+        self.fc = nn.Linear(w[4] * size * size, emb, bias=not bn)
+        self.fc_bn = nn.BatchNorm1d(emb) if bn else nn.Identity()
+        self.first = spec["first_modulated"]
+        channels = [w[k - 1] for k in range(self.first, 6)] + [emb]
+        self.mod = nn.ParameterList(
+            nn.Parameter(torch.ones(tasks, c)) for c in channels
+        ) if modulated else None
+
+    def modulate(self, x, i, ids):
+        if self.mod is None:
+            return x
+        s = F.relu(self.mod[i])[ids]
+        return x * (s[:, :, None, None] if x.dim() == 4 else s)
+
+    def forward(self, x, ids):
+        x = F.relu(self.conv1(x))
+        m = 0
+        for k, block in enumerate(self.blocks, start=2):
+            x = block(x)
+            if k >= self.first:
+                x = self.modulate(x, m, ids)
+                m += 1
+        e = self.fc_bn(self.fc(x.flatten(1)))
+        e = self.modulate(e, m, ids)
+        return F.normalize(e, dim=1, eps=1e-12)
+
+
+def triplet_loss(emb, tasks, k, margin=0.2):
+    e = emb.view(tasks, 3, k, -1)
+    a, p, n = e[:, 0], e[:, 1], e[:, 2]
+    dp = (a - p).pow(2).sum(-1)
+    dn = (a - n).pow(2).sum(-1)
+    return F.relu(dp - dn + margin).mean()
+
+
+def main():
+    rs = json.load(open(sys.argv[1]))
+    if rs["mining"] != "sampled" or rs["optimizer"] != "adagrad":
+        sys.exit("torch_step.py mirrors sampled mining with adagrad only")
+    if rs["variant"] not in ("modulated", "shared"):
+        sys.exit(f"torch_step.py mirrors modulated and shared, not {rs['variant']}")
+    spec = rs["net"]
+    if spec["modulation"] != "vector":
+        sys.exit("torch_step.py mirrors vector modulation only")
+    torch.manual_seed(0)
+    torch.set_num_threads(rs["threads"])
+    t, k = rs["tasks"], rs["batch_per_task"]
+    net = Net(spec, t, rs["variant"] == "modulated").train()
+    opt = torch.optim.Adagrad(net.parameters(), lr=0.01, initial_accumulator_value=0.1)
+    s = spec["input_size"]
+    x = torch.randn(t * 3 * k, spec["in_channels"], s, s)
+    ids = torch.arange(t).repeat_interleave(3 * k)
+    times = []
+    for step in range(rs["warmup"] + len(rs["steps"])):
+        t0 = time.perf_counter()
+        loss = triplet_loss(net(x, ids), t, k)
+        loss.item()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if step >= rs["warmup"]:
+            times.append((t1 - t0, t2 - t1, t3 - t2))
+
+    med = [statistics.median(col) for col in zip(*times)]
+    torch_step = sum(med)
+    ours = rs["median"]
+    ours_step = ours["forward"] + ours["backward"] + ours["update"]
+    flops = rs["flops_per_step"]
+    peak = rs["gemm_peak_gflops"]
+    print(
+        f"{rs['spec']} {s}×{s}, {rs['variant']}, {rs['images_per_step']} images per step, "
+        f"{rs['threads']} threads; PyTorch {torch.__version__}"
+    )
+    print(f"| phase (median ms) | modtrain | PyTorch | modtrain ÷ PyTorch |")
+    print(f"|---|---|---|---|")
+    for name, a, b in [
+        ("forward", ours["forward"], med[0]),
+        ("backward", ours["backward"], med[1]),
+        ("update", ours["update"], med[2]),
+        ("step (no data)", ours_step, torch_step),
+    ]:
+        print(f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f}× |")
+    print(
+        f"| step ÷ forward | {ours_step / ours['forward']:.2f} | {torch_step / med[0]:.2f} | |"
+    )
+    print(
+        f"| % of GEMM peak ({peak:.1f} GFLOP/s) | {100 * flops / ours_step / 1e9 / peak:.0f}% "
+        f"| {100 * flops / torch_step / 1e9 / peak:.0f}% | |"
+    )
+    print(f"modtrain data (batch assembly, not timed in PyTorch): {ours['data'] * 1e3:.1f} ms")
+    ratio = ours_step / torch_step
+    print(f"modtrain step = {ratio:.2f} × PyTorch's (target ≤ 1.2×)")
+
+
+if __name__ == "__main__":
+    main()

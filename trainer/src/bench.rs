@@ -1,0 +1,217 @@
+//! `modtrain bench-step`: where a training step's time goes, and how close it comes
+//! to the machine's matrix-multiply peak.
+//!
+//! The step is the trainer's own ([`Trainer::train_epoch`]) on built-in synthetic
+//! data, so the numbers are those of `modtrain train` with the same settings. The
+//! peak is a square f32 GEMM through candle (the same kernels and threads the
+//! convolutions use), timed in the same run, so the fraction of peak is a ratio of
+//! two measurements taken side by side.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use modkit_models::NetSpec;
+use serde::Serialize;
+
+use crate::Result;
+use crate::data::Dataset;
+use crate::mining::Mining;
+use crate::train::{StepTimes, TrainConfig, Trainer};
+
+/// Floating-point operations of one training step of `images` images: forward,
+/// then backward at twice the forward (weight and input gradients) except that
+/// conv1 needs no input gradient. Convolutions and fc only; element-wise ops are
+/// not counted. With `tail_passes` > 1 (pooled mining) the tail runs that many times
+/// per image.
+pub fn step_flops(spec: &NetSpec, images: usize, tail_passes: usize) -> f64 {
+    let (trunk, tail) = spec.macs();
+    let conv1 =
+        (spec.in_channels * 9 * spec.widths[0]) as u64 * (spec.stages()[0].size as u64).pow(2);
+    let forward = 2.0 * (trunk + tail * tail_passes as u64) as f64 * images as f64;
+    let no_input_grad = 2.0 * conv1 as f64 * images as f64;
+    3.0 * forward - no_input_grad
+}
+
+/// Best-of-`runs` throughput of an `n×n · n×n` f32 matmul on `device`, in GFLOP/s.
+pub fn gemm_gflops(device: &Device, n: usize, runs: usize) -> Result<f64> {
+    let a = Tensor::ones((n, n), DType::F32, device)?.affine(0.5, 0.0)?;
+    let b = Tensor::ones((n, n), DType::F32, device)?.affine(0.25, 0.0)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs + 1 {
+        let start = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(start.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+/// What [`bench_step`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBench {
+    /// The network timed (a peer benchmark rebuilds it from this).
+    pub net: NetSpec,
+    pub spec: String,
+    pub input_size: usize,
+    pub variant: String,
+    pub mining: String,
+    pub optimizer: String,
+    pub tasks: usize,
+    pub batch_per_task: usize,
+    pub warmup: usize,
+    pub images_per_step: usize,
+    pub threads: usize,
+    pub device: String,
+    /// Every timed step (warm-up steps excluded), in seconds.
+    pub steps: Vec<StepTimes>,
+    /// Per phase, the median over the timed steps.
+    pub median: StepTimes,
+    pub flops_per_step: f64,
+    /// `flops_per_step / median.total()`, GFLOP/s.
+    pub gflops: f64,
+    /// The square GEMM's rate on the same device and threads, GFLOP/s.
+    pub gemm_peak_gflops: f64,
+}
+
+impl StepBench {
+    /// Fraction of the GEMM peak the step reaches.
+    pub fn peak_fraction(&self) -> f64 {
+        self.gflops / self.gemm_peak_gflops
+    }
+
+    /// Images per second of a whole step.
+    pub fn images_per_second(&self) -> f64 {
+        self.images_per_step as f64 / self.median.total()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Times `steps` training steps (after `warmup` untimed ones) of `cfg` on synthetic
+/// data generated at the spec's input size. `cfg.triplets_per_task` and `epochs`
+/// are set here; everything else (spec, variant, tasks, batch, mining, optimizer,
+/// seed) is taken as given.
+pub fn bench_step(
+    cfg: &TrainConfig,
+    steps: usize,
+    warmup: usize,
+    device: Device,
+) -> Result<StepBench> {
+    if steps == 0 {
+        return Err(crate::Error::Config(
+            "bench-step needs at least one timed step (--steps ≥ 1)".into(),
+        ));
+    }
+    let mut cfg = cfg.clone();
+    cfg.epochs = 1;
+    cfg.triplets_per_task = cfg.batch_per_task * (warmup + steps);
+    cfg.test_triplets_per_task = 1;
+    let ds = Dataset::synthetic(cfg.synth_images, cfg.spec.input_size, cfg.seed);
+    let mut trainer = Trainer::new(cfg.clone(), &ds, device.clone())?;
+    trainer.train_epoch(&ds, &mut |_, _, _| {})?;
+    let timed: Vec<StepTimes> = trainer.step_times()[warmup..].to_vec();
+    let pick = |f: fn(&StepTimes) -> f64| median(timed.iter().map(f).collect());
+    let med = StepTimes {
+        data: pick(|t| t.data),
+        forward: pick(|t| t.forward),
+        backward: pick(|t| t.backward),
+        update: pick(|t| t.update),
+    };
+    let tasks = cfg.tasks.len();
+    let images = 3 * cfg.batch_per_task * tasks;
+    let tail_passes = if cfg.mining == Mining::Pooled {
+        tasks
+    } else {
+        1
+    };
+    let flops = step_flops(&cfg.spec, images, tail_passes);
+    let peak = gemm_gflops(&device, 1024, 5)?;
+    Ok(StepBench {
+        net: cfg.spec.clone(),
+        spec: cfg.spec.name.clone(),
+        input_size: cfg.spec.input_size,
+        variant: cfg.variant.to_string(),
+        mining: cfg.mining.to_string(),
+        optimizer: cfg.optimizer.to_string(),
+        tasks,
+        batch_per_task: cfg.batch_per_task,
+        warmup,
+        images_per_step: images,
+        threads: rayon::current_num_threads(),
+        device: format!("{device:?}"),
+        steps: timed,
+        median: med,
+        flops_per_step: flops,
+        gflops: flops / med.total() / 1e9,
+        gemm_peak_gflops: peak,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_flops_of_the_paper_network_by_hand() {
+        // Table 2 at 150×150, multiply-accumulates per image, as (C·9)·O·Ho·Wo:
+        // conv1 3→32 at 148²; each block's conv at (previous side − 2), its two
+        // residual convs (padding 1) at the pooled side; fc 128·7·7 = 6272 → 256.
+        let convs: [u64; 5] = [
+            27 * 32 * 148 * 148,
+            288 * 64 * 146 * 146 + 2 * 576 * 64 * 73 * 73,
+            576 * 128 * 71 * 71 + 2 * 1152 * 128 * 35 * 35,
+            1152 * 128 * 33 * 33 + 2 * 1152 * 128 * 16 * 16,
+            1152 * 128 * 14 * 14 + 2 * 1152 * 128 * 7 * 7,
+        ];
+        let macs = convs.iter().sum::<u64>() + 6272 * 256;
+        let want = 3.0 * 2.0 * macs as f64 - 2.0 * convs[0] as f64;
+        let got = step_flops(&NetSpec::paper(), 1, 1);
+        assert_eq!(got, want);
+        // 96 images: linear in the batch.
+        assert_eq!(step_flops(&NetSpec::paper(), 96, 1), 96.0 * want);
+        // Pooled mining runs the tail (block5 and fc at N = 4) once per task.
+        let tail = (convs[4] + 6272 * 256) as f64;
+        assert_eq!(
+            step_flops(&NetSpec::paper(), 1, 3),
+            want + 2.0 * 3.0 * 2.0 * tail
+        );
+    }
+
+    #[test]
+    fn bench_step_times_the_trainers_step() {
+        let mut spec = NetSpec::tiny();
+        spec.widths = [4, 4, 8, 8, 8];
+        spec.embedding = 8;
+        let cfg = TrainConfig {
+            spec,
+            tasks: vec!["smiling".into(), "bald".into()],
+            batch_per_task: 2,
+            synth_images: 120,
+            ..TrainConfig::default()
+        };
+        let b = bench_step(&cfg, 3, 1, Device::Cpu).expect("bench");
+        assert_eq!(b.steps.len(), 3);
+        assert_eq!(b.images_per_step, 12);
+        for t in &b.steps {
+            assert!(
+                t.forward > 0.0 && t.backward > 0.0 && t.update > 0.0,
+                "{t:?}"
+            );
+        }
+        assert!(b.median.total() > 0.0 && b.gflops > 0.0 && b.gemm_peak_gflops > 0.0);
+        assert_eq!(b.flops_per_step, step_flops(&cfg.spec, 12, 1));
+        let err = bench_step(&cfg, 0, 1, Device::Cpu).expect_err("no steps");
+        assert!(err.to_string().contains("--steps"), "{err}");
+    }
+}
