@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::Result;
-use crate::ops::{conv3x3, max_pool2x2};
+use crate::ops::{conv3x3_channel_major, max_pool2x2};
 
 fn bn_config() -> BatchNormConfig {
     BatchNormConfig {
@@ -53,29 +53,28 @@ impl Norm {
         })
     }
 
-    /// `BN(x) (+ skip) (→ ReLU when relu)`.
+    /// `BN(x) (+ skip) (→ ReLU when relu)` of channel-major `xc: [C, B, …]`; the
+    /// result is batch-major `[B, C, …]`.
     fn forward(
         &self,
-        x: &Tensor,
+        xc: &Tensor,
         train: bool,
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let fused = train && x.device().is_cpu() && x.dtype() == DType::F32;
+        let fused = train && xc.device().is_cpu() && xc.dtype() == DType::F32;
         let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| fused) else {
-            let mut y = self.inner.forward_t(x, train)?;
+            let mut y = self.inner.forward_t(&xc.transpose(0, 1)?, train)?;
             if let Some(skip) = skip {
                 y = (y + skip)?;
             }
             return Ok(if relu { y.relu()? } else { y });
         };
-        // Channel-major: a no-op view for the convolutions' `[C, B·H·W]` outputs.
-        let xc = x.transpose(0, 1)?;
         let eps = self.inner.eps();
-        let (y, stats) = crate::ops::batch_norm_train(&xc, gamma, beta, eps, relu, skip)?;
+        let (y, stats) = crate::ops::batch_norm_train(xc, gamma, beta, eps, relu, skip)?;
         let momentum = self.inner.momentum();
         let n = stats.count as f64;
-        let dev = x.device();
+        let dev = xc.device();
         let mean = Tensor::new(stats.mean.as_slice(), dev)?;
         let var = Tensor::new(stats.var.as_slice(), dev)?;
         self.running_mean
@@ -121,11 +120,13 @@ impl ConvBn {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let y = conv3x3(x, &self.weight, self.pad)?;
+        let yc = conv3x3_channel_major(x, &self.weight, self.pad)?;
         let mut y = match (&self.bias, &self.bn) {
-            (_, Some(bn)) => return bn.forward(&y, train, relu, skip),
-            (Some(b), None) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            (None, None) => y,
+            (_, Some(bn)) => return bn.forward(&yc, train, relu, skip),
+            (Some(b), None) => yc
+                .transpose(0, 1)?
+                .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            (None, None) => yc.transpose(0, 1)?,
         };
         if let Some(skip) = skip {
             y = (y + skip)?;
@@ -203,7 +204,7 @@ impl Backbone {
     fn fc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = x.flatten_from(1)?.matmul(&self.fc_weight.t()?)?;
         Ok(match (&self.fc_bias, &self.fc_bn) {
-            (_, Some(bn)) => bn.forward(&y, train, false, None)?,
+            (_, Some(bn)) => bn.forward(&y.t()?, train, false, None)?,
             (Some(b), None) => y.broadcast_add(b)?,
             (None, None) => y,
         })
@@ -502,7 +503,7 @@ mod tests {
     /// A block in training mode computed with candle-nn's BatchNorm and plain ops.
     fn reference_block(block: &Block, x: &Tensor) -> Tensor {
         let convbn = |cb: &ConvBn, x: &Tensor| {
-            let y = conv3x3(x, &cb.weight, cb.pad).expect("conv");
+            let y = crate::ops::conv3x3(x, &cb.weight, cb.pad).expect("conv");
             cb.bn
                 .as_ref()
                 .expect("bn")

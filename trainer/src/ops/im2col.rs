@@ -7,7 +7,7 @@
 //! inside the GEMM, with no per-sample `[B, O, C·9]` to reduce), and `∂cols → ∂x`
 //! is `col2im`, the scatter-add of the same indexing.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Unfolds 3×3 patches (stride 1, zero padding `pad`).
@@ -134,24 +134,89 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// The convolution as one node of candle's graph.
+///
+/// Its arguments are `x`, the weight and the already computed output `W · cols`
+/// (from detached tensors, so the GEMM and its reshapes record nothing); forward
+/// hands that output on, backward computes `∂W = g · colsᵀ` and
+/// `∂x = col2im(Wᵀ · g)` with candle's GEMM. Built from separate ops, candle's
+/// backward also zero-fills and accumulates a gradient for every intermediate: the
+/// 9×-larger `cols`, and the output's reshape and transpose.
+#[derive(Debug)]
+struct Conv3x3 {
+    cols: Tensor,
+    pad: usize,
+}
+
+impl CustomOp3 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        _w: &CpuStorage,
+        _lw: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = contiguous(y, ly, "conv3x3")?.to_vec();
+        Ok((CpuStorage::F32(out), ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, _, h, w) = x.dims4()?;
+        let o = weight.dim(0)?;
+        let g = grad.contiguous()?.reshape((o, ()))?;
+        let dw = g.matmul(&self.cols.t()?)?.reshape(weight.shape())?;
+        // The network's input needs no gradient: skip a third of conv1's backward.
+        let dx = if x.track_op() {
+            let dcols = weight.flatten_from(1)?.t()?.matmul(&g)?;
+            Some(dcols.apply_op1_no_bwd(&Col2Im {
+                pad: self.pad,
+                b,
+                h,
+                w,
+            })?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw), None))
+    }
+}
+
 /// `x: [B, C, H, W]` convolved with `weight: [O, C, 3, 3]` (stride 1, zero padding
-/// `pad`), no bias. On CPU this is `im2col` + a batched GEMM; elsewhere candle's
-/// `conv2d`.
-pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+/// `pad`), no bias, returned channel-major: `[O, B, Ho, Wo]` (what BatchNorm
+/// consumes). On CPU this is `im2col` and one GEMM for the whole batch, one node of
+/// the graph; elsewhere candle's `conv2d`.
+pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
     if !x.device().is_cpu() {
-        return x.conv2d(weight, pad, 1, 1, 1);
+        return x.conv2d(weight, pad, 1, 1, 1)?.transpose(0, 1);
     }
     let (b, _, h, w) = x.dims4()?;
     let o = weight.dim(0)?;
     let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
-    let cols = x.contiguous()?.apply_op1(Im2Col { pad })?;
-    // [O, B·Ho·Wo], returned as a [B, O, Ho, Wo] view: BatchNorm, which works
-    // channel-major, transposes it back without a copy.
-    weight
+    let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col { pad })?;
+    let y = weight
+        .detach()
         .flatten_from(1)?
         .matmul(&cols)?
-        .reshape((o, b, ho, wo))?
-        .transpose(0, 1)
+        .reshape((o, b, ho, wo))?;
+    x.apply_op3(weight, &y, Conv3x3 { cols, pad })
+}
+
+/// [`conv3x3_channel_major`] as `[B, O, Ho, Wo]` (a transposed view on CPU).
+pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    conv3x3_channel_major(x, weight, pad)?.transpose(0, 1)
 }
 
 #[cfg(test)]
@@ -190,6 +255,17 @@ mod tests {
                 let d = max_diff(a, b);
                 assert!(d < 1e-4, "gradient pad {pad} {h}×{w}: max diff {d}");
             }
+
+            // An input that is not tracked (the network's images) gets no gradient;
+            // the weight's is unchanged.
+            let plain = x.as_tensor().detach();
+            let g3 = (conv3x3(&plain, &k, pad).expect("ours") * &up)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("bwd");
+            assert!(g3.get(&plain).is_none());
+            let d = max_diff(g3.get(&k).expect("g3"), g2.get(&k).expect("g2"));
+            assert!(d < 1e-4, "weight gradient, untracked input: max diff {d}");
         }
     }
 }

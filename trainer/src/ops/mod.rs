@@ -16,7 +16,7 @@ mod im2col;
 mod maxpool;
 
 pub use batchnorm::{BatchStats, batch_norm_train};
-pub use im2col::{Col2Im, Im2Col, conv3x3};
+pub use im2col::{Col2Im, Im2Col, conv3x3, conv3x3_channel_major};
 pub use maxpool::max_pool2x2;
 
 #[cfg(test)]
