@@ -34,21 +34,21 @@ struct BnTrain {
     b: usize,
 }
 
+/// Sums `f` over `v` in f32 within blocks of 4096 and in f64 across them: exact
+/// enough for millions of values, and the inner loop vectorises.
+fn blocked_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    v.chunks(4096)
+        .map(|b| b.iter().map(|&x| f(x)).sum::<f32>() as f64)
+        .sum()
+}
+
 /// Batch statistics of channel-major `x: [C, M]`: per-channel mean and biased variance.
 fn channel_stats(x: &[f32], m: usize) -> Vec<(f32, f32)> {
     x.par_chunks(m)
         .map(|ch| {
-            // f64 accumulation: M reaches millions at the paper's spec.
-            let mean = ch.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
-            let var = ch
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / m as f64;
-            (mean as f32, var as f32)
+            let mean = (blocked_sum(ch, |v| v) / m as f64) as f32;
+            let var = blocked_sum(ch, |v| (v - mean) * (v - mean)) / m as f64;
+            (mean, var as f32)
         })
         .collect()
 }
@@ -113,15 +113,16 @@ impl BnTrain {
         out
     }
 
-    /// `(∂x [C, B, …], ∂γβ [2, C], ∂skip [B, C, …])` from the output `y` and its
-    /// gradient `g`, both batch-major.
+    /// `(∂x [C, B, …], ∂γβ [2, C], ∂skip [B, C, …] when with_skip)` from the output
+    /// `y` and its gradient `g`, both batch-major.
     fn backward(
         &self,
         x: &Tensor,
         gb: &Tensor,
         y: &Tensor,
         g: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        with_skip: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let c = self.mean.len();
         let b = self.b;
         let m = x.elem_count() / c.max(1);
@@ -130,9 +131,8 @@ impl BnTrain {
         let (dx, dgb, dskip) = with_slice(x, |x| {
             with_slice(y, |y| {
                 with_slice(g, |g| {
-                    let masked = |i: usize| {
-                        if self.relu && y[i] <= 0.0 { 0.0 } else { g[i] }
-                    };
+                    let relu = self.relu;
+                    let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
                     let mut dx = vec![0f32; x.len()];
                     let sums: Vec<(f32, f32)> = dx
                         .par_chunks_mut(m)
@@ -140,30 +140,39 @@ impl BnTrain {
                         .map(|(ch, dx)| {
                             let x = &x[ch * m..(ch + 1) * m];
                             let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                            // Batch-major index of (image bi, position j) of this channel.
-                            let at = |bi: usize, j: usize| (bi * c + ch) * s + j;
                             let (mut sb, mut sg) = (0f64, 0f64);
-                            for bi in 0..b {
-                                for j in 0..s {
-                                    let gi = masked(at(bi, j)) as f64;
-                                    sb += gi;
-                                    sg += gi * ((x[bi * s + j] - mu) * is) as f64;
+                            // Image bi's values of this channel: one segment of x
+                            // (channel-major), at `at` in y and g (batch-major).
+                            for (bi, xs) in x.chunks(s).enumerate() {
+                                let at = (bi * c + ch) * s;
+                                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                                let (mut b32, mut g32) = (0f32, 0f32);
+                                for ((&xv, &yv), &gv) in xs.iter().zip(ys).zip(gs) {
+                                    let gi = mask(yv, gv);
+                                    b32 += gi;
+                                    g32 += gi * (xv - mu);
                                 }
+                                sb += b32 as f64;
+                                sg += g32 as f64 * is as f64;
                             }
                             let a = gamma[ch] * is;
-                            let (mb, mg) = ((sb / m as f64) as f32, (sg / m as f64) as f32);
-                            for bi in 0..b {
-                                for j in 0..s {
-                                    let k = bi * s + j;
-                                    let xhat = (x[k] - mu) * is;
-                                    dx[k] = a * (masked(at(bi, j)) - mb - xhat * mg);
+                            let mb = (sb / m as f64) as f32;
+                            // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
+                            let mg = (sg / m as f64) as f32 * is;
+                            for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
+                                let at = (bi * c + ch) * s;
+                                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                                for (((d, &xv), &yv), &gv) in ds.iter_mut().zip(xs).zip(ys).zip(gs)
+                                {
+                                    *d = a * (mask(yv, gv) - mb - (xv - mu) * mg);
                                 }
                             }
                             (sg as f32, sb as f32)
                         })
                         .collect();
                     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
-                    let dskip: Vec<f32> = (0..g.len()).into_par_iter().map(masked).collect();
+                    let dskip: Option<Vec<f32>> =
+                        with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());
                     Ok((dx, [dgamma, dbeta].concat(), dskip))
                 })
             })
@@ -172,7 +181,9 @@ impl BnTrain {
         Ok((
             Tensor::from_vec(dx, x.shape(), dev)?,
             Tensor::from_vec(dgb, (2, c), dev)?,
-            Tensor::from_vec(dskip, y.shape(), dev)?,
+            dskip
+                .map(|d| Tensor::from_vec(d, y.shape(), dev))
+                .transpose()?,
         ))
     }
 }
@@ -200,7 +211,7 @@ impl CustomOp2 for BnTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dgb, _) = self.backward(x, gb, res, grad)?;
+        let (dx, dgb, _) = self.backward(x, gb, res, grad, false)?;
         Ok((Some(dx), Some(dgb)))
     }
 }
@@ -232,8 +243,8 @@ impl CustomOp3 for BnTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dgb, dskip) = self.backward(x, gb, res, grad)?;
-        Ok((Some(dx), Some(dgb), Some(dskip)))
+        let (dx, dgb, dskip) = self.backward(x, gb, res, grad, true)?;
+        Ok((Some(dx), Some(dgb), dskip))
     }
 }
 
