@@ -77,7 +77,7 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("m.safetensors");
     let out = out.to_str().expect("utf8");
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["train", "--input-size", "40", "-o", out], "at least 48"),
         (
             &[
@@ -101,6 +101,10 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
             "/nonexistent/ckpt.safetensors",
         ),
         (&["bench-step", "--tasks", "21"], "--tasks 21"),
+        (
+            &["train", "--widths", "8,16,0,32,32", "-o", out],
+            "must all be positive",
+        ),
         (&["bench-step", "--spec", "tiny", "--steps", "0"], "--steps"),
         (&["bench-step", "--spec", "huge"], "huge"),
     ];

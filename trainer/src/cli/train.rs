@@ -40,6 +40,13 @@ pub struct TrainArgs {
     /// Input side in pixels; default: the preset's (48 tiny, 150 paper; at least 48).
     #[arg(long)]
     input_size: Option<usize>,
+    /// Output channels of conv1 and blocks 2..5, comma-separated; default: the preset's
+    /// (8,16,32,32,32 tiny; 32,64,128,128,128 paper).
+    #[arg(long, value_delimiter = ',')]
+    widths: Option<Vec<usize>>,
+    /// Embedding size (fc output); default: the preset's (32 tiny, 256 paper).
+    #[arg(long)]
+    embedding: Option<usize>,
     /// Drop BatchNorm (the paper's Table 2 as printed; the authors' code has it).
     #[arg(long)]
     no_batch_norm: bool,
@@ -104,6 +111,21 @@ impl TrainArgs {
         if let Some(size) = self.input_size {
             spec.input_size = size;
             spec.name = format!("{}@{size}", spec.name);
+        }
+        if let Some(w) = &self.widths {
+            spec.widths = w
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("--widths needs 5 numbers, got {}", w.len()))?;
+            spec.name = format!(
+                "{}-widths-{}",
+                spec.name,
+                w.iter().map(usize::to_string).collect::<Vec<_>>().join("-")
+            );
+        }
+        if let Some(e) = self.embedding {
+            spec.embedding = e;
+            spec.name = format!("{}-emb{e}", spec.name);
         }
         if self.projection {
             spec.modulation = Modulation::Projection;
