@@ -142,9 +142,13 @@ impl CustomOp1 for Col2Im {
 /// `∂x = col2im(Wᵀ · g)` with candle's GEMM. Built from separate ops, candle's
 /// backward also zero-fills and accumulates a gradient for every intermediate: the
 /// 9×-larger `cols`, and the output's reshape and transpose.
+///
+/// `cols` is recomputed in the backward rather than kept from the forward: kept,
+/// the columns of every convolution live until the backward (7.5 GB of a 17.9 GB
+/// peak at the paper's 150×150 with 96 images), and redoing `im2col` is a copy,
+/// small beside the two GEMMs.
 #[derive(Debug)]
 struct Conv3x3 {
-    cols: Tensor,
     pad: usize,
 }
 
@@ -177,7 +181,11 @@ impl CustomOp3 for Conv3x3 {
         let (b, _, h, w) = x.dims4()?;
         let o = weight.dim(0)?;
         let g = grad.contiguous()?.reshape((o, ()))?;
-        let dw = g.matmul(&self.cols.t()?)?.reshape(weight.shape())?;
+        let cols = x
+            .contiguous()?
+            .apply_op1_no_bwd(&Im2Col { pad: self.pad })?;
+        let dw = g.matmul(&cols.t()?)?.reshape(weight.shape())?;
+        drop(cols);
         // The network's input needs no gradient: skip a third of conv1's backward.
         let dx = if x.track_op() {
             let dcols = weight.flatten_from(1)?.t()?.matmul(&g)?;
@@ -211,7 +219,8 @@ pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<
         .flatten_from(1)?
         .matmul(&cols)?
         .reshape((o, b, ho, wo))?;
-    x.apply_op3(weight, &y, Conv3x3 { cols, pad })
+    drop(cols);
+    x.apply_op3(weight, &y, Conv3x3 { pad })
 }
 
 /// [`conv3x3_channel_major`] as `[B, O, Ho, Wo]` (a transposed view on CPU).
