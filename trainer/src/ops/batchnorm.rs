@@ -22,6 +22,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 /// The training-mode BatchNorm op over channel-major `x: [C, B, …]` and `γβ: [2, C]`
 /// (and a batch-major `skip: [B, C, …]` as a third argument), carrying the batch
 /// statistics it was built with.
@@ -64,13 +66,6 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("batch_norm_train: non-contiguous".into()))?;
     f(&cpu.as_slice::<f32>()?[a..b])
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("batch_norm_train expects contiguous inputs"),
-    }
 }
 
 /// `[C, B, rest…]` → `[B, C, rest…]`.
@@ -200,7 +195,11 @@ impl CustomOp2 for BnTrain {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.forward(slice(s1, l1)?, slice(s2, l2)?, None);
+        let out = self.forward(
+            contiguous(s1, l1, "batch_norm_train")?,
+            contiguous(s2, l2, "batch_norm_train")?,
+            None,
+        );
         Ok((CpuStorage::F32(out), batch_major(l1.shape())))
     }
 
@@ -230,8 +229,12 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let skip = slice(s3, l3)?;
-        let out = self.forward(slice(s1, l1)?, slice(s2, l2)?, Some(skip));
+        let skip = contiguous(s3, l3, "batch_norm_train")?;
+        let out = self.forward(
+            contiguous(s1, l1, "batch_norm_train")?,
+            contiguous(s2, l2, "batch_norm_train")?,
+            Some(skip),
+        );
         Ok((CpuStorage::F32(out), batch_major(l1.shape())))
     }
 

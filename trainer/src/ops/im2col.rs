@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 /// Unfolds 3×3 patches (stride 1, zero padding `pad`).
 #[derive(Debug, Clone, Copy)]
 pub struct Im2Col {
@@ -40,13 +42,6 @@ fn valid_cols(k: usize, pad: usize, w: usize, wo: usize) -> (usize, usize) {
     let lo = pad.saturating_sub(k);
     let hi = wo.min((w + pad).saturating_sub(k));
     (lo, hi.max(lo))
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("{what} expects a contiguous input"),
-    }
 }
 
 impl CustomOp1 for Im2Col {

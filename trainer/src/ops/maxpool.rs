@@ -7,18 +7,13 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 #[derive(Debug, Clone, Copy)]
 struct MaxPool;
 
 #[derive(Debug, Clone, Copy)]
 struct MaxPoolBackward;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("max_pool2x2 expects contiguous inputs"),
-    }
-}
 
 /// The flat index (within one `H×W` plane) of the first maximum of window `(oy, ox)`.
 #[inline]
@@ -40,7 +35,7 @@ impl CustomOp1 for MaxPool {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
-        let x = contiguous(s, l)?;
+        let x = contiguous(s, l, "max_pool2x2")?;
         let (ho, wo) = (h / 2, w / 2);
         let mut out = vec![0f32; b * c * ho * wo];
         out.par_chunks_mut(ho * wo)
@@ -75,8 +70,8 @@ impl CustomOp2 for MaxPoolBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l1.shape().dims4()?;
-        let x = contiguous(s1, l1)?;
-        let g = contiguous(s2, l2)?;
+        let x = contiguous(s1, l1, "max_pool2x2")?;
+        let g = contiguous(s2, l2, "max_pool2x2")?;
         let (ho, wo) = (h / 2, w / 2);
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {

@@ -19,6 +19,16 @@ pub use batchnorm::{BatchStats, batch_norm_train};
 pub use im2col::{Col2Im, Im2Col, conv3x3, conv3x3_channel_major};
 pub use maxpool::max_pool2x2;
 
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The f32 data of a contiguous CPU input of op `what`.
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("{what} expects contiguous inputs"),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::{Device, Tensor};
