@@ -1,5 +1,6 @@
 //! `modc`: compile modkit checkpoints into `.modpack` packages. See `modc --help`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -144,10 +145,11 @@ impl InspectArgs {
         let (pkg, _) = Package::load(&self.package)?;
         let size = std::fs::metadata(&self.package).map(|m| m.len() as usize)?;
         let report = inspect::inspect(&pkg, size);
+        let mut out = std::io::stdout().lock();
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         } else {
-            print!("{}", report.render());
+            write!(out, "{}", report.render())?;
         }
         Ok(())
     }
@@ -158,10 +160,15 @@ impl VerifyArgs {
         let (pkg, _) = Package::load(&self.package)?;
         let ckpt = Checkpoint::load(&self.against)?;
         let checks = verify::verify(&pkg, &ckpt, self.images)?;
-        println!("{:<22} {:<7} {:>14}", "task", "route", "max abs error");
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{:<22} {:<7} {:>14}", "task", "route", "max abs error")?;
         let mut worst = 0f32;
         for c in &checks {
-            println!("{:<22} {:<7} {:>14.3e}", c.task, c.route, c.max_abs_error);
+            writeln!(
+                out,
+                "{:<22} {:<7} {:>14.3e}",
+                c.task, c.route, c.max_abs_error
+            )?;
             worst = worst.max(c.max_abs_error);
         }
         if worst > self.tolerance || worst.is_nan() {
@@ -170,11 +177,12 @@ impl VerifyArgs {
                 self.tolerance
             );
         }
-        println!(
+        writeln!(
+            out,
             "ok: all {} tasks within {:.1e}",
             checks.len(),
             self.tolerance
-        );
+        )?;
         Ok(())
     }
 }

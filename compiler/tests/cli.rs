@@ -38,6 +38,18 @@ fn compile_inspect_verify_export() {
         "{out}"
     );
 
+    // `modc verify … | head -0`: the reader is gone before the table; not a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modc"))
+        .args(["verify", p, "--against", c])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs modc");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("waits");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains("panicked"), "{err}");
+
     // Against a different checkpoint of the same shape: verify fails with exit 2.
     let other = dir.path().join("other.safetensors");
     let mut ck = common::checkpoint(&common::small(), Variant::Modulated, &["smiling", "young"]);

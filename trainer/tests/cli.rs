@@ -282,3 +282,31 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         assert!(text.contains(want), "{want}: {text}");
     }
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    // `modtrain bench-step … | head -0`: the reader is gone before the table.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modtrain"))
+        .args([
+            "bench-step",
+            "--spec",
+            "tiny",
+            "--tasks",
+            "1",
+            "--batch-per-task",
+            "1",
+            "--steps",
+            "1",
+            "--images",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs modtrain");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("waits");
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

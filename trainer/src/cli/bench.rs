@@ -1,3 +1,5 @@
+use std::io::Write;
+
 use anyhow::Result;
 use clap::Args;
 use modkit_models::{NetSpec, Variant, tasks::CELEBA_20};
@@ -102,13 +104,15 @@ impl BenchStepArgs {
             self.batch_per_task
         );
         let b = bench_step(&cfg, self.steps, self.warmup, super::device(&self.device)?)?;
+        let mut out = std::io::stdout().lock();
         if self.json {
-            println!("{}", serde_json::to_string(&b)?);
+            writeln!(out, "{}", serde_json::to_string(&b)?)?;
             return Ok(());
         }
         let m = &b.median;
         let total = m.total();
-        println!(
+        writeln!(
+            out,
             "{} {}×{}, {}, {} mining, {}, {} images per step, {} threads, {}",
             b.spec,
             b.input_size,
@@ -119,8 +123,8 @@ impl BenchStepArgs {
             b.images_per_step,
             b.threads,
             b.device
-        );
-        println!("{:<10} {:>11} {:>7}", "phase", "median ms", "share");
+        )?;
+        writeln!(out, "{:<10} {:>11} {:>7}", "phase", "median ms", "share")?;
         for (name, t) in [
             ("data", m.data),
             ("forward", m.forward),
@@ -128,20 +132,27 @@ impl BenchStepArgs {
             ("update", m.update),
             ("step", total),
         ] {
-            println!("{name:<10} {:>11.1} {:>6.1}%", t * 1e3, 100.0 * t / total);
+            writeln!(
+                out,
+                "{name:<10} {:>11.1} {:>6.1}%",
+                t * 1e3,
+                100.0 * t / total
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "{:.0} images/s; step = {:.2} × forward",
             b.images_per_second(),
             total / m.forward
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "{:.2} GFLOP per step at {:.1} GFLOP/s = {:.0}% of the GEMM peak ({:.1} GFLOP/s, 1024³ f32 matmul, same threads)",
             b.flops_per_step / 1e9,
             b.gflops,
             100.0 * b.peak_fraction(),
             b.gemm_peak_gflops
-        );
+        )?;
         Ok(())
     }
 }

@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -52,12 +53,10 @@ impl EvalArgs {
         let rows: Vec<(String, f64)> = trainer.cfg.tasks.iter().cloned().zip(acc).collect();
         if self.json {
             let map: std::collections::BTreeMap<_, _> = rows.iter().cloned().collect();
-            println!(
-                "{}",
-                serde_json::json!({ "accuracy": map, "mean_accuracy": mean, "epoch": trainer.epoch })
-            );
+            let json = serde_json::json!({ "accuracy": map, "mean_accuracy": mean, "epoch": trainer.epoch });
+            writeln!(std::io::stdout().lock(), "{json}")?;
         } else {
-            super::print_table(&rows, mean);
+            super::print_table(&rows, mean)?;
         }
         Ok(())
     }

@@ -106,10 +106,12 @@ fn bar(len: u64, prefix: String) -> ProgressBar {
 }
 
 /// Prints a per-task accuracy table to stdout.
-fn print_table(rows: &[(String, f64)], mean: f64) {
-    println!("{:<22} {:>9}", "task", "accuracy");
+fn print_table(rows: &[(String, f64)], mean: f64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<22} {:>9}", "task", "accuracy")?;
     for (task, acc) in rows {
-        println!("{task:<22} {:>8.2}%", acc * 100.0);
+        writeln!(out, "{task:<22} {:>8.2}%", acc * 100.0)?;
     }
-    println!("{:<22} {:>8.2}%", "mean", mean * 100.0);
+    writeln!(out, "{:<22} {:>8.2}%", "mean", mean * 100.0)
 }

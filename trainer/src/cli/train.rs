@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -270,9 +271,9 @@ impl TrainArgs {
                 "mean_accuracy": report.mean_accuracy,
                 "epochs": report.epochs,
             });
-            println!("{json}");
+            writeln!(std::io::stdout().lock(), "{json}")?;
         } else {
-            super::print_table(&report.accuracy, report.mean_accuracy);
+            super::print_table(&report.accuracy, report.mean_accuracy)?;
         }
         eprintln!("checkpoint: {}", self.out.display());
         Ok(())
