@@ -3,17 +3,27 @@
 # the same data, epochs, triplets and seed, then prints the per-task test triplet
 # accuracy of each side by side (the paper's Table 3 comparison, tiny spec).
 # Usage: scripts/compare_variants.sh [OUT_DIR] [extra modtrain train flags…]
+# PARALLEL=1 trains the three at once, one thread each (RAYON_NUM_THREADS=1; a
+# seed and thread count fix the numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-out/compare}
 shift || true
 mkdir -p "$out"
 cargo build --release -q -p modkit-trainer --bin modtrain
-for v in modulated shared independent; do
-  target/release/modtrain train --data synth --variant "$v" --json "$@" \
-    -o "$out/$v.safetensors" > "$out/$v.json" 2> "$out/$v.log"
-  tail -n 2 "$out/$v.log" >&2
-done
+train() {
+  target/release/modtrain train --data synth --variant "$1" --json "${@:2}" \
+    -o "$out/$1.safetensors" > "$out/$1.json" 2> "$out/$1.log"
+  tail -n 2 "$out/$1.log" >&2
+}
+if [ "${PARALLEL:-0}" = 1 ]; then
+  export RAYON_NUM_THREADS=1
+  pids=()
+  for v in modulated shared independent; do train "$v" "$@" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done
+else
+  for v in modulated shared independent; do train "$v" "$@"; done
+fi
 python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
