@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Times modkit's training step in PyTorch (CPU) and compares it with modtrain's.
+"""Times modkit's training step in PyTorch and compares it with modtrain's.
 
 Reads the JSON that `modtrain bench-step --json` printed (file argument), builds the
 same network in PyTorch (conv → BN → ReLU → 2×2 max-pool, residual block, ReLU; the
@@ -7,8 +7,12 @@ task modulation ReLU(w_t) after blocks N..5 and fc; L2-normalised embedding), ru
 the same minibatch shape (tasks × [k anchors, k positives, k negatives]) through
 forward + squared-L2 triplet loss (margin 0.2), backward and Adagrad (lr 0.01,
 initial accumulator 0.1), with the same thread count, warm-up and timed steps, and
-prints both side by side. Run by scripts/compare_torch.sh.
+prints both side by side. Runs on the GPU when modtrain's run did (`--device cuda`),
+with PyTorch's default CUDA settings (cuDNN; TF32 convolutions allowed, as shipped);
+`TORCH_TF32=0` turns TF32 off for a strict float32 comparison.
+Run by scripts/compare_torch.sh and scripts/gpu/bench.sh.
 """
+import os
 import json
 import statistics
 import sys
@@ -98,12 +102,22 @@ def main():
         sys.exit("torch_step.py mirrors vector modulation only")
     torch.manual_seed(0)
     torch.set_num_threads(rs["threads"])
+    cuda = rs["device"].lower().startswith("cuda")
+    dev = torch.device("cuda" if cuda else "cpu")
+    if cuda and os.environ.get("TORCH_TF32") == "0":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     t, k = rs["tasks"], rs["batch_per_task"]
-    net = Net(spec, t, rs["variant"] == "modulated").train()
+    net = Net(spec, t, rs["variant"] == "modulated").train().to(dev)
     opt = torch.optim.Adagrad(net.parameters(), lr=0.01, initial_accumulator_value=0.1)
     s = spec["input_size"]
-    x = torch.randn(t * 3 * k, spec["in_channels"], s, s)
-    ids = torch.arange(t).repeat_interleave(3 * k)
+    x = torch.randn(t * 3 * k, spec["in_channels"], s, s, device=dev)
+    ids = torch.arange(t, device=dev).repeat_interleave(3 * k)
     times = []
     for step in range(rs["warmup"] + len(rs["steps"])):
         t0 = time.perf_counter()
@@ -111,9 +125,11 @@ def main():
         loss.item()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         if step >= rs["warmup"]:
             times.append((t1 - t0, t2 - t1, t3 - t2))
@@ -124,9 +140,10 @@ def main():
     ours_step = ours["forward"] + ours["backward"] + ours["update"]
     flops = rs["flops_per_step"]
     peak = rs["gemm_peak_gflops"]
+    where = torch.cuda.get_device_name() if cuda else f"{rs['threads']} threads"
     print(
         f"{rs['spec']} {s}×{s}, {rs['variant']}, {rs['images_per_step']} images per step, "
-        f"{rs['threads']} threads; PyTorch {torch.__version__}"
+        f"{where}; PyTorch {torch.__version__}"
     )
     print(f"| phase (median ms) | modtrain | PyTorch | modtrain ÷ PyTorch |")
     print(f"|---|---|---|---|")
@@ -144,6 +161,13 @@ def main():
         f"| % of GEMM peak ({peak:.1f} GFLOP/s) | {100 * flops / ours_step / 1e9 / peak:.0f}% "
         f"| {100 * flops / torch_step / 1e9 / peak:.0f}% | |"
     )
+    n = rs["images_per_step"]
+    print(
+        f"| images per second | {n / ours_step:.0f} | {n / torch_step:.0f} | "
+        f"{torch_step / ours_step:.2f}× |"
+    )
+    if cuda:
+        print(f"PyTorch peak GPU memory allocated: {torch.cuda.max_memory_allocated() >> 20} MiB")
     print(f"modtrain data (batch assembly, not timed in PyTorch): {ours['data'] * 1e3:.1f} ms")
     ratio = ours_step / torch_step
     print(f"modtrain step = {ratio:.2f} × PyTorch's (target ≤ 1.2×)")

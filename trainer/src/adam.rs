@@ -64,6 +64,9 @@ impl Adam {
             .zip(self.v.iter_mut())
         {
             let Some(g) = grads.get(var) else { continue };
+            // Gradients built from tracked tensors track the step's graph themselves;
+            // state kept from them would hold every step's activations alive.
+            let g = &g.detach();
             *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
             *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
             let m_hat = (&*m / bc1)?;
@@ -119,6 +122,27 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    #[test]
+    fn state_does_not_keep_the_graph() {
+        // The gradient of Σ w² is 2·w: built from the variable, it tracks the graph.
+        let v = Var::new(&[1.0f32, -2.0], &Device::Cpu).expect("var");
+        let mut opt = Adam::new(vec![("w".into(), v.clone())], 0.5).expect("opt");
+        let grads = v
+            .as_tensor()
+            .sqr()
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward());
+        let grads = grads.expect("bwd");
+        assert!(grads.get(&v).expect("g").track_op());
+        opt.step(&grads).expect("step");
+        for (name, m, v) in opt.moments() {
+            assert!(
+                !m.track_op() && !v.track_op(),
+                "{name} holds the step's graph"
+            );
+        }
+    }
 
     #[test]
     fn two_steps_match_hand_computation() {

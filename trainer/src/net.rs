@@ -62,7 +62,7 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let fused = train && xc.device().is_cpu() && xc.dtype() == DType::F32;
+        let fused = train && crate::ops::cpu_kernels(xc) && xc.dtype() == DType::F32;
         let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| fused) else {
             let mut y = self.inner.forward_t(&xc.transpose(0, 1)?, train)?;
             if let Some(skip) = skip {

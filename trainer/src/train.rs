@@ -648,18 +648,7 @@ mod tests {
             ..small_cfg()
         };
         let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
-        let ts = triplets::sample(&ds, Split::Train, &t.attrs, 8, 0, 0).expect("triplets");
-        let idx: Vec<usize> = ts
-            .iter()
-            .flat_map(|ts| {
-                let a = ts.iter().map(|x| x.anchor);
-                let p = ts.iter().map(|x| x.positive);
-                a.chain(p)
-                    .chain(ts.iter().map(|x| x.negative))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+        let x = batch_images(&ds, &one_batch(&ds, &t), &t.cfg.preprocess, &Device::Cpu).expect("x");
         let mut losses = Vec::new();
         for _ in 0..15 {
             let emb = t
@@ -672,6 +661,111 @@ mod tests {
         }
         let (first, last) = (losses[0], losses[losses.len() - 1]);
         assert!(last < first * 0.5, "loss did not fall: {losses:?}");
+    }
+
+    /// Image indices of one minibatch: 8 sampled triplets per task, laid out as
+    /// `forward_grouped` expects (each task's anchors, positives, negatives).
+    fn one_batch(ds: &Dataset, t: &Trainer) -> Vec<usize> {
+        let ts = triplets::sample(ds, Split::Train, &t.attrs, 8, 0, 0).expect("triplets");
+        ts.iter()
+            .flat_map(|ts| {
+                let a = ts.iter().map(|x| x.anchor);
+                let p = ts.iter().map(|x| x.positive);
+                a.chain(p)
+                    .chain(ts.iter().map(|x| x.negative))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    type StepGrads = (f32, Vec<(String, Option<Vec<f32>>)>);
+
+    /// Loss and gradients of one training step from the seed, on `device`.
+    fn step_grads(device: Device) -> StepGrads {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let cfg = TrainConfig {
+            batch_per_task: 8,
+            ..small_cfg()
+        };
+        let t = Trainer::new(cfg, &ds, device.clone()).expect("trainer");
+        let x = batch_images(&ds, &one_batch(&ds, &t), &t.cfg.preprocess, &device).expect("x");
+        // Noise breaks the exact ties of the synthetic images' flat regions: a tie
+        // rounded one way or the other sends a max-pool gradient to another pixel.
+        let noise = crate::ops::test_util::rand(x.dims(), 7)
+            .to_device(&device)
+            .expect("noise");
+        let x = (x + (noise * 0.1).expect("scale")).expect("x");
+        let emb = t
+            .net
+            .forward_grouped(&x, &[(0, 24), (1, 24)], true)
+            .expect("fwd");
+        let (loss, _) = triplet_loss(&emb, 2, 8, 0.2).expect("loss");
+        let grads = loss.backward().expect("bwd");
+        let named = trainable(&t.varmap, &t.cfg).expect("vars");
+        let g = named
+            .iter()
+            .map(|(name, v)| {
+                let g = grads.get(v).map(|g| {
+                    g.flatten_all()
+                        .and_then(|g| g.to_vec1::<f32>())
+                        .expect("grad")
+                });
+                (name.clone(), g)
+            })
+            .collect();
+        (loss.to_scalar::<f32>().expect("loss"), g)
+    }
+
+    /// Same loss (relative `tol`/10) and gradients (‖a − b‖ ≤ tol·‖a‖ per variable).
+    fn assert_same_step((la, ga): &StepGrads, (lb, gb): &StepGrads, tol: f32) {
+        assert!(
+            (la - lb).abs() <= tol / 10.0 * la.abs().max(1e-3),
+            "loss {la} vs {lb}"
+        );
+        assert_eq!(ga.len(), gb.len());
+        for ((name, a), (_, b)) in ga.iter().zip(gb) {
+            let (Some(a), Some(b)) = (a, b) else {
+                assert_eq!(
+                    a.is_some(),
+                    b.is_some(),
+                    "{name}: a gradient on one side only"
+                );
+                continue;
+            };
+            let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+            let norm: f32 = a.iter().map(|x| x * x).sum();
+            assert!(
+                diff.sqrt() <= tol * norm.sqrt().max(1e-6),
+                "{name}: ‖a − b‖ = {} vs ‖a‖ = {}",
+                diff.sqrt(),
+                norm.sqrt()
+            );
+        }
+    }
+
+    /// The generic path (candle's ops, the GEMM conv backward: what CUDA runs) and
+    /// the fused CPU kernels compute the same training step.
+    #[test]
+    fn generic_ops_step_matches_cpu_kernels() {
+        let kernels = step_grads(Device::Cpu);
+        let generic = crate::ops::with_generic_ops(|| step_grads(Device::Cpu));
+        assert_same_step(&kernels, &generic, 1e-3);
+    }
+
+    /// Built with `--features cuda`, on a machine with a GPU (`scripts/gpu/bench.sh`):
+    /// one training step from the same seed gives the same loss and gradients on the
+    /// GPU as on the CPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_step_matches_cpu() {
+        let gpu = match Device::new_cuda(0) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                eprintln!("cuda_step_matches_cpu: no GPU here ({e}); nothing compared");
+                return;
+            }
+        };
+        assert_same_step(&step_grads(Device::Cpu), &step_grads(gpu), 1e-3);
     }
 
     #[test]

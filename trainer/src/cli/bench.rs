@@ -147,11 +147,12 @@ impl BenchStepArgs {
         )?;
         writeln!(
             out,
-            "{:.2} GFLOP per step at {:.1} GFLOP/s = {:.0}% of the GEMM peak ({:.1} GFLOP/s, 1024³ f32 matmul, same threads)",
+            "{:.2} GFLOP per step at {:.1} GFLOP/s = {:.0}% of the GEMM peak ({:.1} GFLOP/s, {}³ f32 matmul, same threads)",
             b.flops_per_step / 1e9,
             b.gflops,
             100.0 * b.peak_fraction(),
-            b.gemm_peak_gflops
+            b.gemm_peak_gflops,
+            b.gemm_size
         )?;
         Ok(())
     }

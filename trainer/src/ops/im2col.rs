@@ -142,9 +142,18 @@ impl CustomOp1 for Col2Im {
 /// the columns of every convolution live until the backward (7.5 GB of a 17.9 GB
 /// peak at the paper's 150×150 with 96 images), and redoing `im2col` is a copy,
 /// small beside the two GEMMs.
+///
+/// Off the CPU (`generic`), the output is candle's own `conv2d` (im2col + cuBLAS on
+/// CUDA) in batch-major `[B, O, Ho, Wo]`, and the backward is built from candle's
+/// tensor ops, so it runs on any device: `∂W = g · colsᵀ` with `cols` gathered as
+/// nine shifted views ([`im2col_ops`]), and `∂x` as a 3×3 convolution of `g` with
+/// the flipped, transposed weight. candle's own conv2d backward computes `∂W` as a
+/// convolution whose kernel is the whole gradient image (40 GB of GPU memory for
+/// 24 images at 150×150) and `∂x` with a direct transposed-convolution kernel.
 #[derive(Debug)]
 struct Conv3x3 {
     pad: usize,
+    generic: bool,
 }
 
 impl CustomOp3 for Conv3x3 {
@@ -165,6 +174,23 @@ impl CustomOp3 for Conv3x3 {
         Ok((CpuStorage::F32(out), ly.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &Layout,
+        _w: &candle_core::CudaStorage,
+        _lw: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if !ly.is_contiguous() || ly.start_offset() != 0 {
+            candle_core::bail!("conv3x3: the output must be a fresh contiguous tensor");
+        }
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -173,6 +199,9 @@ impl CustomOp3 for Conv3x3 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.generic {
+            return conv3x3_generic_bwd(x, weight, grad, self.pad);
+        }
         let (b, _, h, w) = x.dims4()?;
         let o = weight.dim(0)?;
         let g = grad.contiguous()?.reshape((o, ()))?;
@@ -202,8 +231,8 @@ impl CustomOp3 for Conv3x3 {
 /// consumes). On CPU this is `im2col` and one GEMM for the whole batch, one node of
 /// the graph; elsewhere candle's `conv2d`.
 pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return x.conv2d(weight, pad, 1, 1, 1)?.transpose(0, 1);
+    if !super::cpu_kernels(x) {
+        return conv3x3_generic(x, weight, pad)?.transpose(0, 1);
     }
     let (b, _, h, w) = x.dims4()?;
     let o = weight.dim(0)?;
@@ -215,7 +244,67 @@ pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<
         .matmul(&cols)?
         .reshape((o, b, ho, wo))?;
     drop(cols);
-    x.apply_op3(weight, &y, Conv3x3 { pad })
+    x.apply_op3(
+        weight,
+        &y,
+        Conv3x3 {
+            pad,
+            generic: false,
+        },
+    )
+}
+
+/// The convolution on any device, batch-major `[B, O, Ho, Wo]`: candle's `conv2d`
+/// forward with the backward of [`Conv3x3`]'s `generic` mode. What CUDA runs.
+pub fn conv3x3_generic(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    if pad > 2 {
+        candle_core::bail!("conv3x3: padding {pad} (at most 2)");
+    }
+    let y = x.detach().conv2d(&weight.detach(), pad, 1, 1, 1)?;
+    x.apply_op3(weight, &y, Conv3x3 { pad, generic: true })
+}
+
+/// `[C·9, B·Ho·Wo]` columns of [`Im2Col`]'s layout from candle's tensor ops: the nine
+/// shifted views of the zero-padded input, stacked.
+fn im2col_ops(x: &Tensor, pad: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
+    let xp = x
+        .pad_with_zeros(2, pad, pad)?
+        .pad_with_zeros(3, pad, pad)?
+        .transpose(0, 1)?;
+    let taps = (0..9)
+        .map(|t| xp.narrow(2, t / 3, ho)?.narrow(3, t % 3, wo))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&taps, 1)?.reshape((c * 9, b * ho * wo))
+}
+
+fn conv3x3_generic_bwd(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    pad: usize,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let o = weight.dim(0)?;
+    let g = grad.contiguous()?;
+    let gc = g.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
+    let dw = gc
+        .matmul(&im2col_ops(x, pad)?.t()?)?
+        .reshape(weight.shape())?;
+    let dx = if x.track_op() {
+        // ∂x[c, y, x] = Σ_{o,i,j} W[o, c, i, j] · g[o, y+p−i, x+p−j]: a convolution of g
+        // (padded by 2 − p) with W flipped in space, input and output channels swapped.
+        let rev = Tensor::new(&[2u32, 1, 0], weight.device())?;
+        let wf = weight
+            .index_select(&rev, 2)?
+            .index_select(&rev, 3)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        Some(g.conv2d(&wf, 2 - pad, 1, 1, 1)?)
+    } else {
+        None
+    };
+    Ok((dx, Some(dw), None))
 }
 
 /// [`conv3x3_channel_major`] as `[B, O, Ho, Wo]` (a transposed view on CPU).
@@ -232,15 +321,21 @@ mod tests {
 
     #[test]
     fn forward_and_gradients_match_candle_conv2d() {
-        for (pad, h, w) in [(0, 7, 9), (1, 5, 6), (1, 3, 3), (0, 3, 4)] {
+        // The CPU kernels, and the generic path CUDA runs (here on the CPU).
+        type Conv = fn(&Tensor, &Tensor, usize) -> Result<Tensor>;
+        let convs: [(&str, Conv); 2] = [("cpu", conv3x3), ("generic", conv3x3_generic)];
+        for ((name, conv), (pad, h, w)) in convs
+            .into_iter()
+            .flat_map(|c| [(0, 7, 9), (1, 5, 6), (1, 3, 3), (0, 3, 4)].map(|s| (c, s)))
+        {
             let x = Var::from_tensor(&rand(&[2, 3, h, w], 1)).expect("x");
             let k = Var::from_tensor(&rand(&[4, 3, 3, 3], 2)).expect("k");
             let up = rand(&[2, 4, h + 2 * pad - 2, w + 2 * pad - 2], 3);
 
-            let ours = conv3x3(&x, &k, pad).expect("ours");
+            let ours = conv(&x, &k, pad).expect("ours");
             let theirs = x.conv2d(&k, pad, 1, 1, 1).expect("candle");
             let d = max_diff(&ours, &theirs);
-            assert!(d < 1e-5, "forward pad {pad} {h}×{w}: max diff {d}");
+            assert!(d < 1e-5, "{name}: forward pad {pad} {h}×{w}: max diff {d}");
 
             let g1 = (ours * &up)
                 .expect("mul")
@@ -257,19 +352,22 @@ mod tests {
             for v in [&x, &k] {
                 let (a, b) = (g1.get(v).expect("g1"), g2.get(v).expect("g2"));
                 let d = max_diff(a, b);
-                assert!(d < 1e-4, "gradient pad {pad} {h}×{w}: max diff {d}");
+                assert!(d < 1e-4, "{name}: gradient pad {pad} {h}×{w}: max diff {d}");
             }
 
             // An input that is not tracked (the network's images) gets no gradient;
             // the weight's is unchanged.
             let plain = x.as_tensor().detach();
-            let g3 = (conv3x3(&plain, &k, pad).expect("ours") * &up)
+            let g3 = (conv(&plain, &k, pad).expect("ours") * &up)
                 .and_then(|t| t.sum_all())
                 .and_then(|t| t.backward())
                 .expect("bwd");
             assert!(g3.get(&plain).is_none());
             let d = max_diff(g3.get(&k).expect("g3"), g2.get(&k).expect("g2"));
-            assert!(d < 1e-4, "weight gradient, untracked input: max diff {d}");
+            assert!(
+                d < 1e-4,
+                "{name}: weight gradient, untracked input: max diff {d}"
+            );
         }
     }
 }

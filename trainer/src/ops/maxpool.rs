@@ -87,20 +87,27 @@ impl CustomOp2 for MaxPoolBackward {
     }
 }
 
-/// 2×2 stride-2 max-pool, floor semantics. CPU: the kernel above; elsewhere a
-/// crop + reshape + max that candle differentiates exactly.
+/// 2×2 stride-2 max-pool, floor semantics. CPU: the kernel above; elsewhere (CUDA)
+/// the windows laid out as a last axis of 4, the first maximum's index taken with
+/// `argmax` and the value gathered, so the gradient goes to that one element as in
+/// the kernel (a plain `max` would send it to every tied element, and flat regions
+/// of the synthetic images make ties common).
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::cpu_kernels(x) {
         return x.contiguous()?.apply_op1(MaxPool);
     }
     let (b, c, h, w) = x.dims4()?;
     let (ho, wo) = (h / 2, w / 2);
-    x.narrow(2, 0, 2 * ho)?
+    let windows = x
+        .narrow(2, 0, 2 * ho)?
         .narrow(3, 0, 2 * wo)?
         .contiguous()?
         .reshape((b, c, ho, 2, wo, 2))?
-        .max(5)?
-        .max(3)
+        .permute((0, 1, 2, 4, 3, 5))?
+        .contiguous()?
+        .reshape((b, c, ho, wo, 4))?;
+    let first = windows.argmax_keepdim(4)?;
+    windows.gather(&first, 4)?.squeeze(4)
 }
 
 #[cfg(test)]
@@ -156,5 +163,30 @@ mod tests {
                 .expect("v")
         };
         assert_eq!(v(&g1), v(&g2));
+    }
+
+    #[test]
+    fn generic_path_matches_the_kernel_with_ties() {
+        // Three values only: most windows hold tied maxima, whose gradient must go to
+        // the first of them on both paths.
+        let (b, c, h, w) = (2, 3, 7, 9);
+        let data: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 7) % 3) as f32).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(data, (b, c, h, w), &Device::Cpu).expect("t"))
+            .expect("var");
+        let up = Tensor::arange(1f32, (b * c * 3 * 4 + 1) as f32, &Device::Cpu)
+            .and_then(|t| t.reshape((b, c, 3, 4)))
+            .expect("up");
+        let run = || {
+            let y = max_pool2x2(&x).expect("pool");
+            let g = (&y * &up)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("bwd");
+            let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+            (flat(&y), flat(g.get(&x).expect("grad")))
+        };
+        let kernel = run();
+        let generic = crate::ops::with_generic_ops(run);
+        assert_eq!(kernel, generic);
     }
 }

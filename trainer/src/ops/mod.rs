@@ -8,18 +8,42 @@
 //! * [`max_pool2x2`]: 2×2 stride-2 max-pool with floor semantics for odd sizes and an
 //!   exact backward (candle's upsampling-based backward assumes even sizes).
 //!
-//! On other devices they fall back to candle's built-in ops. Each kernel is checked
-//! against candle's reference implementation in its tests.
+//! On other devices (CUDA) the generic path runs: candle's built-in ops, with a
+//! GEMM-based conv backward. Each kernel is checked against candle's reference
+//! implementation in its tests, and a whole training step on the CPU kernels
+//! against the same step on the generic path (`train.rs`).
 
 mod batchnorm;
 mod im2col;
 mod maxpool;
 
 pub use batchnorm::{BatchStats, batch_norm_train};
-pub use im2col::{Col2Im, Im2Col, conv3x3, conv3x3_channel_major};
+pub use im2col::{Col2Im, Im2Col, conv3x3, conv3x3_channel_major, conv3x3_generic};
 pub use maxpool::max_pool2x2;
 
-use candle_core::{CpuStorage, Layout, Result};
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+thread_local! {
+    static CPU_KERNELS: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether an op on `t` runs this module's CPU kernels: on the CPU, unless the calling
+/// thread asked for the generic path (what CUDA runs) with [`with_generic_ops`].
+pub(crate) fn cpu_kernels(t: &Tensor) -> bool {
+    t.device().is_cpu() && CPU_KERNELS.with(Cell::get)
+}
+
+/// Runs `f` with the CPU kernels off on this thread: the generic path on the CPU, to
+/// compare it with the kernels.
+#[cfg(test)]
+pub(crate) fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    let before = CPU_KERNELS.with(|k| k.replace(false));
+    let r = f();
+    CPU_KERNELS.with(|k| k.set(before));
+    r
+}
 
 /// The f32 data of a contiguous CPU input of op `what`.
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
