@@ -207,6 +207,28 @@ mod tests {
     }
 
     #[test]
+    fn state_does_not_keep_the_graph() {
+        for kind in [OptimizerKind::Adagrad, OptimizerKind::Adam] {
+            // The gradient of Σ w² is 2·w: built from the variable, it tracks the
+            // graph, as candle's own backward ops produce them (on CUDA, all of them).
+            let v = Var::new(&[1.0f32, -2.0], &Device::Cpu).expect("var");
+            let mut opt =
+                Optimizer::new(kind, vec![("w".into(), v.clone())], 0.1, 0.1).expect("opt");
+            let grads = v
+                .as_tensor()
+                .sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("bwd");
+            assert!(grads.get(&v).expect("g").track_op());
+            opt.step(&grads).expect("step");
+            for (name, t) in opt.state().expect("state") {
+                assert!(!t.track_op(), "{kind}: {name} holds the step's graph");
+            }
+        }
+    }
+
+    #[test]
     fn adam_state_names_round_trip() {
         let dev = Device::Cpu;
         let v = Var::new(&[1.0f32, 2.0], &dev).expect("var");
