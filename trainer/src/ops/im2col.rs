@@ -203,22 +203,49 @@ impl CustomOp3 for Conv3x3 {
             return conv3x3_generic_bwd(x, weight, grad, self.pad);
         }
         let (b, _, h, w) = x.dims4()?;
+        if b == 0 {
+            candle_core::bail!("conv3x3: empty batch");
+        }
         let o = weight.dim(0)?;
-        let g = grad.contiguous()?.reshape((o, ()))?;
-        let cols = x
-            .contiguous()?
-            .apply_op1_no_bwd(&Im2Col { pad: self.pad })?;
-        let dw = g.matmul(&cols.t()?)?.reshape(weight.shape())?;
-        drop(cols);
+        let pad = self.pad;
         // The network's input needs no gradient: skip a third of conv1's backward.
-        let dx = if x.track_op() {
-            let dcols = weight.flatten_from(1)?.t()?.matmul(&g)?;
-            Some(dcols.apply_op1_no_bwd(&Col2Im {
-                pad: self.pad,
-                b,
-                h,
-                w,
-            })?)
+        let track = x.track_op();
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let wt = weight.flatten_from(1)?.t()?;
+        // One group of images per thread, each with its own columns and GEMMs. As one
+        // GEMM, `∂W = g · colsᵀ` sums over the long side (B·Ho·Wo), which `gemm` never
+        // splits between threads, and packs `cols` on one thread first; per group,
+        // the threads work side by side and only the small `[O, C·9]` results are
+        // added. A group's columns are also all that is held at once.
+        let per = b.div_ceil(rayon::current_num_threads().clamp(1, b));
+        let groups: Vec<(usize, usize)> = (0..b)
+            .step_by(per.max(1))
+            .map(|s| (s, per.min(b - s)))
+            .collect();
+        let parts = groups
+            .par_iter()
+            .map(|&(start, n)| {
+                let g = grad.narrow(1, start, n)?.contiguous()?.reshape((o, ()))?;
+                let cols = x.narrow(0, start, n)?.apply_op1_no_bwd(&Im2Col { pad })?;
+                let dw = g.matmul(&cols.t()?)?;
+                drop(cols);
+                let dx = if track {
+                    let dcols = wt.matmul(&g)?;
+                    Some(dcols.apply_op1_no_bwd(&Col2Im { pad, b: n, h, w })?)
+                } else {
+                    None
+                };
+                Ok((dw, dx))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut dw = parts[0].0.clone();
+        for (part, _) in &parts[1..] {
+            dw = (dw + part)?;
+        }
+        let dw = dw.reshape(weight.shape())?;
+        let dx = if track {
+            let dxs: Vec<&Tensor> = parts.iter().filter_map(|(_, dx)| dx.as_ref()).collect();
+            Some(Tensor::cat(&dxs, 0)?)
         } else {
             None
         };
