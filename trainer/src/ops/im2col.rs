@@ -299,11 +299,8 @@ pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<
             wm.matmul(&cols)?.reshape((o, n, ho, wo))
         })
         .collect::<Result<Vec<_>>>()?;
-    let y = if ys.len() == 1 {
-        ys.into_iter().next().expect("one group")
-    } else {
-        Tensor::cat(&ys, 1)?
-    };
+    // One group (one thread) is handed on as is: `cat` of one tensor copies nothing.
+    let y = Tensor::cat(&ys, 1)?;
     x.apply_op3(
         weight,
         &y,
@@ -316,9 +313,7 @@ pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<
 
 /// `(start, count)` of one group of images per rayon thread (fewer when `b` is small).
 fn image_groups(b: usize) -> Vec<(usize, usize)> {
-    let per = b
-        .div_ceil(rayon::current_num_threads().clamp(1, b.max(1)))
-        .max(1);
+    let per = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
     (0..b).step_by(per).map(|s| (s, per.min(b - s))).collect()
 }
 
