@@ -1,8 +1,8 @@
 //! Fast CPU kernels for the ops whose candle implementation is slow or approximate.
 //!
-//! * [`conv3x3`]: a 3×3 stride-1 convolution as `im2col` + matmul. The matmul's
-//!   backward is candle's (fast GEMM); `im2col`'s backward is `col2im`. candle's own
-//!   conv2d backward runs a direct transposed convolution, ~6× the forward.
+//! * [`conv3x3`]: a 3×3 stride-1 convolution as `im2col` + GEMM in cache-sized
+//!   chunks, forward and backward (`col2im`). candle's own conv2d backward runs a
+//!   direct transposed convolution, ~6× the forward.
 //! * [`batch_norm_train`]: training-mode BatchNorm (+ ReLU) in one pass forward and
 //!   two backward, instead of candle-nn's ten element-wise ops each way.
 //! * [`max_pool2x2`]: 2×2 stride-2 max-pool with floor semantics for odd sizes and an
@@ -14,11 +14,12 @@
 //! against the same step on the generic path (`train.rs`).
 
 mod batchnorm;
-mod im2col;
+mod conv;
+mod gemm;
 mod maxpool;
 
 pub use batchnorm::{BatchStats, batch_norm_train};
-pub use im2col::{Col2Im, Im2Col, conv3x3, conv3x3_channel_major, conv3x3_generic};
+pub use conv::{conv3x3, conv3x3_channel_major, conv3x3_generic};
 pub use maxpool::max_pool2x2;
 
 use std::cell::Cell;

@@ -1,0 +1,645 @@
+//! 3×3 stride-1 convolution on the CPU as `im2col` + GEMM, a few output rows at a
+//! time, and on other devices from candle's ops.
+//!
+//! `im2col` lays patches out as `cols: [C·9, N]`, row `c·9 + ky·3 + kx`, column
+//! `b·Ho·Wo + oy·Wo + ox` holding `x[b, c, oy+ky−p, ox+kx−p]` (0 outside); then
+//! `y = W · cols` with `W: [O, C·9]`, `∂W = g · colsᵀ` and `∂cols = Wᵀ · g`, which
+//! `col2im` (the scatter-add of the same indexing) folds into `∂x`.
+//!
+//! The columns are 9× the input. Built for the whole batch, they went to memory
+//! and back in every conv, twice per step (the backward rebuilt them), and `col2im`
+//! read 9× the input again: at the tiny spec, `im2col` and `col2im` were 24% of a
+//! training step and their GEMMs ran on cold data. Here each thread takes a group of
+//! images and walks it in chunks of whole output rows whose columns fit in its L2
+//! cache ([`CHUNK_FLOATS`]); each chunk is built, multiplied (the `gemm` crate,
+//! writing straight into the output's block) and dropped before the next. No
+//! columns outlive a chunk, so the backward's memory is the gradients alone.
+//!
+//! Off the CPU ([`conv3x3_generic`]), the output is candle's own `conv2d` and the
+//! backward is built from candle's tensor ops, so it runs on any device.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::contiguous;
+use super::gemm::{Dst, SharedOut, View, gemm};
+
+/// Floats of one chunk's columns: 256 KB, a quarter of this machine's L2, so that
+/// the columns, the GEMM's packed blocks and the output block stay in cache.
+const CHUNK_FLOATS: usize = 64 * 1024;
+
+/// The fewest output columns in a chunk: with many input channels, a chunk is
+/// allowed past [`CHUNK_FLOATS`] so that each GEMM is wide enough to pay for
+/// packing the weight.
+const MIN_CHUNK_COLS: usize = 256;
+
+fn out_size(n: usize, pad: usize) -> Result<usize> {
+    (n + 2 * pad)
+        .checked_sub(2)
+        .filter(|&o| o > 0)
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("3×3 conv on a {n}-pixel side with padding {pad}"))
+        })
+}
+
+/// The shape of one convolution, and how its output rows are chunked.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+    /// Output rows (of `wo` pixels) per chunk.
+    chunk_rows: usize,
+}
+
+impl Geom {
+    fn new(
+        (b, c, h, w): (usize, usize, usize, usize),
+        pad: usize,
+        chunk_floats: usize,
+    ) -> Result<Self> {
+        if b == 0 || c == 0 {
+            candle_core::bail!("conv3x3: empty input [{b}, {c}, {h}, {w}]");
+        }
+        let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
+        let cols = (chunk_floats / (c * 9)).max(MIN_CHUNK_COLS.min(chunk_floats));
+        Ok(Geom {
+            b,
+            c,
+            h,
+            w,
+            pad,
+            ho,
+            wo,
+            chunk_rows: (cols / wo).max(1),
+        })
+    }
+
+    /// Rows of `cols` (the GEMM's inner dimension).
+    fn k(&self) -> usize {
+        self.c * 9
+    }
+
+    /// Output pixels per image.
+    fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// Floats of one input image.
+    fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// `(first image, images)` of one group per rayon thread.
+    fn groups(&self) -> Vec<(usize, usize)> {
+        image_groups(self.b)
+    }
+
+    /// The chunks of a group of `nb` images: `(first row, rows)`, counting the
+    /// output rows of the group's images one after another.
+    fn chunks(&self, nb: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (total, step) = (nb * self.ho, self.chunk_rows);
+        (0..total)
+            .step_by(step)
+            .map(move |r| (r, step.min(total - r)))
+    }
+
+    /// The output columns `[lo, hi)` of a row that read inside the input for tap
+    /// column `kx`; the rest read padding.
+    fn valid(&self, kx: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kx);
+        let hi = self.wo.min((self.w + self.pad).saturating_sub(kx));
+        (lo, hi.max(lo))
+    }
+
+    /// The input row that output row `oy` reads for tap row `ky`, if inside.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)
+    }
+
+    /// `im2col` of output rows `[r0, r0 + rows)` of the images in `x` (a group)
+    /// into `cols: [C·9, rows·Wo]`.
+    fn im2col(&self, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32]) {
+        let width = rows * self.wo;
+        for (r, dst) in cols.chunks_exact_mut(width).take(self.k()).enumerate() {
+            let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
+            let (lo, hi) = self.valid(kx);
+            for (row, line) in (r0..r0 + rows).zip(dst.chunks_exact_mut(self.wo)) {
+                let (bi, oy) = (row / self.ho, row % self.ho);
+                let Some(iy) = self.input_row(oy, ky) else {
+                    line.fill(0.0);
+                    continue;
+                };
+                let s0 = ((bi * self.c + ch) * self.h + iy) * self.w + lo + kx - self.pad;
+                line[..lo].fill(0.0);
+                line[lo..hi].copy_from_slice(&x[s0..s0 + hi - lo]);
+                line[hi..].fill(0.0);
+            }
+        }
+    }
+
+    /// `col2im`: adds `cols: [C·9, rows·Wo]` of output rows `[r0, r0 + rows)` into
+    /// `dx` (the group's input gradient).
+    fn col2im(&self, cols: &[f32], (r0, rows): (usize, usize), dx: &mut [f32]) {
+        let width = rows * self.wo;
+        for (r, src) in cols.chunks_exact(width).take(self.k()).enumerate() {
+            let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
+            let (lo, hi) = self.valid(kx);
+            for (row, line) in (r0..r0 + rows).zip(src.chunks_exact(self.wo)) {
+                let (bi, oy) = (row / self.ho, row % self.ho);
+                let Some(iy) = self.input_row(oy, ky) else {
+                    continue;
+                };
+                let d0 = ((bi * self.c + ch) * self.h + iy) * self.w + lo + kx - self.pad;
+                for (d, s) in dx[d0..d0 + hi - lo].iter_mut().zip(&line[lo..hi]) {
+                    *d += s;
+                }
+            }
+        }
+    }
+
+    /// The view of a chunk in a channel-major `[O, B·Ho·Wo]` tensor (the output, or
+    /// its gradient), for the group starting at image `b0`.
+    fn out_view(&self, o: usize, b0: usize, (r0, rows): (usize, usize)) -> View {
+        View::rows(
+            b0 * self.n() + r0 * self.wo,
+            o,
+            rows * self.wo,
+            self.b * self.n(),
+        )
+    }
+}
+
+/// `(start, count)` of one group of images per rayon thread (fewer when `b` is small).
+fn image_groups(b: usize) -> Vec<(usize, usize)> {
+    let per = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    (0..b).step_by(per).map(|s| (s, per.min(b - s))).collect()
+}
+
+/// The CPU convolution `(x: [B, C, H, W], w: [O, C, 3, 3]) → [O, B, Ho, Wo]`
+/// (channel-major), one node of candle's graph with its own backward.
+#[derive(Debug, Clone, Copy)]
+struct Conv3x3 {
+    pad: usize,
+    chunk_floats: usize,
+}
+
+/// `∂W` of [`Conv3x3`] from `(x, g)`: `Σ_chunks g · colsᵀ`, one partial sum per
+/// thread.
+#[derive(Debug, Clone, Copy)]
+struct ConvWeightGrad {
+    conv: Conv3x3,
+}
+
+/// `∂x` of [`Conv3x3`] from `(w, g)`: `col2im(Wᵀ · g)`, chunk by chunk.
+#[derive(Debug, Clone, Copy)]
+struct ConvInputGrad {
+    conv: Conv3x3,
+    h: usize,
+    w: usize,
+}
+
+/// `[O, C·9]` from a weight layout `[O, C, 3, 3]`, checked against `c` channels.
+fn weight_dims(l: &Layout, c: usize) -> Result<usize> {
+    let (o, wc, kh, kw) = l.shape().dims4()?;
+    if wc != c || kh != 3 || kw != 3 || o == 0 {
+        candle_core::bail!(
+            "conv3x3: weight {:?} for {c} input channels",
+            l.shape().dims()
+        );
+    }
+    Ok(o)
+}
+
+impl CustomOp2 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let geom = Geom::new(xl.shape().dims4()?, self.pad, self.chunk_floats)?;
+        let o = weight_dims(wl, geom.c)?;
+        let (x, wt) = (
+            contiguous(xs, xl, "conv3x3")?,
+            contiguous(ws, wl, "conv3x3")?,
+        );
+        let mut y = vec![0f32; o * geom.b * geom.n()];
+        let out = SharedOut::new(&mut y);
+        let wv = View::rows(0, o, geom.k(), geom.k());
+        geom.groups().into_par_iter().for_each(|(b0, nb)| {
+            let x = &x[b0 * geom.image()..(b0 + nb) * geom.image()];
+            let mut cols = vec![0f32; geom.k() * geom.chunk_rows * geom.wo];
+            for chunk in geom.chunks(nb) {
+                let width = chunk.1 * geom.wo;
+                geom.im2col(x, chunk, &mut cols);
+                // SAFETY (of `dst`): each thread writes the output columns of its own
+                // images only, and `y` is not touched otherwise until all are done.
+                #[allow(unsafe_code)]
+                let dst = unsafe { out.dst() };
+                let cv = View::rows(0, geom.k(), width, width);
+                gemm(dst, geom.out_view(o, b0, chunk), false, wt, wv, &cols, cv);
+            }
+        });
+        let shape = Shape::from((o, geom.b, geom.ho, geom.wo));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad { conv: *self })?;
+        // The network's input needs no gradient: a third of conv1's backward.
+        let dx = if x.track_op() {
+            let (_, _, h, w) = x.dims4()?;
+            let op = ConvInputGrad { conv: *self, h, w };
+            Some(weight.apply_op2_no_bwd(&grad, &op)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// The `[O, B, Ho, Wo]` gradient of a convolution of `geom`, as `O`.
+fn grad_dims(l: &Layout, geom: &Geom) -> Result<usize> {
+    let (o, b, ho, wo) = l.shape().dims4()?;
+    if (b, ho, wo) != (geom.b, geom.ho, geom.wo) {
+        candle_core::bail!(
+            "conv3x3: gradient {:?} for an output of {}×{}×{}",
+            l.shape().dims(),
+            geom.b,
+            geom.ho,
+            geom.wo
+        );
+    }
+    Ok(o)
+}
+
+impl CustomOp2 for ConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "conv3x3-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let geom = Geom::new(xl.shape().dims4()?, self.conv.pad, self.conv.chunk_floats)?;
+        let o = grad_dims(gl, &geom)?;
+        let (x, g) = (
+            contiguous(xs, xl, "conv3x3")?,
+            contiguous(gs, gl, "conv3x3")?,
+        );
+        let k = geom.k();
+        // One `[O, C·9]` partial sum per group: as one GEMM over the whole batch, the
+        // long reduction (B·Ho·Wo) would run on one thread.
+        let parts = geom
+            .groups()
+            .into_par_iter()
+            .map(|(b0, nb)| {
+                let x = &x[b0 * geom.image()..(b0 + nb) * geom.image()];
+                let mut cols = vec![0f32; k * geom.chunk_rows * geom.wo];
+                let mut dw = vec![0f32; o * k];
+                for chunk in geom.chunks(nb) {
+                    let width = chunk.1 * geom.wo;
+                    geom.im2col(x, chunk, &mut cols);
+                    let cv = View::rows(0, k, width, width).t();
+                    let gv = geom.out_view(o, b0, chunk);
+                    gemm(
+                        Dst::Slice(&mut dw),
+                        View::rows(0, o, k, k),
+                        true,
+                        g,
+                        gv,
+                        &cols,
+                        cv,
+                    );
+                }
+                dw
+            })
+            .collect::<Vec<_>>();
+        let mut parts = parts.into_iter();
+        let mut dw = parts.next().unwrap_or_default();
+        for part in parts {
+            for (a, b) in dw.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((o, geom.c, 3, 3))))
+    }
+}
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "conv3x3-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, _, _) = wl.shape().dims4()?;
+        let b = gl.shape().dims4()?.1;
+        let geom = Geom::new(
+            (b, c, self.h, self.w),
+            self.conv.pad,
+            self.conv.chunk_floats,
+        )?;
+        let o = grad_dims(gl, &geom)?;
+        weight_dims(wl, c)?;
+        let (wt, g) = (
+            contiguous(ws, wl, "conv3x3")?,
+            contiguous(gs, gl, "conv3x3")?,
+        );
+        let k = geom.k();
+        // Wᵀ: [C·9, O].
+        let wv = View::rows(0, o, k, k).t();
+        let mut dx = vec![0f32; b * geom.image()];
+        let groups = geom.groups();
+        let per = groups[0].1 * geom.image();
+        dx.par_chunks_mut(per)
+            .zip(groups)
+            .for_each(|(dx, (b0, nb))| {
+                let mut cols = vec![0f32; k * geom.chunk_rows * geom.wo];
+                for chunk in geom.chunks(nb) {
+                    let width = chunk.1 * geom.wo;
+                    let cv = View::rows(0, k, width, width);
+                    let gv = geom.out_view(o, b0, chunk);
+                    gemm(Dst::Slice(&mut cols), cv, false, wt, wv, g, gv);
+                    geom.col2im(&cols, chunk, dx);
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((b, c, self.h, self.w))))
+    }
+}
+
+/// `x: [B, C, H, W]` convolved with `weight: [O, C, 3, 3]` (stride 1, zero padding
+/// `pad`), no bias, returned channel-major: `[O, B, Ho, Wo]` (what BatchNorm
+/// consumes). On CPU the chunked kernels of this module; elsewhere candle's
+/// `conv2d`.
+pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    conv3x3_chunked(x, weight, pad, CHUNK_FLOATS)
+}
+
+fn conv3x3_chunked(x: &Tensor, weight: &Tensor, pad: usize, chunk_floats: usize) -> Result<Tensor> {
+    if !super::cpu_kernels(x) {
+        return conv3x3_generic(x, weight, pad)?.transpose(0, 1);
+    }
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    x.apply_op2(&weight, Conv3x3 { pad, chunk_floats })
+}
+
+/// The convolution as one node of candle's graph on any device (the generic path).
+///
+/// Its arguments are `x`, the weight and the output, already computed by candle's
+/// `conv2d` from detached tensors; forward hands that output on, and backward is
+/// built from candle's tensor ops: `∂W = g · colsᵀ` with `cols` gathered as nine
+/// shifted views ([`im2col_ops`]), and `∂x` as a 3×3 convolution of `g` with the
+/// flipped, transposed weight. candle's own conv2d backward computes `∂W` as a
+/// convolution whose kernel is the whole gradient image (40 GB of GPU memory for
+/// 24 images at 150×150) and `∂x` with a direct transposed-convolution kernel.
+#[derive(Debug)]
+struct GenericConv3x3 {
+    pad: usize,
+}
+
+impl CustomOp3 for GenericConv3x3 {
+    fn name(&self) -> &'static str {
+        "conv3x3-generic"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        _w: &CpuStorage,
+        _lw: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = contiguous(y, ly, "conv3x3")?.to_vec();
+        Ok((CpuStorage::F32(out), ly.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _lx: &Layout,
+        _w: &candle_core::CudaStorage,
+        _lw: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if !ly.is_contiguous() || ly.start_offset() != 0 {
+            candle_core::bail!("conv3x3: the output must be a fresh contiguous tensor");
+        }
+        Ok((y.try_clone(ly)?, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        conv3x3_generic_bwd(x, weight, grad, self.pad)
+    }
+}
+
+/// The convolution on any device, batch-major `[B, O, Ho, Wo]`: candle's `conv2d`
+/// forward with the backward of [`GenericConv3x3`]. What CUDA runs.
+pub fn conv3x3_generic(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    if pad > 2 {
+        candle_core::bail!("conv3x3: padding {pad} (at most 2)");
+    }
+    let y = x.detach().conv2d(&weight.detach(), pad, 1, 1, 1)?;
+    x.apply_op3(weight, &y, GenericConv3x3 { pad })
+}
+
+/// `[C·9, B·Ho·Wo]` columns (the layout of the module's `im2col`) from candle's tensor ops: the nine
+/// shifted views of the zero-padded input, stacked.
+fn im2col_ops(x: &Tensor, pad: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
+    let xp = x
+        .pad_with_zeros(2, pad, pad)?
+        .pad_with_zeros(3, pad, pad)?
+        .transpose(0, 1)?;
+    let taps = (0..9)
+        .map(|t| xp.narrow(2, t / 3, ho)?.narrow(3, t % 3, wo))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&taps, 1)?.reshape((c * 9, b * ho * wo))
+}
+
+fn conv3x3_generic_bwd(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    pad: usize,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let o = weight.dim(0)?;
+    let g = grad.contiguous()?;
+    let gc = g.transpose(0, 1)?.contiguous()?.reshape((o, ()))?;
+    let dw = gc
+        .matmul(&im2col_ops(x, pad)?.t()?)?
+        .reshape(weight.shape())?;
+    let dx = if x.track_op() {
+        // ∂x[c, y, x] = Σ_{o,i,j} W[o, c, i, j] · g[o, y+p−i, x+p−j]: a convolution of g
+        // (padded by 2 − p) with W flipped in space, input and output channels swapped.
+        let rev = Tensor::new(&[2u32, 1, 0], weight.device())?;
+        let wf = weight
+            .index_select(&rev, 2)?
+            .index_select(&rev, 3)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        Some(g.conv2d(&wf, 2 - pad, 1, 1, 1)?)
+    } else {
+        None
+    };
+    Ok((dx, Some(dw), None))
+}
+
+/// [`conv3x3_channel_major`] as `[B, O, Ho, Wo]` (a transposed view on CPU).
+pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    conv3x3_channel_major(x, weight, pad)?.transpose(0, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Var;
+
+    use super::*;
+    use crate::ops::test_util::{max_diff, rand};
+
+    #[test]
+    fn forward_and_gradients_match_candle_conv2d() {
+        // The CPU kernels, and the generic path CUDA runs (here on the CPU).
+        type Conv = fn(&Tensor, &Tensor, usize) -> Result<Tensor>;
+        let convs: [(&str, Conv); 2] = [("cpu", conv3x3), ("generic", conv3x3_generic)];
+        for ((name, conv), (pad, h, w)) in convs
+            .into_iter()
+            .flat_map(|c| [(0, 7, 9), (1, 5, 6), (1, 3, 3), (0, 3, 4)].map(|s| (c, s)))
+        {
+            let x = Var::from_tensor(&rand(&[2, 3, h, w], 1)).expect("x");
+            let k = Var::from_tensor(&rand(&[4, 3, 3, 3], 2)).expect("k");
+            let up = rand(&[2, 4, h + 2 * pad - 2, w + 2 * pad - 2], 3);
+
+            let ours = conv(&x, &k, pad).expect("ours");
+            let theirs = x.conv2d(&k, pad, 1, 1, 1).expect("candle");
+            let d = max_diff(&ours, &theirs);
+            assert!(d < 1e-5, "{name}: forward pad {pad} {h}×{w}: max diff {d}");
+
+            let g1 = (ours * &up)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("bwd");
+            let g2 = (theirs * &up)
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .backward()
+                .expect("bwd");
+            for v in [&x, &k] {
+                let (a, b) = (g1.get(v).expect("g1"), g2.get(v).expect("g2"));
+                let d = max_diff(a, b);
+                assert!(d < 1e-4, "{name}: gradient pad {pad} {h}×{w}: max diff {d}");
+            }
+
+            // An input that is not tracked (the network's images) gets no gradient;
+            // the weight's is unchanged.
+            let plain = x.as_tensor().detach();
+            let g3 = (conv(&plain, &k, pad).expect("ours") * &up)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("bwd");
+            assert!(g3.get(&plain).is_none());
+            let d = max_diff(g3.get(&k).expect("g3"), g2.get(&k).expect("g2"));
+            assert!(
+                d < 1e-4,
+                "{name}: weight gradient, untracked input: max diff {d}"
+            );
+        }
+    }
+
+    /// Chunks of one output row, chunks across image boundaries and several
+    /// image groups (three threads for five images) give candle's results.
+    #[test]
+    fn chunks_and_image_groups_match_candle_conv2d() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("pool");
+        pool.install(|| {
+            for (pad, h, w, chunk_floats) in
+                [(1, 6, 5, 1), (0, 7, 9, 4 * 9 * 7 * 2), (1, 4, 3, 1 << 20)]
+            {
+                let x = Var::from_tensor(&rand(&[5, 4, h, w], 4)).expect("x");
+                let k = Var::from_tensor(&rand(&[3, 4, 3, 3], 5)).expect("k");
+                let up = rand(&[3, 5, h + 2 * pad - 2, w + 2 * pad - 2], 6);
+                let ours = conv3x3_chunked(&x, &k, pad, chunk_floats).expect("ours");
+                let theirs = x
+                    .conv2d(&k, pad, 1, 1, 1)
+                    .expect("candle")
+                    .transpose(0, 1)
+                    .expect("t");
+                let d = max_diff(&ours, &theirs);
+                assert!(
+                    d < 1e-5,
+                    "forward pad {pad} chunk {chunk_floats}: max diff {d}"
+                );
+                let g1 = (ours * &up)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.backward())
+                    .expect("bwd");
+                let g2 = (theirs * &up)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.backward())
+                    .expect("bwd");
+                for v in [&x, &k] {
+                    let d = max_diff(g1.get(v).expect("g1"), g2.get(v).expect("g2"));
+                    assert!(
+                        d < 1e-4,
+                        "gradient pad {pad} chunk {chunk_floats}: max diff {d}"
+                    );
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let x = rand(&[2, 3, 2, 5], 7);
+        let k = rand(&[4, 3, 3, 3], 8);
+        let e = conv3x3(&x, &k, 0).expect_err("2 rows, no padding");
+        assert!(e.to_string().contains("2-pixel side"), "{e}");
+        let e = conv3x3(&rand(&[2, 2, 5, 5], 7), &k, 1).expect_err("channels");
+        assert!(e.to_string().contains("input channels"), "{e}");
+    }
+}
