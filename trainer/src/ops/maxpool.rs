@@ -4,7 +4,7 @@
 //! paper's network (35 → 16 → 7 at block4/5 of the 150×150 spec). The gradient goes
 //! to the first maximum of each window.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous;
@@ -12,20 +12,16 @@ use super::contiguous;
 #[derive(Debug, Clone, Copy)]
 struct MaxPool;
 
+/// The backward from `(x, pooled, g)`: the gradient of each window goes to its first
+/// element equal to the pooled maximum, which is its first maximum (ties, common in
+/// the synthetic images' flat regions, go to one element, as in the generic path).
 #[derive(Debug, Clone, Copy)]
 struct MaxPoolBackward;
 
-/// The flat index (within one `H×W` plane) of the first maximum of window `(oy, ox)`.
-#[inline]
-fn argmax(plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
-    let i = 2 * oy * w + 2 * ox;
-    let mut best = i;
-    for j in [i + 1, i + w, i + w + 1] {
-        if plane[j] > plane[best] {
-            best = j;
-        }
-    }
-    best
+/// Rows `2·oy` and `2·oy + 1` of a plane, cut to the `2·wo` columns that windows cover.
+fn window_rows(plane: &[f32], w: usize, wo: usize, oy: usize) -> (&[f32], &[f32]) {
+    let top = 2 * oy * w;
+    (&plane[top..top + 2 * wo], &plane[top + w..top + w + 2 * wo])
 }
 
 impl CustomOp1 for MaxPool {
@@ -38,26 +34,35 @@ impl CustomOp1 for MaxPool {
         let x = contiguous(s, l, "max_pool2x2")?;
         let (ho, wo) = (h / 2, w / 2);
         let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo)
-            .enumerate()
-            .for_each(|(bc, dst)| {
-                let plane = &x[bc * h * w..(bc + 1) * h * w];
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        dst[oy * wo + ox] = plane[argmax(plane, w, oy, ox)];
+        if wo > 0 {
+            out.par_chunks_mut(ho * wo)
+                .enumerate()
+                .for_each(|(bc, dst)| {
+                    let plane = &x[bc * h * w..(bc + 1) * h * w];
+                    for (oy, line) in dst.chunks_exact_mut(wo).enumerate() {
+                        let (r0, r1) = window_rows(plane, w, wo, oy);
+                        // Branch-free (the comparisons of a first-argmax do not
+                        // vectorise); the value is the same.
+                        for ((d, a), b) in line
+                            .iter_mut()
+                            .zip(r0.chunks_exact(2))
+                            .zip(r1.chunks_exact(2))
+                        {
+                            *d = a[0].max(a[1]).max(b[0].max(b[1]));
+                        }
                     }
-                }
-            });
+                });
+        }
         Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolBackward)?;
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = arg.apply_op3_no_bwd(res, &grad.contiguous()?, &MaxPoolBackward)?;
         Ok(Some(g))
     }
 }
 
-impl CustomOp2 for MaxPoolBackward {
+impl CustomOp3 for MaxPoolBackward {
     fn name(&self) -> &'static str {
         "max_pool2x2_backward"
     }
@@ -68,21 +73,38 @@ impl CustomOp2 for MaxPoolBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l1.shape().dims4()?;
         let x = contiguous(s1, l1, "max_pool2x2")?;
-        let g = contiguous(s2, l2, "max_pool2x2")?;
+        let m = contiguous(s2, l2, "max_pool2x2")?;
+        let g = contiguous(s3, l3, "max_pool2x2")?;
         let (ho, wo) = (h / 2, w / 2);
         let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
-            let plane = &x[bc * h * w..(bc + 1) * h * w];
-            let gp = &g[bc * ho * wo..(bc + 1) * ho * wo];
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    dst[argmax(plane, w, oy, ox)] += gp[oy * wo + ox];
+        if wo > 0 {
+            out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
+                let plane = &x[bc * h * w..(bc + 1) * h * w];
+                let (mp, gp) = (&m[bc * ho * wo..], &g[bc * ho * wo..]);
+                for oy in 0..ho {
+                    let (r0, r1) = window_rows(plane, w, wo, oy);
+                    let (d0, d1) = dst[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+                    let (ms, gs) = (&mp[oy * wo..(oy + 1) * wo], &gp[oy * wo..(oy + 1) * wo]);
+                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                    let outs = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
+                    for ((((a, b), (da, db)), &mx), &gv) in windows.zip(outs).zip(ms).zip(gs) {
+                        let e0 = a[0] == mx;
+                        let e1 = !e0 && a[1] == mx;
+                        let e2 = !(e0 || e1) && b[0] == mx;
+                        let e3 = !(e0 || e1 || e2);
+                        da[0] = if e0 { gv } else { 0.0 };
+                        da[1] = if e1 { gv } else { 0.0 };
+                        db[0] = if e2 { gv } else { 0.0 };
+                        db[1] = if e3 { gv } else { 0.0 };
+                    }
                 }
-            }
-        });
+            });
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
