@@ -19,10 +19,12 @@
 //! Statistics and running averages follow candle-nn exactly (biased variance to
 //! normalise, unbiased in the running variance).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous;
+use super::{contiguous, filled};
 
 /// The training-mode BatchNorm op over channel-major `x: [C, B, …]` and `γβ: [2, C]`
 /// (and a batch-major `skip: [B, C, …]` as a third argument), carrying the batch
@@ -141,32 +143,38 @@ impl BnTrain {
         let c = self.mean.len();
         let (gamma, beta) = gb.split_at(c);
         let s = x.len() / (c * self.b).max(1);
-        let mut out = vec![0f32; x.len()];
-        // One image per task: its C segments of S values each.
-        out.par_chunks_mut(c * s).enumerate().for_each(|(bi, img)| {
-            for (ch, dst) in img.chunks_mut(s).enumerate() {
-                let a = gamma[ch] * self.invstd[ch];
-                let bias = beta[ch] - self.mean[ch] * a;
-                let src = &x[(ch * self.b + bi) * s..(ch * self.b + bi + 1) * s];
-                match skip {
-                    Some(skip) => {
-                        let add = &skip[(bi * c + ch) * s..(bi * c + ch + 1) * s];
-                        for ((d, &v), &k) in dst.iter_mut().zip(src).zip(add) {
-                            *d = a * v + bias + k;
+        let relu = self.relu;
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            // One image per task: its C segments of S values each.
+            out.par_chunks_mut(c * s).enumerate().for_each(|(bi, img)| {
+                for (ch, dst) in img.chunks_mut(s).enumerate() {
+                    let a = gamma[ch] * self.invstd[ch];
+                    let bias = beta[ch] - self.mean[ch] * a;
+                    let src = &x[(ch * self.b + bi) * s..(ch * self.b + bi + 1) * s];
+                    let clip = |v: f32| if relu { v.max(0.0) } else { v };
+                    match skip {
+                        Some(skip) => {
+                            let add = &skip[(bi * c + ch) * s..(bi * c + ch + 1) * s];
+                            for ((d, &v), &k) in dst.iter_mut().zip(src).zip(add) {
+                                d.write(clip(a * v + bias + k));
+                            }
                         }
-                    }
-                    None => {
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = a * v + bias;
+                        None => {
+                            for (d, &v) in dst.iter_mut().zip(src) {
+                                d.write(clip(a * v + bias));
+                            }
                         }
                     }
                 }
-                if self.relu {
-                    dst.iter_mut().for_each(|d| *d = d.max(0.0));
-                }
-            }
-        });
-        out
+            });
+        };
+        // SAFETY: the images' segments tile the output (B images × C channels × S
+        // values, x.len() in all), and each segment is written in full: `src` and
+        // `add` hold S values.
+        #[allow(unsafe_code)]
+        unsafe {
+            filled(x.len(), fill)
+        }
     }
 
     /// `(∂x [C, B, …], ∂γβ [2, C], ∂skip [B, C, …] when with_skip)` from the output
@@ -189,41 +197,50 @@ impl BnTrain {
                 with_slice(g, |g| {
                     let relu = self.relu;
                     let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
-                    let mut dx = vec![0f32; x.len()];
-                    let sums: Vec<(f32, f32)> = dx
-                        .par_chunks_mut(m)
-                        .enumerate()
-                        .map(|(ch, dx)| {
-                            let x = &x[ch * m..(ch + 1) * m];
-                            let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                            let (mut sb, mut sg) = (0f64, 0f64);
-                            // Image bi's values of this channel: one segment of x
-                            // (channel-major), at `at` in y and g (batch-major).
-                            for (bi, xs) in x.chunks(s).enumerate() {
-                                let at = (bi * c + ch) * s;
-                                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                                let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
-                                    let gi = mask(yv, gv);
-                                    (gi, gi * (xv - mu))
-                                });
-                                sb += b32 as f64;
-                                sg += g32 as f64 * is as f64;
-                            }
-                            let a = gamma[ch] * is;
-                            let mb = (sb / m as f64) as f32;
-                            // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
-                            let mg = (sg / m as f64) as f32 * is;
-                            for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
-                                let at = (bi * c + ch) * s;
-                                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                                for (((d, &xv), &yv), &gv) in ds.iter_mut().zip(xs).zip(ys).zip(gs)
-                                {
-                                    *d = a * (mask(yv, gv) - mb - (xv - mu) * mg);
+                    let mut sums: Vec<(f32, f32)> = Vec::new();
+                    let fill = |dx: &mut [MaybeUninit<f32>]| {
+                        sums = dx
+                            .par_chunks_mut(m)
+                            .enumerate()
+                            .map(|(ch, dx)| {
+                                let x = &x[ch * m..(ch + 1) * m];
+                                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                                let (mut sb, mut sg) = (0f64, 0f64);
+                                // Image bi's values of this channel: one segment of x
+                                // (channel-major), at `at` in y and g (batch-major).
+                                for (bi, xs) in x.chunks(s).enumerate() {
+                                    let at = (bi * c + ch) * s;
+                                    let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                                    let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
+                                        let gi = mask(yv, gv);
+                                        (gi, gi * (xv - mu))
+                                    });
+                                    sb += b32 as f64;
+                                    sg += g32 as f64 * is as f64;
                                 }
-                            }
-                            (sg as f32, sb as f32)
-                        })
-                        .collect();
+                                let a = gamma[ch] * is;
+                                let mb = (sb / m as f64) as f32;
+                                // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
+                                let mg = (sg / m as f64) as f32 * is;
+                                for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate()
+                                {
+                                    let at = (bi * c + ch) * s;
+                                    let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                                    for (((d, &xv), &yv), &gv) in
+                                        ds.iter_mut().zip(xs).zip(ys).zip(gs)
+                                    {
+                                        d.write(a * (mask(yv, gv) - mb - (xv - mu) * mg));
+                                    }
+                                }
+                                (sg as f32, sb as f32)
+                            })
+                            .collect();
+                    };
+                    // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and
+                    // each is written in full, image segment by image segment of S
+                    // values (B·S = M), all of which `xs`, `ys` and `gs` hold.
+                    #[allow(unsafe_code)]
+                    let dx = unsafe { filled(x.len(), fill) };
                     let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
                     let dskip: Option<Vec<f32>> =
                         with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());

@@ -18,11 +18,13 @@
 //! Off the CPU ([`conv3x3_generic`]), the output is candle's own `conv2d` and the
 //! backward is built from candle's tensor ops, so it runs on any device.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous;
 use super::gemm::{Dst, SharedOut, View, gemm};
+use super::{contiguous, filled};
 
 /// Floats of one chunk's columns: 256 KB, a quarter of this machine's L2, so that
 /// the columns, the GEMM's packed blocks and the output block stay in cache.
@@ -233,23 +235,28 @@ impl CustomOp2 for Conv3x3 {
             contiguous(xs, xl, "conv3x3")?,
             contiguous(ws, wl, "conv3x3")?,
         );
-        let mut y = vec![0f32; o * geom.b * geom.n()];
-        let out = SharedOut::new(&mut y);
         let wv = View::rows(0, o, geom.k(), geom.k());
-        geom.groups().into_par_iter().for_each(|(b0, nb)| {
-            let x = &x[b0 * geom.image()..(b0 + nb) * geom.image()];
-            let mut cols = vec![0f32; geom.k() * geom.chunk_rows * geom.wo];
-            for chunk in geom.chunks(nb) {
-                let width = chunk.1 * geom.wo;
-                geom.im2col(x, chunk, &mut cols);
-                // SAFETY (of `dst`): each thread writes the output columns of its own
-                // images only, and `y` is not touched otherwise until all are done.
-                #[allow(unsafe_code)]
-                let dst = unsafe { out.dst() };
-                let cv = View::rows(0, geom.k(), width, width);
-                gemm(dst, geom.out_view(o, b0, chunk), false, wt, wv, &cols, cv);
-            }
-        });
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            let out = SharedOut::new(y);
+            geom.groups().into_par_iter().for_each(|(b0, nb)| {
+                let x = &x[b0 * geom.image()..(b0 + nb) * geom.image()];
+                let mut cols = vec![0f32; geom.k() * geom.chunk_rows * geom.wo];
+                for chunk in geom.chunks(nb) {
+                    let width = chunk.1 * geom.wo;
+                    geom.im2col(x, chunk, &mut cols);
+                    // SAFETY (of `dst`): each thread writes the output columns of its
+                    // own images only, without accumulating.
+                    #[allow(unsafe_code)]
+                    let dst = unsafe { out.dst() };
+                    let cv = View::rows(0, geom.k(), width, width);
+                    gemm(dst, geom.out_view(o, b0, chunk), false, wt, wv, &cols, cv);
+                }
+            });
+        };
+        // SAFETY: the groups partition the images and the chunks a group's output
+        // rows, and each chunk's GEMM writes all `O` rows of its columns.
+        #[allow(unsafe_code)]
+        let y = unsafe { filled(o * geom.b * geom.n(), fill) };
         let shape = Shape::from((o, geom.b, geom.ho, geom.wo));
         Ok((CpuStorage::F32(y), shape))
     }
@@ -325,7 +332,7 @@ impl CustomOp2 for ConvWeightGrad {
                     let gv = geom.out_view(o, b0, chunk);
                     gemm(
                         Dst::Slice(&mut dw),
-                        View::rows(0, o, k, k),
+                        View::rows(0, k, o, o).t(),
                         true,
                         g,
                         gv,
@@ -336,11 +343,14 @@ impl CustomOp2 for ConvWeightGrad {
                 dw
             })
             .collect::<Vec<_>>();
-        let mut parts = parts.into_iter();
-        let mut dw = parts.next().unwrap_or_default();
+        // Σ over the groups, from `[C·9, O]` (column-major `[O, C·9]`: the GEMM's
+        // preferred destination) to the weight's `[O, C·9]`.
+        let mut dw = vec![0f32; o * k];
         for part in parts {
-            for (a, b) in dw.iter_mut().zip(part) {
-                *a += b;
+            for (i, row) in part.chunks_exact(o).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    dw[j * k + i] += v;
+                }
             }
         }
         Ok((CpuStorage::F32(dw), Shape::from((o, geom.c, 3, 3))))

@@ -4,6 +4,7 @@
 //! and zero-filled outputs.
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 use gemm::Parallelism;
 
@@ -58,12 +59,13 @@ pub(super) enum Dst<'a> {
     Shared(&'a SharedOut<'a>),
 }
 
-/// An output buffer, borrowed exclusively, that threads write in disjoint blocks
-/// through [`gemm`].
+/// An output buffer, borrowed exclusively and possibly uninitialised, that threads
+/// write in disjoint blocks through [`gemm`] (which, not accumulating, never reads
+/// its destination).
 pub(super) struct SharedOut<'a> {
     ptr: *mut f32,
     len: usize,
-    _buf: PhantomData<&'a mut [f32]>,
+    _buf: PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
 // SAFETY: the pointer is only written through `gemm` at views that the callers of
@@ -74,9 +76,9 @@ unsafe impl Sync for SharedOut<'_> {}
 
 impl<'a> SharedOut<'a> {
     /// Shares `buf` for as long as the borrow lasts.
-    pub fn new(buf: &'a mut [f32]) -> Self {
+    pub fn new(buf: &'a mut [MaybeUninit<f32>]) -> Self {
         SharedOut {
-            ptr: buf.as_mut_ptr(),
+            ptr: buf.as_mut_ptr().cast(),
             len: buf.len(),
             _buf: PhantomData,
         }
@@ -86,7 +88,8 @@ impl<'a> SharedOut<'a> {
     ///
     /// # Safety
     /// The views written through it must not overlap those any other thread reads
-    /// or writes while the buffer is shared.
+    /// or writes while the buffer is shared, and may only be written without
+    /// `accumulate` unless already initialised.
     #[allow(unsafe_code)]
     pub unsafe fn dst(&'a self) -> Dst<'a> {
         Dst::Shared(self)
