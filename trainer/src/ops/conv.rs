@@ -110,17 +110,29 @@ impl Geom {
             .map(move |r| (r, step.min(total - r)))
     }
 
-    /// The output columns `[lo, hi)` of a row that read inside the input for tap
-    /// column `kx`; the rest read padding.
-    fn valid(&self, kx: usize) -> (usize, usize) {
+    /// Row `r` of the columns: channel `r / 9`, tap `r % 9`.
+    fn tap(&self, r: usize) -> Tap {
+        let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
+        // The output columns [lo, hi) read inside the input; the rest read padding.
         let lo = self.pad.saturating_sub(kx);
         let hi = self.wo.min((self.w + self.pad).saturating_sub(kx));
-        (lo, hi.max(lo))
+        Tap {
+            ch,
+            ky,
+            kx,
+            lo,
+            hi: hi.max(lo),
+        }
     }
 
-    /// The input row that output row `oy` reads for tap row `ky`, if inside.
-    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)
+    /// Where in the group's input the valid span of `tap`'s line for output row
+    /// `row` of the group starts, or `None` when the whole line reads padding.
+    fn input_offset(&self, tap: &Tap, row: usize) -> Option<usize> {
+        let (bi, oy) = (row / self.ho, row % self.ho);
+        let iy = (oy + tap.ky)
+            .checked_sub(self.pad)
+            .filter(|&iy| iy < self.h)?;
+        Some(((bi * self.c + tap.ch) * self.h + iy) * self.w + tap.lo + tap.kx - self.pad)
     }
 
     /// `im2col` of output rows `[r0, r0 + rows)` of the images in `x` (a group)
@@ -128,18 +140,15 @@ impl Geom {
     fn im2col(&self, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32]) {
         let width = rows * self.wo;
         for (r, dst) in cols.chunks_exact_mut(width).take(self.k()).enumerate() {
-            let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
-            let (lo, hi) = self.valid(kx);
+            let t = self.tap(r);
             for (row, line) in (r0..r0 + rows).zip(dst.chunks_exact_mut(self.wo)) {
-                let (bi, oy) = (row / self.ho, row % self.ho);
-                let Some(iy) = self.input_row(oy, ky) else {
+                let Some(s0) = self.input_offset(&t, row) else {
                     line.fill(0.0);
                     continue;
                 };
-                let s0 = ((bi * self.c + ch) * self.h + iy) * self.w + lo + kx - self.pad;
-                line[..lo].fill(0.0);
-                line[lo..hi].copy_from_slice(&x[s0..s0 + hi - lo]);
-                line[hi..].fill(0.0);
+                line[..t.lo].fill(0.0);
+                line[t.lo..t.hi].copy_from_slice(&x[s0..s0 + t.hi - t.lo]);
+                line[t.hi..].fill(0.0);
             }
         }
     }
@@ -149,15 +158,12 @@ impl Geom {
     fn col2im(&self, cols: &[f32], (r0, rows): (usize, usize), dx: &mut [f32]) {
         let width = rows * self.wo;
         for (r, src) in cols.chunks_exact(width).take(self.k()).enumerate() {
-            let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
-            let (lo, hi) = self.valid(kx);
+            let t = self.tap(r);
             for (row, line) in (r0..r0 + rows).zip(src.chunks_exact(self.wo)) {
-                let (bi, oy) = (row / self.ho, row % self.ho);
-                let Some(iy) = self.input_row(oy, ky) else {
+                let Some(d0) = self.input_offset(&t, row) else {
                     continue;
                 };
-                let d0 = ((bi * self.c + ch) * self.h + iy) * self.w + lo + kx - self.pad;
-                for (d, s) in dx[d0..d0 + hi - lo].iter_mut().zip(&line[lo..hi]) {
+                for (d, s) in dx[d0..d0 + t.hi - t.lo].iter_mut().zip(&line[t.lo..t.hi]) {
                     *d += s;
                 }
             }
@@ -174,6 +180,17 @@ impl Geom {
             self.b * self.n(),
         )
     }
+}
+
+/// One row of the columns: input channel, tap, and the span of an output line that
+/// reads inside the input.
+#[derive(Debug, Clone, Copy)]
+struct Tap {
+    ch: usize,
+    ky: usize,
+    kx: usize,
+    lo: usize,
+    hi: usize,
 }
 
 /// `(start, count)` of one group of images per rayon thread (fewer when `b` is small).
