@@ -72,9 +72,37 @@ impl Norm {
         };
         let eps = self.inner.eps();
         let (y, stats) = crate::ops::batch_norm_train(xc, gamma, beta, eps, relu, skip)?;
+        self.update_running(&stats, xc.device())?;
+        Ok(y)
+    }
+
+    /// `BN(conv3x3(x, weight)) (+ skip) (→ ReLU)` in training mode on the CPU as
+    /// one graph node ([`crate::ops::conv_bn_train`]), or `None` where that does not
+    /// apply (evaluation, other devices, other dtypes).
+    fn conv_forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        pad: usize,
+        train: bool,
+        relu: bool,
+        skip: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let fused = train && crate::ops::cpu_kernels(x) && x.dtype() == DType::F32;
+        let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| fused) else {
+            return Ok(None);
+        };
+        let eps = self.inner.eps();
+        let (y, stats) = crate::ops::conv_bn_train(x, weight, pad, gamma, beta, eps, relu, skip)?;
+        self.update_running(&stats, x.device())?;
+        Ok(Some(y))
+    }
+
+    /// Moves the running averages towards one batch's statistics, as candle-nn does
+    /// (the unbiased variance).
+    fn update_running(&self, stats: &crate::ops::BatchStats, dev: &Device) -> Result<()> {
         let momentum = self.inner.momentum();
         let n = stats.count as f64;
-        let dev = xc.device();
         let mean = Tensor::new(stats.mean.as_slice(), dev)?;
         let var = Tensor::new(stats.var.as_slice(), dev)?;
         self.running_mean
@@ -83,7 +111,7 @@ impl Norm {
             &((self.running_var.as_tensor() * (1.0 - momentum))?
                 + (var * (momentum * n / (n - 1.0).max(1.0)))?)?,
         )?;
-        Ok(y)
+        Ok(())
     }
 }
 
@@ -120,6 +148,11 @@ impl ConvBn {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if let Some(bn) = &self.bn
+            && let Some(y) = bn.conv_forward(x, &self.weight, self.pad, train, relu, skip)?
+        {
+            return Ok(y);
+        }
         let yc = conv3x3_channel_major(x, &self.weight, self.pad)?;
         let mut y = match (&self.bias, &self.bn) {
             (_, Some(bn)) => return bn.forward(&yc, train, relu, skip),

@@ -30,7 +30,7 @@ use super::{contiguous, filled};
 /// (and a batch-major `skip: [B, C, …]` as a third argument), carrying the batch
 /// statistics it was built with.
 #[derive(Debug, Clone)]
-struct BnTrain {
+pub(super) struct BnTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
     relu: bool,
@@ -119,7 +119,7 @@ fn channel_stats(x: &[f32], m: usize) -> Vec<(f32, f32)> {
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
@@ -132,14 +132,44 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
 }
 
 /// `[C, B, rest…]` → `[B, C, rest…]`.
-fn batch_major(shape: &Shape) -> Shape {
+pub(super) fn batch_major(shape: &Shape) -> Shape {
     let mut dims = shape.dims().to_vec();
     dims.swap(0, 1);
     Shape::from(dims)
 }
 
 impl BnTrain {
-    fn forward(&self, x: &[f32], gb: &[f32], skip: Option<&[f32]>) -> Vec<f32> {
+    /// The statistics of channel-major `x: [C, B·S]` (`m` = B·S values per channel)
+    /// and the op that normalises with them.
+    pub(super) fn from_batch(
+        x: &[f32],
+        m: usize,
+        b: usize,
+        eps: f64,
+        relu: bool,
+    ) -> (Self, BatchStats) {
+        let (mean, var): (Vec<f32>, Vec<f32>) = channel_stats(x, m).into_iter().unzip();
+        let invstd = var
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+            .collect();
+        let op = BnTrain {
+            mean: mean.clone(),
+            invstd,
+            relu,
+            b,
+        };
+        let stats = BatchStats {
+            mean,
+            var,
+            count: m,
+        };
+        (op, stats)
+    }
+
+    /// `y = a·x + c (+ skip) (→ ReLU)`, batch-major, from channel-major `x` and
+    /// `gb = [γ…, β…]`.
+    pub(super) fn forward(&self, x: &[f32], gb: &[f32], skip: Option<&[f32]>) -> Vec<f32> {
         let c = self.mean.len();
         let (gamma, beta) = gb.split_at(c);
         let s = x.len() / (c * self.b).max(1);
@@ -188,64 +218,10 @@ impl BnTrain {
         with_skip: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let c = self.mean.len();
-        let b = self.b;
-        let m = x.elem_count() / c.max(1);
-        let s = m / b.max(1);
         let gamma = gb.get(0)?.to_vec1::<f32>()?;
         let (dx, dgb, dskip) = with_slice(x, |x| {
             with_slice(y, |y| {
-                with_slice(g, |g| {
-                    let relu = self.relu;
-                    let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
-                    let mut sums: Vec<(f32, f32)> = Vec::new();
-                    let fill = |dx: &mut [MaybeUninit<f32>]| {
-                        sums = dx
-                            .par_chunks_mut(m)
-                            .enumerate()
-                            .map(|(ch, dx)| {
-                                let x = &x[ch * m..(ch + 1) * m];
-                                let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                                let (mut sb, mut sg) = (0f64, 0f64);
-                                // Image bi's values of this channel: one segment of x
-                                // (channel-major), at `at` in y and g (batch-major).
-                                for (bi, xs) in x.chunks(s).enumerate() {
-                                    let at = (bi * c + ch) * s;
-                                    let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                                    let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
-                                        let gi = mask(yv, gv);
-                                        (gi, gi * (xv - mu))
-                                    });
-                                    sb += b32 as f64;
-                                    sg += g32 as f64 * is as f64;
-                                }
-                                let a = gamma[ch] * is;
-                                let mb = (sb / m as f64) as f32;
-                                // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
-                                let mg = (sg / m as f64) as f32 * is;
-                                for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate()
-                                {
-                                    let at = (bi * c + ch) * s;
-                                    let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                                    for (((d, &xv), &yv), &gv) in
-                                        ds.iter_mut().zip(xs).zip(ys).zip(gs)
-                                    {
-                                        d.write(a * (mask(yv, gv) - mb - (xv - mu) * mg));
-                                    }
-                                }
-                                (sg as f32, sb as f32)
-                            })
-                            .collect();
-                    };
-                    // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and
-                    // each is written in full, image segment by image segment of S
-                    // values (B·S = M), all of which `xs`, `ys` and `gs` hold.
-                    #[allow(unsafe_code)]
-                    let dx = unsafe { filled(x.len(), fill) };
-                    let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
-                    let dskip: Option<Vec<f32>> =
-                        with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());
-                    Ok((dx, [dgamma, dbeta].concat(), dskip))
-                })
+                with_slice(g, |g| Ok(self.backward_slices(x, &gamma, y, g, with_skip)))
             })
         })?;
         let dev = x.device();
@@ -256,6 +232,68 @@ impl BnTrain {
                 .map(|d| Tensor::from_vec(d, y.shape(), dev))
                 .transpose()?,
         ))
+    }
+
+    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`.
+    pub(super) fn backward_slices(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        y: &[f32],
+        g: &[f32],
+        with_skip: bool,
+    ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+        let c = self.mean.len();
+        let b = self.b;
+        let m = x.len() / c.max(1);
+        let s = m / b.max(1);
+        let relu = self.relu;
+        let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
+        let mut sums: Vec<(f32, f32)> = Vec::new();
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            sums = dx
+                .par_chunks_mut(m)
+                .enumerate()
+                .map(|(ch, dx)| {
+                    let x = &x[ch * m..(ch + 1) * m];
+                    let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                    let (mut sb, mut sg) = (0f64, 0f64);
+                    // Image bi's values of this channel: one segment of x
+                    // (channel-major), at `at` in y and g (batch-major).
+                    for (bi, xs) in x.chunks(s).enumerate() {
+                        let at = (bi * c + ch) * s;
+                        let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                        let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
+                            let gi = mask(yv, gv);
+                            (gi, gi * (xv - mu))
+                        });
+                        sb += b32 as f64;
+                        sg += g32 as f64 * is as f64;
+                    }
+                    let a = gamma[ch] * is;
+                    let mb = (sb / m as f64) as f32;
+                    // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
+                    let mg = (sg / m as f64) as f32 * is;
+                    for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
+                        let at = (bi * c + ch) * s;
+                        let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                        for (((d, &xv), &yv), &gv) in ds.iter_mut().zip(xs).zip(ys).zip(gs) {
+                            d.write(a * (mask(yv, gv) - mb - (xv - mu) * mg));
+                        }
+                    }
+                    (sg as f32, sb as f32)
+                })
+                .collect();
+        };
+        // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and
+        // each is written in full, image segment by image segment of S
+        // values (B·S = M), all of which `xs`, `ys` and `gs` hold.
+        #[allow(unsafe_code)]
+        let dx = unsafe { filled(x.len(), fill) };
+        let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+        let dskip: Option<Vec<f32>> =
+            with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());
+        (dx, [dgamma, dbeta].concat(), dskip)
     }
 }
 
@@ -362,31 +400,13 @@ pub fn batch_norm_train(
             skip.shape()
         );
     }
-    let stats = with_slice(&x, |data| Ok(channel_stats(data, m)))?;
-    let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
-    let invstd = var
-        .iter()
-        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
-        .collect();
-    let op = BnTrain {
-        mean: mean.clone(),
-        invstd,
-        relu,
-        b,
-    };
+    let (op, stats) = with_slice(&x, |data| Ok(BnTrain::from_batch(data, m, b, eps, relu)))?;
     let gb = Tensor::stack(&[gamma, beta], 0)?;
     let y = match skip {
         Some(skip) => x.apply_op3(&gb, &skip.contiguous()?, op)?,
         None => x.apply_op2(&gb, op)?,
     };
-    Ok((
-        y,
-        BatchStats {
-            mean,
-            var,
-            count: m,
-        },
-    ))
+    Ok((y, stats))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use super::{contiguous, filled};
 
 /// Floats of one chunk's columns: 256 KB, a quarter of this machine's L2, so that
 /// the columns, the GEMM's packed blocks and the output block stay in cache.
-const CHUNK_FLOATS: usize = 64 * 1024;
+pub(super) const CHUNK_FLOATS: usize = 64 * 1024;
 
 /// The fewest output columns in a chunk: with many input channels, a chunk is
 /// allowed past [`CHUNK_FLOATS`] so that each GEMM is wide enough to pay for
@@ -46,20 +46,20 @@ fn out_size(n: usize, pad: usize) -> Result<usize> {
 
 /// The shape of one convolution, and how its output rows are chunked.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
+pub(super) struct Geom {
+    pub(super) b: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) pad: usize,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
     /// Output rows (of `wo` pixels) per chunk.
     chunk_rows: usize,
 }
 
 impl Geom {
-    fn new(
+    pub(super) fn new(
         (b, c, h, w): (usize, usize, usize, usize),
         pad: usize,
         chunk_floats: usize,
@@ -82,12 +82,12 @@ impl Geom {
     }
 
     /// Rows of `cols` (the GEMM's inner dimension).
-    fn k(&self) -> usize {
+    pub(super) fn k(&self) -> usize {
         self.c * 9
     }
 
     /// Output pixels per image.
-    fn n(&self) -> usize {
+    pub(super) fn n(&self) -> usize {
         self.ho * self.wo
     }
 
@@ -168,6 +168,103 @@ impl Geom {
                 }
             }
         }
+    }
+
+    /// The convolution of `x: [B, C, H, W]` with `wt: [O, C·9]`, channel-major
+    /// `[O, B, Ho, Wo]`.
+    pub(super) fn forward(&self, x: &[f32], wt: &[f32], o: usize) -> Vec<f32> {
+        let wv = View::rows(0, o, self.k(), self.k());
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            let out = SharedOut::new(y);
+            self.groups().into_par_iter().for_each(|(b0, nb)| {
+                let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
+                let mut cols = vec![0f32; self.k() * self.chunk_rows * self.wo];
+                for chunk in self.chunks(nb) {
+                    let width = chunk.1 * self.wo;
+                    self.im2col(x, chunk, &mut cols);
+                    // SAFETY (of `dst`): each thread writes the output columns of its
+                    // own images only, without accumulating.
+                    #[allow(unsafe_code)]
+                    let dst = unsafe { out.dst() };
+                    let cv = View::rows(0, self.k(), width, width);
+                    gemm(dst, self.out_view(o, b0, chunk), false, wt, wv, &cols, cv);
+                }
+            });
+        };
+        // SAFETY: the groups partition the images and the chunks a group's output
+        // rows, and each chunk's GEMM writes all `O` rows of its columns.
+        #[allow(unsafe_code)]
+        unsafe {
+            filled(o * self.b * self.n(), fill)
+        }
+    }
+
+    /// `∂W: [O, C·9]` from `x: [B, C, H, W]` and the output gradient `g`
+    /// (channel-major `[O, B, Ho, Wo]`).
+    pub(super) fn weight_grad(&self, x: &[f32], g: &[f32], o: usize) -> Vec<f32> {
+        let k = self.k();
+        // One `[O, C·9]` partial sum per group: as one GEMM over the whole batch, the
+        // long reduction (B·Ho·Wo) would run on one thread.
+        let parts = self
+            .groups()
+            .into_par_iter()
+            .map(|(b0, nb)| {
+                let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
+                let mut cols = vec![0f32; k * self.chunk_rows * self.wo];
+                let mut dw = vec![0f32; o * k];
+                for chunk in self.chunks(nb) {
+                    let width = chunk.1 * self.wo;
+                    self.im2col(x, chunk, &mut cols);
+                    let cv = View::rows(0, k, width, width).t();
+                    let gv = self.out_view(o, b0, chunk);
+                    gemm(
+                        Dst::Slice(&mut dw),
+                        View::rows(0, k, o, o).t(),
+                        true,
+                        g,
+                        gv,
+                        &cols,
+                        cv,
+                    );
+                }
+                dw
+            })
+            .collect::<Vec<_>>();
+        // Σ over the groups, from `[C·9, O]` (column-major `[O, C·9]`: the GEMM's
+        // preferred destination) to the weight's `[O, C·9]`.
+        let mut dw = vec![0f32; o * k];
+        for part in parts {
+            for (i, row) in part.chunks_exact(o).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    dw[j * k + i] += v;
+                }
+            }
+        }
+        dw
+    }
+
+    /// `∂x: [B, C, H, W]` from `wt: [O, C·9]` and the output gradient `g`
+    /// (channel-major `[O, B, Ho, Wo]`).
+    pub(super) fn input_grad(&self, wt: &[f32], g: &[f32], o: usize) -> Vec<f32> {
+        let k = self.k();
+        // Wᵀ: [C·9, O].
+        let wv = View::rows(0, o, k, k).t();
+        let mut dx = vec![0f32; self.b * self.image()];
+        let groups = self.groups();
+        let per = groups[0].1 * self.image();
+        dx.par_chunks_mut(per)
+            .zip(groups)
+            .for_each(|(dx, (b0, nb))| {
+                let mut cols = vec![0f32; k * self.chunk_rows * self.wo];
+                for chunk in self.chunks(nb) {
+                    let width = chunk.1 * self.wo;
+                    let cv = View::rows(0, k, width, width);
+                    let gv = self.out_view(o, b0, chunk);
+                    gemm(Dst::Slice(&mut cols), cv, false, wt, wv, g, gv);
+                    self.col2im(&cols, chunk, dx);
+                }
+            });
+        dx
     }
 
     /// The view of a chunk in a channel-major `[O, B·Ho·Wo]` tensor (the output, or
@@ -252,28 +349,7 @@ impl CustomOp2 for Conv3x3 {
             contiguous(xs, xl, "conv3x3")?,
             contiguous(ws, wl, "conv3x3")?,
         );
-        let wv = View::rows(0, o, geom.k(), geom.k());
-        let fill = |y: &mut [MaybeUninit<f32>]| {
-            let out = SharedOut::new(y);
-            geom.groups().into_par_iter().for_each(|(b0, nb)| {
-                let x = &x[b0 * geom.image()..(b0 + nb) * geom.image()];
-                let mut cols = vec![0f32; geom.k() * geom.chunk_rows * geom.wo];
-                for chunk in geom.chunks(nb) {
-                    let width = chunk.1 * geom.wo;
-                    geom.im2col(x, chunk, &mut cols);
-                    // SAFETY (of `dst`): each thread writes the output columns of its
-                    // own images only, without accumulating.
-                    #[allow(unsafe_code)]
-                    let dst = unsafe { out.dst() };
-                    let cv = View::rows(0, geom.k(), width, width);
-                    gemm(dst, geom.out_view(o, b0, chunk), false, wt, wv, &cols, cv);
-                }
-            });
-        };
-        // SAFETY: the groups partition the images and the chunks a group's output
-        // rows, and each chunk's GEMM writes all `O` rows of its columns.
-        #[allow(unsafe_code)]
-        let y = unsafe { filled(o * geom.b * geom.n(), fill) };
+        let y = geom.forward(x, wt, o);
         let shape = Shape::from((o, geom.b, geom.ho, geom.wo));
         Ok((CpuStorage::F32(y), shape))
     }
@@ -332,44 +408,7 @@ impl CustomOp2 for ConvWeightGrad {
             contiguous(xs, xl, "conv3x3")?,
             contiguous(gs, gl, "conv3x3")?,
         );
-        let k = geom.k();
-        // One `[O, C·9]` partial sum per group: as one GEMM over the whole batch, the
-        // long reduction (B·Ho·Wo) would run on one thread.
-        let parts = geom
-            .groups()
-            .into_par_iter()
-            .map(|(b0, nb)| {
-                let x = &x[b0 * geom.image()..(b0 + nb) * geom.image()];
-                let mut cols = vec![0f32; k * geom.chunk_rows * geom.wo];
-                let mut dw = vec![0f32; o * k];
-                for chunk in geom.chunks(nb) {
-                    let width = chunk.1 * geom.wo;
-                    geom.im2col(x, chunk, &mut cols);
-                    let cv = View::rows(0, k, width, width).t();
-                    let gv = geom.out_view(o, b0, chunk);
-                    gemm(
-                        Dst::Slice(&mut dw),
-                        View::rows(0, k, o, o).t(),
-                        true,
-                        g,
-                        gv,
-                        &cols,
-                        cv,
-                    );
-                }
-                dw
-            })
-            .collect::<Vec<_>>();
-        // Σ over the groups, from `[C·9, O]` (column-major `[O, C·9]`: the GEMM's
-        // preferred destination) to the weight's `[O, C·9]`.
-        let mut dw = vec![0f32; o * k];
-        for part in parts {
-            for (i, row) in part.chunks_exact(o).enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    dw[j * k + i] += v;
-                }
-            }
-        }
+        let dw = geom.weight_grad(x, g, o);
         Ok((CpuStorage::F32(dw), Shape::from((o, geom.c, 3, 3))))
     }
 }
@@ -399,24 +438,7 @@ impl CustomOp2 for ConvInputGrad {
             contiguous(ws, wl, "conv3x3")?,
             contiguous(gs, gl, "conv3x3")?,
         );
-        let k = geom.k();
-        // Wᵀ: [C·9, O].
-        let wv = View::rows(0, o, k, k).t();
-        let mut dx = vec![0f32; b * geom.image()];
-        let groups = geom.groups();
-        let per = groups[0].1 * geom.image();
-        dx.par_chunks_mut(per)
-            .zip(groups)
-            .for_each(|(dx, (b0, nb))| {
-                let mut cols = vec![0f32; k * geom.chunk_rows * geom.wo];
-                for chunk in geom.chunks(nb) {
-                    let width = chunk.1 * geom.wo;
-                    let cv = View::rows(0, k, width, width);
-                    let gv = geom.out_view(o, b0, chunk);
-                    gemm(Dst::Slice(&mut cols), cv, false, wt, wv, g, gv);
-                    geom.col2im(&cols, chunk, dx);
-                }
-            });
+        let dx = geom.input_grad(wt, g, o);
         Ok((CpuStorage::F32(dx), Shape::from((b, c, self.h, self.w))))
     }
 }

@@ -5,6 +5,8 @@
 //!   direct transposed convolution, ~6× the forward.
 //! * [`batch_norm_train`]: training-mode BatchNorm (+ ReLU) in one pass forward and
 //!   two backward, instead of candle-nn's ten element-wise ops each way.
+//! * [`conv_bn_train`]: the two above as one graph node, so that the convolution's
+//!   output gets no gradient of its own in candle's backward.
 //! * [`max_pool2x2`]: 2×2 stride-2 max-pool with floor semantics for odd sizes and an
 //!   exact backward (candle's upsampling-based backward assumes even sizes).
 //!
@@ -15,11 +17,13 @@
 
 mod batchnorm;
 mod conv;
+mod conv_bn;
 mod gemm;
 mod maxpool;
 
 pub use batchnorm::{BatchStats, batch_norm_train};
 pub use conv::{conv3x3, conv3x3_channel_major, conv3x3_generic};
+pub use conv_bn::conv_bn_train;
 pub use maxpool::max_pool2x2;
 
 use std::cell::Cell;
