@@ -583,7 +583,7 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
-    use crate::ops::test_util::{max_diff, rand};
+    use crate::ops::test_util::{grads_of, max_diff, rand, rel_diff};
 
     #[test]
     fn forward_and_gradients_match_candle_conv2d() {
@@ -646,14 +646,6 @@ mod tests {
             .num_threads(3)
             .build()
             .expect("pool");
-        let rel = |a: &Tensor, b: &Tensor| {
-            let scale = b
-                .abs()
-                .and_then(|t| t.max_all())
-                .and_then(|t| t.to_scalar::<f32>())
-                .expect("scale");
-            max_diff(a, b) / (1.0 + scale)
-        };
         pool.install(|| {
             for (pad, c, o, h, w, chunk_floats) in [
                 (1, 4, 3, 6, 5, 1),
@@ -674,18 +666,11 @@ mod tests {
                     .expect("candle")
                     .transpose(0, 1)
                     .expect("t");
-                let d = rel(&ours, &theirs);
+                let d = rel_diff(&ours, &theirs);
                 assert!(d < 1e-6, "{case}: forward differs by {d} (relative)");
-                let g1 = (ours * &up)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .expect("bwd");
-                let g2 = (theirs * &up)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward())
-                    .expect("bwd");
+                let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
                 for (name, v) in [("x", &x), ("w", &k)] {
-                    let d = rel(g1.get(v).expect("g1"), g2.get(v).expect("g2"));
+                    let d = rel_diff(g1.get(v).expect("g1"), g2.get(v).expect("g2"));
                     assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
                 }
             }

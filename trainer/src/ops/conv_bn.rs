@@ -264,7 +264,7 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
-    use crate::ops::test_util::{max_diff, rand};
+    use crate::ops::test_util::{grads_of, max_diff, rand, rel_diff};
     use crate::ops::{batch_norm_train, conv3x3_channel_major};
 
     /// The fused op against the two ops it replaces: output, statistics, and the
@@ -322,14 +322,7 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{case}: statistics {a} vs {b}");
             }
 
-            let g1 = (ours * &up)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("bwd");
-            let g2 = (theirs * &up)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward())
-                .expect("bwd");
+            let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
             let mut vars = vec![
                 ("x", x.as_tensor()),
                 ("w", &k),
@@ -340,13 +333,7 @@ mod tests {
                 vars.push(("skip", skip));
             }
             for (name, v) in vars {
-                let (a, b) = (g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
-                let scale = 1.0
-                    + b.abs()
-                        .and_then(|t| t.max_all())
-                        .and_then(|t| t.to_scalar::<f32>())
-                        .expect("scale");
-                let d = max_diff(a, b) / scale;
+                let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
                 assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
             }
         }

@@ -92,6 +92,24 @@ pub(crate) mod test_util {
         Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
     }
 
+    /// The gradients of `Σ y·up`: a loss that weighs every output differently.
+    pub fn grads_of(y: &Tensor, up: &Tensor) -> candle_core::backprop::GradStore {
+        (y * up)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward")
+    }
+
+    /// `max |a − b| / (1 + max |b|)`: a difference relative to the reference's scale.
+    pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("scale");
+        max_diff(a, b) / (1.0 + scale)
+    }
+
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .expect("sub")
