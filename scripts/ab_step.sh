@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# A/B of modtrain builds on one noisy machine: runs `bench-step` with each build in
+# turn, ROUNDS times, and prints the min and median of forward, backward and step
+# per build. Alternating spreads the machine's slow moments over both builds; only
+# compare builds timed in the same call.
+#
+# Usage: scripts/ab_step.sh SPEC SIZE BUILD...   e.g. scripts/ab_step.sh tiny 48 /tmp/old target/release/modtrain
+# Env:   ROUNDS (default 4), STEPS per run (default 8), THREADS (default 2)
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n 2,9p "$0" >&2; exit 2; }
+spec=$1 size=$2
+shift 2
+for _ in $(seq "${ROUNDS:-4}"); do
+    for build in "$@"; do
+        RAYON_NUM_THREADS=${THREADS:-2} "$build" bench-step --spec "$spec" --size "$size" \
+            --steps "${STEPS:-8}" 2>&1 |
+            awk -v b="$build" '/^forward /{f=$2} /^backward /{w=$2} /^step /{s=$2} END{print b, f, w, s}'
+    done
+done | python3 -c '
+import collections, statistics, sys
+runs = collections.defaultdict(list)
+for line in sys.stdin:
+    build, *t = line.split()
+    runs[build].append([float(v) for v in t])
+for build, v in runs.items():
+    cols = list(zip(*v))
+    print(build, "  ".join(f"{n} min/median {min(c):.1f}/{statistics.median(c):.1f} ms"
+                           for n, c in zip(("forward", "backward", "step"), cols)))
+'
