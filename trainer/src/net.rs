@@ -62,8 +62,7 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let fused = train && crate::ops::cpu_kernels(xc) && xc.dtype() == DType::F32;
-        let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| fused) else {
+        let Some((gamma, beta)) = self.fused_affine(xc, train) else {
             let mut y = self.inner.forward_t(&xc.transpose(0, 1)?, train)?;
             if let Some(skip) = skip {
                 y = (y + skip)?;
@@ -74,6 +73,12 @@ impl Norm {
         let (y, stats) = crate::ops::batch_norm_train(xc, gamma, beta, eps, relu, skip)?;
         self.update_running(&stats, xc.device())?;
         Ok(y)
+    }
+
+    /// γ and β when a fused CPU node applies to `x`: training mode, CPU kernels, f32.
+    fn fused_affine(&self, x: &Tensor, train: bool) -> Option<(&Tensor, &Tensor)> {
+        let fused = train && crate::ops::cpu_kernels(x) && x.dtype() == DType::F32;
+        self.inner.weight_and_bias().filter(|_| fused)
     }
 
     /// `BN(conv3x3(x, weight)) (+ skip) (→ ReLU)` in training mode on the CPU as
@@ -88,12 +93,29 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let fused = train && crate::ops::cpu_kernels(x) && x.dtype() == DType::F32;
-        let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| fused) else {
+        let Some((gamma, beta)) = self.fused_affine(x, train) else {
             return Ok(None);
         };
         let eps = self.inner.eps();
         let (y, stats) = crate::ops::conv_bn_train(x, weight, pad, gamma, beta, eps, relu, skip)?;
+        self.update_running(&stats, x.device())?;
+        Ok(Some(y))
+    }
+
+    /// `max_pool2x2(ReLU(BN(conv3x3(x, weight))))` as one graph node
+    /// ([`crate::ops::conv_bn_pool_train`]) where [`Norm::conv_forward`] applies.
+    fn conv_pool_forward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        pad: usize,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some((gamma, beta)) = self.fused_affine(x, train) else {
+            return Ok(None);
+        };
+        let eps = self.inner.eps();
+        let (y, stats) = crate::ops::conv_bn_pool_train(x, weight, pad, gamma, beta, eps)?;
         self.update_running(&stats, x.device())?;
         Ok(Some(y))
     }
@@ -166,6 +188,16 @@ impl ConvBn {
         }
         Ok(if relu { y.relu()? } else { y })
     }
+
+    /// conv → BN → ReLU → 2×2 max-pool.
+    fn forward_pooled(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(bn) = &self.bn
+            && let Some(y) = bn.conv_pool_forward(x, &self.weight, self.pad, train)?
+        {
+            return Ok(y);
+        }
+        Ok(max_pool2x2(&self.forward(x, train, true, None)?)?)
+    }
 }
 
 /// Conv-Pool-ResnetBlock.
@@ -186,7 +218,7 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = max_pool2x2(&self.conv.forward(x, train, true, None)?)?;
+        let y = self.conv.forward_pooled(x, train)?;
         let r = self.res1.forward(&y, train, true, None)?;
         // ReLU(y + BN(conv(r))), fused.
         self.res2.forward(&r, train, true, Some(&y))

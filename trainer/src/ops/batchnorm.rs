@@ -221,7 +221,9 @@ impl BnTrain {
         let gamma = gb.get(0)?.to_vec1::<f32>()?;
         let (dx, dgb, dskip) = with_slice(x, |x| {
             with_slice(y, |y| {
-                with_slice(g, |g| Ok(self.backward_slices(x, &gamma, y, g, with_skip)))
+                with_slice(g, |g| {
+                    Ok(self.backward_slices(x, &gamma, Some(y), g, with_skip))
+                })
             })
         })?;
         let dev = x.device();
@@ -234,12 +236,13 @@ impl BnTrain {
         ))
     }
 
-    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`.
+    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`. `y` is `None`
+    /// when `g` already went through the ReLU's mask (a fused consumer did it).
     pub(super) fn backward_slices(
         &self,
         x: &[f32],
         gamma: &[f32],
-        y: &[f32],
+        y: Option<&[f32]>,
         g: &[f32],
         with_skip: bool,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
@@ -247,7 +250,11 @@ impl BnTrain {
         let b = self.b;
         let m = x.len() / c.max(1);
         let s = m / b.max(1);
-        let relu = self.relu;
+        // Without `y`, the mask is the identity and `g` stands in for `y`.
+        let (y, relu) = match y {
+            Some(y) => (y, self.relu),
+            None => (g, false),
+        };
         let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
         let mut sums: Vec<(f32, f32)> = Vec::new();
         let fill = |dx: &mut [MaybeUninit<f32>]| {

@@ -10,6 +10,12 @@
 //! candle's custom ops take at most three arguments, so the weight, γ and β travel
 //! as one flat parameter `[W…, γ…, β…]` (a `cat` of the three, whose backward
 //! splits the gradient again); the skip input, when there is one, is the third.
+//!
+//! A block's first conv is followed by a 2×2 max-pool, which the same node takes
+//! in ([`conv_bn_pool_train`]): its input, the largest tensor of the block, then
+//! never becomes a graph tensor, so it gets no zero-filled gradient and addition in
+//! candle's backward either, and the pool's backward hands BatchNorm's backward a
+//! gradient already masked by the ReLU (one pass over the full-size tensors fewer).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -17,7 +23,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 
 use super::batchnorm::{BatchStats, BnTrain, with_slice};
 use super::contiguous;
-use super::conv::Geom;
+use super::conv::{CHUNK_FLOATS, Geom};
+use super::maxpool::{pool, unpool};
 
 /// What the forward computed and the backward needs: the convolution's output
 /// (BatchNorm's input) and the normalisation, with the statistics for the caller.
@@ -26,6 +33,8 @@ struct Saved {
     conv_out: Vec<f32>,
     bn: BnTrain,
     stats: BatchStats,
+    /// BatchNorm's (+ ReLU's) output before the pool, when there is one.
+    pre_pool: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +43,8 @@ struct ConvBnTrain {
     chunk_floats: usize,
     eps: f64,
     relu: bool,
+    /// Whether a 2×2 max-pool follows (then there is no skip).
+    pool: bool,
     /// Output channels.
     o: usize,
     saved: Arc<Mutex<Option<Saved>>>,
@@ -77,17 +88,26 @@ impl ConvBnTrain {
         let (bn, stats) =
             BnTrain::from_batch(&conv_out, geom.b * geom.n(), geom.b, self.eps, self.relu);
         let y = bn.forward(&conv_out, &p[wl..], skip);
+        let dims = (geom.b, self.o, geom.ho, geom.wo);
+        let (out, shape, pre_pool) = if self.pool {
+            let pooled = pool(&y, dims);
+            let shape = Shape::from((geom.b, self.o, geom.ho / 2, geom.wo / 2));
+            (pooled, shape, Some(y))
+        } else {
+            (y, Shape::from(dims), None)
+        };
         let saved = Saved {
             conv_out,
             bn,
             stats,
+            pre_pool,
         };
         *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
-        let shape = Shape::from((geom.b, self.o, geom.ho, geom.wo));
-        Ok((CpuStorage::F32(y), shape))
+        Ok((CpuStorage::F32(out), shape))
     }
 
-    /// `(∂x, ∂params, ∂skip)` from the output `y` and its gradient.
+    /// `(∂x, ∂params, ∂skip)` from the output `y` (pooled, when there is a pool) and
+    /// its gradient.
     fn backward(
         &self,
         x: &Tensor,
@@ -108,9 +128,15 @@ impl ConvBnTrain {
             let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
             let (dyc, dgb, dskip) = with_slice(y, |y| {
                 with_slice(grad, |g| {
-                    Ok(saved
-                        .bn
-                        .backward_slices(&saved.conv_out, gamma, y, g, with_skip))
+                    let bn = &saved.bn;
+                    Ok(match &saved.pre_pool {
+                        Some(full) => {
+                            let dims = (b, self.o, geom.ho, geom.wo);
+                            let g = unpool(full, y, g, dims, self.relu);
+                            bn.backward_slices(&saved.conv_out, gamma, None, &g, with_skip)
+                        }
+                        None => bn.backward_slices(&saved.conv_out, gamma, Some(y), g, with_skip),
+                    })
                 })
             })?;
             let dw = with_slice(x, |x| Ok(geom.weight_grad(x, &dyc, self.o)))?;
@@ -203,17 +229,33 @@ pub fn conv_bn_train(
     relu: bool,
     skip: Option<&Tensor>,
 ) -> Result<(Tensor, BatchStats)> {
-    conv_bn_chunked(
-        x,
-        weight,
-        pad,
-        gamma,
-        beta,
-        eps,
-        relu,
-        skip,
-        super::conv::CHUNK_FLOATS,
-    )
+    let after = After { relu, pool: false };
+    conv_bn_chunked(x, weight, pad, gamma, beta, eps, after, skip, CHUNK_FLOATS)
+}
+
+/// `max_pool2x2(ReLU(BN(conv3x3(x, weight, pad))))` in training mode on the CPU, as
+/// one graph node: a block's first conv. The same values as [`conv_bn_train`]
+/// followed by [`super::max_pool2x2`].
+pub fn conv_bn_pool_train(
+    x: &Tensor,
+    weight: &Tensor,
+    pad: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
+    let after = After {
+        relu: true,
+        pool: true,
+    };
+    conv_bn_chunked(x, weight, pad, gamma, beta, eps, after, None, CHUNK_FLOATS)
+}
+
+/// What follows the BatchNorm in the node.
+#[derive(Debug, Clone, Copy)]
+struct After {
+    relu: bool,
+    pool: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -224,7 +266,7 @@ fn conv_bn_chunked(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    relu: bool,
+    after: After,
     skip: Option<&Tensor>,
     chunk_floats: usize,
 ) -> Result<(Tensor, BatchStats)> {
@@ -236,13 +278,17 @@ fn conv_bn_chunked(
             x.dims()
         );
     }
+    if after.pool && skip.is_some() {
+        candle_core::bail!("conv_bn: a skip input before a max-pool");
+    }
     let params = Tensor::cat(&[&weight.flatten_all()?, gamma, beta], 0)?;
     let saved = Arc::new(Mutex::new(None));
     let op = ConvBnTrain {
         pad,
         chunk_floats,
         eps,
-        relu,
+        relu: after.relu,
+        pool: after.pool,
         o,
         saved: Arc::clone(&saved),
     };
@@ -265,38 +311,27 @@ mod tests {
 
     use super::*;
     use crate::ops::test_util::{grads_of, max_diff, rand, rel_diff};
-    use crate::ops::{batch_norm_train, conv3x3_channel_major};
+    use crate::ops::{batch_norm_train, conv3x3_channel_major, max_pool2x2};
 
     /// The fused op against the two ops it replaces: output, statistics, and the
     /// gradients of x, the weight, γ, β and the skip input; one-row chunks and a
     /// real layer shape, with and without skip and ReLU.
     #[test]
     fn matches_conv_then_batch_norm() {
-        for (pad, c, o, h, w, relu, with_skip, chunk) in [
-            (1, 3, 4, 6, 5, true, true, 1),
-            (0, 3, 4, 7, 6, true, false, 1),
-            (
-                1,
-                8,
-                16,
-                22,
-                22,
-                false,
-                true,
-                super::super::conv::CHUNK_FLOATS,
-            ),
-            (
-                0,
-                8,
-                16,
-                24,
-                24,
-                true,
-                false,
-                super::super::conv::CHUNK_FLOATS,
-            ),
+        let full = CHUNK_FLOATS;
+        // (pad, C, O, H, W, ReLU, skip, pool, chunk floats)
+        for (pad, c, o, h, w, relu, with_skip, pool, chunk) in [
+            (1, 3, 4, 6, 5, true, true, false, 1),
+            (0, 3, 4, 7, 6, true, false, false, 1),
+            (1, 8, 16, 22, 22, false, true, false, full),
+            (0, 8, 16, 24, 24, true, false, false, full),
+            // Odd pre-pool sizes (a row and a column dropped), with and without ReLU.
+            (0, 3, 4, 7, 8, true, false, true, 1),
+            (1, 3, 4, 5, 7, false, false, true, 1),
+            (0, 8, 16, 24, 24, true, false, true, full),
         ] {
-            let case = format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip}");
+            let case =
+                format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip} pool {pool}");
             let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
             let x = Var::from_tensor(&rand(&[5, c, h, w], 1)).expect("x");
             let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).expect("k");
@@ -304,13 +339,23 @@ mod tests {
             let beta = Var::from_tensor(&rand(&[o], 4)).expect("b");
             let skip = Var::from_tensor(&rand(&[5, o, ho, wo], 5)).expect("skip");
             let skip = with_skip.then_some(skip.as_tensor());
-            let up = rand(&[5, o, ho, wo], 6);
+            let up = if pool {
+                rand(&[5, o, ho / 2, wo / 2], 6)
+            } else {
+                rand(&[5, o, ho, wo], 6)
+            };
 
+            let after = After { relu, pool };
             let (ours, stats) =
-                conv_bn_chunked(&x, &k, pad, &gamma, &beta, 1e-5, relu, skip, chunk).expect("ours");
+                conv_bn_chunked(&x, &k, pad, &gamma, &beta, 1e-5, after, skip, chunk)
+                    .expect("ours");
             let yc = conv3x3_channel_major(&x, &k, pad).expect("conv");
-            let (theirs, want) =
+            let (mut theirs, want) =
                 batch_norm_train(&yc, &gamma, &beta, 1e-5, relu, skip).expect("bn");
+            if pool {
+                theirs = max_pool2x2(&theirs).expect("pool");
+            }
+            assert_eq!(ours.dims(), theirs.dims(), "{case}");
             assert!(max_diff(&ours, &theirs) < 1e-5, "{case}: output");
             assert_eq!(stats.count, want.count, "{case}");
             for (a, b) in stats
@@ -337,6 +382,27 @@ mod tests {
                 assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
             }
         }
+    }
+
+    /// The public pooled entry point is ReLU then pool, and refuses a skip input.
+    #[test]
+    fn pooled_node_is_relu_then_pool() {
+        let x = rand(&[3, 4, 9, 9], 1);
+        let k = rand(&[6, 4, 3, 3], 2);
+        let (g, b) = (rand(&[6], 3), rand(&[6], 4));
+        let (ours, _) = conv_bn_pool_train(&x, &k, 1, &g, &b, 1e-5).expect("ours");
+        let (y, _) = conv_bn_train(&x, &k, 1, &g, &b, 1e-5, true, None).expect("conv_bn");
+        let theirs = max_pool2x2(&y).expect("pool");
+        assert_eq!(ours.dims(), &[3, 6, 4, 4]);
+        assert!(max_diff(&ours, &theirs) < 1e-6);
+        let skip = rand(&[3, 6, 9, 9], 5);
+        let after = After {
+            relu: true,
+            pool: true,
+        };
+        let e = conv_bn_chunked(&x, &k, 1, &g, &b, 1e-5, after, Some(&skip), CHUNK_FLOATS)
+            .expect_err("skip before a pool");
+        assert!(e.to_string().contains("max-pool"), "{e}");
     }
 
     #[test]

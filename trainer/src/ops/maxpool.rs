@@ -24,36 +24,82 @@ fn window_rows(plane: &[f32], w: usize, wo: usize, oy: usize) -> (&[f32], &[f32]
     (&plane[top..top + 2 * wo], &plane[top + w..top + w + 2 * wo])
 }
 
+/// The 2×2 max-pool of `x: [B, C, H, W]` (contiguous): `[B, C, ⌊H/2⌋, ⌊W/2⌋]`.
+pub(super) fn pool(x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = vec![0f32; b * c * ho * wo];
+    if wo > 0 {
+        out.par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each(|(bc, dst)| {
+                let plane = &x[bc * h * w..(bc + 1) * h * w];
+                for (oy, line) in dst.chunks_exact_mut(wo).enumerate() {
+                    let (r0, r1) = window_rows(plane, w, wo, oy);
+                    // Branch-free (the comparisons of a first-argmax do not
+                    // vectorise); the value is the same.
+                    for ((d, a), b) in line
+                        .iter_mut()
+                        .zip(r0.chunks_exact(2))
+                        .zip(r1.chunks_exact(2))
+                    {
+                        *d = a[0].max(a[1]).max(b[0].max(b[1]));
+                    }
+                }
+            });
+    }
+    out
+}
+
+/// The gradient of [`pool`] with respect to `x: [B, C, H, W]`, from the pooled
+/// output `m` and its gradient `g`: each window's gradient goes to its first element
+/// equal to the maximum. With `positive_only`, windows whose maximum is ≤ 0 get
+/// none: the gradient through a ReLU before the pool, whose output is 0 there.
+pub(super) fn unpool(
+    x: &[f32],
+    m: &[f32],
+    g: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    positive_only: bool,
+) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = vec![0f32; b * c * h * w];
+    if wo > 0 {
+        out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
+            let plane = &x[bc * h * w..(bc + 1) * h * w];
+            let (mp, gp) = (&m[bc * ho * wo..], &g[bc * ho * wo..]);
+            for oy in 0..ho {
+                let (r0, r1) = window_rows(plane, w, wo, oy);
+                let (d0, d1) = dst[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+                let (ms, gs) = (&mp[oy * wo..(oy + 1) * wo], &gp[oy * wo..(oy + 1) * wo]);
+                let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
+                let outs = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
+                for ((((a, b), (da, db)), &mx), &gv) in windows.zip(outs).zip(ms).zip(gs) {
+                    let gv = if positive_only && mx <= 0.0 { 0.0 } else { gv };
+                    let e0 = a[0] == mx;
+                    let e1 = !e0 && a[1] == mx;
+                    let e2 = !(e0 || e1) && b[0] == mx;
+                    let e3 = !(e0 || e1 || e2);
+                    da[0] = if e0 { gv } else { 0.0 };
+                    da[1] = if e1 { gv } else { 0.0 };
+                    db[0] = if e2 { gv } else { 0.0 };
+                    db[1] = if e3 { gv } else { 0.0 };
+                }
+            }
+        });
+    }
+    out
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "max_pool2x2"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        let x = contiguous(s, l, "max_pool2x2")?;
-        let (ho, wo) = (h / 2, w / 2);
-        let mut out = vec![0f32; b * c * ho * wo];
-        if wo > 0 {
-            out.par_chunks_mut(ho * wo)
-                .enumerate()
-                .for_each(|(bc, dst)| {
-                    let plane = &x[bc * h * w..(bc + 1) * h * w];
-                    for (oy, line) in dst.chunks_exact_mut(wo).enumerate() {
-                        let (r0, r1) = window_rows(plane, w, wo, oy);
-                        // Branch-free (the comparisons of a first-argmax do not
-                        // vectorise); the value is the same.
-                        for ((d, a), b) in line
-                            .iter_mut()
-                            .zip(r0.chunks_exact(2))
-                            .zip(r1.chunks_exact(2))
-                        {
-                            *d = a[0].max(a[1]).max(b[0].max(b[1]));
-                        }
-                    }
-                });
-        }
-        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
+        let dims = l.shape().dims4()?;
+        let out = pool(contiguous(s, l, "max_pool2x2")?, dims);
+        let (b, c, h, w) = dims;
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h / 2, w / 2))))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -76,35 +122,10 @@ impl CustomOp3 for MaxPoolBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l1.shape().dims4()?;
         let x = contiguous(s1, l1, "max_pool2x2")?;
         let m = contiguous(s2, l2, "max_pool2x2")?;
         let g = contiguous(s3, l3, "max_pool2x2")?;
-        let (ho, wo) = (h / 2, w / 2);
-        let mut out = vec![0f32; b * c * h * w];
-        if wo > 0 {
-            out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
-                let plane = &x[bc * h * w..(bc + 1) * h * w];
-                let (mp, gp) = (&m[bc * ho * wo..], &g[bc * ho * wo..]);
-                for oy in 0..ho {
-                    let (r0, r1) = window_rows(plane, w, wo, oy);
-                    let (d0, d1) = dst[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
-                    let (ms, gs) = (&mp[oy * wo..(oy + 1) * wo], &gp[oy * wo..(oy + 1) * wo]);
-                    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
-                    let outs = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
-                    for ((((a, b), (da, db)), &mx), &gv) in windows.zip(outs).zip(ms).zip(gs) {
-                        let e0 = a[0] == mx;
-                        let e1 = !e0 && a[1] == mx;
-                        let e2 = !(e0 || e1) && b[0] == mx;
-                        let e3 = !(e0 || e1 || e2);
-                        da[0] = if e0 { gv } else { 0.0 };
-                        da[1] = if e1 { gv } else { 0.0 };
-                        db[0] = if e2 { gv } else { 0.0 };
-                        db[1] = if e3 { gv } else { 0.0 };
-                    }
-                }
-            });
-        }
+        let out = unpool(x, m, g, l1.shape().dims4()?, false);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
