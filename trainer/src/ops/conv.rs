@@ -125,24 +125,42 @@ impl Geom {
         }
     }
 
-    /// Where in the group's input the valid span of `tap`'s line for output row
-    /// `row` of the group starts, or `None` when the whole line reads padding.
-    fn input_offset(&self, tap: &Tap, row: usize) -> Option<usize> {
-        let (bi, oy) = (row / self.ho, row % self.ho);
-        let iy = (oy + tap.ky)
-            .checked_sub(self.pad)
-            .filter(|&iy| iy < self.h)?;
-        Some(((bi * self.c + tap.ch) * self.h + iy) * self.w + tap.lo + tap.kx - self.pad)
+    /// For each output row of a chunk (of the group's rows `[r0, r0 + rows)`), where
+    /// the input line that row `ky` of the kernel reads starts in channel 0, or
+    /// `None` where it reads padding: the divisions by `Ho` done once per row, not
+    /// once per row and tap.
+    fn line_starts(&self, (r0, rows): (usize, usize)) -> Vec<[Option<usize>; 3]> {
+        let (mut bi, mut oy) = (r0 / self.ho, r0 % self.ho);
+        (0..rows)
+            .map(|_| {
+                let starts = std::array::from_fn(|ky| {
+                    let iy = (oy + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)?;
+                    Some((bi * self.c * self.h + iy) * self.w)
+                });
+                oy += 1;
+                if oy == self.ho {
+                    (bi, oy) = (bi + 1, 0);
+                }
+                starts
+            })
+            .collect()
+    }
+
+    /// Where `tap`'s valid span starts relative to its line's start in channel 0.
+    fn tap_shift(&self, tap: &Tap) -> usize {
+        tap.ch * self.h * self.w + tap.lo + tap.kx - self.pad
     }
 
     /// `im2col` of output rows `[r0, r0 + rows)` of the images in `x` (a group)
     /// into `cols: [C·9, rows·Wo]`.
-    fn im2col(&self, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32]) {
-        let width = rows * self.wo;
+    fn im2col(&self, x: &[f32], chunk: (usize, usize), cols: &mut [f32]) {
+        let width = chunk.1 * self.wo;
+        let lines = self.line_starts(chunk);
         for (r, dst) in cols.chunks_exact_mut(width).take(self.k()).enumerate() {
             let t = self.tap(r);
-            for (row, line) in (r0..r0 + rows).zip(dst.chunks_exact_mut(self.wo)) {
-                let Some(s0) = self.input_offset(&t, row) else {
+            let shift = self.tap_shift(&t);
+            for (start, line) in lines.iter().zip(dst.chunks_exact_mut(self.wo)) {
+                let Some(s0) = start[t.ky].map(|s| s + shift) else {
                     line.fill(0.0);
                     continue;
                 };
@@ -155,12 +173,14 @@ impl Geom {
 
     /// `col2im`: adds `cols: [C·9, rows·Wo]` of output rows `[r0, r0 + rows)` into
     /// `dx` (the group's input gradient).
-    fn col2im(&self, cols: &[f32], (r0, rows): (usize, usize), dx: &mut [f32]) {
-        let width = rows * self.wo;
+    fn col2im(&self, cols: &[f32], chunk: (usize, usize), dx: &mut [f32]) {
+        let width = chunk.1 * self.wo;
+        let lines = self.line_starts(chunk);
         for (r, src) in cols.chunks_exact(width).take(self.k()).enumerate() {
             let t = self.tap(r);
-            for (row, line) in (r0..r0 + rows).zip(src.chunks_exact(self.wo)) {
-                let Some(d0) = self.input_offset(&t, row) else {
+            let shift = self.tap_shift(&t);
+            for (start, line) in lines.iter().zip(src.chunks_exact(self.wo)) {
+                let Some(d0) = start[t.ky].map(|s| s + shift) else {
                     continue;
                 };
                 for (d, s) in dx[d0..d0 + t.hi - t.lo].iter_mut().zip(&line[t.lo..t.hi]) {
