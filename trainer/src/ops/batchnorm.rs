@@ -31,11 +31,11 @@ use super::{contiguous, filled};
 /// statistics it was built with.
 #[derive(Debug, Clone)]
 pub(super) struct BnTrain {
-    mean: Vec<f32>,
-    invstd: Vec<f32>,
-    relu: bool,
+    pub(super) mean: Vec<f32>,
+    pub(super) invstd: Vec<f32>,
+    pub(super) relu: bool,
     /// Batch size (dimension 1 of `x`).
-    b: usize,
+    pub(super) b: usize,
 }
 
 /// Independent f32 partial sums per reduction: one running sum is a chain of
@@ -221,9 +221,7 @@ impl BnTrain {
         let gamma = gb.get(0)?.to_vec1::<f32>()?;
         let (dx, dgb, dskip) = with_slice(x, |x| {
             with_slice(y, |y| {
-                with_slice(g, |g| {
-                    Ok(self.backward_slices(x, &gamma, Some(y), g, with_skip))
-                })
+                with_slice(g, |g| Ok(self.backward_slices(x, &gamma, y, g, with_skip)))
             })
         })?;
         let dev = x.device();
@@ -236,13 +234,12 @@ impl BnTrain {
         ))
     }
 
-    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`. `y` is `None`
-    /// when `g` already went through the ReLU's mask (a fused consumer did it).
+    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`.
     pub(super) fn backward_slices(
         &self,
         x: &[f32],
         gamma: &[f32],
-        y: Option<&[f32]>,
+        y: &[f32],
         g: &[f32],
         with_skip: bool,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
@@ -250,11 +247,7 @@ impl BnTrain {
         let b = self.b;
         let m = x.len() / c.max(1);
         let s = m / b.max(1);
-        // Without `y`, the mask is the identity and `g` stands in for `y`.
-        let (y, relu) = match y {
-            Some(y) => (y, self.relu),
-            None => (g, false),
-        };
+        let relu = self.relu;
         let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
         let mut sums: Vec<(f32, f32)> = Vec::new();
         let fill = |dx: &mut [MaybeUninit<f32>]| {

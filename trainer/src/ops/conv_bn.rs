@@ -12,10 +12,9 @@
 //! splits the gradient again); the skip input, when there is one, is the third.
 //!
 //! A block's first conv is followed by a 2×2 max-pool, which the same node takes
-//! in ([`conv_bn_pool_train`]): its input, the largest tensor of the block, then
-//! never becomes a graph tensor, so it gets no zero-filled gradient and addition in
-//! candle's backward either, and the pool's backward hands BatchNorm's backward a
-//! gradient already masked by the ReLU (one pass over the full-size tensors fewer).
+//! in ([`conv_bn_pool_train`]): the pool's input, the largest tensor of the block,
+//! is then never written at all (`bn_pool.rs`), nor given a zero-filled gradient
+//! and an addition in candle's backward.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -24,7 +23,6 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use super::batchnorm::{BatchStats, BnTrain, with_slice};
 use super::contiguous;
 use super::conv::{CHUNK_FLOATS, Geom};
-use super::maxpool::{pool, unpool};
 
 /// What the forward computed and the backward needs: the convolution's output
 /// (BatchNorm's input) and the normalisation, with the statistics for the caller.
@@ -33,8 +31,8 @@ struct Saved {
     conv_out: Vec<f32>,
     bn: BnTrain,
     stats: BatchStats,
-    /// BatchNorm's (+ ReLU's) output before the pool, when there is one.
-    pre_pool: Option<Vec<f32>>,
+    /// Where each pooled value's maximum was, when there is a pool.
+    argmax: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,20 +85,19 @@ impl ConvBnTrain {
         let conv_out = geom.forward(x, &p[..wl], self.o);
         let (bn, stats) =
             BnTrain::from_batch(&conv_out, geom.b * geom.n(), geom.b, self.eps, self.relu);
-        let y = bn.forward(&conv_out, &p[wl..], skip);
-        let dims = (geom.b, self.o, geom.ho, geom.wo);
-        let (out, shape, pre_pool) = if self.pool {
-            let pooled = pool(&y, dims);
+        let (out, shape, argmax) = if self.pool {
+            let (pooled, argmax) = bn.forward_pool(&conv_out, &p[wl..], (geom.ho, geom.wo));
             let shape = Shape::from((geom.b, self.o, geom.ho / 2, geom.wo / 2));
-            (pooled, shape, Some(y))
+            (pooled, shape, Some(argmax))
         } else {
-            (y, Shape::from(dims), None)
+            let y = bn.forward(&conv_out, &p[wl..], skip);
+            (y, Shape::from((geom.b, self.o, geom.ho, geom.wo)), None)
         };
         let saved = Saved {
             conv_out,
             bn,
             stats,
-            pre_pool,
+            argmax,
         };
         *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
         Ok((CpuStorage::F32(out), shape))
@@ -128,14 +125,14 @@ impl ConvBnTrain {
             let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
             let (dyc, dgb, dskip) = with_slice(y, |y| {
                 with_slice(grad, |g| {
-                    let bn = &saved.bn;
-                    Ok(match &saved.pre_pool {
-                        Some(full) => {
-                            let dims = (b, self.o, geom.ho, geom.wo);
-                            let g = unpool(full, y, g, dims, self.relu);
-                            bn.backward_slices(&saved.conv_out, gamma, None, &g, with_skip)
+                    let (bn, x) = (&saved.bn, &saved.conv_out);
+                    Ok(match &saved.argmax {
+                        Some(at) => {
+                            let (dx, dgb) =
+                                bn.backward_pool(x, gamma, (y, at, g), (geom.ho, geom.wo));
+                            (dx, dgb, None)
                         }
-                        None => bn.backward_slices(&saved.conv_out, gamma, Some(y), g, with_skip),
+                        None => bn.backward_slices(x, gamma, y, g, with_skip),
                     })
                 })
             })?;
@@ -307,7 +304,7 @@ fn conv_bn_chunked(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     use super::*;
     use crate::ops::test_util::{grads_of, max_diff, rand, rel_diff};
@@ -381,6 +378,38 @@ mod tests {
                 let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
                 assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
             }
+        }
+    }
+
+    /// Windows with tied maxima (three distinct input values, and a weight that
+    /// only copies the centre tap, so the conv output ties too): the fused node sends
+    /// each window's gradient to the same element as `max_pool2x2` does.
+    #[test]
+    fn pooled_ties_go_to_the_first_maximum() {
+        let (b, c, h, w) = (3, 2, 7, 6);
+        // Ties whose first maximum is the top-left, top-right or bottom-left value.
+        let data: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * i + i / 7) % 3) as f32)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(data, (b, c, h, w), &Device::Cpu).expect("x"))
+            .expect("x");
+        let mut centre = vec![0f32; c * c * 9];
+        for o in 0..c {
+            centre[(o * c + o) * 9 + 4] = 1.0;
+        }
+        let k = Var::from_tensor(&Tensor::from_vec(centre, (c, c, 3, 3), &Device::Cpu).expect("k"))
+            .expect("k");
+        let gamma = Var::from_tensor(&rand(&[c], 3).affine(1.0, 1.0).expect("g")).expect("g");
+        let beta = Var::from_tensor(&rand(&[c], 4)).expect("b");
+        let up = rand(&[b, c, h / 2, w / 2], 6).affine(1.0, 1.0).expect("up");
+        let (ours, _) = conv_bn_pool_train(&x, &k, 1, &gamma, &beta, 1e-5).expect("ours");
+        let (y, _) = conv_bn_train(&x, &k, 1, &gamma, &beta, 1e-5, true, None).expect("y");
+        let theirs = max_pool2x2(&y).expect("pool");
+        assert_eq!(max_diff(&ours, &theirs), 0.0);
+        let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
+        for (name, v) in [("x", x.as_tensor()), ("gamma", &gamma), ("beta", &beta)] {
+            let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
+            assert!(d < 1e-5, "∂{name} differs by {d} (relative)");
         }
     }
 

@@ -25,7 +25,7 @@ fn window_rows(plane: &[f32], w: usize, wo: usize, oy: usize) -> (&[f32], &[f32]
 }
 
 /// The 2×2 max-pool of `x: [B, C, H, W]` (contiguous): `[B, C, ⌊H/2⌋, ⌊W/2⌋]`.
-pub(super) fn pool(x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
+fn pool(x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
     let mut out = vec![0f32; b * c * ho * wo];
     if wo > 0 {
@@ -52,15 +52,8 @@ pub(super) fn pool(x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec
 
 /// The gradient of [`pool`] with respect to `x: [B, C, H, W]`, from the pooled
 /// output `m` and its gradient `g`: each window's gradient goes to its first element
-/// equal to the maximum. With `positive_only`, windows whose maximum is ≤ 0 get
-/// none: the gradient through a ReLU before the pool, whose output is 0 there.
-pub(super) fn unpool(
-    x: &[f32],
-    m: &[f32],
-    g: &[f32],
-    (b, c, h, w): (usize, usize, usize, usize),
-    positive_only: bool,
-) -> Vec<f32> {
+/// equal to the maximum.
+fn unpool(x: &[f32], m: &[f32], g: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
     let mut out = vec![0f32; b * c * h * w];
     if wo > 0 {
@@ -74,7 +67,6 @@ pub(super) fn unpool(
                 let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2));
                 let outs = d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2));
                 for ((((a, b), (da, db)), &mx), &gv) in windows.zip(outs).zip(ms).zip(gs) {
-                    let gv = if positive_only && mx <= 0.0 { 0.0 } else { gv };
                     let e0 = a[0] == mx;
                     let e1 = !e0 && a[1] == mx;
                     let e2 = !(e0 || e1) && b[0] == mx;
@@ -125,7 +117,7 @@ impl CustomOp3 for MaxPoolBackward {
         let x = contiguous(s1, l1, "max_pool2x2")?;
         let m = contiguous(s2, l2, "max_pool2x2")?;
         let g = contiguous(s3, l3, "max_pool2x2")?;
-        let out = unpool(x, m, g, l1.shape().dims4()?, false);
+        let out = unpool(x, m, g, l1.shape().dims4()?);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -18,6 +18,7 @@
 //! against the same step on the generic path (`train.rs`).
 
 mod batchnorm;
+mod bn_pool;
 mod conv;
 mod conv_bn;
 mod gemm;
