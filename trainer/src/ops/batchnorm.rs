@@ -21,10 +21,10 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, filled};
+use super::{contiguous, filled, with_slice};
 
 /// The training-mode BatchNorm op over channel-major `x: [C, B, …]` and `γβ: [2, C]`
 /// (and a batch-major `skip: [B, C, …]` as a third argument), carrying the batch
@@ -116,19 +116,6 @@ fn mean_var(v: &[f32]) -> (f32, f32) {
 /// Batch statistics of channel-major `x: [C, M]`: per-channel mean and biased variance.
 fn channel_stats(x: &[f32], m: usize) -> Vec<(f32, f32)> {
     x.par_chunks(m).map(mean_var).collect()
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("batch_norm_train runs on the CPU only");
-    };
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("batch_norm_train: non-contiguous".into()))?;
-    f(&cpu.as_slice::<f32>()?[a..b])
 }
 
 /// `[C, B, rest…]` → `[B, C, rest…]`.

@@ -24,7 +24,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::gemm::{Dst, SharedOut, View, gemm};
-use super::{contiguous, filled};
+use super::{contiguous, filled, with_slice};
 
 /// Floats of one chunk's columns: 256 KB, a quarter of this machine's L2, so that
 /// the columns, the GEMM's packed blocks and the output block stay in cache.
@@ -219,37 +219,55 @@ impl Geom {
         }
     }
 
-    /// `∂W: [O, C·9]` from `x: [B, C, H, W]` and the output gradient `g`
-    /// (channel-major `[O, B, Ho, Wo]`).
-    pub(super) fn weight_grad(&self, x: &[f32], g: &[f32], o: usize) -> Vec<f32> {
+    /// The backward from `x: [B, C, H, W]`, `wt: [O, C·9]` and the output gradient
+    /// `g` (channel-major `[O, B, Ho, Wo]`): `∂W: [O, C·9]`, and `∂x: [B, C, H, W]`
+    /// when `with_dx`. Both walk the same chunks in one loop, so each chunk of `g`
+    /// is read from memory once, for `∂W = g·colsᵀ` and `∂cols = Wᵀ·g` in turn.
+    pub(super) fn backward(
+        &self,
+        x: &[f32],
+        wt: &[f32],
+        g: &[f32],
+        o: usize,
+        with_dx: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let k = self.k();
-        // One `[O, C·9]` partial sum per group: as one GEMM over the whole batch, the
-        // long reduction (B·Ho·Wo) would run on one thread.
-        let parts = self
-            .groups()
-            .into_par_iter()
-            .map(|(b0, nb)| {
-                let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
-                let mut cols = vec![0f32; k * self.chunk_rows * self.wo];
-                let mut dw = vec![0f32; o * k];
-                for chunk in self.chunks(nb) {
-                    let width = chunk.1 * self.wo;
-                    self.im2col(x, chunk, &mut cols);
-                    let cv = View::rows(0, k, width, width).t();
-                    let gv = self.out_view(o, b0, chunk);
-                    gemm(
-                        Dst::Slice(&mut dw),
-                        View::rows(0, k, o, o).t(),
-                        true,
-                        g,
-                        gv,
-                        &cols,
-                        cv,
-                    );
+        let groups = self.groups();
+        let per = groups[0].1 * self.image();
+        let mut dx = vec![0f32; if with_dx { self.b * self.image() } else { 0 }];
+        // One `[O, C·9]` partial sum of ∂W per group: as one GEMM over the whole
+        // batch, the long reduction (B·Ho·Wo) would run on one thread.
+        let group = |(b0, nb): (usize, usize), dx: &mut [f32]| {
+            let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
+            let mut cols = vec![0f32; k * self.chunk_rows * self.wo];
+            let mut dw = vec![0f32; o * k];
+            for chunk in self.chunks(nb) {
+                let width = chunk.1 * self.wo;
+                let gv = self.out_view(o, b0, chunk);
+                let cv = View::rows(0, k, width, width);
+                self.im2col(x, chunk, &mut cols);
+                let dwv = View::rows(0, k, o, o).t();
+                gemm(Dst::Slice(&mut dw), dwv, true, g, gv, &cols, cv.t());
+                if with_dx {
+                    // Wᵀ: [C·9, O].
+                    let wv = View::rows(0, o, k, k).t();
+                    gemm(Dst::Slice(&mut cols), cv, false, wt, wv, g, gv);
+                    self.col2im(&cols, chunk, dx);
                 }
-                dw
-            })
-            .collect::<Vec<_>>();
+            }
+            dw
+        };
+        let parts: Vec<Vec<f32>> = if with_dx {
+            dx.par_chunks_mut(per)
+                .zip(groups)
+                .map(|(dx, grp)| group(grp, dx))
+                .collect()
+        } else {
+            groups
+                .into_par_iter()
+                .map(|grp| group(grp, &mut []))
+                .collect()
+        };
         // Σ over the groups, from `[C·9, O]` (column-major `[O, C·9]`: the GEMM's
         // preferred destination) to the weight's `[O, C·9]`.
         let mut dw = vec![0f32; o * k];
@@ -260,31 +278,7 @@ impl Geom {
                 }
             }
         }
-        dw
-    }
-
-    /// `∂x: [B, C, H, W]` from `wt: [O, C·9]` and the output gradient `g`
-    /// (channel-major `[O, B, Ho, Wo]`).
-    pub(super) fn input_grad(&self, wt: &[f32], g: &[f32], o: usize) -> Vec<f32> {
-        let k = self.k();
-        // Wᵀ: [C·9, O].
-        let wv = View::rows(0, o, k, k).t();
-        let mut dx = vec![0f32; self.b * self.image()];
-        let groups = self.groups();
-        let per = groups[0].1 * self.image();
-        dx.par_chunks_mut(per)
-            .zip(groups)
-            .for_each(|(dx, (b0, nb))| {
-                let mut cols = vec![0f32; k * self.chunk_rows * self.wo];
-                for chunk in self.chunks(nb) {
-                    let width = chunk.1 * self.wo;
-                    let cv = View::rows(0, k, width, width);
-                    let gv = self.out_view(o, b0, chunk);
-                    gemm(Dst::Slice(&mut cols), cv, false, wt, wv, g, gv);
-                    self.col2im(&cols, chunk, dx);
-                }
-            });
-        dx
+        (dw, with_dx.then_some(dx))
     }
 
     /// The view of a chunk in a channel-major `[O, B·Ho·Wo]` tensor (the output, or
@@ -322,21 +316,6 @@ fn image_groups(b: usize) -> Vec<(usize, usize)> {
 struct Conv3x3 {
     pad: usize,
     chunk_floats: usize,
-}
-
-/// `∂W` of [`Conv3x3`] from `(x, g)`: `Σ_chunks g · colsᵀ`, one partial sum per
-/// thread.
-#[derive(Debug, Clone, Copy)]
-struct ConvWeightGrad {
-    conv: Conv3x3,
-}
-
-/// `∂x` of [`Conv3x3`] from `(w, g)`: `col2im(Wᵀ · g)`, chunk by chunk.
-#[derive(Debug, Clone, Copy)]
-struct ConvInputGrad {
-    conv: Conv3x3,
-    h: usize,
-    w: usize,
 }
 
 /// `[O, C·9]` from a weight layout `[O, C, 3, 3]`, checked against `c` channels.
@@ -381,16 +360,23 @@ impl CustomOp2 for Conv3x3 {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad { conv: *self })?;
+        let geom = Geom::new(x.dims4()?, self.pad, self.chunk_floats)?;
+        let o = weight_dims(weight.layout(), geom.c)?;
+        if grad_dims(grad.layout(), &geom)? != o {
+            candle_core::bail!("conv3x3: gradient {:?} for {o} channels", grad.dims());
+        }
         // The network's input needs no gradient: a third of conv1's backward.
-        let dx = if x.track_op() {
-            let (_, _, h, w) = x.dims4()?;
-            let op = ConvInputGrad { conv: *self, h, w };
-            Some(weight.apply_op2_no_bwd(&grad, &op)?)
-        } else {
-            None
-        };
+        let with_dx = x.track_op();
+        let (dw, dx) = with_slice(x, |x| {
+            with_slice(weight, |wt| {
+                with_slice(grad, |g| Ok(geom.backward(x, wt, g, o, with_dx)))
+            })
+        })?;
+        let dev = x.device();
+        let dx = dx
+            .map(|d| Tensor::from_vec(d, x.shape(), dev))
+            .transpose()?;
+        let dw = Tensor::from_vec(dw, weight.shape(), dev)?;
         Ok((dx, Some(dw)))
     }
 }
@@ -408,59 +394,6 @@ fn grad_dims(l: &Layout, geom: &Geom) -> Result<usize> {
         );
     }
     Ok(o)
-}
-
-impl CustomOp2 for ConvWeightGrad {
-    fn name(&self) -> &'static str {
-        "conv3x3-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let geom = Geom::new(xl.shape().dims4()?, self.conv.pad, self.conv.chunk_floats)?;
-        let o = grad_dims(gl, &geom)?;
-        let (x, g) = (
-            contiguous(xs, xl, "conv3x3")?,
-            contiguous(gs, gl, "conv3x3")?,
-        );
-        let dw = geom.weight_grad(x, g, o);
-        Ok((CpuStorage::F32(dw), Shape::from((o, geom.c, 3, 3))))
-    }
-}
-
-impl CustomOp2 for ConvInputGrad {
-    fn name(&self) -> &'static str {
-        "conv3x3-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ws: &CpuStorage,
-        wl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, _, _) = wl.shape().dims4()?;
-        let b = gl.shape().dims4()?.1;
-        let geom = Geom::new(
-            (b, c, self.h, self.w),
-            self.conv.pad,
-            self.conv.chunk_floats,
-        )?;
-        let o = grad_dims(gl, &geom)?;
-        weight_dims(wl, c)?;
-        let (wt, g) = (
-            contiguous(ws, wl, "conv3x3")?,
-            contiguous(gs, gl, "conv3x3")?,
-        );
-        let dx = geom.input_grad(wt, g, o);
-        Ok((CpuStorage::F32(dx), Shape::from((b, c, self.h, self.w))))
-    }
 }
 
 /// `x: [B, C, H, W]` convolved with `weight: [O, C, 3, 3]` (stride 1, zero padding

@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::batchnorm::{BatchStats, BnTrain, with_slice};
-use super::contiguous;
+use super::batchnorm::{BatchStats, BnTrain};
 use super::conv::{CHUNK_FLOATS, Geom};
+use super::{contiguous, with_slice};
 
 /// What the forward computed and the backward needs: the convolution's output
 /// (BatchNorm's input) and the normalisation, with the statistics for the caller.
@@ -136,8 +136,7 @@ impl ConvBnTrain {
                     })
                 })
             })?;
-            let dw = with_slice(x, |x| Ok(geom.weight_grad(x, &dyc, self.o)))?;
-            let dx = track.then(|| geom.input_grad(wt, &dyc, self.o));
+            let (dw, dx) = with_slice(x, |x| Ok(geom.backward(x, wt, &dyc, self.o, track)))?;
             Ok((dx, [dw, dgb].concat(), dskip))
         })?;
         let dev = x.device();

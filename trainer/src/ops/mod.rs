@@ -32,7 +32,7 @@ pub use maxpool::max_pool2x2;
 use std::cell::Cell;
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, Layout, Result, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 thread_local! {
     static CPU_KERNELS: Cell<bool> = const { Cell::new(true) };
@@ -68,6 +68,19 @@ unsafe fn filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f3
     // `n` elements.
     unsafe { v.set_len(n) };
     v
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("the CPU kernels got a tensor on {:?}", t.device());
+    };
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("a CPU kernel got a non-contiguous tensor".into())
+    })?;
+    f(&cpu.as_slice::<f32>()?[a..b])
 }
 
 /// The f32 data of a contiguous CPU input of op `what`.
