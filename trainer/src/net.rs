@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::Result;
-use crate::ops::{conv3x3_channel_major, max_pool2x2};
+use crate::ops::{ConvBnParams, conv3x3_channel_major, max_pool2x2};
 
 fn bn_config() -> BatchNormConfig {
     BatchNormConfig {
@@ -219,9 +219,39 @@ impl Block {
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv.forward_pooled(x, train)?;
+        if let Some(out) = self.res_pair(&y, train)? {
+            return Ok(out);
+        }
         let r = self.res1.forward(&y, train, true, None)?;
         // ReLU(y + BN(conv(r))), fused.
         self.res2.forward(&r, train, true, Some(&y))
+    }
+
+    /// The residual pair as one graph node ([`crate::ops::res_pair_train`]) where
+    /// both BatchNorms' fused nodes apply.
+    fn res_pair(&self, y: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let (Some(n1), Some(n2)) = (&self.res1.bn, &self.res2.bn) else {
+            return Ok(None);
+        };
+        let (Some((g1, b1)), Some((g2, b2))) =
+            (n1.fused_affine(y, train), n2.fused_affine(y, train))
+        else {
+            return Ok(None);
+        };
+        let first = ConvBnParams {
+            weight: &self.res1.weight,
+            gamma: g1,
+            beta: b1,
+        };
+        let second = ConvBnParams {
+            weight: &self.res2.weight,
+            gamma: g2,
+            beta: b2,
+        };
+        let (out, [s1, s2]) = crate::ops::res_pair_train(y, first, second, n1.inner.eps())?;
+        n1.update_running(&s1, y.device())?;
+        n2.update_running(&s2, y.device())?;
+        Ok(Some(out))
     }
 }
 

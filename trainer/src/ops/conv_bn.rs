@@ -19,6 +19,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::batchnorm::{BatchStats, BnTrain};
 use super::conv::{CHUNK_FLOATS, Geom};
@@ -35,8 +36,10 @@ struct Saved {
     argmax: Option<Vec<u8>>,
 }
 
-#[derive(Debug, Clone)]
-struct ConvBnTrain {
+/// One conv → BatchNorm (→ skip, ReLU or pool) on slices: what [`ConvBnTrain`] runs
+/// once and [`ResPairTrain`] twice.
+#[derive(Debug, Clone, Copy)]
+struct Stage {
     pad: usize,
     chunk_floats: usize,
     eps: f64,
@@ -45,53 +48,60 @@ struct ConvBnTrain {
     pool: bool,
     /// Output channels.
     o: usize,
-    saved: Arc<Mutex<Option<Saved>>>,
 }
 
-impl ConvBnTrain {
-    fn geom(&self, l: &Layout) -> Result<Geom> {
-        Geom::new(l.shape().dims4()?, self.pad, self.chunk_floats)
+impl Stage {
+    fn geom(&self, dims: (usize, usize, usize, usize)) -> Result<Geom> {
+        Geom::new(dims, self.pad, self.chunk_floats)
+    }
+
+    /// Length of the flat parameter `[W…, γ…, β…]` for `c` input channels.
+    fn params(&self, c: usize) -> usize {
+        self.o * c * 9 + 2 * self.o
     }
 
     /// Weight length `O·C·9` of the flat parameter, checked against its length.
     fn weight_len(&self, geom: &Geom, params: usize) -> Result<usize> {
-        let wl = self.o * geom.k();
-        if params != wl + 2 * self.o {
+        if params != self.params(geom.c) {
             candle_core::bail!(
                 "conv_bn: {params} parameters for a {}→{} conv and its BatchNorm",
                 geom.c,
                 self.o
             );
         }
-        Ok(wl)
+        Ok(self.o * geom.k())
     }
 
+    /// The output dims for an input of `geom`.
+    fn out_dims(&self, geom: &Geom) -> (usize, usize, usize, usize) {
+        let (ho, wo) = if self.pool {
+            (geom.ho / 2, geom.wo / 2)
+        } else {
+            (geom.ho, geom.wo)
+        };
+        (geom.b, self.o, ho, wo)
+    }
+
+    /// The stage's output (batch-major) from `x` of `geom` and its flat parameter.
     fn forward(
         &self,
-        (xs, xl): (&CpuStorage, &Layout),
-        (ps, pl): (&CpuStorage, &Layout),
+        geom: &Geom,
+        x: &[f32],
+        p: &[f32],
         skip: Option<&[f32]>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let geom = self.geom(xl)?;
-        let (x, p) = (
-            contiguous(xs, xl, "conv_bn")?,
-            contiguous(ps, pl, "conv_bn")?,
-        );
-        let wl = self.weight_len(&geom, p.len())?;
-        let out = self.o * geom.b * geom.n();
-        if skip.is_some_and(|k| k.len() != out) {
+    ) -> Result<(Vec<f32>, Saved)> {
+        let wl = self.weight_len(geom, p.len())?;
+        if skip.is_some_and(|k| k.len() != self.o * geom.b * geom.n()) {
             candle_core::bail!("conv_bn: the skip input does not match the output");
         }
         let conv_out = geom.forward(x, &p[..wl], self.o);
         let (bn, stats) =
             BnTrain::from_batch(&conv_out, geom.b * geom.n(), geom.b, self.eps, self.relu);
-        let (out, shape, argmax) = if self.pool {
+        let (out, argmax) = if self.pool {
             let (pooled, argmax) = bn.forward_pool(&conv_out, &p[wl..], (geom.ho, geom.wo));
-            let shape = Shape::from((geom.b, self.o, geom.ho / 2, geom.wo / 2));
-            (pooled, shape, Some(argmax))
+            (pooled, Some(argmax))
         } else {
-            let y = bn.forward(&conv_out, &p[wl..], skip);
-            (y, Shape::from((geom.b, self.o, geom.ho, geom.wo)), None)
+            (bn.forward(&conv_out, &p[wl..], skip), None)
         };
         let saved = Saved {
             conv_out,
@@ -99,8 +109,82 @@ impl ConvBnTrain {
             stats,
             argmax,
         };
-        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
-        Ok((CpuStorage::F32(out), shape))
+        Ok((out, saved))
+    }
+
+    /// The gradients from the input `x`, the output `y` (pooled, when there is a
+    /// pool) and its gradient `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        geom: &Geom,
+        saved: &Saved,
+        x: &[f32],
+        p: &[f32],
+        (y, g): (&[f32], &[f32]),
+        with_skip: bool,
+        with_dx: bool,
+    ) -> Result<StageGrads> {
+        let wl = self.weight_len(geom, p.len())?;
+        let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
+        let (bn, conv_out) = (&saved.bn, &saved.conv_out);
+        let (dyc, dgb, dskip) = match &saved.argmax {
+            Some(at) => {
+                let (dyc, dgb) = bn.backward_pool(conv_out, gamma, (y, at, g), (geom.ho, geom.wo));
+                (dyc, dgb, None)
+            }
+            None => bn.backward_slices(conv_out, gamma, y, g, with_skip),
+        };
+        let (dw, dx) = geom.backward(x, wt, &dyc, self.o, with_dx);
+        Ok(StageGrads {
+            dx,
+            dp: [dw, dgb].concat(),
+            dskip,
+        })
+    }
+}
+
+/// The gradients of one [`Stage`].
+struct StageGrads {
+    /// Of the input, when asked for.
+    dx: Option<Vec<f32>>,
+    /// Of the flat parameter.
+    dp: Vec<f32>,
+    /// Of the skip input, when there is one.
+    dskip: Option<Vec<f32>>,
+}
+
+/// The values kept by a node for its backward, set by its forward.
+type Slot<T> = Arc<Mutex<Option<T>>>;
+
+fn lock<T>(slot: &Slot<T>) -> std::sync::MutexGuard<'_, Option<T>> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug, Clone)]
+struct ConvBnTrain {
+    stage: Stage,
+    saved: Slot<Saved>,
+}
+
+impl ConvBnTrain {
+    fn forward(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ps, pl): (&CpuStorage, &Layout),
+        skip: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let geom = self.stage.geom(xl.shape().dims4()?)?;
+        let (x, p) = (
+            contiguous(xs, xl, "conv_bn")?,
+            contiguous(ps, pl, "conv_bn")?,
+        );
+        let (out, saved) = self.stage.forward(&geom, x, p, skip)?;
+        *lock(&self.saved) = Some(saved);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(self.stage.out_dims(&geom)),
+        ))
     }
 
     /// `(∂x, ∂params, ∂skip)` from the output `y` (pooled, when there is a pool) and
@@ -113,31 +197,22 @@ impl ConvBnTrain {
         grad: &Tensor,
         with_skip: bool,
     ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-        let guard = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = lock(&self.saved);
         let Some(saved) = guard.as_ref() else {
             candle_core::bail!("conv_bn: backward before forward");
         };
-        let (b, c, h, w) = x.dims4()?;
-        let geom = Geom::new((b, c, h, w), self.pad, self.chunk_floats)?;
-        let wl = self.weight_len(&geom, params.elem_count())?;
+        let geom = self.stage.geom(x.dims4()?)?;
         let track = x.track_op();
-        let (dx, dp, dskip) = with_slice(params, |p| {
-            let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
-            let (dyc, dgb, dskip) = with_slice(y, |y| {
-                with_slice(grad, |g| {
-                    let (bn, x) = (&saved.bn, &saved.conv_out);
-                    Ok(match &saved.argmax {
-                        Some(at) => {
-                            let (dx, dgb) =
-                                bn.backward_pool(x, gamma, (y, at, g), (geom.ho, geom.wo));
-                            (dx, dgb, None)
-                        }
-                        None => bn.backward_slices(x, gamma, y, g, with_skip),
+        let StageGrads { dx, dp, dskip } = with_slice(x, |xv| {
+            with_slice(params, |p| {
+                with_slice(y, |y| {
+                    with_slice(grad, |g| {
+                        let yg = (y, g);
+                        self.stage
+                            .backward(&geom, saved, xv, p, yg, with_skip, track)
                     })
                 })
-            })?;
-            let (dw, dx) = with_slice(x, |x| Ok(geom.backward(x, wt, &dyc, self.o, track)))?;
-            Ok((dx, [dw, dgb].concat(), dskip))
+            })
         })?;
         let dev = x.device();
         Ok((
@@ -207,6 +282,148 @@ impl CustomOp3 for ConvBnTrain {
         let (dx, dp, dskip) = self.backward(x, params, res, grad, true)?;
         Ok((dx, Some(dp), dskip))
     }
+}
+
+/// What a residual pair keeps: each stage's values and the first one's output.
+#[derive(Debug)]
+struct PairSaved {
+    first: Saved,
+    mid: Vec<f32>,
+    second: Saved,
+}
+
+/// `ReLU(y + BN(conv(ReLU(BN(conv(y))))))`, a block's residual pair, as one node
+/// of `(y, [params of the first stage…, params of the second…])`.
+#[derive(Debug, Clone)]
+struct ResPairTrain {
+    stages: [Stage; 2],
+    saved: Slot<PairSaved>,
+}
+
+impl CustomOp2 for ResPairTrain {
+    fn name(&self) -> &'static str {
+        "res_pair_train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [s1, s2] = self.stages;
+        let geom = s1.geom(yl.shape().dims4()?)?;
+        let (y, p) = (
+            contiguous(ys, yl, "res_pair")?,
+            contiguous(ps, pl, "res_pair")?,
+        );
+        let p1 = s1.params(geom.c).min(p.len());
+        let (mid, first) = s1.forward(&geom, y, &p[..p1], None)?;
+        let (out, second) = s2.forward(&geom, &mid, &p[p1..], Some(y))?;
+        *lock(&self.saved) = Some(PairSaved { first, mid, second });
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let guard = lock(&self.saved);
+        let Some(saved) = guard.as_ref() else {
+            candle_core::bail!("res_pair: backward before forward");
+        };
+        let [s1, s2] = self.stages;
+        let geom = s1.geom(y.dims4()?)?;
+        let (dy, dp) = with_slice(y, |yv| {
+            with_slice(params, |p| {
+                with_slice(res, |out| {
+                    with_slice(grad, |g| {
+                        let p1 = s1.params(geom.c).min(p.len());
+                        let (p1, p2) = p.split_at(p1);
+                        let (mid, dmid) = (&saved.mid, (out, g));
+                        let second =
+                            s2.backward(&geom, &saved.second, mid, p2, dmid, true, true)?;
+                        let dmid = second.dx.unwrap_or_default();
+                        let yg = (mid.as_slice(), dmid.as_slice());
+                        let first = s1.backward(&geom, &saved.first, yv, p1, yg, false, true)?;
+                        let mut dy = first.dx.unwrap_or_default();
+                        if let Some(dskip) = second.dskip {
+                            dy.par_iter_mut().zip(dskip).for_each(|(d, s)| *d += s);
+                        }
+                        Ok((dy, [first.dp, second.dp].concat()))
+                    })
+                })
+            })
+        })?;
+        let dev = y.device();
+        Ok((
+            Some(Tensor::from_vec(dy, y.shape(), dev)?),
+            Some(Tensor::from_vec(dp, params.shape(), dev)?),
+        ))
+    }
+}
+
+/// The weight `[O, C, 3, 3]`, γ and β of one conv + BatchNorm.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvBnParams<'a> {
+    pub weight: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+}
+
+impl ConvBnParams<'_> {
+    /// The flat parameter `[W…, γ…, β…]`.
+    fn flat(&self) -> Result<Tensor> {
+        Tensor::cat(&[&self.weight.flatten_all()?, self.gamma, self.beta], 0)
+    }
+}
+
+/// `ReLU(y + BN(conv3x3(ReLU(BN(conv3x3(y, w1))), w2)))` with padding 1, in training
+/// mode on the CPU, as one graph node: a block's residual pair. Returns the output
+/// (the shape of `y`) and both BatchNorms' batch statistics. The same values as two
+/// [`conv_bn_train`] calls; one node instead of two spares candle's backward the
+/// zero-filled gradients (and additions) of the middle tensor and of `y`'s first
+/// use.
+pub fn res_pair_train(
+    y: &Tensor,
+    first: ConvBnParams,
+    second: ConvBnParams,
+    eps: f64,
+) -> Result<(Tensor, [BatchStats; 2])> {
+    let c = y.dim(1)?;
+    for p in [first, second] {
+        if p.weight.dims() != [c, c, 3, 3] {
+            candle_core::bail!(
+                "res_pair: weight {:?} for input {:?}",
+                p.weight.dims(),
+                y.dims()
+            );
+        }
+    }
+    let stage = |o| Stage {
+        pad: 1,
+        chunk_floats: CHUNK_FLOATS,
+        eps,
+        relu: true,
+        pool: false,
+        o,
+    };
+    let params = Tensor::cat(&[first.flat()?, second.flat()?], 0)?;
+    let saved = Arc::new(Mutex::new(None));
+    let op = ResPairTrain {
+        stages: [stage(c), stage(c)],
+        saved: Arc::clone(&saved),
+    };
+    let out = y.contiguous()?.apply_op2(&params, op)?;
+    let guard = lock(&saved);
+    let s = guard
+        .as_ref()
+        .ok_or_else(|| candle_core::Error::Msg("res_pair: the forward did not run".into()))?;
+    Ok((out, [s.first.stats.clone(), s.second.stats.clone()]))
 }
 
 /// `BN(conv3x3(x, weight, pad)) (+ skip) (→ ReLU)` in training mode on the CPU:
@@ -280,12 +497,14 @@ fn conv_bn_chunked(
     let params = Tensor::cat(&[&weight.flatten_all()?, gamma, beta], 0)?;
     let saved = Arc::new(Mutex::new(None));
     let op = ConvBnTrain {
-        pad,
-        chunk_floats,
-        eps,
-        relu: after.relu,
-        pool: after.pool,
-        o,
+        stage: Stage {
+            pad,
+            chunk_floats,
+            eps,
+            relu: after.relu,
+            pool: after.pool,
+            o,
+        },
         saved: Arc::clone(&saved),
     };
     let x = x.contiguous()?;
@@ -293,7 +512,7 @@ fn conv_bn_chunked(
         Some(skip) => x.apply_op3(&params, &skip.contiguous()?, op)?,
         None => x.apply_op2(&params, op)?,
     };
-    let guard = saved.lock().unwrap_or_else(PoisonError::into_inner);
+    let guard = lock(&saved);
     let stats = guard
         .as_ref()
         .map(|s| s.stats.clone())
@@ -410,6 +629,64 @@ mod tests {
             let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
             assert!(d < 1e-5, "∂{name} differs by {d} (relative)");
         }
+    }
+
+    /// The residual pair as one node against two conv + BatchNorm nodes: output,
+    /// both statistics, and the gradients of y and of all six parameters.
+    #[test]
+    fn residual_pair_matches_two_nodes() {
+        let (b, c, h, w) = (4, 6, 7, 5);
+        let y = Var::from_tensor(&rand(&[b, c, h, w], 1)).expect("y");
+        let var = |shape: &[usize], seed, shift| {
+            Var::from_tensor(&rand(shape, seed).affine(1.0, shift).expect("t")).expect("var")
+        };
+        let (w1, g1, b1) = (
+            var(&[c, c, 3, 3], 2, 0.0),
+            var(&[c], 3, 1.0),
+            var(&[c], 4, 0.0),
+        );
+        let (w2, g2, b2) = (
+            var(&[c, c, 3, 3], 5, 0.0),
+            var(&[c], 6, 1.0),
+            var(&[c], 7, 0.0),
+        );
+        let first = ConvBnParams {
+            weight: &w1,
+            gamma: &g1,
+            beta: &b1,
+        };
+        let second = ConvBnParams {
+            weight: &w2,
+            gamma: &g2,
+            beta: &b2,
+        };
+        let (ours, stats) = res_pair_train(&y, first, second, 1e-5).expect("ours");
+        let (r, s1) = conv_bn_train(&y, &w1, 1, &g1, &b1, 1e-5, true, None).expect("r");
+        let (theirs, s2) = conv_bn_train(&r, &w2, 1, &g2, &b2, 1e-5, true, Some(&y)).expect("out");
+        assert_eq!(ours.dims(), y.dims());
+        assert!(max_diff(&ours, &theirs) < 1e-5, "output");
+        assert_eq!(stats, [s1, s2]);
+        let up = rand(&[b, c, h, w], 8);
+        let (ga, gb) = (grads_of(&ours, &up), grads_of(&theirs, &up));
+        let vars = [
+            ("y", y.as_tensor()),
+            ("w1", &w1),
+            ("gamma1", &g1),
+            ("beta1", &b1),
+            ("w2", &w2),
+            ("gamma2", &g2),
+            ("beta2", &b2),
+        ];
+        for (name, v) in vars {
+            let d = rel_diff(ga.get(v).expect("ours"), gb.get(v).expect("theirs"));
+            assert!(d < 1e-5, "∂{name} differs by {d} (relative)");
+        }
+        let wrong = ConvBnParams {
+            weight: &var(&[c, c + 1, 3, 3], 9, 0.0),
+            ..second
+        };
+        let e = res_pair_train(&y, first, wrong, 1e-5).expect_err("weight");
+        assert!(e.to_string().contains("weight"), "{e}");
     }
 
     /// The public pooled entry point is ReLU then pool, and refuses a skip input.

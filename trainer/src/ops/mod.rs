@@ -9,6 +9,8 @@
 //!   output gets no gradient of its own in candle's backward.
 //! * [`conv_bn_pool_train`]: the same with the ReLU and max-pool after it, a
 //!   block's first conv, so that the pre-pool tensor is no graph tensor either.
+//! * [`res_pair_train`]: a block's two residual conv + BatchNorm stages and the
+//!   skip addition as one node.
 //! * [`max_pool2x2`]: 2×2 stride-2 max-pool with floor semantics for odd sizes and an
 //!   exact backward (candle's upsampling-based backward assumes even sizes).
 //!
@@ -26,7 +28,7 @@ mod maxpool;
 
 pub use batchnorm::{BatchStats, batch_norm_train};
 pub use conv::{conv3x3, conv3x3_channel_major, conv3x3_generic};
-pub use conv_bn::{conv_bn_pool_train, conv_bn_train};
+pub use conv_bn::{ConvBnParams, conv_bn_pool_train, conv_bn_train, res_pair_train};
 pub use maxpool::max_pool2x2;
 
 use std::cell::Cell;
