@@ -236,51 +236,99 @@ impl BnTrain {
         let s = m / b.max(1);
         let relu = self.relu;
         let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
-        let mut sums: Vec<(f32, f32)> = Vec::new();
+        let sums = |ch: usize, x: &[f32]| {
+            let (mu, is) = (self.mean[ch], self.invstd[ch]);
+            let (mut sb, mut sg) = (0f64, 0f64);
+            // Image bi's values of this channel: one segment of x (channel-major),
+            // at `at` in y and g (batch-major).
+            for (bi, xs) in x.chunks(s).enumerate() {
+                let at = (bi * c + ch) * s;
+                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
+                    let gi = mask(yv, gv);
+                    (gi, gi * (xv - mu))
+                });
+                sb += b32 as f64;
+                sg += g32 as f64 * is as f64;
+            }
+            (sb, sg)
+        };
+        let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
+            for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
+                let at = (bi * c + ch) * s;
+                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
+                for (((d, &xv), &yv), &gv) in ds.iter_mut().zip(xs).zip(ys).zip(gs) {
+                    d.write(k.dx(mask(yv, gv), xv));
+                }
+            }
+        };
+        // SAFETY: `write` covers a channel's M values image segment by image
+        // segment of S values (B·S = M), all of which `xs`, `ys` and `gs` hold.
+        #[allow(unsafe_code)]
+        let (dx, dgb) = unsafe { self.channel_backward(x, gamma, sums, write) };
+        let dskip: Option<Vec<f32>> =
+            with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());
+        (dx, dgb, dskip)
+    }
+
+    /// The per-channel frame of the backward: for each channel (in parallel),
+    /// `sums(ch, x)` gives `(Σg', Σg'·x̂)` over its values `x`, and `write` fills its
+    /// `∂x` with the coefficients that follow from them. Returns `∂x` (channel-major,
+    /// like `x`) and `[∂γ…, ∂β…]`.
+    ///
+    /// # Safety
+    /// `write` must write every element of the `dx` it is given.
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn channel_backward(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        sums: impl Fn(usize, &[f32]) -> (f64, f64) + Sync,
+        write: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>], DxCoef) + Sync,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let m = x.len() / self.mean.len().max(1);
+        let mut sums_out: Vec<(f32, f32)> = Vec::new();
         let fill = |dx: &mut [MaybeUninit<f32>]| {
-            sums = dx
+            sums_out = dx
                 .par_chunks_mut(m)
                 .enumerate()
                 .map(|(ch, dx)| {
                     let x = &x[ch * m..(ch + 1) * m];
                     let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                    let (mut sb, mut sg) = (0f64, 0f64);
-                    // Image bi's values of this channel: one segment of x
-                    // (channel-major), at `at` in y and g (batch-major).
-                    for (bi, xs) in x.chunks(s).enumerate() {
-                        let at = (bi * c + ch) * s;
-                        let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                        let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
-                            let gi = mask(yv, gv);
-                            (gi, gi * (xv - mu))
-                        });
-                        sb += b32 as f64;
-                        sg += g32 as f64 * is as f64;
-                    }
-                    let a = gamma[ch] * is;
-                    let mb = (sb / m as f64) as f32;
-                    // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
-                    let mg = (sg / m as f64) as f32 * is;
-                    for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
-                        let at = (bi * c + ch) * s;
-                        let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                        for (((d, &xv), &yv), &gv) in ds.iter_mut().zip(xs).zip(ys).zip(gs) {
-                            d.write(a * (mask(yv, gv) - mb - (xv - mu) * mg));
-                        }
-                    }
+                    let (sb, sg) = sums(ch, x);
+                    let coef = DxCoef {
+                        a: gamma[ch] * is,
+                        mu,
+                        mb: (sb / m as f64) as f32,
+                        // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
+                        mg: (sg / m as f64) as f32 * is,
+                    };
+                    write(ch, x, dx, coef);
                     (sg as f32, sb as f32)
                 })
                 .collect();
         };
-        // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and
-        // each is written in full, image segment by image segment of S
-        // values (B·S = M), all of which `xs`, `ys` and `gs` hold.
-        #[allow(unsafe_code)]
+        // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and the
+        // caller's `write` writes each in full.
         let dx = unsafe { filled(x.len(), fill) };
-        let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
-        let dskip: Option<Vec<f32>> =
-            with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());
-        (dx, [dgamma, dbeta].concat(), dskip)
+        let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums_out.into_iter().unzip();
+        (dx, [dgamma, dbeta].concat())
+    }
+}
+
+/// The coefficients of one channel's `∂x = a·(g' − ∂β/M − (x − μ)·σ⁻¹·∂γ/M)`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DxCoef {
+    a: f32,
+    mu: f32,
+    mb: f32,
+    mg: f32,
+}
+
+impl DxCoef {
+    /// `∂x` of a value `x` whose output gradient (after the ReLU's mask) is `g`.
+    pub(super) fn dx(&self, g: f32, x: f32) -> f32 {
+        self.a * (g - self.mb - (x - self.mu) * self.mg)
     }
 }
 

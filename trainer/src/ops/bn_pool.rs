@@ -18,8 +18,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::batchnorm::BnTrain;
-use super::filled;
+use super::batchnorm::{BnTrain, DxCoef};
 
 /// Offset in its `w`-wide plane of element `k` (0..4, row-major) of the window
 /// at pooled position `(oy, ox)`.
@@ -144,7 +143,7 @@ impl BnTrain {
     ) -> (Vec<f32>, Vec<f32>) {
         let c = self.mean.len();
         let b = self.b;
-        let m = b * h * w;
+        debug_assert_eq!(x.len(), c * b * h * w, "backward_pool: x and its dims");
         let windows = Windows {
             y,
             at,
@@ -154,39 +153,29 @@ impl BnTrain {
             w,
             relu: self.relu,
         };
-        let mut sums: Vec<(f32, f32)> = Vec::new();
-        let fill = |dx: &mut [MaybeUninit<f32>]| {
-            sums = dx
-                .par_chunks_mut(m)
-                .enumerate()
-                .map(|(ch, dx)| {
-                    let x = &x[ch * m..(ch + 1) * m];
-                    let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                    // Σg' and Σg'·(x − μ): only the windows' maxima have g' ≠ 0.
-                    let (mut sb, mut sg) = (0f64, 0f64);
-                    windows.each(ch, x, |_, gi, xv| {
-                        sb += f64::from(gi);
-                        sg += f64::from(gi * (xv - mu));
-                    });
-                    sg *= f64::from(is);
-                    let a = gamma[ch] * is;
-                    let mb = (sb / m as f64) as f32;
-                    let mg = (sg / m as f64) as f32 * is;
-                    for (d, &xv) in dx.iter_mut().zip(x) {
-                        d.write(a * (0.0 - mb - (xv - mu) * mg));
-                    }
-                    windows.each(ch, x, |i, gi, xv| {
-                        dx[i].write(a * (gi - mb - (xv - mu) * mg));
-                    });
-                    (sg as f32, sb as f32)
-                })
-                .collect();
+        // Σg' and Σg'·x̂: only the windows' maxima have g' ≠ 0.
+        let sums = |ch: usize, x: &[f32]| {
+            let mu = self.mean[ch];
+            let (mut sb, mut sg) = (0f64, 0f64);
+            windows.each(ch, x, |_, gi, xv| {
+                sb += f64::from(gi);
+                sg += f64::from(gi * (xv - mu));
+            });
+            (sb, sg * f64::from(self.invstd[ch]))
         };
-        // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and the dense
-        // pass writes each chunk in full before the windows overwrite some values.
+        let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
+            for (d, &xv) in dx.iter_mut().zip(x) {
+                d.write(k.dx(0.0, xv));
+            }
+            windows.each(ch, x, |i, gi, xv| {
+                dx[i].write(k.dx(gi, xv));
+            });
+        };
+        // SAFETY: `write`'s dense pass writes all of a channel's values before the
+        // windows overwrite some.
         #[allow(unsafe_code)]
-        let dx = unsafe { filled(x.len(), fill) };
-        let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
-        (dx, [dgamma, dbeta].concat())
+        unsafe {
+            self.channel_backward(x, gamma, sums, write)
+        }
     }
 }
