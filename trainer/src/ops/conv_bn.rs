@@ -14,7 +14,9 @@
 //! A block's first conv is followed by a 2×2 max-pool, which the same node takes
 //! in ([`conv_bn_pool_train`]): the pool's input, the largest tensor of the block,
 //! is then never written at all (`bn_pool.rs`), nor given a zero-filled gradient
-//! and an addition in candle's backward.
+//! and an addition in candle's backward. The block's two residual stages are one
+//! node as well ([`res_pair_train`]), for the same reason: the tensor between them
+//! gets no gradient of its own, and the skip's is added once.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
