@@ -15,9 +15,17 @@
 //! writing straight into the output's block) and dropped before the next. No
 //! columns outlive a chunk, so the backward's memory is the gradients alone.
 //!
+//! Where the columns outweigh the output (few input channels per output channel,
+//! the tiny spec's layers), a chunk is lowered by kernel rows instead
+//! ([`Lowering::Rows`]): columns of the three horizontal taps over the chunk's
+//! input lines, `[C·3, (rows + 2)·Wo]`, serve all three kernel rows as views
+//! shifted by one line each, so three GEMMs with `K = C·3` replace one with
+//! `K = C·9` and `im2col`/`col2im` move a third as much.
+//!
 //! Off the CPU ([`conv3x3_generic`]), the output is candle's own `conv2d` and the
 //! backward is built from candle's tensor ops, so it runs on any device.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -35,6 +43,15 @@ pub(super) const CHUNK_FLOATS: usize = 64 * 1024;
 /// packing the weight.
 const MIN_CHUNK_COLS: usize = 256;
 
+/// The fewest output rows of a [`Lowering::Rows`] chunk: each chunk builds the
+/// columns of two rows more than it multiplies.
+const MIN_ROWS: usize = 4;
+
+/// The fewest output columns of a [`Lowering::Rows`] chunk: below it, the GEMMs of
+/// single images cost more than the copying saves (measured at 10×10 and 4×4
+/// images: 4–15% faster than [`Lowering::Taps`]).
+const MIN_ROWS_COLS: usize = 16;
+
 fn out_size(n: usize, pad: usize) -> Result<usize> {
     (n + 2 * pad)
         .checked_sub(2)
@@ -44,7 +61,21 @@ fn out_size(n: usize, pad: usize) -> Result<usize> {
         })
 }
 
-/// The shape of one convolution, and how its output rows are chunked.
+/// How a chunk of output rows becomes columns and GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lowering {
+    /// All nine taps: columns `[C·9, rows·Wo]` and one GEMM with the weight. A
+    /// chunk may span images, so that small images still make wide GEMMs.
+    Taps,
+    /// The three horizontal taps only, over the chunk's input lines: columns
+    /// `[C·3, (rows + 2)·Wo]`, in which kernel row `ky` reads the same columns
+    /// shifted by `ky` lines. The convolution is three GEMMs (`K = C·3`, added up)
+    /// on shifted views of one buffer, for a third of the copying (plus two lines
+    /// per chunk). A chunk stays inside one image.
+    Rows,
+}
+
+/// The shape of one convolution, and how its output rows are chunked and lowered.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geom {
     pub(super) b: usize,
@@ -56,19 +87,51 @@ pub(super) struct Geom {
     pub(super) wo: usize,
     /// Output rows (of `wo` pixels) per chunk.
     chunk_rows: usize,
+    lowering: Lowering,
 }
 
 impl Geom {
+    /// The geometry of a convolution of `[B, C, H, W]` into `o` channels with
+    /// padding `pad`, lowered as fits its shape. [`Lowering::Rows`] copies a third
+    /// as much but reads and writes the output three times, so it is used where
+    /// the columns outweigh the output (`O ≤ 4·C`, measured: at `O = 32, C = 3`
+    /// the three passes made the layer 13% slower) and an image has enough rows
+    /// ([`MIN_ROWS`]) and pixels ([`MIN_ROWS_COLS`]) for a chunk's GEMMs.
     pub(super) fn new(
+        dims: (usize, usize, usize, usize),
+        o: usize,
+        pad: usize,
+        chunk_floats: usize,
+    ) -> Result<Self> {
+        let rows = Self::lowered(dims, pad, chunk_floats, Lowering::Rows)?;
+        if o <= 4 * rows.c
+            && rows.chunk_rows >= MIN_ROWS.min(rows.ho)
+            && rows.chunk_rows * rows.wo >= MIN_ROWS_COLS
+        {
+            Ok(rows)
+        } else {
+            Self::lowered(dims, pad, chunk_floats, Lowering::Taps)
+        }
+    }
+
+    /// The geometry with a given lowering.
+    pub(super) fn lowered(
         (b, c, h, w): (usize, usize, usize, usize),
         pad: usize,
         chunk_floats: usize,
+        lowering: Lowering,
     ) -> Result<Self> {
         if b == 0 || c == 0 {
             candle_core::bail!("conv3x3: empty input [{b}, {c}, {h}, {w}]");
         }
         let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
-        let cols = (chunk_floats / (c * 9)).max(MIN_CHUNK_COLS.min(chunk_floats));
+        let chunk_rows = match lowering {
+            Lowering::Taps => {
+                let cols = (chunk_floats / (c * 9)).max(MIN_CHUNK_COLS.min(chunk_floats));
+                (cols / wo).max(1)
+            }
+            Lowering::Rows => (chunk_floats / (c * 3 * wo)).saturating_sub(2).clamp(1, ho),
+        };
         Ok(Geom {
             b,
             c,
@@ -77,11 +140,12 @@ impl Geom {
             pad,
             ho,
             wo,
-            chunk_rows: (cols / wo).max(1),
+            chunk_rows,
+            lowering,
         })
     }
 
-    /// Rows of `cols` (the GEMM's inner dimension).
+    /// Columns of the weight `[O, C·9]`.
     pub(super) fn k(&self) -> usize {
         self.c * 9
     }
@@ -96,6 +160,33 @@ impl Geom {
         self.c * self.h * self.w
     }
 
+    /// Kernel rows the columns hold.
+    fn kh(&self) -> usize {
+        match self.lowering {
+            Lowering::Taps => 3,
+            Lowering::Rows => 1,
+        }
+    }
+
+    /// GEMMs per chunk, one per kernel row the columns do not hold.
+    fn passes(&self) -> usize {
+        3 / self.kh()
+    }
+
+    /// Rows of the columns: the inner dimension of each GEMM.
+    fn col_rows(&self) -> usize {
+        self.c * 3 * self.kh()
+    }
+
+    /// Lines per image that the columns are built for: the output rows, or for
+    /// [`Lowering::Rows`] the padded input's rows.
+    fn lines(&self) -> usize {
+        match self.lowering {
+            Lowering::Taps => self.ho,
+            Lowering::Rows => self.h + 2 * self.pad,
+        }
+    }
+
     /// `(first image, images)` of one group per rayon thread.
     fn groups(&self) -> Vec<(usize, usize)> {
         image_groups(self.b)
@@ -103,16 +194,38 @@ impl Geom {
 
     /// The chunks of a group of `nb` images: `(first row, rows)`, counting the
     /// output rows of the group's images one after another.
-    fn chunks(&self, nb: usize) -> impl Iterator<Item = (usize, usize)> {
-        let (total, step) = (nb * self.ho, self.chunk_rows);
-        (0..total)
-            .step_by(step)
-            .map(move |r| (r, step.min(total - r)))
+    fn chunks(&self, nb: usize) -> Vec<(usize, usize)> {
+        let (ho, step) = (self.ho, self.chunk_rows);
+        let spans = |total: usize| {
+            (0..total)
+                .step_by(step)
+                .map(move |r| (r, step.min(total - r)))
+        };
+        match self.lowering {
+            Lowering::Taps => spans(nb * ho).collect(),
+            Lowering::Rows => (0..nb)
+                .flat_map(|i| spans(ho).map(move |(r, n)| (i * ho + r, n)))
+                .collect(),
+        }
     }
 
-    /// Row `r` of the columns: channel `r / 9`, tap `r % 9`.
+    /// The lines `(first, count)` whose columns a chunk of output rows needs.
+    fn chunk_lines(&self, (r0, rows): (usize, usize)) -> (usize, usize) {
+        match self.lowering {
+            Lowering::Taps => (r0, rows),
+            Lowering::Rows => (r0 / self.ho * self.lines() + r0 % self.ho, rows + 2),
+        }
+    }
+
+    /// Floats of the largest chunk's columns.
+    fn cols_len(&self) -> usize {
+        self.col_rows() * self.chunk_lines((0, self.chunk_rows)).1 * self.wo
+    }
+
+    /// Row `r` of the columns: channel, kernel row (0 for [`Lowering::Rows`]) and column.
     fn tap(&self, r: usize) -> Tap {
-        let (ch, ky, kx) = (r / 9, r % 9 / 3, r % 3);
+        let taps = 3 * self.kh();
+        let (ch, ky, kx) = (r / taps, r % taps / 3, r % 3);
         // The output columns [lo, hi) read inside the input; the rest read padding.
         let lo = self.pad.saturating_sub(kx);
         let hi = self.wo.min((self.w + self.pad).saturating_sub(kx));
@@ -125,20 +238,20 @@ impl Geom {
         }
     }
 
-    /// For each output row of a chunk (of the group's rows `[r0, r0 + rows)`), where
-    /// the input line that row `ky` of the kernel reads starts in channel 0, or
-    /// `None` where it reads padding: the divisions by `Ho` done once per row, not
-    /// once per row and tap.
-    fn line_starts(&self, (r0, rows): (usize, usize)) -> Vec<[Option<usize>; 3]> {
-        let (mut bi, mut oy) = (r0 / self.ho, r0 % self.ho);
-        (0..rows)
+    /// For each line of `(first, count)`, where the input line that kernel row
+    /// `ky` reads starts in channel 0, or `None` where it reads padding: the
+    /// divisions done once per line, not once per line and tap.
+    fn line_starts(&self, (l0, count): (usize, usize)) -> Vec<[Option<usize>; 3]> {
+        let lines = self.lines();
+        let (mut bi, mut oy) = (l0 / lines, l0 % lines);
+        (0..count)
             .map(|_| {
                 let starts = std::array::from_fn(|ky| {
                     let iy = (oy + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)?;
                     Some((bi * self.c * self.h + iy) * self.w)
                 });
                 oy += 1;
-                if oy == self.ho {
+                if oy == lines {
                     (bi, oy) = (bi + 1, 0);
                 }
                 starts
@@ -151,12 +264,17 @@ impl Geom {
         tap.ch * self.h * self.w + tap.lo + tap.kx - self.pad
     }
 
-    /// `im2col` of output rows `[r0, r0 + rows)` of the images in `x` (a group)
-    /// into `cols: [C·9, rows·Wo]`.
+    /// The columns of a chunk of output rows of the images in `x` (a group), into
+    /// `cols: [col_rows, lines·Wo]`.
     fn im2col(&self, x: &[f32], chunk: (usize, usize), cols: &mut [f32]) {
-        let width = chunk.1 * self.wo;
-        let lines = self.line_starts(chunk);
-        for (r, dst) in cols.chunks_exact_mut(width).take(self.k()).enumerate() {
+        let span = self.chunk_lines(chunk);
+        let lines = self.line_starts(span);
+        let width = span.1 * self.wo;
+        for (r, dst) in cols
+            .chunks_exact_mut(width)
+            .take(self.col_rows())
+            .enumerate()
+        {
             let t = self.tap(r);
             let shift = self.tap_shift(&t);
             for (start, line) in lines.iter().zip(dst.chunks_exact_mut(self.wo)) {
@@ -171,12 +289,13 @@ impl Geom {
         }
     }
 
-    /// `col2im`: adds `cols: [C·9, rows·Wo]` of output rows `[r0, r0 + rows)` into
-    /// `dx` (the group's input gradient).
+    /// `col2im`: adds a chunk's columns (the layout of [`Geom::im2col`]) into `dx`
+    /// (the group's input gradient).
     fn col2im(&self, cols: &[f32], chunk: (usize, usize), dx: &mut [f32]) {
-        let width = chunk.1 * self.wo;
-        let lines = self.line_starts(chunk);
-        for (r, src) in cols.chunks_exact(width).take(self.k()).enumerate() {
+        let span = self.chunk_lines(chunk);
+        let lines = self.line_starts(span);
+        let width = span.1 * self.wo;
+        for (r, src) in cols.chunks_exact(width).take(self.col_rows()).enumerate() {
             let t = self.tap(r);
             let shift = self.tap_shift(&t);
             for (start, line) in lines.iter().zip(src.chunks_exact(self.wo)) {
@@ -190,29 +309,73 @@ impl Geom {
         }
     }
 
+    /// The chunk's columns that GEMM pass `p` multiplies: `[col_rows, rows·Wo]`,
+    /// for [`Lowering::Rows`] shifted by `p` lines.
+    fn col_view(&self, chunk: (usize, usize), p: usize) -> View {
+        let width = self.chunk_lines(chunk).1 * self.wo;
+        View::rows(p * self.wo, self.col_rows(), chunk.1 * self.wo, width)
+    }
+
+    /// Pass `p`'s block `[O, col_rows]` of the weight as [`Geom::lower_weight`]
+    /// lays it out.
+    fn weight_view(&self, o: usize, p: usize) -> View {
+        let kp = self.col_rows();
+        View::rows(p * o * kp, o, kp, kp)
+    }
+
+    /// The weight's column (`c·9 + ky·3 + kx`) of row `i` of the stacked passes'
+    /// columns.
+    fn weight_column(&self, i: usize) -> usize {
+        match self.lowering {
+            Lowering::Taps => i,
+            Lowering::Rows => {
+                let (p, j) = (i / self.col_rows(), i % self.col_rows());
+                j / 3 * 9 + p * 3 + j % 3
+            }
+        }
+    }
+
+    /// The weight `[O, C·9]` as the passes read it: itself, or for
+    /// [`Lowering::Rows`] one `[O, C·3]` block per kernel row.
+    fn lower_weight<'a>(&self, wt: &'a [f32], o: usize) -> Cow<'a, [f32]> {
+        if self.lowering == Lowering::Taps {
+            return Cow::Borrowed(wt);
+        }
+        let (k, kp) = (self.k(), self.col_rows());
+        let lowered = (0..3 * o * kp)
+            .map(|i| {
+                let (p, oo, j) = (i / (o * kp), i / kp % o, i % kp);
+                wt[oo * k + self.weight_column(p * kp + j)]
+            })
+            .collect();
+        Cow::Owned(lowered)
+    }
+
     /// The convolution of `x: [B, C, H, W]` with `wt: [O, C·9]`, channel-major
     /// `[O, B, Ho, Wo]`.
     pub(super) fn forward(&self, x: &[f32], wt: &[f32], o: usize) -> Vec<f32> {
-        let wv = View::rows(0, o, self.k(), self.k());
+        let wl = self.lower_weight(wt, o);
         let fill = |y: &mut [MaybeUninit<f32>]| {
             let out = SharedOut::new(y);
             self.groups().into_par_iter().for_each(|(b0, nb)| {
                 let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
-                let mut cols = vec![0f32; self.k() * self.chunk_rows * self.wo];
+                let mut cols = vec![0f32; self.cols_len()];
                 for chunk in self.chunks(nb) {
-                    let width = chunk.1 * self.wo;
                     self.im2col(x, chunk, &mut cols);
-                    // SAFETY (of `dst`): each thread writes the output columns of its
-                    // own images only, without accumulating.
-                    #[allow(unsafe_code)]
-                    let dst = unsafe { out.dst() };
-                    let cv = View::rows(0, self.k(), width, width);
-                    gemm(dst, self.out_view(o, b0, chunk), false, wt, wv, &cols, cv);
+                    for p in 0..self.passes() {
+                        // SAFETY (of `dst`): each thread writes the output columns of
+                        // its own images only; pass 0 writes them all, later passes
+                        // add to them.
+                        #[allow(unsafe_code)]
+                        let dst = unsafe { out.dst() };
+                        let (wv, cv) = (self.weight_view(o, p), self.col_view(chunk, p));
+                        gemm(dst, self.out_view(o, b0, chunk), p > 0, &wl, wv, &cols, cv);
+                    }
                 }
             });
         };
         // SAFETY: the groups partition the images and the chunks a group's output
-        // rows, and each chunk's GEMM writes all `O` rows of its columns.
+        // rows, and each chunk's first GEMM writes all `O` rows of its columns.
         #[allow(unsafe_code)]
         unsafe {
             filled(o * self.b * self.n(), fill)
@@ -231,27 +394,38 @@ impl Geom {
         o: usize,
         with_dx: bool,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
-        let k = self.k();
+        let (k, kp) = (self.k(), self.col_rows());
+        let wl = self.lower_weight(wt, o);
         let groups = self.groups();
         let per = groups[0].1 * self.image();
         let mut dx = vec![0f32; if with_dx { self.b * self.image() } else { 0 }];
-        // One `[O, C·9]` partial sum of ∂W per group: as one GEMM over the whole
-        // batch, the long reduction (B·Ho·Wo) would run on one thread.
+        // One partial sum of ∂W per group: as one GEMM over the whole batch, the
+        // long reduction (B·Ho·Wo) would run on one thread.
         let group = |(b0, nb): (usize, usize), dx: &mut [f32]| {
             let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
-            let mut cols = vec![0f32; k * self.chunk_rows * self.wo];
+            let mut cols = vec![0f32; self.cols_len()];
+            // Each pass's `[O, C·3·kh]` block, column-major: the GEMM's preferred
+            // destination.
             let mut dw = vec![0f32; o * k];
             for chunk in self.chunks(nb) {
-                let width = chunk.1 * self.wo;
                 let gv = self.out_view(o, b0, chunk);
-                let cv = View::rows(0, k, width, width);
                 self.im2col(x, chunk, &mut cols);
-                let dwv = View::rows(0, k, o, o).t();
-                gemm(Dst::Slice(&mut dw), dwv, true, g, gv, &cols, cv.t());
+                for p in 0..self.passes() {
+                    let dwv = View::rows(p * kp * o, kp, o, o).t();
+                    let cv = self.col_view(chunk, p).t();
+                    gemm(Dst::Slice(&mut dw), dwv, true, g, gv, &cols, cv);
+                }
                 if with_dx {
-                    // Wᵀ: [C·9, O].
-                    let wv = View::rows(0, o, k, k).t();
-                    gemm(Dst::Slice(&mut cols), cv, false, wt, wv, g, gv);
+                    // The lines past the first pass's view, which the later passes
+                    // add to.
+                    let (first, width) = (chunk.1 * self.wo, self.chunk_lines(chunk).1 * self.wo);
+                    for row in cols.chunks_exact_mut(width).take(kp) {
+                        row[first..].fill(0.0);
+                    }
+                    for p in 0..self.passes() {
+                        let (wv, cv) = (self.weight_view(o, p).t(), self.col_view(chunk, p));
+                        gemm(Dst::Slice(&mut cols), cv, p > 0, &wl, wv, g, gv);
+                    }
                     self.col2im(&cols, chunk, dx);
                 }
             }
@@ -268,13 +442,13 @@ impl Geom {
                 .map(|grp| group(grp, &mut []))
                 .collect()
         };
-        // Σ over the groups, from `[C·9, O]` (column-major `[O, C·9]`: the GEMM's
-        // preferred destination) to the weight's `[O, C·9]`.
+        // Σ over the groups, into the weight's `[O, C·9]`.
         let mut dw = vec![0f32; o * k];
         for part in parts {
             for (i, row) in part.chunks_exact(o).enumerate() {
+                let col = self.weight_column(i);
                 for (j, v) in row.iter().enumerate() {
-                    dw[j * k + i] += v;
+                    dw[j * k + col] += v;
                 }
             }
         }
@@ -316,6 +490,17 @@ fn image_groups(b: usize) -> Vec<(usize, usize)> {
 struct Conv3x3 {
     pad: usize,
     chunk_floats: usize,
+    /// The lowering to use, or `None` to choose by shape (tests force each).
+    lowering: Option<Lowering>,
+}
+
+impl Conv3x3 {
+    fn geom(&self, dims: (usize, usize, usize, usize), o: usize) -> Result<Geom> {
+        match self.lowering {
+            Some(lowering) => Geom::lowered(dims, self.pad, self.chunk_floats, lowering),
+            None => Geom::new(dims, o, self.pad, self.chunk_floats),
+        }
+    }
 }
 
 /// `[O, C·9]` from a weight layout `[O, C, 3, 3]`, checked against `c` channels.
@@ -342,8 +527,9 @@ impl CustomOp2 for Conv3x3 {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let geom = Geom::new(xl.shape().dims4()?, self.pad, self.chunk_floats)?;
-        let o = weight_dims(wl, geom.c)?;
+        let dims = xl.shape().dims4()?;
+        let o = weight_dims(wl, dims.1)?;
+        let geom = self.geom(dims, o)?;
         let (x, wt) = (
             contiguous(xs, xl, "conv3x3")?,
             contiguous(ws, wl, "conv3x3")?,
@@ -360,8 +546,9 @@ impl CustomOp2 for Conv3x3 {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let geom = Geom::new(x.dims4()?, self.pad, self.chunk_floats)?;
-        let o = weight_dims(weight.layout(), geom.c)?;
+        let dims = x.dims4()?;
+        let o = weight_dims(weight.layout(), dims.1)?;
+        let geom = self.geom(dims, o)?;
         if grad_dims(grad.layout(), &geom)? != o {
             candle_core::bail!("conv3x3: gradient {:?} for {o} channels", grad.dims());
         }
@@ -401,15 +588,28 @@ fn grad_dims(l: &Layout, geom: &Geom) -> Result<usize> {
 /// consumes). On CPU the chunked kernels of this module; elsewhere candle's
 /// `conv2d`.
 pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
-    conv3x3_chunked(x, weight, pad, CHUNK_FLOATS)
+    conv3x3_chunked(x, weight, pad, CHUNK_FLOATS, None)
 }
 
-fn conv3x3_chunked(x: &Tensor, weight: &Tensor, pad: usize, chunk_floats: usize) -> Result<Tensor> {
+fn conv3x3_chunked(
+    x: &Tensor,
+    weight: &Tensor,
+    pad: usize,
+    chunk_floats: usize,
+    lowering: Option<Lowering>,
+) -> Result<Tensor> {
     if !super::cpu_kernels(x) {
         return conv3x3_generic(x, weight, pad)?.transpose(0, 1);
     }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    x.apply_op2(&weight, Conv3x3 { pad, chunk_floats })
+    x.apply_op2(
+        &weight,
+        Conv3x3 {
+            pad,
+            chunk_floats,
+            lowering,
+        },
+    )
 }
 
 /// The convolution as one node of candle's graph on any device (the generic path).
@@ -590,9 +790,11 @@ mod tests {
         }
     }
 
-    /// Chunks of one output row, chunks that start inside an image and end in the
-    /// next, several image groups (three threads for five images) and the tiny
-    /// spec's real layer shapes with the default chunk size give candle's results.
+    /// Both lowerings and the automatic choice, on chunks of one output row,
+    /// chunks that start inside an image and end in the next (taps), chunks of 2,
+    /// 2 and 1 rows of an image (rows), several image groups (three threads for
+    /// five images) and the tiny spec's real layer shapes with the default chunk
+    /// size, give candle's results.
     #[test]
     fn chunks_and_image_groups_match_candle_conv2d() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -604,30 +806,57 @@ mod tests {
                 (1, 4, 3, 6, 5, 1),
                 // Wo = 4 and 12 columns: chunks of 3 of an image's 5 output rows.
                 (1, 4, 3, 5, 4, 12),
+                // Rows: 192 / (4·3·4) = 4 lines, so chunks of 2 output rows.
+                (1, 4, 3, 5, 4, 192),
                 (0, 4, 3, 7, 9, 4 * 9 * 7 * 2),
                 (1, 4, 3, 4, 3, 1 << 20),
                 (1, 8, 16, 22, 22, CHUNK_FLOATS),
                 (0, 8, 16, 46, 46, CHUNK_FLOATS),
             ] {
-                let case = format!("pad {pad}, {c}→{o}, {h}×{w}, chunk {chunk_floats}");
-                let x = Var::from_tensor(&rand(&[5, c, h, w], 4)).expect("x");
-                let k = Var::from_tensor(&rand(&[o, c, 3, 3], 5)).expect("k");
-                let up = rand(&[o, 5, h + 2 * pad - 2, w + 2 * pad - 2], 6);
-                let ours = conv3x3_chunked(&x, &k, pad, chunk_floats).expect("ours");
-                let theirs = x
-                    .conv2d(&k, pad, 1, 1, 1)
-                    .expect("candle")
-                    .transpose(0, 1)
-                    .expect("t");
-                let d = rel_diff(&ours, &theirs);
-                assert!(d < 1e-6, "{case}: forward differs by {d} (relative)");
-                let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
-                for (name, v) in [("x", &x), ("w", &k)] {
-                    let d = rel_diff(g1.get(v).expect("g1"), g2.get(v).expect("g2"));
-                    assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
+                for lowering in [None, Some(Lowering::Taps), Some(Lowering::Rows)] {
+                    let case =
+                        format!("pad {pad}, {c}→{o}, {h}×{w}, chunk {chunk_floats}, {lowering:?}");
+                    let x = Var::from_tensor(&rand(&[5, c, h, w], 4)).expect("x");
+                    let k = Var::from_tensor(&rand(&[o, c, 3, 3], 5)).expect("k");
+                    let up = rand(&[o, 5, h + 2 * pad - 2, w + 2 * pad - 2], 6);
+                    let ours = conv3x3_chunked(&x, &k, pad, chunk_floats, lowering).expect("ours");
+                    let theirs = x
+                        .conv2d(&k, pad, 1, 1, 1)
+                        .expect("candle")
+                        .transpose(0, 1)
+                        .expect("t");
+                    let d = rel_diff(&ours, &theirs);
+                    assert!(d < 1e-6, "{case}: forward differs by {d} (relative)");
+                    let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
+                    for (name, v) in [("x", &x), ("w", &k)] {
+                        let d = rel_diff(g1.get(v).expect("g1"), g2.get(v).expect("g2"));
+                        assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
+                    }
                 }
             }
         });
+    }
+
+    /// Rows where the columns outweigh the output and an image makes wide enough
+    /// GEMMs; taps for a 3-channel input into 32 channels and for 2×2 images.
+    #[test]
+    fn the_lowering_follows_the_shape() {
+        let lowering = |(c, o, h, pad)| {
+            Geom::new((96, c, h, h), o, pad, CHUNK_FLOATS)
+                .expect("geom")
+                .lowering
+        };
+        for (shape, want) in [
+            ((3, 8, 48, 0), Lowering::Rows),
+            ((8, 16, 46, 0), Lowering::Rows),
+            ((32, 32, 4, 1), Lowering::Rows),
+            ((128, 128, 14, 1), Lowering::Rows),
+            ((3, 32, 64, 0), Lowering::Taps),
+            ((32, 32, 2, 1), Lowering::Taps),
+            ((32, 32, 4, 0), Lowering::Taps),
+        ] {
+            assert_eq!(lowering(shape), want, "{shape:?}");
+        }
     }
 
     #[test]

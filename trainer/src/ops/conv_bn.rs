@@ -54,7 +54,7 @@ struct Stage {
 
 impl Stage {
     fn geom(&self, dims: (usize, usize, usize, usize)) -> Result<Geom> {
-        Geom::new(dims, self.pad, self.chunk_floats)
+        Geom::new(dims, self.o, self.pad, self.chunk_floats)
     }
 
     /// Length of the flat parameter `[W…, γ…, β…]` for `c` input channels.
