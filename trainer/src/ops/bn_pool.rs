@@ -41,26 +41,43 @@ struct Windows<'a> {
 }
 
 impl Windows<'_> {
-    /// `f(index in x's channel, g', x)` for each window of channel `ch`, with `g'`
-    /// the window's gradient after the ReLU (none where its maximum was clipped),
-    /// and `x` the channel's `[B, H, W]` values.
+    /// `(pooled rows, pooled columns)` of planes of `s` values.
+    fn pooled(&self, s: usize) -> (usize, usize) {
+        (s / self.w / 2, self.w / 2)
+    }
+
+    /// The windows of pooled row `oy` of image `bi` in channel `ch`: for each, the
+    /// offset of its maximum in the image's plane, and its gradient after the ReLU
+    /// (none where the maximum was clipped).
+    fn row(
+        &self,
+        ch: usize,
+        bi: usize,
+        oy: usize,
+        (ho, wo): (usize, usize),
+    ) -> impl Iterator<Item = (usize, f32)> + '_ {
+        let first = ((bi * self.c + ch) * ho + oy) * wo;
+        let ys = &self.y[first..first + wo];
+        let (ks, gs) = (&self.at[first..first + wo], &self.g[first..first + wo]);
+        ys.iter()
+            .zip(ks)
+            .zip(gs)
+            .enumerate()
+            .map(move |(ox, ((&y, &k), &g))| {
+                let gi = if self.relu && y <= 0.0 { 0.0 } else { g };
+                (window_at(self.w, oy, ox, k), gi)
+            })
+    }
+
+    /// `f(index in x's channel, g', x)` for each window of channel `ch`, with `x`
+    /// the channel's `[B, H, W]` values.
     fn each(&self, ch: usize, x: &[f32], mut f: impl FnMut(usize, f32, f32)) {
         let s = x.len() / self.b.max(1);
-        let (ho, wo) = (s / self.w / 2, self.w / 2);
-        let p = ho * wo;
+        let dims = self.pooled(s);
         for bi in 0..self.b {
-            let first = (bi * self.c + ch) * p;
-            let ys = &self.y[first..first + p];
-            let (ks, gs) = (&self.at[first..first + p], &self.g[first..first + p]);
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let j = oy * wo + ox;
-                    let gi = if self.relu && ys[j] <= 0.0 {
-                        0.0
-                    } else {
-                        gs[j]
-                    };
-                    let i = bi * s + window_at(self.w, oy, ox, ks[j]);
+            for oy in 0..dims.0 {
+                for (at, gi) in self.row(ch, bi, oy, dims) {
+                    let i = bi * s + at;
                     f(i, gi, x[i]);
                 }
             }
@@ -163,16 +180,29 @@ impl BnTrain {
             });
             (sb, sg * f64::from(self.invstd[ch]))
         };
+        // Two input rows at a time (a trailing odd row alone): all values as if
+        // their gradient were 0, then the windows' maxima again while the rows are
+        // in L1. (As two passes over the channel, the second read it from memory.)
         let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
-            for (d, &xv) in dx.iter_mut().zip(x) {
-                d.write(k.dx(0.0, xv));
+            let s = x.len() / b.max(1);
+            let dims = windows.pooled(s);
+            let (xs, dxs) = (x.chunks(s), dx.chunks_mut(s));
+            for (bi, (x, dx)) in xs.zip(dxs).enumerate() {
+                for (r, (x, dx)) in x.chunks(2 * w).zip(dx.chunks_mut(2 * w)).enumerate() {
+                    for (d, &xv) in dx.iter_mut().zip(x) {
+                        d.write(k.dx(0.0, xv));
+                    }
+                    if r < dims.0 {
+                        for (at, gi) in windows.row(ch, bi, r, dims) {
+                            let i = at - 2 * r * w;
+                            dx[i].write(k.dx(gi, x[i]));
+                        }
+                    }
+                }
             }
-            windows.each(ch, x, |i, gi, xv| {
-                dx[i].write(k.dx(gi, xv));
-            });
         };
-        // SAFETY: `write`'s dense pass writes all of a channel's values before the
-        // windows overwrite some.
+        // SAFETY: `write`'s dense pass writes each pair of rows of a channel in full
+        // before the windows overwrite some.
         #[allow(unsafe_code)]
         unsafe {
             self.channel_backward(x, gamma, sums, write)
