@@ -47,9 +47,9 @@ const MIN_CHUNK_COLS: usize = 256;
 /// columns of two rows more than it multiplies.
 const MIN_ROWS: usize = 4;
 
-/// The fewest output columns of a [`Lowering::Rows`] chunk: below it, the GEMMs of
-/// single images cost more than the copying saves (measured at 10×10 and 4×4
-/// images: 4–15% faster than [`Lowering::Taps`]).
+/// The fewest output columns of a [`Lowering::Rows`] chunk. Measured down to 4×4
+/// images (10×10 and 4×4: 4–15% faster than [`Lowering::Taps`]); smaller images
+/// (2×2, 1×1) stay with taps, whose chunks span many images, untimed with rows.
 const MIN_ROWS_COLS: usize = 16;
 
 /// The most input channels a [`Lowering::Rows`] layer has. Measured per layer
