@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use candle_core::{Device, Tensor};
 use modkit_models::Preprocess;
+use rayon::prelude::*;
 
 use crate::Result;
 use crate::data::Dataset;
@@ -18,6 +19,10 @@ use crate::triplets::Triplet;
 const EVAL_BATCH: usize = 256;
 
 /// `[B, 3, S, S]` network input for images `idx`.
+///
+/// Each channel's 256 possible values are normalised once ([`Preprocess::apply`],
+/// so the result is the same to the bit), and the images are filled in parallel:
+/// two divisions per value on one thread were 2% of a tiny-spec training step.
 pub fn batch_images(
     ds: &Dataset,
     idx: &[usize],
@@ -26,16 +31,19 @@ pub fn batch_images(
 ) -> Result<Tensor> {
     let s = ds.image_size;
     let plane = s * s;
+    let table: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|byte| pre.apply(c, byte as u8)));
     let mut out = vec![0f32; idx.len() * 3 * plane];
-    for (b, &i) in idx.iter().enumerate() {
-        let img = ds.image(i);
-        let dst = &mut out[b * 3 * plane..(b + 1) * 3 * plane];
-        for p in 0..plane {
-            for c in 0..3 {
-                dst[c * plane + p] = pre.apply(c, img[p * 3 + c]);
+    out.par_chunks_mut(3 * plane)
+        .zip(idx)
+        .for_each(|(dst, &i)| {
+            let img = ds.image(i);
+            for (c, (dst, table)) in dst.chunks_exact_mut(plane).zip(&table).enumerate() {
+                for (d, px) in dst.iter_mut().zip(img.chunks_exact(3)) {
+                    *d = table[usize::from(px[c])];
+                }
             }
-        }
-    }
+        });
     Ok(Tensor::from_vec(out, (idx.len(), 3, s, s), device)?)
 }
 
@@ -124,4 +132,37 @@ pub fn triplet_accuracy(
             Ok(ok as f64 / ts.len().max(1) as f64)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_images_normalises_each_channel_into_planes() {
+        let ds = Dataset::synthetic(5, 6, 1);
+        let pre = Preprocess {
+            mean: [0.1, 0.5, 0.9],
+            std: [0.2, 0.3, 0.4],
+        };
+        let idx = [3, 0, 3, 4];
+        let x = batch_images(&ds, &idx, &pre, &Device::Cpu).expect("batch");
+        assert_eq!(x.dims(), [4, 3, 6, 6]);
+        let x = x
+            .flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .expect("values");
+        for (b, &i) in idx.iter().enumerate() {
+            for c in 0..3 {
+                for p in 0..36 {
+                    let want = pre.apply(c, ds.image(i)[p * 3 + c]);
+                    assert_eq!(
+                        x[(b * 3 + c) * 36 + p],
+                        want,
+                        "image {i}, channel {c}, pixel {p}"
+                    );
+                }
+            }
+        }
+    }
 }
