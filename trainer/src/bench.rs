@@ -74,6 +74,9 @@ pub struct StepBench {
     pub gemm_peak_gflops: f64,
     /// Side of the square f32 matmul that measured the peak.
     pub gemm_size: usize,
+    /// Each convolution timed on its own (`bench-step --layers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerBench>>,
 }
 
 impl StepBench {
@@ -162,7 +165,139 @@ pub fn bench_step(
         gflops: flops / med.total() / 1e9,
         gemm_peak_gflops: peak,
         gemm_size,
+        layers: None,
     })
+}
+
+/// One 3×3 convolution of a network: `[B, cin, size, size] → [B, cout, ·, ·]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConvLayer {
+    /// `conv1`, or `blockN.conv`, `blockN.res1`, `blockN.res2`.
+    pub name: String,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Input side.
+    pub size: usize,
+    pub pad: usize,
+}
+
+impl ConvLayer {
+    /// Output side.
+    pub fn out_size(&self) -> usize {
+        self.size + 2 * self.pad - 2
+    }
+
+    /// Forward FLOPs for `images` images.
+    pub fn flops(&self, images: usize) -> f64 {
+        2.0 * (self.in_channels * 9 * self.out_channels * self.out_size().pow(2) * images) as f64
+    }
+}
+
+/// The 3×3 convolutions of `spec` in network order: conv1, then per block its
+/// convolution (no padding, before the pool) and the two residual ones (padding 1).
+pub fn conv_layers(spec: &NetSpec) -> Vec<ConvLayer> {
+    let stages = spec.stages();
+    let layer = |name: String, cin, cout, size, pad| ConvLayer {
+        name,
+        in_channels: cin,
+        out_channels: cout,
+        size,
+        pad,
+    };
+    let mut out = vec![layer(
+        "conv1".into(),
+        spec.in_channels,
+        stages[0].channels,
+        spec.input_size,
+        0,
+    )];
+    for pair in stages[..5].windows(2) {
+        let (prev, s) = (&pair[0], &pair[1]);
+        out.push(layer(
+            format!("{}.conv", s.name),
+            prev.channels,
+            s.channels,
+            prev.size,
+            0,
+        ));
+        for res in ["res1", "res2"] {
+            out.push(layer(
+                format!("{}.{res}", s.name),
+                s.channels,
+                s.channels,
+                s.size,
+                1,
+            ));
+        }
+    }
+    out
+}
+
+/// One convolution timed on its own by [`bench_conv_layers`].
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerBench {
+    pub layer: ConvLayer,
+    /// Best forward time, seconds.
+    pub forward: f64,
+    /// Best backward time (∂W, and ∂x for every layer but conv1), seconds.
+    pub backward: f64,
+    pub forward_flops: f64,
+    pub backward_flops: f64,
+}
+
+/// Times every convolution of `spec` on `images` images with the CPU kernels the
+/// trainer runs (forward, and the backward candle's backprop calls): the best of
+/// `runs` each, on fixed pseudo-random inputs.
+pub fn bench_conv_layers(spec: &NetSpec, images: usize, runs: usize) -> Result<Vec<LayerBench>> {
+    let dev = Device::Cpu;
+    let filled = |n: usize, salt: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.618_034 + salt).fract() - 0.5)
+            .collect()
+    };
+    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..runs.max(1) {
+            let start = Instant::now();
+            f()?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    conv_layers(spec)
+        .into_iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let (c, o, s, so) = (
+                layer.in_channels,
+                layer.out_channels,
+                layer.size,
+                layer.out_size(),
+            );
+            let x = Tensor::from_vec(filled(images * c * s * s, 0.1), (images, c, s, s), &dev)?;
+            let w =
+                Tensor::from_vec(filled(o * c * 9, 0.2), (o, c, 3, 3), &dev)?.affine(0.1, 0.0)?;
+            let g = Tensor::from_vec(filled(o * images * so * so, 0.3), (o, images, so, so), &dev)?;
+            // As in training: the network's input (conv1's) needs no gradient.
+            let with_dx = i > 0;
+            let forward = best(&mut || {
+                crate::ops::conv3x3_channel_major(&x, &w, layer.pad)?;
+                Ok(())
+            })?;
+            let backward = best(&mut || {
+                crate::ops::conv3x3_grads(&x, &w, &g, layer.pad, with_dx)?;
+                Ok(())
+            })?;
+            let flops = layer.flops(images);
+            Ok(LayerBench {
+                layer,
+                forward,
+                backward,
+                forward_flops: flops,
+                backward_flops: if with_dx { 2.0 * flops } else { flops },
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -220,5 +355,65 @@ mod tests {
         assert_eq!(b.flops_per_step, step_flops(&cfg.spec, 12, 1));
         let err = bench_step(&cfg, 0, 1, Device::Cpu).expect_err("no steps");
         assert!(err.to_string().contains("--steps"), "{err}");
+    }
+
+    #[test]
+    fn the_layers_are_the_networks_convolutions() {
+        let tiny = conv_layers(&NetSpec::tiny());
+        let shapes: Vec<_> = tiny
+            .iter()
+            .map(|l| {
+                (
+                    l.name.as_str(),
+                    l.in_channels,
+                    l.out_channels,
+                    l.size,
+                    l.pad,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shapes[..5],
+            [
+                ("conv1", 3, 8, 48, 0),
+                ("block2.conv", 8, 16, 46, 0),
+                ("block2.res1", 16, 16, 22, 1),
+                ("block2.res2", 16, 16, 22, 1),
+                ("block3.conv", 16, 32, 22, 0),
+            ]
+        );
+        assert_eq!(shapes[12], ("block5.res2", 32, 32, 1, 1));
+        // Their FLOPs are the step's forward less fc, for both presets.
+        for spec in [NetSpec::tiny(), NetSpec::paper()] {
+            let (trunk, tail) = spec.macs();
+            let fc = (spec.fc_inputs() * spec.embedding) as f64;
+            let convs: f64 = conv_layers(&spec).iter().map(|l| l.flops(3)).sum();
+            assert_eq!(
+                convs,
+                2.0 * 3.0 * ((trunk + tail) as f64 - fc),
+                "{}",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
+    fn bench_conv_layers_times_every_layer() {
+        let mut spec = NetSpec::tiny();
+        spec.widths = [4, 4, 8, 8, 8];
+        let layers = bench_conv_layers(&spec, 2, 1).expect("layers");
+        assert_eq!(layers.len(), 13);
+        for (i, l) in layers.iter().enumerate() {
+            assert!(l.forward > 0.0 && l.backward > 0.0, "{l:?}");
+            assert_eq!(l.forward_flops, l.layer.flops(2));
+            // conv1 computes no input gradient.
+            let passes = if i == 0 { 1.0 } else { 2.0 };
+            assert_eq!(
+                l.backward_flops,
+                passes * l.forward_flops,
+                "{}",
+                l.layer.name
+            );
+        }
     }
 }

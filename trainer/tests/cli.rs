@@ -242,10 +242,19 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         "2",
         "--images",
         "100",
+        "--layers",
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let layers = b["layers"].as_array().expect("--layers: layers");
+    assert_eq!(layers.len(), 13, "conv1, then 3 per block: {b}");
+    assert_eq!(layers[1]["layer"]["name"], "block2.conv");
+    for l in layers {
+        for phase in ["forward", "backward"] {
+            assert!(l[phase].as_f64().is_some_and(|t| t > 0.0), "{l}");
+        }
+    }
     assert_eq!(b["images_per_step"], 12);
     assert_eq!(b["steps"].as_array().map(Vec::len), Some(2));
     assert_eq!(b["net"]["widths"], serde_json::json!([8, 16, 32, 32, 32]));
@@ -269,6 +278,7 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         "1",
         "--images",
         "60",
+        "--layers",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
@@ -278,6 +288,9 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         "update",
         "images/s",
         "% of the GEMM peak",
+        "block5.res2",
+        "32→32 @1 p1",
+        "% of the step's forward",
     ] {
         assert!(text.contains(want), "{want}: {text}");
     }

@@ -1,9 +1,10 @@
 use std::io::Write;
 
 use anyhow::Result;
+use candle_core::Device;
 use clap::Args;
 use modkit_models::{NetSpec, Variant, tasks::CELEBA_20};
-use modkit_trainer::bench::bench_step;
+use modkit_trainer::bench::{LayerBench, StepBench, bench_conv_layers, bench_step, gemm_gflops};
 use modkit_trainer::optim::OptimizerKind;
 use modkit_trainer::train::TrainConfig;
 
@@ -55,10 +56,19 @@ pub struct BenchStepArgs {
     /// cpu, or cuda[:N] when built with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also time each 3×3 convolution on its own (forward, and backward: ∂W and
+    /// ∂x), best of 5 on the step's images, and set their sum against the step's
+    /// forward and backward: how much of each phase the convolutions take. The
+    /// GEMM peak is then the best of two measurements, before and after. CPU only.
+    #[arg(long)]
+    layers: bool,
     /// Print the measurements as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
+
+/// Runs of each convolution in `--layers` (the best is reported).
+const LAYER_RUNS: usize = 5;
 
 impl BenchStepArgs {
     pub fn run(self) -> Result<()> {
@@ -73,6 +83,13 @@ impl BenchStepArgs {
                 "--tasks {}: choose 1..={} (the paper's tasks, in order)",
                 self.tasks,
                 CELEBA_20.len()
+            );
+        }
+        let device = super::device(&self.device)?;
+        if self.layers && !device.is_cpu() {
+            anyhow::bail!(
+                "--layers times the CPU kernels, not {}: drop --layers or use --device cpu",
+                self.device
             );
         }
         let variant: Variant = self.variant.parse()?;
@@ -103,7 +120,16 @@ impl BenchStepArgs {
             self.tasks,
             self.batch_per_task
         );
-        let b = bench_step(&cfg, self.steps, self.warmup, super::device(&self.device)?)?;
+        let mut b = bench_step(&cfg, self.steps, self.warmup, device)?;
+        if self.layers {
+            eprintln!("timing each convolution, best of {LAYER_RUNS}…");
+            b.layers = Some(bench_conv_layers(&cfg.spec, b.images_per_step, LAYER_RUNS)?);
+            // The peak again, after the layers: this machine's speed drifts, and a
+            // peak taken in a slow moment would put fast layers above 100%.
+            let again = gemm_gflops(&Device::Cpu, b.gemm_size, 30)?;
+            b.gemm_peak_gflops = b.gemm_peak_gflops.max(again);
+            b.gflops = b.flops_per_step / b.median.total() / 1e9;
+        }
         let mut out = std::io::stdout().lock();
         if self.json {
             writeln!(out, "{}", serde_json::to_string(&b)?)?;
@@ -154,6 +180,68 @@ impl BenchStepArgs {
             b.gemm_peak_gflops,
             b.gemm_size
         )?;
+        if let Some(layers) = &b.layers {
+            print_layers(&mut out, &b, layers)?;
+        }
         Ok(())
     }
+}
+
+/// The `--layers` table: per convolution, time and share of the GEMM peak; then
+/// their sums against the step's phases.
+fn print_layers(out: &mut impl Write, b: &StepBench, layers: &[LayerBench]) -> Result<()> {
+    let pct = |flops: f64, secs: f64| 100.0 * flops / secs / 1e9 / b.gemm_peak_gflops;
+    writeln!(
+        out,
+        "\nconvolutions on their own ({} images, best of {LAYER_RUNS}; % of the GEMM peak):",
+        b.images_per_step
+    )?;
+    writeln!(
+        out,
+        "{:<12} {:>16} {:>11} {:>5} {:>12} {:>5}",
+        "layer", "shape", "forward ms", "%", "backward ms", "%"
+    )?;
+    for l in layers {
+        let shape = format!(
+            "{}→{} @{}{}",
+            l.layer.in_channels,
+            l.layer.out_channels,
+            l.layer.size,
+            if l.layer.pad > 0 { " p1" } else { "" }
+        );
+        writeln!(
+            out,
+            "{:<12} {:>16} {:>11.2} {:>4.0}% {:>12.2} {:>4.0}%",
+            l.layer.name,
+            shape,
+            l.forward * 1e3,
+            pct(l.forward_flops, l.forward),
+            l.backward * 1e3,
+            pct(l.backward_flops, l.backward)
+        )?;
+    }
+    let sum = |f: fn(&LayerBench) -> f64| layers.iter().map(f).sum::<f64>();
+    let (fwd, bwd) = (sum(|l| l.forward), sum(|l| l.backward));
+    let (ff, bf) = (sum(|l| l.forward_flops), sum(|l| l.backward_flops));
+    writeln!(
+        out,
+        "{:<12} {:>16} {:>11.2} {:>4.0}% {:>12.2} {:>4.0}%",
+        "all",
+        "",
+        fwd * 1e3,
+        pct(ff, fwd),
+        bwd * 1e3,
+        pct(bf, bwd)
+    )?;
+    let m = &b.median;
+    writeln!(
+        out,
+        "the convolutions are {:.0}% of the step's forward and {:.0}% of its backward; \
+         the rest (BatchNorm, pooling, ReLU, fc, loss, autograd) takes {:.1} ms and {:.1} ms",
+        100.0 * fwd / m.forward,
+        100.0 * bwd / m.backward,
+        (m.forward - fwd) * 1e3,
+        (m.backward - bwd) * 1e3
+    )?;
+    Ok(())
 }

@@ -554,14 +554,27 @@ impl CustomOp2 for Conv3x3 {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The network's input needs no gradient: a third of conv1's backward.
+        let (dx, dw) = self.grads(x, weight, grad, x.track_op())?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+impl Conv3x3 {
+    /// `(∂x, ∂W)` of the CPU kernels, `∂x` only when `with_dx`.
+    fn grads(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        grad: &Tensor,
+        with_dx: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let dims = x.dims4()?;
         let o = weight_dims(weight.layout(), dims.1)?;
         let geom = self.geom(dims, o)?;
         if grad_dims(grad.layout(), &geom)? != o {
             candle_core::bail!("conv3x3: gradient {:?} for {o} channels", grad.dims());
         }
-        // The network's input needs no gradient: a third of conv1's backward.
-        let with_dx = x.track_op();
         let (dw, dx) = with_slice(x, |x| {
             with_slice(weight, |wt| {
                 with_slice(grad, |g| Ok(geom.backward(x, wt, g, o, with_dx)))
@@ -571,9 +584,35 @@ impl CustomOp2 for Conv3x3 {
         let dx = dx
             .map(|d| Tensor::from_vec(d, x.shape(), dev))
             .transpose()?;
-        let dw = Tensor::from_vec(dw, weight.shape(), dev)?;
-        Ok((dx, Some(dw)))
+        Ok((dx, Tensor::from_vec(dw, weight.shape(), dev)?))
     }
+}
+
+/// The backward of [`conv3x3_channel_major`] on the CPU, called directly (what
+/// candle's backprop runs for it): `(∂x, ∂W)` for the output gradient `grad:
+/// [O, B, Ho, Wo]`, `∂x` only when `with_dx`. For timing the kernels layer by layer
+/// (`modtrain bench-step --layers`).
+pub fn conv3x3_grads(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    pad: usize,
+    with_dx: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    if !x.device().is_cpu() {
+        candle_core::bail!("conv3x3_grads: the CPU kernels only (got {:?})", x.device());
+    }
+    let op = Conv3x3 {
+        pad,
+        chunk_floats: CHUNK_FLOATS,
+        lowering: None,
+    };
+    op.grads(
+        &x.contiguous()?,
+        &weight.contiguous()?,
+        &grad.contiguous()?,
+        with_dx,
+    )
 }
 
 /// The `[O, B, Ho, Wo]` gradient of a convolution of `geom`, as `O`.
@@ -866,6 +905,26 @@ mod tests {
         ] {
             assert_eq!(lowering(shape), want, "{shape:?}");
         }
+    }
+
+    #[test]
+    fn conv3x3_grads_are_what_backprop_computes() {
+        let x = Var::from_tensor(&rand(&[3, 4, 7, 6], 1)).expect("x");
+        let k = Var::from_tensor(&rand(&[5, 4, 3, 3], 2)).expect("k");
+        for pad in [0, 1] {
+            let y = conv3x3_channel_major(&x, &k, pad).expect("y");
+            let up = rand(y.dims(), 3);
+            let grads = grads_of(&y, &up);
+            let (dx, dw) = conv3x3_grads(&x, &k, &up, pad, true).expect("grads");
+            let dx = dx.expect("with_dx");
+            assert_eq!(max_diff(&dx, grads.get(&x).expect("∂x")), 0.0);
+            assert_eq!(max_diff(&dw, grads.get(&k).expect("∂W")), 0.0);
+            let (none, dw1) = conv3x3_grads(&x, &k, &up, pad, false).expect("∂W only");
+            assert!(none.is_none());
+            assert_eq!(max_diff(&dw1, &dw), 0.0);
+        }
+        let bad = conv3x3_grads(&x, &k, &rand(&[5, 3, 4, 4], 4), 0, true);
+        assert!(bad.is_err(), "a gradient of the wrong shape");
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod gemm;
 mod maxpool;
 
 pub use batchnorm::{BatchStats, batch_norm_train};
-pub use conv::{conv3x3, conv3x3_channel_major, conv3x3_generic};
+pub use conv::{conv3x3, conv3x3_channel_major, conv3x3_generic, conv3x3_grads};
 pub use conv_bn::{ConvBnParams, conv_bn_pool_train, conv_bn_train, res_pair_train};
 pub use maxpool::max_pool2x2;
 
