@@ -182,9 +182,9 @@ pub struct ConvLayer {
 }
 
 impl ConvLayer {
-    /// Output side.
+    /// Output side (0 for an input too small for a 3×3 kernel).
     pub fn out_size(&self) -> usize {
-        self.size + 2 * self.pad - 2
+        (self.size + 2 * self.pad).saturating_sub(2)
     }
 
     /// Forward FLOPs for `images` images.
