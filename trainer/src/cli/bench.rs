@@ -58,7 +58,8 @@ pub struct BenchStepArgs {
     device: String,
     /// Also time each 3×3 convolution on its own (forward, and backward: ∂W and
     /// ∂x), best of 5 on the step's images, and set their sum against the step's
-    /// forward and backward: how much of each phase the convolutions take. The
+    /// forward and backward: how much of each phase the convolutions take at most
+    /// (inside the step they share caches and memory with the rest). The
     /// GEMM peak is then the best of two measurements, before and after. CPU only.
     #[arg(long)]
     layers: bool,
@@ -236,8 +237,9 @@ fn print_layers(out: &mut impl Write, b: &StepBench, layers: &[LayerBench]) -> R
     let m = &b.median;
     writeln!(
         out,
-        "the convolutions are {:.0}% of the step's forward and {:.0}% of its backward; \
-         the rest (BatchNorm, pooling, ReLU, fc, loss, autograd) takes {:.1} ms and {:.1} ms",
+        "the convolutions alone are {:.0}% of the step's forward and {:.0}% of its backward; \
+         the rest, {:.1} ms and {:.1} ms, is BatchNorm, pooling, ReLU, fc, loss, autograd, \
+         and the convolutions running slower inside the step than alone",
         100.0 * fwd / m.forward,
         100.0 * bwd / m.backward,
         (m.forward - fwd) * 1e3,
