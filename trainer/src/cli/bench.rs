@@ -129,7 +129,6 @@ impl BenchStepArgs {
             // peak taken in a slow moment would put fast layers above 100%.
             let again = gemm_gflops(&Device::Cpu, b.gemm_size, 30)?;
             b.gemm_peak_gflops = b.gemm_peak_gflops.max(again);
-            b.gflops = b.flops_per_step / b.median.total() / 1e9;
         }
         let mut out = std::io::stdout().lock();
         if self.json {
