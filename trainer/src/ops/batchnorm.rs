@@ -205,10 +205,10 @@ impl BnTrain {
         with_skip: bool,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let c = self.mean.len();
-        let gamma = gb.get(0)?.to_vec1::<f32>()?;
+        let gb = gb.flatten_all()?.to_vec1::<f32>()?;
         let (dx, dgb, dskip) = with_slice(x, |x| {
             with_slice(y, |y| {
-                with_slice(g, |g| Ok(self.backward_slices(x, &gamma, y, g, with_skip)))
+                with_slice(g, |g| Ok(self.backward_slices(x, &gb, y, g, with_skip)))
             })
         })?;
         let dev = x.device();
@@ -222,20 +222,64 @@ impl BnTrain {
     }
 
     /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`.
+    ///
+    /// With a ReLU and no skip input, the ReLU's mask comes from `x` (the forward's
+    /// own `a·x + c`, so the same mask bit for bit) and `y` is not read: two of the
+    /// seven streams over memory. With a skip it needs `y`.
     pub(super) fn backward_slices(
         &self,
         x: &[f32],
-        gamma: &[f32],
+        gb: &[f32],
         y: &[f32],
         g: &[f32],
         with_skip: bool,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
         let c = self.mean.len();
+        let (gamma, beta) = gb.split_at(c);
         let b = self.b;
         let m = x.len() / c.max(1);
         let s = m / b.max(1);
         let relu = self.relu;
         let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
+        if relu && !with_skip {
+            // y = max(a·x + c, 0) ≤ 0 exactly where a·x + c is not positive (NaN
+            // included: `max` gives 0 for it).
+            let pre = |ch: usize| {
+                let a = gamma[ch] * self.invstd[ch];
+                (a, beta[ch] - self.mean[ch] * a)
+            };
+            let sums = |ch: usize, x: &[f32]| {
+                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                let (a, bias) = pre(ch);
+                let (mut sb, mut sg) = (0f64, 0f64);
+                for (bi, xs) in x.chunks(s).enumerate() {
+                    let at = (bi * c + ch) * s;
+                    let gs = &g[at..at + s];
+                    // `g` as the second slice too: no third stream.
+                    let (b32, g32) = lane_sum2(xs, gs, gs, |xv, gv, _| {
+                        let gi = if a * xv + bias > 0.0 { gv } else { 0.0 };
+                        (gi, gi * (xv - mu))
+                    });
+                    sb += b32 as f64;
+                    sg += g32 as f64 * is as f64;
+                }
+                (sb, sg)
+            };
+            let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
+                let (a, bias) = pre(ch);
+                for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
+                    let at = (bi * c + ch) * s;
+                    for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(&g[at..at + s]) {
+                        let gi = if a * xv + bias > 0.0 { gv } else { 0.0 };
+                        d.write(k.dx(gi, xv));
+                    }
+                }
+            };
+            // SAFETY: as below, without `ys`.
+            #[allow(unsafe_code)]
+            let (dx, dgb) = unsafe { self.channel_backward(x, gamma, sums, write) };
+            return (dx, dgb, None);
+        }
         let sums = |ch: usize, x: &[f32]| {
             let (mu, is) = (self.mean[ch], self.invstd[ch]);
             let (mut sb, mut sg) = (0f64, 0f64);

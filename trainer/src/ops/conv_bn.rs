@@ -135,7 +135,7 @@ impl Stage {
                 let (dyc, dgb) = bn.backward_pool(conv_out, gamma, (y, at, g), (geom.ho, geom.wo));
                 (dyc, dgb, None)
             }
-            None => bn.backward_slices(conv_out, gamma, y, g, with_skip),
+            None => bn.backward_slices(conv_out, &p[wl..], y, g, with_skip),
         };
         let (dw, dx) = geom.backward(x, wt, &dyc, self.o, with_dx);
         Ok(StageGrads {
