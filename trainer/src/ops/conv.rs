@@ -405,16 +405,20 @@ impl Geom {
         let (k, kp) = (self.k(), self.col_rows());
         let wl = self.lower_weight(wt, o);
         let groups = self.groups();
-        let per = groups[0].1 * self.image();
-        let mut dx = vec![0f32; if with_dx { self.b * self.image() } else { 0 }];
+        let image = self.image();
+        let per = groups[0].1 * image;
         // One partial sum of ∂W per group: as one GEMM over the whole batch, the
         // long reduction (B·Ho·Wo) would run on one thread.
-        let group = |(b0, nb): (usize, usize), dx: &mut [f32]| {
-            let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
+        let group = |(b0, nb): (usize, usize), dx: &mut [MaybeUninit<f32>]| {
+            let x = &x[b0 * image..(b0 + nb) * image];
             let mut cols = vec![0f32; self.cols_len()];
             // Each pass's `[O, C·3·kh]` block, column-major: the GEMM's preferred
             // destination.
             let mut dw = vec![0f32; o * k];
+            // ∂x is zeroed an image at a time, just before the first chunk that adds
+            // to it, so that the zeros are still in cache when `col2im` adds to
+            // them (zeroing the whole batch first was one more pass over memory).
+            let mut zeroed = 0;
             for chunk in self.chunks(nb) {
                 let gv = self.out_view(o, b0, chunk);
                 self.im2col(x, chunk, &mut cols);
@@ -434,21 +438,42 @@ impl Geom {
                         let (wv, cv) = (self.weight_view(o, p).t(), self.col_view(chunk, p));
                         gemm(Dst::Slice(&mut cols), cv, p > 0, &wl, wv, g, gv);
                     }
-                    self.col2im(&cols, chunk, dx);
+                    zero_images(dx, &mut zeroed, self.chunk_last_image(chunk) + 1, image);
+                    // SAFETY: images `..zeroed` of the group's ∂x are initialised (just
+                    // above or for earlier chunks), and they include every image
+                    // whose lines the chunk reads, all that `col2im` writes to.
+                    #[allow(unsafe_code)]
+                    let init = unsafe { assume_init(&mut dx[..zeroed * image]) };
+                    self.col2im(&cols, chunk, init);
                 }
+            }
+            if with_dx {
+                // Every image has chunks, so this zeroes nothing; it keeps the
+                // contract of `filled` below without relying on that.
+                zero_images(dx, &mut zeroed, nb, image);
             }
             dw
         };
-        let parts: Vec<Vec<f32>> = if with_dx {
-            dx.par_chunks_mut(per)
-                .zip(groups)
-                .map(|(dx, grp)| group(grp, dx))
-                .collect()
+        let mut parts: Vec<Vec<f32>> = Vec::new();
+        let dx = if with_dx {
+            let fill = |dx: &mut [MaybeUninit<f32>]| {
+                parts = dx
+                    .par_chunks_mut(per)
+                    .zip(groups)
+                    .map(|(dx, grp)| group(grp, dx))
+                    .collect();
+            };
+            // SAFETY: the groups' blocks of ∂x tile it, and each group zeroes all of
+            // its images (`zero_images` up to `nb`) before it returns.
+            #[allow(unsafe_code)]
+            let dx = unsafe { filled(self.b * image, fill) };
+            Some(dx)
         } else {
-            groups
+            parts = groups
                 .into_par_iter()
                 .map(|grp| group(grp, &mut []))
-                .collect()
+                .collect();
+            None
         };
         // Σ over the groups, into the weight's `[O, C·9]`.
         let mut dw = vec![0f32; o * k];
@@ -460,7 +485,13 @@ impl Geom {
                 }
             }
         }
-        (dw, with_dx.then_some(dx))
+        (dw, dx)
+    }
+
+    /// The last image (counted in its group) whose input lines a chunk reads.
+    fn chunk_last_image(&self, chunk: (usize, usize)) -> usize {
+        let (l0, count) = self.chunk_lines(chunk);
+        (l0 + count - 1) / self.lines()
     }
 
     /// The view of a chunk in a channel-major `[O, B·Ho·Wo]` tensor (the output, or
@@ -473,6 +504,28 @@ impl Geom {
             self.b * self.n(),
         )
     }
+}
+
+/// Zeroes images `zeroed..upto` of `dx` (of `image` floats each) and moves
+/// `zeroed` on to `upto`.
+fn zero_images(dx: &mut [MaybeUninit<f32>], zeroed: &mut usize, upto: usize, image: usize) {
+    if upto > *zeroed {
+        for v in &mut dx[*zeroed * image..upto * image] {
+            v.write(0.0);
+        }
+        *zeroed = upto;
+    }
+}
+
+/// `s`, every element of which has been written, as the floats it holds.
+///
+/// # Safety
+/// Every element of `s` must be initialised.
+#[allow(unsafe_code)]
+unsafe fn assume_init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller guarantees
+    // that every element is initialised.
+    unsafe { &mut *(std::ptr::from_mut(s) as *mut [f32]) }
 }
 
 /// One row of the columns: input channel, tap, and the span of an output line that
