@@ -26,6 +26,7 @@
 //! backward is built from candle's tensor ops, so it runs on any device.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -367,19 +368,20 @@ impl Geom {
             let out = SharedOut::new(y);
             self.groups().into_par_iter().for_each(|(b0, nb)| {
                 let x = &x[b0 * self.image()..(b0 + nb) * self.image()];
-                let mut cols = vec![0f32; self.cols_len()];
-                for chunk in self.chunks(nb) {
-                    self.im2col(x, chunk, &mut cols);
-                    for p in 0..self.passes() {
-                        // SAFETY (of `dst`): each thread writes the output columns of
-                        // its own images only; pass 0 writes them all, later passes
-                        // add to them.
-                        #[allow(unsafe_code)]
-                        let dst = unsafe { out.dst() };
-                        let (wv, cv) = (self.weight_view(o, p), self.col_view(chunk, p));
-                        gemm(dst, self.out_view(o, b0, chunk), p > 0, &wl, wv, &cols, cv);
+                with_scratch(self.cols_len(), |cols| {
+                    for chunk in self.chunks(nb) {
+                        self.im2col(x, chunk, cols);
+                        for p in 0..self.passes() {
+                            // SAFETY (of `dst`): each thread writes the output columns
+                            // of its own images only; pass 0 writes them all, later
+                            // passes add to them.
+                            #[allow(unsafe_code)]
+                            let dst = unsafe { out.dst() };
+                            let (wv, cv) = (self.weight_view(o, p), self.col_view(chunk, p));
+                            gemm(dst, self.out_view(o, b0, chunk), p > 0, &wl, wv, cols, cv);
+                        }
                     }
-                }
+                });
             });
         };
         // SAFETY: the groups partition the images and the chunks a group's output
@@ -411,7 +413,6 @@ impl Geom {
         // long reduction (B·Ho·Wo) would run on one thread.
         let group = |(b0, nb): (usize, usize), dx: &mut [MaybeUninit<f32>]| {
             let x = &x[b0 * image..(b0 + nb) * image];
-            let mut cols = vec![0f32; self.cols_len()];
             // Each pass's `[O, C·3·kh]` block, column-major: the GEMM's preferred
             // destination.
             let mut dw = vec![0f32; o * k];
@@ -419,34 +420,37 @@ impl Geom {
             // to it, so that the zeros are still in cache when `col2im` adds to
             // them (zeroing the whole batch first was one more pass over memory).
             let mut zeroed = 0;
-            for chunk in self.chunks(nb) {
-                let gv = self.out_view(o, b0, chunk);
-                self.im2col(x, chunk, &mut cols);
-                for p in 0..self.passes() {
-                    let dwv = View::rows(p * kp * o, kp, o, o).t();
-                    let cv = self.col_view(chunk, p).t();
-                    gemm(Dst::Slice(&mut dw), dwv, true, g, gv, &cols, cv);
-                }
-                if with_dx {
-                    // The lines past the first pass's view, which the later passes
-                    // add to.
-                    let (first, width) = (chunk.1 * self.wo, self.chunk_lines(chunk).1 * self.wo);
-                    for row in cols.chunks_exact_mut(width).take(kp) {
-                        row[first..].fill(0.0);
-                    }
+            with_scratch(self.cols_len(), |cols| {
+                for chunk in self.chunks(nb) {
+                    let gv = self.out_view(o, b0, chunk);
+                    self.im2col(x, chunk, cols);
                     for p in 0..self.passes() {
-                        let (wv, cv) = (self.weight_view(o, p).t(), self.col_view(chunk, p));
-                        gemm(Dst::Slice(&mut cols), cv, p > 0, &wl, wv, g, gv);
+                        let dwv = View::rows(p * kp * o, kp, o, o).t();
+                        let cv = self.col_view(chunk, p).t();
+                        gemm(Dst::Slice(&mut dw), dwv, true, g, gv, cols, cv);
                     }
-                    zero_images(dx, &mut zeroed, self.chunk_last_image(chunk) + 1, image);
-                    // SAFETY: images `..zeroed` of the group's ∂x are initialised (just
-                    // above or for earlier chunks), and they include every image
-                    // whose lines the chunk reads, all that `col2im` writes to.
-                    #[allow(unsafe_code)]
-                    let init = unsafe { assume_init(&mut dx[..zeroed * image]) };
-                    self.col2im(&cols, chunk, init);
+                    if with_dx {
+                        // The lines past the first pass's view, which the later passes
+                        // add to.
+                        let (first, width) =
+                            (chunk.1 * self.wo, self.chunk_lines(chunk).1 * self.wo);
+                        for row in cols.chunks_exact_mut(width).take(kp) {
+                            row[first..].fill(0.0);
+                        }
+                        for p in 0..self.passes() {
+                            let (wv, cv) = (self.weight_view(o, p).t(), self.col_view(chunk, p));
+                            gemm(Dst::Slice(cols), cv, p > 0, &wl, wv, g, gv);
+                        }
+                        zero_images(dx, &mut zeroed, self.chunk_last_image(chunk) + 1, image);
+                        // SAFETY: images `..zeroed` of the group's ∂x are initialised (just
+                        // above or for earlier chunks), and they include every image
+                        // whose lines the chunk reads, all that `col2im` writes to.
+                        #[allow(unsafe_code)]
+                        let init = unsafe { assume_init(&mut dx[..zeroed * image]) };
+                        self.col2im(cols, chunk, init);
+                    }
                 }
-            }
+            });
             if with_dx {
                 // Every image has chunks, so this zeroes nothing; it keeps the
                 // contract of `filled` below without relying on that.
@@ -504,6 +508,28 @@ impl Geom {
             self.b * self.n(),
         )
     }
+}
+
+thread_local! {
+    /// Each thread's buffer for a chunk's columns, kept between convolutions.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch buffer, grown as needed. Its
+/// contents are whatever the last user left: every use writes the columns before
+/// it reads them. Allocated (zeroed) per call, the buffers were a `memset` of
+/// 256 KB–1 MB for each image group of every convolution, forward and backward.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // In use further up this thread's stack (not the case today): a fresh one.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Zeroes images `zeroed..upto` of `dx` (of `image` floats each) and moves
