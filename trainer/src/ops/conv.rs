@@ -532,6 +532,16 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// Fills this thread's scratch buffer with `len` NaNs.
+#[cfg(test)]
+fn poison_scratch(len: usize) {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.clear();
+        buf.resize(len, f32::NAN);
+    });
+}
+
 /// Zeroes images `zeroed..upto` of `dx` (of `image` floats each) and moves
 /// `zeroed` on to `upto`.
 fn zero_images(dx: &mut [MaybeUninit<f32>], zeroed: &mut usize, upto: usize, image: usize) {
@@ -940,6 +950,9 @@ mod tests {
                 (0, 8, 16, 46, 46, CHUNK_FLOATS),
             ] {
                 for lowering in [None, Some(Lowering::Taps), Some(Lowering::Rows)] {
+                    // Scratch buffers full of NaN: a value read before it is written
+                    // would show in the results.
+                    pool.broadcast(|_| poison_scratch(1 << 21));
                     let case =
                         format!("pad {pad}, {c}→{o}, {h}×{w}, chunk {chunk_floats}, {lowering:?}");
                     let x = Var::from_tensor(&rand(&[5, c, h, w], 4)).expect("x");
