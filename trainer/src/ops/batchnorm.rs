@@ -154,6 +154,14 @@ impl BnTrain {
         (op, stats)
     }
 
+    /// Channel `ch`'s `(a, c)` of the normalisation `a·x + c`: one expression for
+    /// every forward and for the backward's ReLU mask, so that they agree bit for
+    /// bit.
+    pub(super) fn scale_shift(&self, ch: usize, gamma: &[f32], beta: &[f32]) -> (f32, f32) {
+        let a = gamma[ch] * self.invstd[ch];
+        (a, beta[ch] - self.mean[ch] * a)
+    }
+
     /// `y = a·x + c (+ skip) (→ ReLU)`, batch-major, from channel-major `x` and
     /// `gb = [γ…, β…]`.
     pub(super) fn forward(&self, x: &[f32], gb: &[f32], skip: Option<&[f32]>) -> Vec<f32> {
@@ -165,8 +173,7 @@ impl BnTrain {
             // One image per task: its C segments of S values each.
             out.par_chunks_mut(c * s).enumerate().for_each(|(bi, img)| {
                 for (ch, dst) in img.chunks_mut(s).enumerate() {
-                    let a = gamma[ch] * self.invstd[ch];
-                    let bias = beta[ch] - self.mean[ch] * a;
+                    let (a, bias) = self.scale_shift(ch, gamma, beta);
                     let src = &x[(ch * self.b + bi) * s..(ch * self.b + bi + 1) * s];
                     let clip = |v: f32| if relu { v.max(0.0) } else { v };
                     match skip {
@@ -244,13 +251,9 @@ impl BnTrain {
         if relu && !with_skip {
             // y = max(a·x + c, 0) ≤ 0 exactly where a·x + c is not positive (NaN
             // included: `max` gives 0 for it).
-            let pre = |ch: usize| {
-                let a = gamma[ch] * self.invstd[ch];
-                (a, beta[ch] - self.mean[ch] * a)
-            };
             let sums = |ch: usize, x: &[f32]| {
                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                let (a, bias) = pre(ch);
+                let (a, bias) = self.scale_shift(ch, gamma, beta);
                 let (mut sb, mut sg) = (0f64, 0f64);
                 for (bi, xs) in x.chunks(s).enumerate() {
                     let at = (bi * c + ch) * s;
@@ -266,7 +269,7 @@ impl BnTrain {
                 (sb, sg)
             };
             let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
-                let (a, bias) = pre(ch);
+                let (a, bias) = self.scale_shift(ch, gamma, beta);
                 for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
                     let at = (bi * c + ch) * s;
                     for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(&g[at..at + s]) {

@@ -112,9 +112,8 @@ impl BnTrain {
             .for_each(|(bi, (out, at))| {
                 let (mut t0, mut t1) = (vec![0f32; 2 * wo], vec![0f32; 2 * wo]);
                 for (ch, (out, at)) in out.chunks_mut(p).zip(at.chunks_mut(p)).enumerate() {
-                    // The same expression as `BnTrain::forward`: the same values.
-                    let a = gamma[ch] * self.invstd[ch];
-                    let bias = beta[ch] - self.mean[ch] * a;
+                    // The same coefficients as `BnTrain::forward`: the same values.
+                    let (a, bias) = self.scale_shift(ch, gamma, beta);
                     let f = |v: f32| {
                         let y = a * v + bias;
                         if relu { y.max(0.0) } else { y }
