@@ -1,5 +1,7 @@
 //! BatchNorm in training mode, fused with what follows it in the network (a
-//! residual add, a ReLU), as one pass forward and two passes backward.
+//! residual add, a ReLU), as one pass forward and two passes backward: the sums,
+//! then `∂x`, which the convolution before it computes a chunk at a time
+//! ([`BnGrad::fill`]).
 //!
 //! candle-nn's `BatchNorm::forward_train` transposes, copies and runs about ten
 //! full-size element-wise ops forward (and as many backward); at the tiny spec those
@@ -24,6 +26,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bn_pool::Windows;
 use super::{contiguous, filled, with_slice};
 
 /// The training-mode BatchNorm op over channel-major `x: [C, B, …]` and `γβ: [2, C]`
@@ -57,7 +60,7 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// `(Σ f(x, y, g).0, Σ f(x, y, g).1)` over three equal-length slices, in
 /// [`LANES`] partial sums each.
-fn lane_sum2(
+pub(super) fn lane_sum2(
     xs: &[f32],
     ys: &[f32],
     gs: &[f32],
@@ -228,12 +231,9 @@ impl BnTrain {
         ))
     }
 
-    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`.
-    ///
-    /// With a ReLU and no skip input, the ReLU's mask comes from `x` (the forward's
-    /// own `a·x + c`, so the same mask bit for bit) and `y` is not read: two of the
-    /// seven streams over memory. With a skip it needs `y`.
-    pub(super) fn backward_slices(
+    /// [`BnTrain::backward`] on slices: `(∂x, [∂γ, ∂β], ∂skip)`, each channel's
+    /// `∂x` written whole from [`BnTrain::grad`].
+    fn backward_slices(
         &self,
         x: &[f32],
         gb: &[f32],
@@ -241,19 +241,42 @@ impl BnTrain {
         g: &[f32],
         with_skip: bool,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+        let grad = self.grad(x, gb, y, g, with_skip);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(grad.m)
+            .enumerate()
+            .for_each(|(ch, d)| grad.fill(ch, 0, d));
+        (dx, grad.dgb, grad.dskip)
+    }
+
+    /// The backward's first pass, from the output `y` and its gradient `g` (both
+    /// batch-major): the sums `Σg'` and `Σg'·x̂` of each channel, hence `[∂γ, ∂β]`,
+    /// `∂skip` when `with_skip`, and what `∂x` is then computed from, a span at a
+    /// time ([`BnGrad::fill`]).
+    ///
+    /// With a ReLU and no skip input, the ReLU's mask comes from `x` (the forward's
+    /// own `a·x + c`, so the same mask bit for bit) and `y` is not read. With a skip
+    /// it needs `y`.
+    pub(super) fn grad<'a>(
+        &self,
+        x: &'a [f32],
+        gb: &[f32],
+        y: &'a [f32],
+        g: &'a [f32],
+        with_skip: bool,
+    ) -> BnGrad<'a> {
         let c = self.mean.len();
         let (gamma, beta) = gb.split_at(c);
-        let b = self.b;
-        let m = x.len() / c.max(1);
-        let s = m / b.max(1);
+        let s = x.len() / (c * self.b).max(1);
         let relu = self.relu;
-        let mask = move |y: f32, g: f32| if relu && y <= 0.0 { 0.0 } else { g };
         if relu && !with_skip {
+            let shift: Vec<(f32, f32)> =
+                (0..c).map(|ch| self.scale_shift(ch, gamma, beta)).collect();
             // y = max(a·x + c, 0) ≤ 0 exactly where a·x + c is not positive (NaN
             // included: `max` gives 0 for it).
             let sums = |ch: usize, x: &[f32]| {
                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                let (a, bias) = self.scale_shift(ch, gamma, beta);
+                let (a, bias) = shift[ch];
                 let (mut sb, mut sg) = (0f64, 0f64);
                 for (bi, xs) in x.chunks(s).enumerate() {
                     let at = (bi * c + ch) * s;
@@ -268,20 +291,8 @@ impl BnTrain {
                 }
                 (sb, sg)
             };
-            let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
-                let (a, bias) = self.scale_shift(ch, gamma, beta);
-                for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
-                    let at = (bi * c + ch) * s;
-                    for ((d, &xv), &gv) in ds.iter_mut().zip(xs).zip(&g[at..at + s]) {
-                        let gi = if a * xv + bias > 0.0 { gv } else { 0.0 };
-                        d.write(k.dx(gi, xv));
-                    }
-                }
-            };
-            // SAFETY: as below, without `ys`.
-            #[allow(unsafe_code)]
-            let (dx, dgb) = unsafe { self.channel_backward(x, gamma, sums, write) };
-            return (dx, dgb, None);
+            let (coef, dgb) = self.coefs(x, gamma, sums);
+            return BnGrad::new(self, x, coef, dgb, None, GradKind::MaskX { g, shift });
         }
         let sums = |ch: usize, x: &[f32]| {
             let (mu, is) = (self.mean[ch], self.invstd[ch]);
@@ -292,7 +303,7 @@ impl BnTrain {
                 let at = (bi * c + ch) * s;
                 let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
                 let (b32, g32) = lane_sum2(xs, ys, gs, |xv, yv, gv| {
-                    let gi = mask(yv, gv);
+                    let gi = relu_mask(relu, yv, gv);
                     (gi, gi * (xv - mu))
                 });
                 sb += b32 as f64;
@@ -300,66 +311,143 @@ impl BnTrain {
             }
             (sb, sg)
         };
-        let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
-            for (bi, (xs, ds)) in x.chunks(s).zip(dx.chunks_mut(s)).enumerate() {
-                let at = (bi * c + ch) * s;
-                let (ys, gs) = (&y[at..at + s], &g[at..at + s]);
-                for (((d, &xv), &yv), &gv) in ds.iter_mut().zip(xs).zip(ys).zip(gs) {
-                    d.write(k.dx(mask(yv, gv), xv));
-                }
-            }
-        };
-        // SAFETY: `write` covers a channel's M values image segment by image
-        // segment of S values (B·S = M), all of which `xs`, `ys` and `gs` hold.
-        #[allow(unsafe_code)]
-        let (dx, dgb) = unsafe { self.channel_backward(x, gamma, sums, write) };
-        let dskip: Option<Vec<f32>> =
-            with_skip.then(|| y.par_iter().zip(g).map(|(&y, &g)| mask(y, g)).collect());
-        (dx, dgb, dskip)
+        let (coef, dgb) = self.coefs(x, gamma, sums);
+        let dskip: Option<Vec<f32>> = with_skip.then(|| {
+            y.par_iter()
+                .zip(g)
+                .map(|(&y, &g)| relu_mask(relu, y, g))
+                .collect()
+        });
+        let kind = GradKind::MaskY { y, g, relu };
+        BnGrad::new(self, x, coef, dgb, dskip, kind)
     }
 
-    /// The per-channel frame of the backward: for each channel (in parallel),
-    /// `sums(ch, x)` gives `(Σg', Σg'·x̂)` over its values `x`, and `write` fills its
-    /// `∂x` with the coefficients that follow from them. Returns `∂x` (channel-major,
-    /// like `x`) and `[∂γ…, ∂β…]`.
-    ///
-    /// # Safety
-    /// `write` must write every element of the `dx` it is given.
-    #[allow(unsafe_code)]
-    pub(super) unsafe fn channel_backward(
+    /// Each channel's `∂x` coefficients and `[∂γ…, ∂β…]`, from `sums(ch, x)`: the
+    /// channel's `(Σg', Σg'·x̂)` over its values `x` (channels in parallel).
+    pub(super) fn coefs(
         &self,
         x: &[f32],
         gamma: &[f32],
         sums: impl Fn(usize, &[f32]) -> (f64, f64) + Sync,
-        write: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>], DxCoef) + Sync,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let m = x.len() / self.mean.len().max(1);
-        let mut sums_out: Vec<(f32, f32)> = Vec::new();
-        let fill = |dx: &mut [MaybeUninit<f32>]| {
-            sums_out = dx
-                .par_chunks_mut(m)
-                .enumerate()
-                .map(|(ch, dx)| {
-                    let x = &x[ch * m..(ch + 1) * m];
-                    let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                    let (sb, sg) = sums(ch, x);
-                    let coef = DxCoef {
-                        a: gamma[ch] * is,
-                        mu,
-                        mb: (sb / m as f64) as f32,
-                        // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
-                        mg: (sg / m as f64) as f32 * is,
-                    };
-                    write(ch, x, dx, coef);
-                    (sg as f32, sb as f32)
-                })
-                .collect();
-        };
-        // SAFETY: the channels' chunks of M tile ∂x (C·M = x.len()), and the
-        // caller's `write` writes each in full.
-        let dx = unsafe { filled(x.len(), fill) };
-        let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums_out.into_iter().unzip();
-        (dx, [dgamma, dbeta].concat())
+    ) -> (Vec<DxCoef>, Vec<f32>) {
+        let m = (x.len() / self.mean.len().max(1)).max(1);
+        let (coef, sums): (Vec<DxCoef>, Vec<(f32, f32)>) = x
+            .par_chunks(m)
+            .enumerate()
+            .map(|(ch, x)| {
+                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                let (sb, sg) = sums(ch, x);
+                let coef = DxCoef {
+                    a: gamma[ch] * is,
+                    mu,
+                    mb: (sb / m as f64) as f32,
+                    // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
+                    mg: (sg / m as f64) as f32 * is,
+                };
+                (coef, (sg as f32, sb as f32))
+            })
+            .unzip();
+        let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+        (coef, [dgamma, dbeta].concat())
+    }
+}
+
+/// `g` after the ReLU's mask, from the output `y`.
+pub(super) fn relu_mask(relu: bool, y: f32, g: f32) -> f32 {
+    if relu && y <= 0.0 { 0.0 } else { g }
+}
+
+/// A BatchNorm's backward after its sums ([`BnTrain::grad`]): `[∂γ, ∂β]`, `∂skip`,
+/// and `∂x` on demand, span by span ([`BnGrad::fill`]). The convolution before the
+/// BatchNorm asks for a chunk of output rows at a time and multiplies it while it
+/// is in cache (`conv_bn.rs`), so `∂x`, the size of the conv's output, is never
+/// written to memory whole.
+pub(super) struct BnGrad<'a> {
+    /// BatchNorm's input, channel-major `[C, B, S]`.
+    x: &'a [f32],
+    /// Channels, values per channel (`B·S`) and per image plane (`S`).
+    c: usize,
+    pub(super) m: usize,
+    s: usize,
+    coef: Vec<DxCoef>,
+    /// `[∂γ…, ∂β…]`.
+    pub(super) dgb: Vec<f32>,
+    /// The skip input's gradient, batch-major, when there is one.
+    pub(super) dskip: Option<Vec<f32>>,
+    kind: GradKind<'a>,
+}
+
+/// Where [`BnGrad::fill`] finds `g'`, the output gradient after the ReLU's mask.
+pub(super) enum GradKind<'a> {
+    /// A ReLU and no skip: the mask from `a·x + c` per channel.
+    MaskX {
+        g: &'a [f32],
+        shift: Vec<(f32, f32)>,
+    },
+    /// The mask from the output `y` (none without a ReLU); `y`, `g` batch-major.
+    MaskY {
+        y: &'a [f32],
+        g: &'a [f32],
+        relu: bool,
+    },
+    /// A 2×2 max-pool after: `g'` only at the windows' maxima.
+    Pool(Windows<'a>),
+}
+
+impl<'a> BnGrad<'a> {
+    pub(super) fn new(
+        bn: &BnTrain,
+        x: &'a [f32],
+        coef: Vec<DxCoef>,
+        dgb: Vec<f32>,
+        dskip: Option<Vec<f32>>,
+        kind: GradKind<'a>,
+    ) -> Self {
+        let c = bn.mean.len();
+        let m = x.len() / c.max(1);
+        BnGrad {
+            x,
+            c,
+            m,
+            s: m / bn.b.max(1),
+            coef,
+            dgb,
+            dskip,
+            kind,
+        }
+    }
+
+    /// Writes `∂x` of channel `ch`'s values `first..first + dst.len()` (counted
+    /// over the batch, as in `x`) into `dst`.
+    pub(super) fn fill(&self, ch: usize, first: usize, dst: &mut [f32]) {
+        let (k, s) = (self.coef[ch], self.s.max(1));
+        let xc = &self.x[ch * self.m..(ch + 1) * self.m];
+        let mut done = 0;
+        // One image's part of the span at a time: `y` and `g` are batch-major.
+        while done < dst.len() {
+            let p = first + done;
+            let (bi, off) = (p / s, p % s);
+            let n = (s - off).min(dst.len() - done);
+            let (d, xs) = (&mut dst[done..done + n], &xc[p..p + n]);
+            let at = (bi * self.c + ch) * s + off;
+            match &self.kind {
+                GradKind::MaskX { g, shift } => {
+                    let (a, bias) = shift[ch];
+                    for ((d, &xv), &gv) in d.iter_mut().zip(xs).zip(&g[at..at + n]) {
+                        let gi = if a * xv + bias > 0.0 { gv } else { 0.0 };
+                        *d = k.dx(gi, xv);
+                    }
+                }
+                GradKind::MaskY { y, g, relu } => {
+                    let (ys, gs) = (&y[at..at + n], &g[at..at + n]);
+                    for (((d, &xv), &yv), &gv) in d.iter_mut().zip(xs).zip(ys).zip(gs) {
+                        *d = k.dx(relu_mask(*relu, yv, gv), xv);
+                    }
+                }
+                GradKind::Pool(windows) => windows.fill((ch, bi, off), s, xs, d, k),
+            }
+            done += n;
+        }
     }
 }
 
@@ -661,5 +749,68 @@ mod tests {
         let skip = Tensor::ones((2, 3, 4), candle_core::DType::F32, &Device::Cpu).expect("skip");
         let err = batch_norm_train(&x, &g, &g, 1e-5, false, Some(&skip)).expect_err("skip");
         assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    /// `∂x` asked for span by span (as the convolutions ask for it: whole rows,
+    /// across images; and any span: mid-row starts, a lone value) is the same as
+    /// each channel's `∂x` asked for whole, for the three ways `g'` is found: the
+    /// ReLU's mask from `x`, from `y` (with a skip), and through a 2×2 max-pool with
+    /// a trailing odd row and column.
+    #[test]
+    fn any_span_of_dx_is_the_whole_channels_values() {
+        let (b, c, h, w) = (3, 2, 5, 7);
+        let data = |seed| rand(&[c * b * h * w], seed).to_vec1::<f32>().expect("vec");
+        let (x, gb) = (data(1), [1.2f32, 0.8, 0.1, -0.2]);
+        let m = b * h * w;
+        let (bn, _) = BnTrain::from_batch(&x, m, b, 1e-5, true);
+        let skip = data(2);
+        let y_plain = bn.forward(&x, &gb, None);
+        let y_skip = bn.forward(&x, &gb, Some(&skip));
+        let (y_pool, at) = bn.forward_pool(&x, &gb, (h, w));
+        let g = data(3);
+        let g_pool = &g[..y_pool.len()];
+        let grads = [
+            ("mask from x", bn.grad(&x, &gb, &y_plain, &g, false)),
+            ("mask from y", bn.grad(&x, &gb, &y_skip, &g, true)),
+            (
+                "pool",
+                bn.grad_pool(&x, &gb[..c], (&y_pool, &at, g_pool), (h, w)),
+            ),
+        ];
+        let spans = [
+            (0, m),
+            (0, w),
+            (w, 3 * w),
+            (2 * w, h * w),
+            (3, 1),
+            (5, 2 * w + 3),
+            (h * w - 2, 9),
+        ];
+        for (name, grad) in &grads {
+            assert_eq!(grad.m, m);
+            for ch in 0..c {
+                let mut whole = vec![f32::NAN; m];
+                grad.fill(ch, 0, &mut whole);
+                assert!(
+                    whole.iter().all(|v| v.is_finite()),
+                    "{name}: ch {ch} not all written"
+                );
+                for (first, len) in spans {
+                    let mut part = vec![f32::NAN; len];
+                    grad.fill(ch, first, &mut part);
+                    assert_eq!(
+                        part,
+                        whole[first..first + len],
+                        "{name}: ch {ch} span {first}+{len}"
+                    );
+                }
+            }
+        }
+        // Values of the pooled case that no window reaches (the trailing row and
+        // column) get g' = 0: a·(0 − ∂β/M − x̂·∂γ/M), nonzero.
+        let (_, pool) = &grads[2];
+        let mut whole = vec![0f32; m];
+        pool.fill(0, 0, &mut whole);
+        assert_ne!(whole[h * w - 1], 0.0);
     }
 }

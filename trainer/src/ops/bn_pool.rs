@@ -6,30 +6,22 @@
 //! whose pool step wrote a full-size gradient, zero but for one value per window,
 //! that BatchNorm's backward read twice. Here the forward normalises and pools in
 //! one pass and keeps, per window, which of its four values was the maximum. The
-//! backward's sums run over the windows only (the other values' gradient is 0), and
-//! its `∂x = a·(g' − ∂β/M − x̂·∂γ/M)` is one dense pass for `g' = 0` and then the
-//! windows' maxima written again with their `g'`.
+//! backward's sums run over the windows' maxima only (the other values' gradient
+//! is 0), gathered plane by plane into partial sums, and its `∂x = a·(g' − ∂β/M −
+//! x̂·∂γ/M)` is one branchless pass per row: each value with its window's `g'`
+//! where it is the maximum, 0 elsewhere.
 //!
 //! Windows and ties as in [`super::max_pool2x2`]: floor semantics (a trailing odd
 //! row or column gets no gradient), and a window's gradient goes to its first
 //! maximum in the order top-left, top-right, bottom-left, bottom-right.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
-use super::batchnorm::{BnTrain, DxCoef};
+use super::batchnorm::{BnGrad, BnTrain, DxCoef, GradKind, lane_sum2, relu_mask};
 
-/// Offset in its `w`-wide plane of element `k` (0..4, row-major) of the window
-/// at pooled position `(oy, ox)`.
-fn window_at(w: usize, oy: usize, ox: usize, k: u8) -> usize {
-    let k = usize::from(k);
-    (2 * oy + k / 2) * w + 2 * ox + k % 2
-}
-
-/// The pooled side of [`BnTrain::backward_pool`]: the pooled output, the maxima's
+/// The pooled side of [`BnTrain::grad_pool`]: the pooled output, the maxima's
 /// places and the gradient, all batch-major `[B, C, Ho, Wo]`.
-struct Windows<'a> {
+pub(super) struct Windows<'a> {
     y: &'a [f32],
     at: &'a [u8],
     g: &'a [f32],
@@ -46,42 +38,104 @@ impl Windows<'_> {
         (s / self.w / 2, self.w / 2)
     }
 
-    /// The windows of pooled row `oy` of image `bi` in channel `ch`: for each, the
-    /// offset of its maximum in the image's plane, and its gradient after the ReLU
-    /// (none where the maximum was clipped).
-    fn row(
-        &self,
-        ch: usize,
-        bi: usize,
-        oy: usize,
-        (ho, wo): (usize, usize),
-    ) -> impl Iterator<Item = (usize, f32)> + '_ {
-        let first = ((bi * self.c + ch) * ho + oy) * wo;
-        let ys = &self.y[first..first + wo];
-        let (ks, gs) = (&self.at[first..first + wo], &self.g[first..first + wo]);
-        ys.iter()
-            .zip(ks)
-            .zip(gs)
-            .enumerate()
-            .map(move |(ox, ((&y, &k), &g))| {
-                let gi = if self.relu && y <= 0.0 { 0.0 } else { g };
-                (window_at(self.w, oy, ox, k), gi)
-            })
+    /// The pooled output, maxima's places and gradient of image `bi`'s plane in
+    /// channel `ch`, and its `(pooled rows, pooled columns)`, for planes of `s`
+    /// values before the pool.
+    fn plane(&self, ch: usize, bi: usize, s: usize) -> (&[f32], &[u8], &[f32], (usize, usize)) {
+        let dims = self.pooled(s);
+        let p = dims.0 * dims.1;
+        let first = (bi * self.c + ch) * p;
+        let span = first..first + p;
+        (
+            &self.y[span.clone()],
+            &self.at[span.clone()],
+            &self.g[span],
+            dims,
+        )
     }
 
-    /// `f(index in x's channel, g', x)` for each window of channel `ch`, with `x`
-    /// the channel's `[B, H, W]` values.
-    fn each(&self, ch: usize, x: &[f32], mut f: impl FnMut(usize, f32, f32)) {
-        let s = x.len() / self.b.max(1);
-        let dims = self.pooled(s);
-        for bi in 0..self.b {
-            for oy in 0..dims.0 {
-                for (at, gi) in self.row(ch, bi, oy, dims) {
-                    let i = bi * s + at;
-                    f(i, gi, x[i]);
+    /// `∂x` of values `off..off + d.len()` of image `bi`'s plane (of `s` values) in
+    /// channel `ch`, whose inputs are `xs`: each value with its window's `g'` where
+    /// it is the window's maximum, and 0 elsewhere, in one branchless pass per row.
+    pub(super) fn fill(
+        &self,
+        (ch, bi, off): (usize, usize, usize),
+        s: usize,
+        xs: &[f32],
+        d: &mut [f32],
+        k: DxCoef,
+    ) {
+        let (ys, ks, gs, (ho, wo)) = self.plane(ch, bi, s);
+        let (w, relu) = (self.w, self.relu);
+        let mut i = 0;
+        while i < d.len() {
+            let (row, col) = ((off + i) / w, (off + i) % w);
+            let n = (w - col).min(d.len() - i);
+            let (d, xs) = (&mut d[i..i + n], &xs[i..i + n]);
+            i += n;
+            if row / 2 >= ho || col != 0 || n != w {
+                // Below the last window (a trailing odd row), or part of a row
+                // (never asked for by the convolutions): value by value.
+                for (j, (d, &xv)) in d.iter_mut().zip(xs).enumerate() {
+                    let (oy, ox) = (row / 2, (col + j) / 2);
+                    let gi = if oy < ho && ox < wo {
+                        let at = oy * wo + ox;
+                        let mine = usize::from(ks[at]) == (row % 2) * 2 + (col + j) % 2;
+                        if mine {
+                            relu_mask(relu, ys[at], gs[at])
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        0.0
+                    };
+                    *d = k.dx(gi, xv);
                 }
+                continue;
+            }
+            let at = (row / 2) * wo..(row / 2 + 1) * wo;
+            // The window places 2r and 2r + 1 are this row's.
+            let r = (row % 2) as u8 * 2;
+            let (ys, ks, gs) = (&ys[at.clone()], &ks[at.clone()], &gs[at]);
+            let pairs = d.chunks_exact_mut(2).zip(xs.chunks_exact(2));
+            for ((((d, x), &yv), &kk), &gv) in pairs.zip(ys).zip(ks).zip(gs) {
+                let gi = relu_mask(relu, yv, gv);
+                d[0] = k.dx(if kk == r { gi } else { 0.0 }, x[0]);
+                d[1] = k.dx(if kk == r + 1 { gi } else { 0.0 }, x[1]);
+            }
+            if w % 2 == 1 {
+                d[w - 1] = k.dx(0.0, xs[w - 1]);
             }
         }
+    }
+
+    /// `(Σg', Σg'·(x − μ))` over channel `ch`, whose `[B, H, W]` values are `x`:
+    /// over the windows' maxima only (the other values' `g'` is 0), each plane's
+    /// maxima gathered first so that the sums run in [`LANES`](super::batchnorm)
+    /// partial sums.
+    fn sums(&self, ch: usize, x: &[f32], mu: f32) -> (f64, f64) {
+        let s = x.len() / self.b.max(1);
+        let (mut sb, mut sg) = (0f64, 0f64);
+        let mut xat = Vec::new();
+        for (bi, plane) in x.chunks_exact(s.max(1)).enumerate() {
+            let (ys, ks, gs, (_, wo)) = self.plane(ch, bi, s);
+            xat.clear();
+            for (oy, ks) in ks.chunks_exact(wo.max(1)).enumerate() {
+                let (top, w) = (&plane[2 * oy * self.w..], self.w);
+                xat.extend(ks.iter().enumerate().map(|(ox, &k)| {
+                    let k = usize::from(k);
+                    top[k / 2 * w + 2 * ox + k % 2]
+                }));
+            }
+            let relu = self.relu;
+            let (b32, g32) = lane_sum2(&xat, ys, gs, |xv, yv, gv| {
+                let gi = relu_mask(relu, yv, gv);
+                (gi, gi * (xv - mu))
+            });
+            sb += f64::from(b32);
+            sg += f64::from(g32);
+        }
+        (sb, sg)
     }
 }
 
@@ -147,19 +201,19 @@ impl BnTrain {
         (out, at)
     }
 
-    /// The backward of [`BnTrain::forward_pool`]: `(∂x [C, B, H, W], [∂γ, ∂β])` from
-    /// `x`, the pooled output `y`, the maxima's places `at` and the gradient `g` of
-    /// `y` (batch-major, like `y`).
-    pub(super) fn backward_pool(
+    /// The backward's first pass for [`BnTrain::forward_pool`], from `x`, the pooled
+    /// output `y`, the maxima's places `at` and the gradient `g` of `y` (batch-major,
+    /// like `y`); see [`BnTrain::grad`]. The sums run over the windows only (the
+    /// other values' `g'` is 0).
+    pub(super) fn grad_pool<'a>(
         &self,
-        x: &[f32],
+        x: &'a [f32],
         gamma: &[f32],
-        (y, at, g): (&[f32], &[u8], &[f32]),
+        (y, at, g): (&'a [f32], &'a [u8], &'a [f32]),
         (h, w): (usize, usize),
-    ) -> (Vec<f32>, Vec<f32>) {
-        let c = self.mean.len();
-        let b = self.b;
-        debug_assert_eq!(x.len(), c * b * h * w, "backward_pool: x and its dims");
+    ) -> BnGrad<'a> {
+        let (c, b) = (self.mean.len(), self.b);
+        debug_assert_eq!(x.len(), c * b * h * w, "grad_pool: x and its dims");
         let windows = Windows {
             y,
             at,
@@ -169,42 +223,11 @@ impl BnTrain {
             w,
             relu: self.relu,
         };
-        // Σg' and Σg'·x̂: only the windows' maxima have g' ≠ 0.
         let sums = |ch: usize, x: &[f32]| {
-            let mu = self.mean[ch];
-            let (mut sb, mut sg) = (0f64, 0f64);
-            windows.each(ch, x, |_, gi, xv| {
-                sb += f64::from(gi);
-                sg += f64::from(gi * (xv - mu));
-            });
+            let (sb, sg) = windows.sums(ch, x, self.mean[ch]);
             (sb, sg * f64::from(self.invstd[ch]))
         };
-        // Two input rows at a time (a trailing odd row alone): all values as if
-        // their gradient were 0, then the windows' maxima again while the rows are
-        // in L1. (As two passes over the channel, the second read it from memory.)
-        let write = |ch: usize, x: &[f32], dx: &mut [MaybeUninit<f32>], k: DxCoef| {
-            let s = x.len() / b.max(1);
-            let dims = windows.pooled(s);
-            let (xs, dxs) = (x.chunks(s), dx.chunks_mut(s));
-            for (bi, (x, dx)) in xs.zip(dxs).enumerate() {
-                for (r, (x, dx)) in x.chunks(2 * w).zip(dx.chunks_mut(2 * w)).enumerate() {
-                    for (d, &xv) in dx.iter_mut().zip(x) {
-                        d.write(k.dx(0.0, xv));
-                    }
-                    if r < dims.0 {
-                        for (at, gi) in windows.row(ch, bi, r, dims) {
-                            let i = at - 2 * r * w;
-                            dx[i].write(k.dx(gi, x[i]));
-                        }
-                    }
-                }
-            }
-        };
-        // SAFETY: `write`'s dense pass writes each pair of rows of a channel in full
-        // before the windows overwrite some.
-        #[allow(unsafe_code)]
-        unsafe {
-            self.channel_backward(x, gamma, sums, write)
-        }
+        let (coef, dgb) = self.coefs(x, gamma, sums);
+        BnGrad::new(self, x, coef, dgb, None, GradKind::Pool(windows))
     }
 }

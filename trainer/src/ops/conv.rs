@@ -395,12 +395,13 @@ impl Geom {
     /// The backward from `x: [B, C, H, W]`, `wt: [O, C·9]` and the output gradient
     /// `g` (channel-major `[O, B, Ho, Wo]`): `∂W: [O, C·9]`, and `∂x: [B, C, H, W]`
     /// when `with_dx`. Both walk the same chunks in one loop, so each chunk of `g`
-    /// is read from memory once, for `∂W = g·colsᵀ` and `∂cols = Wᵀ·g` in turn.
+    /// is read (or computed, [`OutGrad::Rows`]) once, for `∂W = g·colsᵀ` and
+    /// `∂cols = Wᵀ·g` in turn.
     pub(super) fn backward(
         &self,
         x: &[f32],
         wt: &[f32],
-        g: &[f32],
+        g: OutGrad,
         o: usize,
         with_dx: bool,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
@@ -409,6 +410,11 @@ impl Geom {
         let groups = self.groups();
         let image = self.image();
         let per = groups[0].1 * image;
+        let (cols_len, chunk_len) = (self.cols_len(), self.chunk_rows * self.wo);
+        let scratch = match g {
+            OutGrad::Dense(_) => cols_len,
+            OutGrad::Rows(_) => cols_len + o * chunk_len,
+        };
         // One partial sum of ∂W per group: as one GEMM over the whole batch, the
         // long reduction (B·Ho·Wo) would run on one thread.
         let group = |(b0, nb): (usize, usize), dx: &mut [MaybeUninit<f32>]| {
@@ -420,9 +426,20 @@ impl Geom {
             // to it, so that the zeros are still in cache when `col2im` adds to
             // them (zeroing the whole batch first was one more pass over memory).
             let mut zeroed = 0;
-            with_scratch(self.cols_len(), |cols| {
+            with_scratch(scratch, |buf| {
+                let (cols, gbuf) = buf.split_at_mut(cols_len);
                 for chunk in self.chunks(nb) {
-                    let gv = self.out_view(o, b0, chunk);
+                    let (g, gv) = match g {
+                        OutGrad::Dense(g) => (g, self.out_view(o, b0, chunk)),
+                        OutGrad::Rows(fill) => {
+                            let len = chunk.1 * self.wo;
+                            let first = (b0 * self.ho + chunk.0) * self.wo;
+                            for (ch, dst) in gbuf.chunks_exact_mut(len).take(o).enumerate() {
+                                fill(ch, first, dst);
+                            }
+                            (&*gbuf, View::rows(0, o, len, len))
+                        }
+                    };
                     self.im2col(x, chunk, cols);
                     for p in 0..self.passes() {
                         let dwv = View::rows(p * kp * o, kp, o, o).t();
@@ -508,6 +525,18 @@ impl Geom {
             self.b * self.n(),
         )
     }
+}
+
+/// The output gradient a convolution's backward multiplies, channel-major
+/// `[O, B·Ho·Wo]`.
+#[derive(Clone, Copy)]
+pub(super) enum OutGrad<'a> {
+    /// In memory.
+    Dense(&'a [f32]),
+    /// Computed a chunk at a time: `fill(ch, first, dst)` writes channel `ch`'s
+    /// values `first..first + dst.len()` (whole output rows). A BatchNorm's `∂x`
+    /// this way is never written to memory, nor read back from it.
+    Rows(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
 }
 
 thread_local! {
@@ -666,7 +695,9 @@ impl Conv3x3 {
         }
         let (dw, dx) = with_slice(x, |x| {
             with_slice(weight, |wt| {
-                with_slice(grad, |g| Ok(geom.backward(x, wt, g, o, with_dx)))
+                with_slice(grad, |g| {
+                    Ok(geom.backward(x, wt, OutGrad::Dense(g), o, with_dx))
+                })
             })
         })?;
         let dev = x.device();

@@ -5,7 +5,9 @@
 //! a zero-filled tensor the size of the output, plus an addition into it, before the
 //! convolution's backward could start. Those are the largest tensors of a block (a
 //! block's first conv runs before the max-pool). Here the BatchNorm backward hands
-//! its input gradient straight to the convolution's kernels.
+//! its input gradient straight to the convolution's kernels, a chunk of output rows
+//! at a time while the convolution's backward multiplies it ([`OutGrad::Rows`]):
+//! the largest gradient of a block is never written to memory whole.
 //!
 //! candle's custom ops take at most three arguments, so the weight, γ and β travel
 //! as one flat parameter `[W…, γ…, β…]` (a `cat` of the three, whose backward
@@ -24,7 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::batchnorm::{BatchStats, BnTrain};
-use super::conv::{CHUNK_FLOATS, Geom};
+use super::conv::{CHUNK_FLOATS, Geom, OutGrad};
 use super::{contiguous, with_slice};
 
 /// What the forward computed and the backward needs: the convolution's output
@@ -130,18 +132,18 @@ impl Stage {
         let wl = self.weight_len(geom, p.len())?;
         let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
         let (bn, conv_out) = (&saved.bn, &saved.conv_out);
-        let (dyc, dgb, dskip) = match &saved.argmax {
-            Some(at) => {
-                let (dyc, dgb) = bn.backward_pool(conv_out, gamma, (y, at, g), (geom.ho, geom.wo));
-                (dyc, dgb, None)
-            }
-            None => bn.backward_slices(conv_out, &p[wl..], y, g, with_skip),
+        let grad = match &saved.argmax {
+            Some(at) => bn.grad_pool(conv_out, gamma, (y, at, g), (geom.ho, geom.wo)),
+            None => bn.grad(conv_out, &p[wl..], y, g, with_skip),
         };
-        let (dw, dx) = geom.backward(x, wt, &dyc, self.o, with_dx);
+        // BatchNorm's ∂x (the conv's output gradient) chunk by chunk, as the
+        // convolution's backward multiplies it.
+        let fill = |ch: usize, first: usize, dst: &mut [f32]| grad.fill(ch, first, dst);
+        let (dw, dx) = geom.backward(x, wt, OutGrad::Rows(&fill), self.o, with_dx);
         Ok(StageGrads {
             dx,
-            dp: [dw, dgb].concat(),
-            dskip,
+            dp: [dw, grad.dgb].concat(),
+            dskip: grad.dskip,
         })
     }
 }
@@ -546,6 +548,11 @@ mod tests {
             (0, 3, 4, 7, 8, true, false, true, 1),
             (1, 3, 4, 5, 7, false, false, true, 1),
             (0, 8, 16, 24, 24, true, false, true, full),
+            // All nine taps (O > 4·C): one chunk across all the images, so
+            // BatchNorm's ∂x is asked for in spans that cross images.
+            (1, 3, 16, 5, 7, true, false, true, full),
+            (1, 3, 16, 6, 5, true, true, false, full),
+            (0, 3, 16, 7, 6, true, false, false, full),
         ] {
             let case =
                 format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip} pool {pool}");
