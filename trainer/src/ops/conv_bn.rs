@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::batchnorm::{BatchStats, BnTrain};
+use super::batchnorm::{BatchStats, BnTrain, PIECE};
 use super::conv::{CHUNK_FLOATS, Geom, OutGrad};
 use super::{contiguous, with_slice};
 
@@ -356,7 +356,9 @@ impl CustomOp2 for ResPairTrain {
                         let first = s1.backward(&geom, &saved.first, yv, p1, yg, false, true)?;
                         let mut dy = first.dx.unwrap_or_default();
                         if let Some(dskip) = second.dskip {
-                            dy.par_iter_mut().zip(dskip).for_each(|(d, s)| *d += s);
+                            let pieces = dy.par_chunks_mut(PIECE).zip(dskip.par_chunks(PIECE));
+                            pieces
+                                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
                         }
                         Ok((dy, [first.dp, second.dp].concat()))
                     })
