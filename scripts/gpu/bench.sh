@@ -70,8 +70,8 @@ if [ ! -d /opt/modkit-vendor/vendor ]; then
     xz -d -T0 < "$stage/vendor.tar.xz" | tar x -C /opt/modkit-vendor
 fi
 mkdir -p "$ws/.cargo"
-rm -rf "$ws/models" "$ws/trainer"
-cp -r models trainer Cargo.lock "$ws/"
+rm -rf "$ws/models" "$ws/trainer" "$ws/third_party"
+cp -r models trainer third_party Cargo.lock "$ws/"
 sed 's/^members = .*/members = ["models", "trainer"]/' Cargo.toml > "$ws/Cargo.toml"
 cat > "$ws/.cargo/config.toml" <<'TOML'
 [source.crates-io]

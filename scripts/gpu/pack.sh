@@ -29,7 +29,7 @@ mv "$tmp"/toolchain.tar.xz.a? .gpu/b/
 # Vendored sources for the trainer alone (models + trainer), Windows-only crates
 # emptied: they are never compiled on Linux, and they are most of the bytes.
 mkdir "$tmp/ws"
-cp -r models trainer Cargo.lock "$tmp/ws/"
+cp -r models trainer third_party Cargo.lock "$tmp/ws/"
 sed 's/^members = .*/members = ["models", "trainer"]/' Cargo.toml > "$tmp/ws/Cargo.toml"
 (cd "$tmp/ws" && cargo vendor -q --versioned-dirs vendor > /dev/null)
 for d in "$tmp"/ws/vendor/{winapi,windows,winsafe}*; do

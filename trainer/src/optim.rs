@@ -228,6 +228,34 @@ mod tests {
         }
     }
 
+    /// The vendored candle-core stores the first gradient that reaches a tensor
+    /// instead of adding it into zeros (`third_party/README.md`). A tensor used twice
+    /// must still get the sum, and what the optimizers read must be contiguous even
+    /// when the gradient arrives as a strided view.
+    #[test]
+    fn backprop_sums_fan_in_and_stores_contiguous_gradients() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev).expect("w");
+        let v = Var::new(&[1f32, -2.], &dev).expect("v");
+        // Through a transpose, w's gradient arrives as a transposed view: 2·w.
+        let once = w.t().and_then(|t| t.sqr()).and_then(|t| t.sum_all());
+        // v feeds both sides of the add: 3 + 1.
+        let twice = (v.as_tensor() * 3.0)
+            .and_then(|t| t + v.as_tensor())
+            .and_then(|t| t.sum_all());
+        let grads = (once.expect("once") + twice.expect("twice"))
+            .and_then(|l| l.backward())
+            .expect("bwd");
+        let gw = grads.get(&w).expect("∂w");
+        assert!(gw.is_contiguous());
+        assert_eq!(
+            gw.to_vec2::<f32>().expect("∂w"),
+            [[2., 4., 6.], [8., 10., 12.]]
+        );
+        let gv = grads.get(&v).expect("∂v");
+        assert_eq!(gv.to_vec1::<f32>().expect("∂v"), [4., 4.]);
+    }
+
     #[test]
     fn adam_state_names_round_trip() {
         let dev = Device::Cpu;
