@@ -11,6 +11,7 @@
 //! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy.
 //! * [`ops`]: fast CPU kernels for convolution, BatchNorm and max-pool.
 //! * [`bench`]: a training step's time per phase against the GEMM peak.
+//! * [`workers`]: rayon's threads kept spinning through a training epoch's steps.
 //!
 //! ```no_run
 //! use modkit_trainer::{data::Dataset, train::{TrainConfig, Trainer}};
@@ -35,5 +36,6 @@ pub mod ops;
 pub mod optim;
 pub mod train;
 pub mod triplets;
+pub mod workers;
 
 pub use error::{Error, Result};

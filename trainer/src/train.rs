@@ -346,7 +346,6 @@ impl Trainer {
         )?;
         let steps = cfg.triplets_per_task / k;
         let groups: Vec<(usize, usize)> = (0..t).map(|task| (task, 3 * k)).collect();
-        let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
         self.step_times.clear();
         let since = |t: &mut Instant| {
             let now = Instant::now();
@@ -354,69 +353,75 @@ impl Trainer {
             *t = now;
             d
         };
-        for step in 0..steps {
-            let mut times = StepTimes::default();
-            let mut clock = Instant::now();
-            let mut idx = Vec::with_capacity(3 * k * t);
-            for ts in &train {
-                let chunk = &ts[step * k..(step + 1) * k];
-                idx.extend(chunk.iter().map(|x| x.anchor));
-                idx.extend(chunk.iter().map(|x| x.positive));
-                idx.extend(chunk.iter().map(|x| x.negative));
+        // The steps are back-to-back parallel loops: the other threads spin between
+        // them instead of sleeping (`workers`).
+        let (loss_sum, ok_sum) = crate::workers::keep_awake(|| -> Result<(f64, f64)> {
+            let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
+            for step in 0..steps {
+                let mut times = StepTimes::default();
+                let mut clock = Instant::now();
+                let mut idx = Vec::with_capacity(3 * k * t);
+                for ts in &train {
+                    let chunk = &ts[step * k..(step + 1) * k];
+                    idx.extend(chunk.iter().map(|x| x.anchor));
+                    idx.extend(chunk.iter().map(|x| x.positive));
+                    idx.extend(chunk.iter().map(|x| x.negative));
+                }
+                let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
+                times.data = since(&mut clock);
+                let emb = if cfg.mining == Mining::Pooled {
+                    self.net.forward_all_tasks(&x, true)?
+                } else {
+                    self.net.forward_grouped(&x, &groups, true)?
+                };
+                let (loss, ok) = match cfg.mining {
+                    Mining::Sampled => {
+                        let (loss, ok) = triplet_loss(&emb, t, k, cfg.margin)?;
+                        (loss, ok as f64 / (k * t) as f64)
+                    }
+                    Mining::BatchAll => {
+                        let labels: Vec<bool> = idx
+                            .chunks(3 * k)
+                            .zip(&self.attrs)
+                            .flat_map(|(block, &a)| block.iter().map(move |&i| ds.label(i, a)))
+                            .collect();
+                        batch_all_loss(&emb, &labels, t, 3 * k, cfg.margin)?
+                    }
+                    Mining::Pooled => {
+                        let labels: Vec<bool> = self
+                            .attrs
+                            .iter()
+                            .flat_map(|&a| idx.iter().map(move |&i| ds.label(i, a)))
+                            .collect();
+                        pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
+                    }
+                };
+                let value = loss.to_scalar::<f32>()?;
+                // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
+                let probe = emb.sum_all()?.to_scalar::<f32>()?;
+                if !value.is_finite() || !probe.is_finite() {
+                    let value = if value.is_finite() { probe } else { value };
+                    return Err(Error::NonFinite {
+                        epoch: self.epoch + 1,
+                        step: step + 1,
+                        loss: value,
+                    });
+                }
+                times.forward = since(&mut clock);
+                let grads = loss.backward()?;
+                // CUDA runs asynchronously: wait, or the time lands in the next phase.
+                self.device.synchronize()?;
+                times.backward = since(&mut clock);
+                self.opt.step(&grads)?;
+                self.device.synchronize()?;
+                times.update = since(&mut clock);
+                self.step_times.push(times);
+                loss_sum += value as f64;
+                ok_sum += ok;
+                progress(step + 1, steps, value);
             }
-            let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
-            times.data = since(&mut clock);
-            let emb = if cfg.mining == Mining::Pooled {
-                self.net.forward_all_tasks(&x, true)?
-            } else {
-                self.net.forward_grouped(&x, &groups, true)?
-            };
-            let (loss, ok) = match cfg.mining {
-                Mining::Sampled => {
-                    let (loss, ok) = triplet_loss(&emb, t, k, cfg.margin)?;
-                    (loss, ok as f64 / (k * t) as f64)
-                }
-                Mining::BatchAll => {
-                    let labels: Vec<bool> = idx
-                        .chunks(3 * k)
-                        .zip(&self.attrs)
-                        .flat_map(|(block, &a)| block.iter().map(move |&i| ds.label(i, a)))
-                        .collect();
-                    batch_all_loss(&emb, &labels, t, 3 * k, cfg.margin)?
-                }
-                Mining::Pooled => {
-                    let labels: Vec<bool> = self
-                        .attrs
-                        .iter()
-                        .flat_map(|&a| idx.iter().map(move |&i| ds.label(i, a)))
-                        .collect();
-                    pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
-                }
-            };
-            let value = loss.to_scalar::<f32>()?;
-            // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
-            let probe = emb.sum_all()?.to_scalar::<f32>()?;
-            if !value.is_finite() || !probe.is_finite() {
-                let value = if value.is_finite() { probe } else { value };
-                return Err(Error::NonFinite {
-                    epoch: self.epoch + 1,
-                    step: step + 1,
-                    loss: value,
-                });
-            }
-            times.forward = since(&mut clock);
-            let grads = loss.backward()?;
-            // CUDA runs asynchronously: wait, or the time lands in the next phase.
-            self.device.synchronize()?;
-            times.backward = since(&mut clock);
-            self.opt.step(&grads)?;
-            self.device.synchronize()?;
-            times.update = since(&mut clock);
-            self.step_times.push(times);
-            loss_sum += value as f64;
-            ok_sum += ok;
-            progress(step + 1, steps, value);
-        }
+            Ok((loss_sum, ok_sum))
+        })?;
         self.epoch += 1;
         Ok((loss_sum / steps as f64, ok_sum / steps as f64))
     }
