@@ -979,6 +979,12 @@ mod tests {
                 (1, 4, 3, 4, 3, 1 << 20),
                 (1, 8, 16, 22, 22, CHUNK_FLOATS),
                 (0, 8, 16, 46, 46, CHUNK_FLOATS),
+                // The last blocks' small images: 4×4 with and without padding, 1×1,
+                // and a 3×5 one whose rows and columns differ.
+                (1, 6, 5, 4, 4, CHUNK_FLOATS),
+                (0, 6, 5, 4, 4, CHUNK_FLOATS),
+                (1, 6, 5, 1, 1, CHUNK_FLOATS),
+                (1, 4, 3, 3, 5, 1),
             ] {
                 for lowering in [None, Some(Lowering::Taps), Some(Lowering::Rows)] {
                     // Scratch buffers full of NaN: a value read before it is written

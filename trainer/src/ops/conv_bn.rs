@@ -555,6 +555,11 @@ mod tests {
             (1, 3, 16, 5, 7, true, false, true, full),
             (1, 3, 16, 6, 5, true, true, false, full),
             (0, 3, 16, 7, 6, true, false, false, full),
+            // The last blocks' small images, with a skip, pooled, and 1×1.
+            (1, 6, 5, 4, 4, true, true, false, full),
+            (0, 6, 5, 4, 4, true, false, true, full),
+            (1, 3, 4, 3, 5, false, false, true, full),
+            (1, 6, 5, 1, 1, true, false, false, full),
         ] {
             let case =
                 format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip} pool {pool}");
