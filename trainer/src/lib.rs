@@ -11,7 +11,7 @@
 //! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy.
 //! * [`ops`]: fast CPU kernels for convolution, BatchNorm and max-pool.
 //! * [`bench`]: a training step's time per phase against the GEMM peak.
-//! * [`workers`]: rayon's threads kept spinning through a training epoch's steps.
+//! * [`workers`]: rayon's threads kept spinning through a training step.
 //!
 //! ```no_run
 //! use modkit_trainer::{data::Dataset, train::{TrainConfig, Trainer}};

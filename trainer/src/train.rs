@@ -346,6 +346,7 @@ impl Trainer {
         )?;
         let steps = cfg.triplets_per_task / k;
         let groups: Vec<(usize, usize)> = (0..t).map(|task| (task, 3 * k)).collect();
+        let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
         self.step_times.clear();
         let since = |t: &mut Instant| {
             let now = Instant::now();
@@ -353,20 +354,20 @@ impl Trainer {
             *t = now;
             d
         };
-        // The steps are back-to-back parallel loops: the other threads spin between
-        // them instead of sleeping (`workers`).
-        let (loss_sum, ok_sum) = crate::workers::keep_awake(|| -> Result<(f64, f64)> {
-            let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
-            for step in 0..steps {
-                let mut times = StepTimes::default();
-                let mut clock = Instant::now();
-                let mut idx = Vec::with_capacity(3 * k * t);
-                for ts in &train {
-                    let chunk = &ts[step * k..(step + 1) * k];
-                    idx.extend(chunk.iter().map(|x| x.anchor));
-                    idx.extend(chunk.iter().map(|x| x.positive));
-                    idx.extend(chunk.iter().map(|x| x.negative));
-                }
+        for step in 0..steps {
+            let mut times = StepTimes::default();
+            let mut clock = Instant::now();
+            let mut idx = Vec::with_capacity(3 * k * t);
+            for ts in &train {
+                let chunk = &ts[step * k..(step + 1) * k];
+                idx.extend(chunk.iter().map(|x| x.anchor));
+                idx.extend(chunk.iter().map(|x| x.positive));
+                idx.extend(chunk.iter().map(|x| x.negative));
+            }
+            // Batch, forward and backward are back-to-back parallel loops: the other
+            // threads spin between them instead of sleeping (`workers`). Not the
+            // update, whose element-wise ops run on candle's own threads.
+            let (grads, value, ok) = crate::workers::keep_awake(|| -> Result<_> {
                 let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
                 times.data = since(&mut clock);
                 let emb = if cfg.mining == Mining::Pooled {
@@ -412,16 +413,16 @@ impl Trainer {
                 // CUDA runs asynchronously: wait, or the time lands in the next phase.
                 self.device.synchronize()?;
                 times.backward = since(&mut clock);
-                self.opt.step(&grads)?;
-                self.device.synchronize()?;
-                times.update = since(&mut clock);
-                self.step_times.push(times);
-                loss_sum += value as f64;
-                ok_sum += ok;
-                progress(step + 1, steps, value);
-            }
-            Ok((loss_sum, ok_sum))
-        })?;
+                Ok((grads, value, ok))
+            })?;
+            self.opt.step(&grads)?;
+            self.device.synchronize()?;
+            times.update = since(&mut clock);
+            self.step_times.push(times);
+            loss_sum += value as f64;
+            ok_sum += ok;
+            progress(step + 1, steps, value);
+        }
         self.epoch += 1;
         Ok((loss_sum / steps as f64, ok_sum / steps as f64))
     }

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Called outside a rayon pool, or in a pool of one thread, it just runs `f`. The
 /// results do not depend on it: it changes which thread runs a job and when, not
 /// what the job computes. The spinning threads use their CPUs for as long as `f`
-/// runs, so it is meant for spans of dense parallel work (a training epoch's steps).
+/// runs, so it is meant for spans of dense parallel work (a training step's batch,
+/// forward and backward). Work that runs on other threads than rayon's (candle's
+/// element-wise pool, which the optimizer's update uses) would compete with them.
 pub fn keep_awake<R>(f: impl FnOnce() -> R) -> R {
     let Some(owner) = rayon::current_thread_index() else {
         return f();
