@@ -364,10 +364,7 @@ impl Trainer {
                 idx.extend(chunk.iter().map(|x| x.positive));
                 idx.extend(chunk.iter().map(|x| x.negative));
             }
-            // Batch, forward and backward are back-to-back parallel loops: the other
-            // threads spin between them instead of sleeping (`workers`). Not the
-            // update, whose element-wise ops run on candle's own threads.
-            let (grads, value, ok) = crate::workers::keep_awake(|| -> Result<_> {
+            let mut work = || -> Result<_> {
                 let x = batch_images(ds, &idx, &cfg.preprocess, &self.device)?;
                 times.data = since(&mut clock);
                 let emb = if cfg.mining == Mining::Pooled {
@@ -414,7 +411,16 @@ impl Trainer {
                 self.device.synchronize()?;
                 times.backward = since(&mut clock);
                 Ok((grads, value, ok))
-            })?;
+            };
+            // On the CPU, batch, forward and backward are back-to-back parallel
+            // loops: the other threads spin between them instead of sleeping
+            // (`workers`). Not on a GPU, where they would only burn a core, and not
+            // the update, whose element-wise ops run on candle's own threads.
+            let (grads, value, ok) = if self.device.is_cpu() {
+                crate::workers::keep_awake(work)?
+            } else {
+                work()?
+            };
             self.opt.step(&grads)?;
             self.device.synchronize()?;
             times.update = since(&mut clock);
