@@ -3,9 +3,15 @@
 //!
 //! Per parameter: `G ← G + g²`, `θ ← θ − lr · g / (√G + ε)`, with `G` starting at
 //! `initial_accumulator` (0.1, TensorFlow's default, which the authors' code used).
+//!
+//! On the CPU the update is two in-place passes per parameter ([`Accumulate`],
+//! then [`Apply`]); elsewhere it is candle's tensor ops, which allocate a tensor
+//! for each of seven steps. Both compute the same f32 operations in the same
+//! order, so they give the same bits.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::Result;
 
@@ -52,19 +58,35 @@ impl Adagrad {
 
     /// Applies one update from `grads`; parameters without a gradient are untouched.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, true)
+    }
+
+    /// [`Adagrad::step`], through the in-place CPU passes when `in_place` and the
+    /// parameters are on the CPU, else through candle's tensor ops.
+    fn step_with(&mut self, grads: &GradStore, in_place: bool) -> Result<()> {
         for ((_, var), acc) in self.params.iter().zip(self.accum.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
             // Gradients built from tracked tensors track the step's graph themselves;
             // state kept from them would hold every step's activations alive.
             let g = &g.detach();
-            *acc = (&*acc + g.sqr()?)?;
-            let update = (g / (acc.sqrt()? + self.eps)?)?;
-            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            if in_place && var.device().is_cpu() {
+                acc.inplace_op2(g, &Accumulate)?;
+                let apply = Apply {
+                    lr: self.lr as f32,
+                    eps: self.eps as f32,
+                };
+                var.as_tensor().inplace_op3(g, acc, &apply)?;
+            } else {
+                *acc = (&*acc + g.sqr()?)?;
+                let update = (g / (acc.sqrt()? + self.eps)?)?;
+                var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            }
         }
         Ok(())
     }
 
-    /// The accumulators by parameter name, for checkpoints.
+    /// The accumulators by parameter name, for checkpoints. The CPU update writes
+    /// them in place: copy a tensor to keep its value past the next step.
     pub fn state(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.params
             .iter()
@@ -76,7 +98,103 @@ impl Adagrad {
     pub fn set_state(&mut self, name: &str, value: &Tensor) -> Result<()> {
         if let Some(i) = self.params.iter().position(|(n, _)| n == name) {
             let want = self.accum[i].shape().clone();
-            self.accum[i] = value.reshape(want)?.to_device(self.accum[i].device())?;
+            // A copy of its own: the update writes it in place.
+            let value = value.reshape(want)?.to_device(self.accum[i].device())?;
+            self.accum[i] = value.copy()?;
+        }
+        Ok(())
+    }
+}
+
+/// Values per rayon task of the CPU passes: parameters smaller than this (all but
+/// the paper spec's largest) are updated on the calling thread.
+const PAR_CHUNK: usize = 1 << 16;
+
+/// The f32 data of a contiguous CPU tensor, for writing.
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adagrad: expects contiguous f32 tensors"),
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor of `len` values.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) if b - a == len => Ok(&v[a..b]),
+        _ => candle_core::bail!("adagrad: expects contiguous f32 tensors of {len} values"),
+    }
+}
+
+/// `G ← G + g²`, in place on `G`.
+struct Accumulate;
+
+impl InplaceOp2 for Accumulate {
+    fn name(&self) -> &'static str {
+        "adagrad-accumulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        al: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let acc = slice_mut(acc, al)?;
+        let g = slice(g, gl, acc.len())?;
+        let pass = |(acc, g): (&mut [f32], &[f32])| {
+            for (a, &g) in acc.iter_mut().zip(g) {
+                *a += g * g;
+            }
+        };
+        if acc.len() > PAR_CHUNK {
+            acc.par_chunks_mut(PAR_CHUNK)
+                .zip(g.par_chunks(PAR_CHUNK))
+                .for_each(pass);
+        } else {
+            pass((acc, g));
+        }
+        Ok(())
+    }
+}
+
+/// `θ ← θ − lr · g / (√G + ε)`, in place on `θ`, with `G` already updated.
+struct Apply {
+    lr: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Apply {
+    fn name(&self) -> &'static str {
+        "adagrad-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        theta: &mut CpuStorage,
+        tl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        acc: &CpuStorage,
+        al: &Layout,
+    ) -> candle_core::Result<()> {
+        let theta = slice_mut(theta, tl)?;
+        let (g, acc) = (slice(g, gl, theta.len())?, slice(acc, al, theta.len())?);
+        let (lr, eps) = (self.lr, self.eps);
+        let pass = |(theta, (g, acc)): (&mut [f32], (&[f32], &[f32]))| {
+            for (t, (&g, &a)) in theta.iter_mut().zip(g.iter().zip(acc)) {
+                // candle's ops in the same order: `(g / (√G·1 + ε))·lr + 0`.
+                *t -= g / (a.sqrt() + eps) * lr + 0.0;
+            }
+        };
+        if theta.len() > PAR_CHUNK {
+            theta
+                .par_chunks_mut(PAR_CHUNK)
+                .zip(g.par_chunks(PAR_CHUNK).zip(acc.par_chunks(PAR_CHUNK)))
+                .for_each(pass);
+        } else {
+            pass((theta, (g, acc)));
         }
         Ok(())
     }
@@ -112,5 +230,58 @@ mod tests {
             let want = hand(w0) as f32;
             assert!((g - want).abs() < 1e-6, "got {g}, want {want}");
         }
+    }
+
+    /// The in-place CPU passes give the tensor ops' bits, on a parameter small
+    /// enough for one thread and one split into rayon tasks, over a few steps.
+    #[test]
+    fn in_place_passes_match_tensor_ops_bit_for_bit() {
+        let shapes: [&[usize]; 2] = [&[3, 5], &[PAR_CHUNK * 2 + 7]];
+        let vars = || {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let t = crate::ops::test_util::rand(s, i as u64);
+                    (format!("p{i}"), Var::from_tensor(&t).expect("var"))
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (vars(), vars());
+        let mut fused = Adagrad::new(a.clone(), 0.01).expect("opt");
+        let mut plain = Adagrad::new(b.clone(), 0.01).expect("opt");
+        let bits = |vars: &[(String, Var)]| {
+            vars.iter()
+                .flat_map(|(_, v)| v.flatten_all().expect("f").to_vec1::<f32>().expect("v"))
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        for step in 0..3 {
+            // loss = Σ sin(θ)·θ: gradients of both signs and sizes.
+            let grads = |vars: &[(String, Var)]| {
+                let loss = vars
+                    .iter()
+                    .map(|(_, v)| (v.sin().expect("sin") * v.as_tensor()).expect("mul"))
+                    .map(|t| t.sum_all().expect("sum"))
+                    .reduce(|x, y| (x + y).expect("add"))
+                    .expect("loss");
+                loss.backward().expect("bwd")
+            };
+            fused.step_with(&grads(&a), true).expect("fused");
+            plain.step_with(&grads(&b), false).expect("plain");
+            assert_eq!(bits(&a), bits(&b), "weights after step {step}");
+            let state = |o: &Adagrad| {
+                o.state()
+                    .flat_map(|(_, t)| t.flatten_all().expect("f").to_vec1::<f32>().expect("v"))
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                state(&fused),
+                state(&plain),
+                "accumulators after step {step}"
+            );
+        }
+        assert_ne!(bits(&a), bits(&vars()), "the steps changed nothing");
     }
 }

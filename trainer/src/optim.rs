@@ -129,8 +129,9 @@ impl Optimizer {
         Ok(match self {
             Optimizer::Adagrad(o) => o
                 .state()
-                .map(|(n, acc)| (format!("{}{n}", names::OPTIMIZER_PREFIX), acc.clone()))
-                .collect(),
+                // Copies: the CPU update writes the accumulators in place.
+                .map(|(n, acc)| Ok((format!("{}{n}", names::OPTIMIZER_PREFIX), acc.copy()?)))
+                .collect::<Result<_>>()?,
             Optimizer::Adam(o) => {
                 let mut out = Vec::new();
                 for (n, m, v) in o.moments() {
@@ -294,5 +295,45 @@ mod tests {
                 .collect()
         };
         assert_eq!(flat(fresh.state().expect("s")), flat(state));
+    }
+
+    /// The CPU update writes Adagrad's accumulators in place: a saved state must
+    /// not change with later steps, nor a loaded one change the tensor it came from.
+    #[test]
+    fn adagrad_state_is_a_snapshot() {
+        let dev = Device::Cpu;
+        let v = Var::new(&[1.0f32, -2.0], &dev).expect("var");
+        let params = || vec![("w".to_string(), v.clone())];
+        let mut opt = Optimizer::new(OptimizerKind::Adagrad, params(), 0.1, 0.1).expect("opt");
+        let step = |opt: &mut Optimizer| {
+            let loss = v.as_tensor().sqr().and_then(|t| t.sum_all()).expect("loss");
+            opt.step(&loss.backward().expect("bwd")).expect("step");
+        };
+        step(&mut opt);
+        let state = opt.state().expect("state");
+        let values = |s: &[(String, Tensor)]| -> Vec<Vec<f32>> {
+            s.iter()
+                .map(|(_, t)| t.to_vec1::<f32>().expect("v"))
+                .collect()
+        };
+        let saved = values(&state);
+        step(&mut opt);
+        assert_eq!(
+            values(&state),
+            saved,
+            "a later step changed the saved state"
+        );
+        assert_ne!(
+            values(&opt.state().expect("state")),
+            saved,
+            "the step kept G"
+        );
+
+        let mut fresh = Optimizer::new(OptimizerKind::Adagrad, params(), 0.1, 0.1).expect("opt");
+        for (n, t) in &state {
+            assert!(fresh.load_state(n, t).expect("load"), "{n}");
+        }
+        step(&mut fresh);
+        assert_eq!(values(&state), saved, "a step changed the tensor it loaded");
     }
 }
