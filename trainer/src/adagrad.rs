@@ -4,16 +4,16 @@
 //! Per parameter: `G ← G + g²`, `θ ← θ − lr · g / (√G + ε)`, with `G` starting at
 //! `initial_accumulator` (0.1, TensorFlow's default, which the authors' code used).
 //!
-//! On the CPU the update is two in-place passes per parameter ([`Accumulate`],
-//! then [`Apply`]); elsewhere it is candle's tensor ops, which allocate a tensor
+//! On the CPU the update is two in-place passes per parameter (`G`, then `θ`);
+//! elsewhere it is candle's tensor ops, which allocate a tensor
 //! for each of seven steps. Both compute the same f32 operations in the same
 //! order, so they give the same bits.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
-use rayon::prelude::*;
+use candle_core::{Tensor, Var};
 
 use crate::Result;
+use crate::inplace::Pass;
 
 /// Adagrad state: one accumulator per parameter.
 #[derive(Debug)]
@@ -70,12 +70,12 @@ impl Adagrad {
             // state kept from them would hold every step's activations alive.
             let g = &g.detach();
             if in_place && var.device().is_cpu() {
-                acc.inplace_op2(g, &Accumulate)?;
-                let apply = Apply {
-                    lr: self.lr as f32,
-                    eps: self.eps as f32,
-                };
-                var.as_tensor().inplace_op3(g, acc, &apply)?;
+                let g = &g.contiguous()?;
+                let (lr, eps) = (self.lr as f32, self.eps as f32);
+                Pass::new("adagrad G", |a, g, _| a + g * g).run(acc, g, g)?;
+                // candle's ops in the same order: `(g / (√G·1 + ε))·lr + 0`.
+                let theta = move |t: f32, g: f32, a: f32| t - (g / (a.sqrt() + eps) * lr + 0.0);
+                Pass::new("adagrad θ", theta).run(var.as_tensor(), g, acc)?;
             } else {
                 *acc = (&*acc + g.sqr()?)?;
                 let update = (g / (acc.sqrt()? + self.eps)?)?;
@@ -101,100 +101,6 @@ impl Adagrad {
             // A copy of its own: the update writes it in place.
             let value = value.reshape(want)?.to_device(self.accum[i].device())?;
             self.accum[i] = value.copy()?;
-        }
-        Ok(())
-    }
-}
-
-/// Values per rayon task of the CPU passes: parameters smaller than this (all but
-/// the paper spec's largest) are updated on the calling thread.
-const PAR_CHUNK: usize = 1 << 16;
-
-/// The f32 data of a contiguous CPU tensor, for writing.
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("adagrad: expects contiguous f32 tensors"),
-    }
-}
-
-/// The f32 data of a contiguous CPU tensor of `len` values.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) if b - a == len => Ok(&v[a..b]),
-        _ => candle_core::bail!("adagrad: expects contiguous f32 tensors of {len} values"),
-    }
-}
-
-/// `G ← G + g²`, in place on `G`.
-struct Accumulate;
-
-impl InplaceOp2 for Accumulate {
-    fn name(&self) -> &'static str {
-        "adagrad-accumulate"
-    }
-
-    fn cpu_fwd(
-        &self,
-        acc: &mut CpuStorage,
-        al: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let acc = slice_mut(acc, al)?;
-        let g = slice(g, gl, acc.len())?;
-        let pass = |(acc, g): (&mut [f32], &[f32])| {
-            for (a, &g) in acc.iter_mut().zip(g) {
-                *a += g * g;
-            }
-        };
-        if acc.len() > PAR_CHUNK {
-            acc.par_chunks_mut(PAR_CHUNK)
-                .zip(g.par_chunks(PAR_CHUNK))
-                .for_each(pass);
-        } else {
-            pass((acc, g));
-        }
-        Ok(())
-    }
-}
-
-/// `θ ← θ − lr · g / (√G + ε)`, in place on `θ`, with `G` already updated.
-struct Apply {
-    lr: f32,
-    eps: f32,
-}
-
-impl InplaceOp3 for Apply {
-    fn name(&self) -> &'static str {
-        "adagrad-apply"
-    }
-
-    fn cpu_fwd(
-        &self,
-        theta: &mut CpuStorage,
-        tl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-        acc: &CpuStorage,
-        al: &Layout,
-    ) -> candle_core::Result<()> {
-        let theta = slice_mut(theta, tl)?;
-        let (g, acc) = (slice(g, gl, theta.len())?, slice(acc, al, theta.len())?);
-        let (lr, eps) = (self.lr, self.eps);
-        let pass = |(theta, (g, acc)): (&mut [f32], (&[f32], &[f32]))| {
-            for (t, (&g, &a)) in theta.iter_mut().zip(g.iter().zip(acc)) {
-                // candle's ops in the same order: `(g / (√G·1 + ε))·lr + 0`.
-                *t -= g / (a.sqrt() + eps) * lr + 0.0;
-            }
-        };
-        if theta.len() > PAR_CHUNK {
-            theta
-                .par_chunks_mut(PAR_CHUNK)
-                .zip(g.par_chunks(PAR_CHUNK).zip(acc.par_chunks(PAR_CHUNK)))
-                .for_each(pass);
-        } else {
-            pass((theta, (g, acc)));
         }
         Ok(())
     }
@@ -236,7 +142,7 @@ mod tests {
     /// enough for one thread and one split into rayon tasks, over a few steps.
     #[test]
     fn in_place_passes_match_tensor_ops_bit_for_bit() {
-        let shapes: [&[usize]; 2] = [&[3, 5], &[PAR_CHUNK * 2 + 7]];
+        let shapes: [&[usize]; 2] = [&[3, 5], &[(1 << 17) + 7]];
         let vars = || {
             shapes
                 .iter()

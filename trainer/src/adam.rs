@@ -7,11 +7,16 @@
 //! `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 //! `θ ← θ − lr · m̂ / (√v̂ + ε)` with the bias corrections `m̂ = m / (1−β₁ᵗ)` and
 //! `v̂ = v / (1−β₂ᵗ)`. No weight decay. `m` and `v` start at 0.
+//!
+//! On the CPU the update is three in-place passes per parameter (`m`, `v`, then
+//! `θ`); elsewhere it is candle's tensor ops. Both compute the same f32 operations
+//! in the same order, so they give the same bits.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::Result;
+use crate::inplace::Pass;
 
 /// Adam state: two moments per parameter and the step count.
 #[derive(Debug)]
@@ -53,6 +58,12 @@ impl Adam {
     /// Applies one update from `grads`; parameters without a gradient are untouched
     /// (their moments do not decay), but the shared step count advances.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, true)
+    }
+
+    /// [`Adam::step`], through the in-place CPU passes when `in_place` and the
+    /// parameters are on the CPU, else through candle's tensor ops.
+    fn step_with(&mut self, grads: &GradStore, in_place: bool) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
         let bc1 = 1.0 - Self::BETA1.powi(t);
@@ -67,6 +78,28 @@ impl Adam {
             // Gradients built from tracked tensors track the step's graph themselves;
             // state kept from them would hold every step's activations alive.
             let g = &g.detach();
+            if in_place && var.device().is_cpu() {
+                let g = &g.contiguous()?;
+                // candle's ops in the same order: `x * c` and `x / c` are
+                // `x·c + 0` and `x·(1/c) + 0`, `x + ε` is `x·1 + ε`.
+                let f = |x: f64| x as f32;
+                let (b1, c1, b2, c2) = (
+                    f(Self::BETA1),
+                    f(1.0 - Self::BETA1),
+                    f(Self::BETA2),
+                    f(1.0 - Self::BETA2),
+                );
+                let (ibc1, ibc2, eps, lr) = (f(1.0 / bc1), f(1.0 / bc2), f(Self::EPS), f(self.lr));
+                Pass::new("adam m", move |m, g, _| (m * b1 + 0.0) + (g * c1 + 0.0)).run(m, g, g)?;
+                Pass::new("adam v", move |v, g, _| (v * b2 + 0.0) + (g * g * c2 + 0.0))
+                    .run(v, g, g)?;
+                let theta = move |t: f32, m: f32, v: f32| {
+                    let (mh, vh) = (m * ibc1 + 0.0, v * ibc2 + 0.0);
+                    t - (mh / (vh.sqrt() + eps) * lr + 0.0)
+                };
+                Pass::new("adam θ", theta).run(var.as_tensor(), m, v)?;
+                continue;
+            }
             *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
             *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
             let m_hat = (&*m / bc1)?;
@@ -87,7 +120,8 @@ impl Adam {
         self.steps = steps;
     }
 
-    /// `(parameter name, m, v)` for every parameter, for checkpoints.
+    /// `(parameter name, m, v)` for every parameter, for checkpoints. The CPU update
+    /// writes them in place: copy a tensor to keep its value past the next step.
     pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
         self.params
             .iter()
@@ -112,9 +146,13 @@ impl Adam {
     }
 }
 
-/// `value` in the shape and on the device of `like`.
+/// A copy of `value` in the shape and on the device of `like` (a copy of its own:
+/// the CPU update writes it in place).
 fn restore(like: &Tensor, value: &Tensor) -> Result<Tensor> {
-    Ok(value.reshape(like.shape())?.to_device(like.device())?)
+    Ok(value
+        .reshape(like.shape())?
+        .to_device(like.device())?
+        .copy()?)
 }
 
 #[cfg(test)]
@@ -181,5 +219,56 @@ mod tests {
             a.as_tensor().to_vec1::<f32>().expect("a"),
             b.as_tensor().to_vec1::<f32>().expect("b")
         );
+    }
+
+    /// The in-place CPU passes give the tensor ops' bits, on a parameter small
+    /// enough for one thread and one split into rayon tasks, over a few steps.
+    #[test]
+    fn in_place_passes_match_tensor_ops_bit_for_bit() {
+        let shapes: [&[usize]; 2] = [&[3, 5], &[(1 << 17) + 7]];
+        let vars = || {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let t = crate::ops::test_util::rand(s, i as u64);
+                    (format!("p{i}"), Var::from_tensor(&t).expect("var"))
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (vars(), vars());
+        let mut fused = Adam::new(a.clone(), 0.01).expect("opt");
+        let mut plain = Adam::new(b.clone(), 0.01).expect("opt");
+        let bits = |ts: Vec<&Tensor>| {
+            ts.into_iter()
+                .flat_map(|t| t.flatten_all().expect("f").to_vec1::<f32>().expect("v"))
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        let weights =
+            |vars: &[(String, Var)]| bits(vars.iter().map(|(_, v)| v.as_tensor()).collect());
+        let moments = |o: &Adam| bits(o.moments().flat_map(|(_, m, v)| [m, v]).collect());
+        let start = weights(&a);
+        for step in 0..3 {
+            // loss = Σ sin(θ)·θ: gradients of both signs and sizes.
+            let grads = |vars: &[(String, Var)]| {
+                let loss = vars
+                    .iter()
+                    .map(|(_, v)| (v.sin().expect("sin") * v.as_tensor()).expect("mul"))
+                    .map(|t| t.sum_all().expect("sum"))
+                    .reduce(|x, y| (x + y).expect("add"))
+                    .expect("loss");
+                loss.backward().expect("bwd")
+            };
+            fused.step_with(&grads(&a), true).expect("fused");
+            plain.step_with(&grads(&b), false).expect("plain");
+            assert_eq!(weights(&a), weights(&b), "weights after step {step}");
+            assert_eq!(
+                moments(&fused),
+                moments(&plain),
+                "moments after step {step}"
+            );
+        }
+        assert_ne!(weights(&a), start, "the steps changed nothing");
     }
 }

@@ -30,6 +30,7 @@ pub mod bench;
 pub mod data;
 mod error;
 pub mod eval;
+mod inplace;
 pub mod mining;
 pub mod net;
 pub mod ops;

@@ -135,8 +135,8 @@ impl Optimizer {
             Optimizer::Adam(o) => {
                 let mut out = Vec::new();
                 for (n, m, v) in o.moments() {
-                    out.push((format!("{ADAM_M_PREFIX}{n}"), m.clone()));
-                    out.push((format!("{ADAM_V_PREFIX}{n}"), v.clone()));
+                    out.push((format!("{ADAM_M_PREFIX}{n}"), m.copy()?));
+                    out.push((format!("{ADAM_V_PREFIX}{n}"), v.copy()?));
                 }
                 let device = o.moments().next().map(|(_, m, _)| m.device().clone());
                 let device = device.unwrap_or(candle_core::Device::Cpu);
@@ -297,43 +297,49 @@ mod tests {
         assert_eq!(flat(fresh.state().expect("s")), flat(state));
     }
 
-    /// The CPU update writes Adagrad's accumulators in place: a saved state must
-    /// not change with later steps, nor a loaded one change the tensor it came from.
+    /// The CPU updates write the optimizers' state in place: a saved state must not
+    /// change with later steps, nor a loaded one change the tensor it came from.
     #[test]
-    fn adagrad_state_is_a_snapshot() {
+    fn saved_state_is_a_snapshot() {
         let dev = Device::Cpu;
-        let v = Var::new(&[1.0f32, -2.0], &dev).expect("var");
-        let params = || vec![("w".to_string(), v.clone())];
-        let mut opt = Optimizer::new(OptimizerKind::Adagrad, params(), 0.1, 0.1).expect("opt");
-        let step = |opt: &mut Optimizer| {
-            let loss = v.as_tensor().sqr().and_then(|t| t.sum_all()).expect("loss");
-            opt.step(&loss.backward().expect("bwd")).expect("step");
-        };
-        step(&mut opt);
-        let state = opt.state().expect("state");
-        let values = |s: &[(String, Tensor)]| -> Vec<Vec<f32>> {
-            s.iter()
-                .map(|(_, t)| t.to_vec1::<f32>().expect("v"))
-                .collect()
-        };
-        let saved = values(&state);
-        step(&mut opt);
-        assert_eq!(
-            values(&state),
-            saved,
-            "a later step changed the saved state"
-        );
-        assert_ne!(
-            values(&opt.state().expect("state")),
-            saved,
-            "the step kept G"
-        );
+        for kind in [OptimizerKind::Adagrad, OptimizerKind::Adam] {
+            let v = Var::new(&[1.0f32, -2.0], &dev).expect("var");
+            let params = || vec![("w".to_string(), v.clone())];
+            let mut opt = Optimizer::new(kind, params(), 0.1, 0.1).expect("opt");
+            let step = |opt: &mut Optimizer| {
+                let loss = v.as_tensor().sqr().and_then(|t| t.sum_all()).expect("loss");
+                opt.step(&loss.backward().expect("bwd")).expect("step");
+            };
+            step(&mut opt);
+            let state = opt.state().expect("state");
+            let values = |s: &[(String, Tensor)]| -> Vec<Vec<f32>> {
+                s.iter()
+                    .map(|(_, t)| t.to_vec1::<f32>().expect("v"))
+                    .collect()
+            };
+            let saved = values(&state);
+            step(&mut opt);
+            assert_eq!(
+                values(&state),
+                saved,
+                "{kind}: a later step changed the saved state"
+            );
+            assert_ne!(
+                values(&opt.state().expect("state")),
+                saved,
+                "{kind}: state unchanged"
+            );
 
-        let mut fresh = Optimizer::new(OptimizerKind::Adagrad, params(), 0.1, 0.1).expect("opt");
-        for (n, t) in &state {
-            assert!(fresh.load_state(n, t).expect("load"), "{n}");
+            let mut fresh = Optimizer::new(kind, params(), 0.1, 0.1).expect("opt");
+            for (n, t) in &state {
+                assert!(fresh.load_state(n, t).expect("load"), "{n}");
+            }
+            step(&mut fresh);
+            assert_eq!(
+                values(&state),
+                saved,
+                "{kind}: a step changed the tensor it loaded"
+            );
         }
-        step(&mut fresh);
-        assert_eq!(values(&state), saved, "a step changed the tensor it loaded");
     }
 }
