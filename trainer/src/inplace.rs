@@ -118,3 +118,46 @@ mod tests {
         assert!(pass.run(&strided, &dst, &dst).is_err());
     }
 }
+
+/// What the optimizers' tests of their in-place passes share.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::backprop::GradStore;
+    use candle_core::{Tensor, Var};
+
+    use super::PAR_CHUNK;
+
+    /// Two named parameters: one small enough for the calling thread, one split
+    /// into rayon tasks.
+    pub fn params() -> Vec<(String, Var)> {
+        let shapes: [&[usize]; 2] = [&[3, 5], &[PAR_CHUNK * 2 + 7]];
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = crate::ops::test_util::rand(s, i as u64);
+                (format!("p{i}"), Var::from_tensor(&t).expect("var"))
+            })
+            .collect()
+    }
+
+    /// Gradients of `Σ sin(θ)·θ`: of both signs and many sizes.
+    pub fn grads(params: &[(String, Var)]) -> GradStore {
+        params
+            .iter()
+            .map(|(_, v)| (v.sin().expect("sin") * v.as_tensor()).expect("mul"))
+            .map(|t| t.sum_all().expect("sum"))
+            .reduce(|x, y| (x + y).expect("add"))
+            .expect("loss")
+            .backward()
+            .expect("bwd")
+    }
+
+    /// The bits of every value of `ts`, in order.
+    pub fn bits<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Vec<u32> {
+        ts.into_iter()
+            .flat_map(|t| t.flatten_all().expect("f").to_vec1::<f32>().expect("v"))
+            .map(f32::to_bits)
+            .collect()
+    }
+}
