@@ -5,9 +5,9 @@
 //! `initial_accumulator` (0.1, TensorFlow's default, which the authors' code used).
 //!
 //! On the CPU the update is two in-place passes per parameter (`G`, then `θ`);
-//! elsewhere it is candle's tensor ops, which allocate a tensor
-//! for each of seven steps. Both compute the same f32 operations in the same
-//! order, so they give the same bits.
+//! elsewhere it is candle's tensor ops, which allocate a tensor for each of seven
+//! steps. Both compute the same f32 operations in the same order, so they give the
+//! same bits.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};

@@ -98,14 +98,14 @@ impl Adam {
                     t - (mh / (vh.sqrt() + eps) * lr + 0.0)
                 };
                 Pass::new("adam θ", theta).run(var.as_tensor(), m, v)?;
-                continue;
+            } else {
+                *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
+                *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
+                let m_hat = (&*m / bc1)?;
+                let v_hat = (&*v / bc2)?;
+                let update = (m_hat / (v_hat.sqrt()? + Self::EPS)?)?;
+                var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
             }
-            *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
-            *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
-            let m_hat = (&*m / bc1)?;
-            let v_hat = (&*v / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + Self::EPS)?)?;
-            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
         }
         Ok(())
     }

@@ -42,10 +42,11 @@ fn slice_mut<'a>(name: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mu
 
 /// The f32 data of a contiguous CPU tensor of `len` values.
 fn slice<'a>(name: &str, s: &'a CpuStorage, l: &Layout, len: usize) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) if b - a == len => Ok(&v[a..b]),
-        _ => candle_core::bail!("{name}: expects contiguous f32 tensors of {len} values"),
+    let v = crate::ops::contiguous(s, l, name)?;
+    if v.len() != len {
+        candle_core::bail!("{name}: expects tensors of {len} values, got {}", v.len());
     }
+    Ok(v)
 }
 
 impl<F: Fn(f32, f32, f32) -> f32 + Sync> InplaceOp3 for Pass<F> {
@@ -112,7 +113,7 @@ mod tests {
         let short = Tensor::zeros(5, candle_core::DType::F32, &dev).expect("short");
         let pass = Pass::new("test", |d, _, _| d);
         let err = pass.run(&dst, &short, &short).expect_err("short");
-        assert!(err.to_string().contains("6 values"), "{err}");
+        assert!(err.to_string().contains("6 values, got 5"), "{err}");
         let t = Tensor::zeros((3, 2), candle_core::DType::F32, &dev).expect("t");
         let strided = t.t().expect("t");
         assert!(pass.run(&strided, &dst, &dst).is_err());
