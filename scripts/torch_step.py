@@ -158,7 +158,7 @@ def main():
         f"| step ÷ forward | {ours_step / ours['forward']:.2f} | {torch_step / med[0]:.2f} | |"
     )
     print(
-        f"| % of GEMM peak ({peak:.1f} GFLOP/s) | {100 * flops / ours_step / 1e9 / peak:.0f}% "
+        f"| % of GEMM peak ({peak:.1f} GFLOP/s, {rs.get('gemm_kernels', '?')}) | {100 * flops / ours_step / 1e9 / peak:.0f}% "
         f"| {100 * flops / torch_step / 1e9 / peak:.0f}% | |"
     )
     n = rs["images_per_step"]

@@ -74,6 +74,8 @@ pub struct StepBench {
     pub gemm_peak_gflops: f64,
     /// Side of the square f32 matmul that measured the peak.
     pub gemm_size: usize,
+    /// The instruction set of the GEMM kernels that ran ([`gemm_kernels`]).
+    pub gemm_kernels: String,
     /// Each convolution timed on its own (`bench-step --layers`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerBench>>,
@@ -165,8 +167,41 @@ pub fn bench_step(
         gflops: flops / med.total() / 1e9,
         gemm_peak_gflops: peak,
         gemm_size,
+        gemm_kernels: gemm_kernels(&device).into(),
         layers: None,
     })
+}
+
+/// The instruction set of the f32 GEMM kernels on `device`: on a CPU, the one the
+/// `gemm` crate picks at run time (the same test of the CPU's features, in the
+/// same order, as its dispatch), so that numbers taken on different CPUs say
+/// which kernels they timed.
+pub fn gemm_kernels(device: &Device) -> &'static str {
+    if !device.is_cpu() {
+        return "cuBLAS";
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "AVX-512"
+        } else if std::arch::is_x86_feature_detected!("fma") {
+            "AVX2+FMA"
+        } else {
+            "scalar"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            "NEON"
+        } else {
+            "scalar"
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
 }
 
 /// One 3×3 convolution of a network: `[B, cin, size, size] → [B, cout, ·, ·]`.

@@ -265,6 +265,11 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         );
     }
     assert!(b["gemm_peak_gflops"].as_f64().is_some_and(|g| g > 0.0));
+    let kernels = b["gemm_kernels"].as_str().expect("gemm_kernels");
+    assert!(
+        ["AVX-512", "AVX2+FMA", "NEON", "scalar"].contains(&kernels),
+        "{kernels}"
+    );
 
     let o = modtrain(&[
         "bench-step",

@@ -173,12 +173,13 @@ impl BenchStepArgs {
         )?;
         writeln!(
             out,
-            "{:.2} GFLOP per step at {:.1} GFLOP/s = {:.0}% of the GEMM peak ({:.1} GFLOP/s, {}³ f32 matmul, same threads)",
+            "{:.2} GFLOP per step at {:.1} GFLOP/s = {:.0}% of the GEMM peak ({:.1} GFLOP/s, {}³ f32 matmul, same threads, {} kernels)",
             b.flops_per_step / 1e9,
             b.gflops,
             100.0 * b.peak_fraction(),
             b.gemm_peak_gflops,
-            b.gemm_size
+            b.gemm_size,
+            b.gemm_kernels
         )?;
         if let Some(layers) = &b.layers {
             print_layers(&mut out, &b, layers)?;
