@@ -32,7 +32,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{Dst, SharedOut, View, gemm};
+use super::gemm::{Dst, SharedOut, View, gemm, transpose};
 use super::{contiguous, filled, with_slice};
 
 /// Floats of one chunk's columns: 256 KB, a quarter of this machine's L2, so that
@@ -411,9 +411,17 @@ impl Geom {
         let image = self.image();
         let per = groups[0].1 * image;
         let (cols_len, chunk_len) = (self.cols_len(), self.chunk_rows * self.wo);
+        // ∂W's products want `g` with `O` contiguous, and `gemm` packs it so for
+        // each of them; transposed once per chunk, they read it in place (a third
+        // less time at the tiny spec's larger layers, `docs/performance.md`, session
+        // 14). Not where ∂W is at most 16 × 16 floats: there `gemm` takes dot
+        // products along the pixels, which need `g` as it is (conv1: 3× slower
+        // transposed).
+        let transpose_g = o * kp > 16 * 16;
+        // The columns, `g`'s chunk transposed, and for `OutGrad::Rows` the chunk.
         let scratch = match g {
-            OutGrad::Dense(_) => cols_len,
-            OutGrad::Rows(_) => cols_len + o * chunk_len,
+            OutGrad::Dense(_) => cols_len + o * chunk_len,
+            OutGrad::Rows(_) => cols_len + 2 * o * chunk_len,
         };
         // One partial sum of ∂W per group: as one GEMM over the whole batch, the
         // long reduction (B·Ho·Wo) would run on one thread.
@@ -427,7 +435,8 @@ impl Geom {
             // them (zeroing the whole batch first was one more pass over memory).
             let mut zeroed = 0;
             with_scratch(scratch, |buf| {
-                let (cols, gbuf) = buf.split_at_mut(cols_len);
+                let (cols, rest) = buf.split_at_mut(cols_len);
+                let (gt, gbuf) = rest.split_at_mut(o * chunk_len);
                 for chunk in self.chunks(nb) {
                     let (g, gv) = match g {
                         OutGrad::Dense(g) => (g, self.out_view(o, b0, chunk)),
@@ -441,10 +450,16 @@ impl Geom {
                         }
                     };
                     self.im2col(x, chunk, cols);
+                    let (g_dw, gv_dw) = if transpose_g {
+                        transpose(g, gv, gt);
+                        (&*gt, View::rows(0, gv.cols, o, o).t())
+                    } else {
+                        (g, gv)
+                    };
                     for p in 0..self.passes() {
                         let dwv = View::rows(p * kp * o, kp, o, o).t();
                         let cv = self.col_view(chunk, p).t();
-                        gemm(Dst::Slice(&mut dw), dwv, true, g, gv, cols, cv);
+                        gemm(Dst::Slice(&mut dw), dwv, true, g_dw, gv_dw, cols, cv);
                     }
                     if with_dx {
                         // The lines past the first pass's view, which the later passes
@@ -979,6 +994,10 @@ mod tests {
                 (1, 4, 3, 4, 3, 1 << 20),
                 (1, 8, 16, 22, 22, CHUNK_FLOATS),
                 (0, 8, 16, 46, 46, CHUNK_FLOATS),
+                // ∂W from `g` transposed (O·C·3 > 256), with 12 channels (one whole
+                // block of 8 and 4 more) and chunks of 63 and of 7 pixels.
+                (1, 8, 12, 9, 7, CHUNK_FLOATS),
+                (1, 8, 12, 9, 7, 1),
                 // The last blocks' small images: 4×4 with and without padding, 1×1,
                 // and a 3×5 one whose rows and columns differ.
                 (1, 6, 5, 4, 4, CHUNK_FLOATS),

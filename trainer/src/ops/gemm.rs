@@ -177,6 +177,134 @@ pub(super) fn gemm(
     }
 }
 
+/// Writes the `rows × cols` view `v` of `src` into `dst` transposed and packed:
+/// `dst[j·rows + i] = v(i, j)`.
+///
+/// The convolution's weight gradient multiplies its output gradient `g: [O,
+/// pixels]` (pixels contiguous) three times per chunk, once per kernel row. `gemm`
+/// wants that operand's `O` contiguous and packs it into that order itself, for each
+/// product: ~25–35% of those products' time at the tiny spec's 16–32 channels
+/// (`docs/performance.md`, session 14). Transposed once here, the three products read
+/// it in place.
+///
+/// # Panics
+/// If `v` reaches past `src` or `dst` is shorter than the view (a bug of the caller).
+pub(super) fn transpose(src: &[f32], v: View, dst: &mut [f32]) {
+    let (rows, cols) = (v.rows, v.cols);
+    assert!(
+        v.end() <= src.len() && dst.len() >= rows * cols,
+        "transpose: a view reaches past its buffer"
+    );
+    let (brows, bcols) = transpose_blocks(src, v, dst);
+    let mut scalar = |is: std::ops::Range<usize>, js: std::ops::Range<usize>| {
+        for i in is {
+            for j in js.clone() {
+                dst[j * rows + i] = src[v.offset + i * v.rs + j * v.cs];
+            }
+        }
+    };
+    // The columns right of the blocks in the blocks' rows, then the rows below.
+    scalar(0..brows, bcols..cols);
+    scalar(brows..rows, 0..cols);
+}
+
+/// The part of [`transpose`] done in whole 8 × 8 blocks through AVX, where the CPU
+/// has it and the view's rows are contiguous: its rows and columns from 0 (none
+/// otherwise). The caller checked the view against both buffers.
+#[cfg(target_arch = "x86_64")]
+fn transpose_blocks(src: &[f32], v: View, dst: &mut [f32]) -> (usize, usize) {
+    if v.cs != 1 || !std::arch::is_x86_feature_detected!("avx") {
+        return (0, 0);
+    }
+    let (brows, bcols) = (v.rows / 8 * 8, v.cols / 8 * 8);
+    for i0 in (0..brows).step_by(8) {
+        for j0 in (0..bcols).step_by(8) {
+            // SAFETY: AVX is present (checked above); the block reads rows i0..i0+8,
+            // columns j0..j0+8 of the view, inside `src` (`v.end()` bounds every
+            // element of the view, and `cs` is 1), and writes rows j0..j0+8, columns
+            // i0..i0+8 of `dst`'s `cols × rows`, inside `dst` (both checked by
+            // `transpose`).
+            #[allow(unsafe_code)]
+            unsafe {
+                transpose8x8(
+                    src.as_ptr().add(v.offset + i0 * v.rs + j0),
+                    v.rs,
+                    dst.as_mut_ptr().add(j0 * v.rows + i0),
+                    v.rows,
+                )
+            };
+        }
+    }
+    (brows, bcols)
+}
+
+/// No blocks off x86-64: [`transpose`] goes element by element.
+#[cfg(not(target_arch = "x86_64"))]
+fn transpose_blocks(_: &[f32], _: View, _: &mut [f32]) -> (usize, usize) {
+    (0, 0)
+}
+
+/// One 8 × 8 block: `dst[j·ds + i] = src[i·rs + j]`.
+///
+/// # Safety
+/// The CPU has AVX, and the 8 rows of 8 floats at `src` (`rs` apart) and at `dst`
+/// (`ds` apart) are inside their buffers.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8x8(src: *const f32, rs: usize, dst: *mut f32, ds: usize) {
+    use std::arch::x86_64::{
+        _mm256_loadu_ps, _mm256_permute2f128_ps, _mm256_setzero_ps, _mm256_shuffle_ps,
+        _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+    // SAFETY: the caller guarantees the 8 rows at `src` and `dst`.
+    unsafe {
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, row) in r.iter_mut().enumerate() {
+            *row = _mm256_loadu_ps(src.add(i * rs));
+        }
+        // Pairs of rows interleaved, then pairs of pairs: u[j] holds columns j (low
+        // half) and j + 4 (high half) of the block's top four rows, u[j + 4] those of
+        // its bottom four; exchanging halves makes the output rows.
+        let (t0, t1) = (
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+        );
+        let (t2, t3) = (
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+        );
+        let (t4, t5) = (
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+        );
+        let (t6, t7) = (
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        );
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t0, t2),
+            _mm256_shuffle_ps::<0xEE>(t0, t2),
+            _mm256_shuffle_ps::<0x44>(t1, t3),
+            _mm256_shuffle_ps::<0xEE>(t1, t3),
+            _mm256_shuffle_ps::<0x44>(t4, t6),
+            _mm256_shuffle_ps::<0xEE>(t4, t6),
+            _mm256_shuffle_ps::<0x44>(t5, t7),
+            _mm256_shuffle_ps::<0xEE>(t5, t7),
+        ];
+        for j in 0..4 {
+            _mm256_storeu_ps(
+                dst.add(j * ds),
+                _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4]),
+            );
+            _mm256_storeu_ps(
+                dst.add((j + 4) * ds),
+                _mm256_permute2f128_ps::<0x31>(u[j], u[j + 4]),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +347,36 @@ mod tests {
         gemm(Dst::Slice(&mut out), d, false, &a, el, &b, er);
         assert!(out[4..].iter().all(|&v| v == 0.0));
         assert_eq!(out[..4], [1.0; 4]);
+    }
+
+    #[test]
+    fn transpose_matches_indexing_with_and_without_whole_blocks() {
+        let src: Vec<f32> = (0..40 * 30).map(|i| i as f32).collect();
+        // Block-aligned, ragged on both sides, a strided column step (no blocks),
+        // and views smaller than a block.
+        for v in [
+            View::rows(0, 16, 24, 30),
+            View::rows(33, 13, 19, 30),
+            View::rows(5, 9, 7, 30).t(),
+            View::rows(61, 3, 5, 30),
+            View::rows(0, 8, 8, 8),
+        ] {
+            let mut dst = vec![f32::NAN; v.rows * v.cols + 1];
+            transpose(&src, v, &mut dst);
+            for i in 0..v.rows {
+                for j in 0..v.cols {
+                    assert_eq!(
+                        dst[j * v.rows + i],
+                        src[v.offset + i * v.rs + j * v.cs],
+                        "{v:?} ({i}, {j})"
+                    );
+                }
+            }
+            assert!(
+                dst[v.rows * v.cols].is_nan(),
+                "{v:?}: wrote past the view's size"
+            );
+        }
     }
 
     #[test]
