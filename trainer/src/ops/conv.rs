@@ -291,9 +291,9 @@ impl Geom {
                     line.fill(0.0);
                     continue;
                 };
-                line[..t.lo].fill(0.0);
+                zero_pad(&mut line[..t.lo]);
                 line[t.lo..t.hi].copy_from_slice(&x[s0..s0 + t.hi - t.lo]);
-                line[t.hi..].fill(0.0);
+                zero_pad(&mut line[t.hi..]);
             }
         }
     }
@@ -584,6 +584,17 @@ fn poison_scratch(len: usize) {
         buf.clear();
         buf.resize(len, f32::NAN);
     });
+}
+
+/// Zeroes a line's padding, a float or two with padding 1: stores, where `fill`
+/// is a `memset` call per span (1.2% of a tiny step's samples in `im2col`).
+fn zero_pad(span: &mut [f32]) {
+    match span {
+        [] => {}
+        [a] => *a = 0.0,
+        [a, b] => (*a, *b) = (0.0, 0.0),
+        _ => span.fill(0.0),
+    }
 }
 
 /// Zeroes images `zeroed..upto` of `dx` (of `image` floats each) and moves
