@@ -246,7 +246,7 @@ impl BnTrain {
         g: &[f32],
         with_skip: bool,
     ) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
-        let grad = self.grad(x, gb, y, g, with_skip);
+        let grad = self.grad(x, gb, y, g, Skip::gradient_if(with_skip));
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(grad.m)
             .enumerate()
@@ -256,8 +256,8 @@ impl BnTrain {
 
     /// The backward's first pass, from the output `y` and its gradient `g` (both
     /// batch-major): the sums `Σg'` and `Σg'·x̂` of each channel, hence `[∂γ, ∂β]`,
-    /// `∂skip` when `with_skip`, and what `∂x` is then computed from, a span at a
-    /// time ([`BnGrad::fill`]).
+    /// `∂skip` for [`Skip::Gradient`], and what `∂x` is then computed from, a span at
+    /// a time ([`BnGrad::fill`]).
     ///
     /// With a ReLU and no skip input, the ReLU's mask comes from `x` (the forward's
     /// own `a·x + c`, so the same mask bit for bit) and `y` is not read. With a skip
@@ -268,8 +268,9 @@ impl BnTrain {
         gb: &[f32],
         y: &'a [f32],
         g: &'a [f32],
-        with_skip: bool,
+        skip: Skip,
     ) -> BnGrad<'a> {
+        let with_skip = skip != Skip::None;
         let c = self.mean.len();
         let (gamma, beta) = gb.split_at(c);
         let s = x.len() / (c * self.b).max(1);
@@ -317,7 +318,7 @@ impl BnTrain {
             (sb, sg)
         };
         let (coef, dgb) = self.coefs(x, gamma, sums);
-        let dskip = with_skip.then(|| {
+        let dskip = (skip == Skip::Gradient).then(|| {
             let fill = |out: &mut [MaybeUninit<f32>]| {
                 let pieces = out.par_chunks_mut(PIECE).zip(y.par_chunks(PIECE));
                 pieces.zip(g.par_chunks(PIECE)).for_each(|((out, y), g)| {
@@ -364,6 +365,32 @@ impl BnTrain {
             .unzip();
         let (dgamma, dbeta): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
         (coef, [dgamma, dbeta].concat())
+    }
+}
+
+/// Whether a skip input was added before the ReLU, and what the backward does
+/// about its gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Skip {
+    /// No skip input.
+    None,
+    /// A skip input, whose gradient `∂skip` (`g` after the ReLU's mask) the
+    /// backward writes.
+    Gradient,
+    /// A skip input whose gradient the caller takes from `y` and `g` itself
+    /// ([`relu_mask`]) where it needs it: the residual pair starts its input's `∂x`
+    /// from it instead of adding a written `∂skip` afterwards.
+    Deferred,
+}
+
+impl Skip {
+    /// [`Skip::Gradient`] when there is a skip input, else [`Skip::None`].
+    pub(super) fn gradient_if(with_skip: bool) -> Self {
+        if with_skip {
+            Skip::Gradient
+        } else {
+            Skip::None
+        }
     }
 }
 
@@ -785,8 +812,8 @@ mod tests {
         let g = data(3);
         let g_pool = &g[..y_pool.len()];
         let grads = [
-            ("mask from x", bn.grad(&x, &gb, &y_plain, &g, false)),
-            ("mask from y", bn.grad(&x, &gb, &y_skip, &g, true)),
+            ("mask from x", bn.grad(&x, &gb, &y_plain, &g, Skip::None)),
+            ("mask from y", bn.grad(&x, &gb, &y_skip, &g, Skip::Deferred)),
             (
                 "pool",
                 bn.grad_pool(&x, &gb[..c], (&y_pool, &at, g_pool), (h, w)),

@@ -32,6 +32,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::batchnorm::relu_mask;
 use super::gemm::{Dst, SharedOut, View, gemm, transpose};
 use super::{contiguous, filled, with_slice};
 
@@ -404,6 +405,7 @@ impl Geom {
         g: OutGrad,
         o: usize,
         with_dx: bool,
+        then_add: Option<Masked>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let (k, kp) = (self.k(), self.col_rows());
         let wl = self.lower_weight(wt, o);
@@ -434,10 +436,13 @@ impl Geom {
             // to it, so that the zeros are still in cache when `col2im` adds to
             // them (zeroing the whole batch first was one more pass over memory).
             let mut zeroed = 0;
+            // Images `..finished` have had all their chunks (and `then_add`).
+            let mut finished = 0;
             with_scratch(scratch, |buf| {
                 let (cols, rest) = buf.split_at_mut(cols_len);
                 let (gt, gbuf) = rest.split_at_mut(o * chunk_len);
-                for chunk in self.chunks(nb) {
+                let chunks = self.chunks(nb);
+                for (ci, &chunk) in chunks.iter().enumerate() {
                     let (g, gv) = match g {
                         OutGrad::Dense(g) => (g, self.out_view(o, b0, chunk)),
                         OutGrad::Rows(fill) => {
@@ -480,6 +485,16 @@ impl Geom {
                         #[allow(unsafe_code)]
                         let init = unsafe { assume_init(&mut dx[..zeroed * image]) };
                         self.col2im(cols, chunk, init);
+                        if let Some(add) = then_add {
+                            // The images no later chunk reads: complete, and in cache.
+                            let next = chunks
+                                .get(ci + 1)
+                                .map_or(nb, |&c| self.chunk_first_image(c));
+                            for i in finished..next {
+                                add.add_to(&mut init[i * image..(i + 1) * image], (b0 + i) * image);
+                            }
+                            finished = finished.max(next);
+                        }
                     }
                 }
             });
@@ -522,6 +537,11 @@ impl Geom {
             }
         }
         (dw, dx)
+    }
+
+    /// The first image (counted in its group) whose input lines a chunk reads.
+    fn chunk_first_image(&self, chunk: (usize, usize)) -> usize {
+        self.chunk_lines(chunk).0 / self.lines()
     }
 
     /// The last image (counted in its group) whose input lines a chunk reads.
@@ -594,6 +614,32 @@ fn zero_pad(span: &mut [f32]) {
         [a] => *a = 0.0,
         [a, b] => (*a, *b) = (0.0, 0.0),
         _ => span.fill(0.0),
+    }
+}
+
+/// `g` after a ReLU's mask from its output `y`, both batch-major like a
+/// convolution's `∂x`: the gradient a residual pair's skip connection adds to its
+/// input's. [`Geom::backward`] adds it to each image of `∂x` as soon as the image
+/// is complete, while it is in cache, instead of the pair writing it to a tensor of
+/// its own and adding that afterwards (the same additions in the same order).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Masked<'a> {
+    pub y: &'a [f32],
+    pub g: &'a [f32],
+    pub relu: bool,
+}
+
+impl Masked<'_> {
+    /// Adds values `at..at + dst.len()` to `dst`.
+    fn add_to(&self, dst: &mut [f32], at: usize) {
+        let n = dst.len();
+        for ((d, &y), &g) in dst
+            .iter_mut()
+            .zip(&self.y[at..at + n])
+            .zip(&self.g[at..at + n])
+        {
+            *d += relu_mask(self.relu, y, g);
+        }
     }
 }
 
@@ -722,7 +768,7 @@ impl Conv3x3 {
         let (dw, dx) = with_slice(x, |x| {
             with_slice(weight, |wt| {
                 with_slice(grad, |g| {
-                    Ok(geom.backward(x, wt, OutGrad::Dense(g), o, with_dx))
+                    Ok(geom.backward(x, wt, OutGrad::Dense(g), o, with_dx, None))
                 })
             })
         })?;
@@ -1038,6 +1084,50 @@ mod tests {
                         let d = rel_diff(g1.get(v).expect("g1"), g2.get(v).expect("g2"));
                         assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
                     }
+                }
+            }
+        });
+    }
+
+    /// `then_add` gives `∂x` plus the masked gradient, bit for bit, whether an
+    /// image's chunks are one, several (taps of one row; rows of two), or shared with
+    /// the next image (taps spanning images), over several image groups.
+    #[test]
+    fn masked_gradient_is_added_to_each_image_once() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("pool");
+        let vec = |n: usize, seed| rand(&[n], seed).to_vec1::<f32>().expect("vec");
+        pool.install(|| {
+            for (pad, c, h, w, chunk_floats, lowering) in [
+                (1, 4, 5, 4, 1, Lowering::Taps),
+                (1, 4, 5, 4, 192, Lowering::Rows),
+                (1, 4, 4, 3, 4 * 9 * 5, Lowering::Taps),
+                (1, 6, 7, 5, CHUNK_FLOATS, Lowering::Rows),
+            ] {
+                let (b, o) = (5, 3);
+                let geom = Geom::lowered((b, c, h, w), pad, chunk_floats, lowering).expect("geom");
+                let (x, wt) = (vec(b * c * h * w, 1), vec(o * c * 9, 2));
+                let g = vec(o * b * geom.n(), 3);
+                // The skip's output and gradient, shaped like ∂x; y half negative.
+                let (y, gy) = (vec(b * c * h * w, 4), vec(b * c * h * w, 5));
+                let plain = geom.backward(&x, &wt, OutGrad::Dense(&g), o, true, None);
+                let add = Masked {
+                    y: &y,
+                    g: &gy,
+                    relu: true,
+                };
+                let with = geom.backward(&x, &wt, OutGrad::Dense(&g), o, true, Some(add));
+                assert_eq!(plain.0, with.0, "{lowering:?} chunk {chunk_floats}: ∂W");
+                let (plain, with) = (plain.1.expect("dx"), with.1.expect("dx"));
+                for (i, (p, v)) in plain.iter().zip(&with).enumerate() {
+                    let want = p + relu_mask(true, y[i], gy[i]);
+                    assert_eq!(
+                        want.to_bits(),
+                        v.to_bits(),
+                        "{lowering:?} chunk {chunk_floats}: ∂x[{i}]"
+                    );
                 }
             }
         });

@@ -23,10 +23,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::batchnorm::{BatchStats, BnTrain, PIECE};
-use super::conv::{CHUNK_FLOATS, Geom, OutGrad};
+use super::batchnorm::{BatchStats, BnTrain, Skip};
+use super::conv::{CHUNK_FLOATS, Geom, Masked, OutGrad};
 use super::{contiguous, with_slice};
 
 /// What the forward computed and the backward needs: the convolution's output
@@ -117,7 +116,7 @@ impl Stage {
     }
 
     /// The gradients from the input `x`, the output `y` (pooled, when there is a
-    /// pool) and its gradient `g`.
+    /// pool) and its gradient `g`; `∂x` when `with_dx`, with `then_add` added to it.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -126,20 +125,20 @@ impl Stage {
         x: &[f32],
         p: &[f32],
         (y, g): (&[f32], &[f32]),
-        with_skip: bool,
-        with_dx: bool,
+        skip: Skip,
+        (with_dx, then_add): (bool, Option<Masked>),
     ) -> Result<StageGrads> {
         let wl = self.weight_len(geom, p.len())?;
         let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
         let (bn, conv_out) = (&saved.bn, &saved.conv_out);
         let grad = match &saved.argmax {
             Some(at) => bn.grad_pool(conv_out, gamma, (y, at, g), (geom.ho, geom.wo)),
-            None => bn.grad(conv_out, &p[wl..], y, g, with_skip),
+            None => bn.grad(conv_out, &p[wl..], y, g, skip),
         };
         // BatchNorm's ∂x (the conv's output gradient) chunk by chunk, as the
         // convolution's backward multiplies it.
         let fill = |ch: usize, first: usize, dst: &mut [f32]| grad.fill(ch, first, dst);
-        let (dw, dx) = geom.backward(x, wt, OutGrad::Rows(&fill), self.o, with_dx);
+        let (dw, dx) = geom.backward(x, wt, OutGrad::Rows(&fill), self.o, with_dx, then_add);
         Ok(StageGrads {
             dx,
             dp: [dw, grad.dgb].concat(),
@@ -212,8 +211,9 @@ impl ConvBnTrain {
                 with_slice(y, |y| {
                     with_slice(grad, |g| {
                         let yg = (y, g);
+                        let skip = Skip::gradient_if(with_skip);
                         self.stage
-                            .backward(&geom, saved, xv, p, yg, with_skip, track)
+                            .backward(&geom, saved, xv, p, yg, skip, (track, None))
                     })
                 })
             })
@@ -349,17 +349,28 @@ impl CustomOp2 for ResPairTrain {
                         let p1 = s1.params(geom.c).min(p.len());
                         let (p1, p2) = p.split_at(p1);
                         let (mid, dmid) = (&saved.mid, (out, g));
-                        let second =
-                            s2.backward(&geom, &saved.second, mid, p2, dmid, true, true)?;
+                        let second = s2.backward(
+                            &geom,
+                            &saved.second,
+                            mid,
+                            p2,
+                            dmid,
+                            Skip::Deferred,
+                            (true, None),
+                        )?;
                         let dmid = second.dx.unwrap_or_default();
                         let yg = (mid.as_slice(), dmid.as_slice());
-                        let first = s1.backward(&geom, &saved.first, yv, p1, yg, false, true)?;
-                        let mut dy = first.dx.unwrap_or_default();
-                        if let Some(dskip) = second.dskip {
-                            let pieces = dy.par_chunks_mut(PIECE).zip(dskip.par_chunks(PIECE));
-                            pieces
-                                .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
-                        }
+                        // The skip connection's gradient, `g` after the second ReLU's
+                        // mask, is added to `∂y` image by image as the convolution
+                        // completes it: no tensor of its own, no pass of its own.
+                        let skip = Masked {
+                            y: out,
+                            g,
+                            relu: s2.relu,
+                        };
+                        let dx = (true, Some(skip));
+                        let first = s1.backward(&geom, &saved.first, yv, p1, yg, Skip::None, dx)?;
+                        let dy = first.dx.unwrap_or_default();
                         Ok((dy, [first.dp, second.dp].concat()))
                     })
                 })
