@@ -266,32 +266,19 @@ unsafe fn transpose8x8(src: *const f32, rs: usize, dst: *mut f32, ds: usize) {
         // Pairs of rows interleaved, then pairs of pairs: u[j] holds columns j (low
         // half) and j + 4 (high half) of the block's top four rows, u[j + 4] those of
         // its bottom four; exchanging halves makes the output rows.
-        let (t0, t1) = (
-            _mm256_unpacklo_ps(r[0], r[1]),
-            _mm256_unpackhi_ps(r[0], r[1]),
-        );
-        let (t2, t3) = (
-            _mm256_unpacklo_ps(r[2], r[3]),
-            _mm256_unpackhi_ps(r[2], r[3]),
-        );
-        let (t4, t5) = (
-            _mm256_unpacklo_ps(r[4], r[5]),
-            _mm256_unpackhi_ps(r[4], r[5]),
-        );
-        let (t6, t7) = (
-            _mm256_unpacklo_ps(r[6], r[7]),
-            _mm256_unpackhi_ps(r[6], r[7]),
-        );
-        let u = [
-            _mm256_shuffle_ps::<0x44>(t0, t2),
-            _mm256_shuffle_ps::<0xEE>(t0, t2),
-            _mm256_shuffle_ps::<0x44>(t1, t3),
-            _mm256_shuffle_ps::<0xEE>(t1, t3),
-            _mm256_shuffle_ps::<0x44>(t4, t6),
-            _mm256_shuffle_ps::<0xEE>(t4, t6),
-            _mm256_shuffle_ps::<0x44>(t5, t7),
-            _mm256_shuffle_ps::<0xEE>(t5, t7),
-        ];
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm256_setzero_ps(); 8];
+        for h in [0, 4] {
+            for i in 0..2 {
+                let (a, b) = (t[h + i], t[h + i + 2]);
+                u[h + 2 * i] = _mm256_shuffle_ps::<0x44>(a, b);
+                u[h + 2 * i + 1] = _mm256_shuffle_ps::<0xEE>(a, b);
+            }
+        }
         for j in 0..4 {
             _mm256_storeu_ps(
                 dst.add(j * ds),
