@@ -178,6 +178,10 @@ pub fn bench_step(
 /// which kernels they timed.
 pub fn gemm_kernels(device: &Device) -> &'static str {
     if !device.is_cpu() {
+        #[cfg(feature = "cuda")]
+        if crate::ops::cudnn::in_use() {
+            return "cuBLAS + cuDNN";
+        }
         return "cuBLAS";
     }
     #[cfg(target_arch = "x86_64")]

@@ -63,16 +63,42 @@ impl Norm {
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
         let Some((gamma, beta)) = self.fused_affine(xc, train) else {
-            let mut y = self.inner.forward_t(&xc.transpose(0, 1)?, train)?;
-            if let Some(skip) = skip {
-                y = (y + skip)?;
-            }
-            return Ok(if relu { y.relu()? } else { y });
+            return self.forward_batch_major(&xc.transpose(0, 1)?, train, relu, skip);
         };
         let eps = self.inner.eps();
         let (y, stats) = crate::ops::batch_norm_train(xc, gamma, beta, eps, relu, skip)?;
         self.update_running(&stats, xc.device())?;
         Ok(y)
+    }
+
+    /// [`Norm::forward`] of batch-major `x: [B, C, …]`, off the fused CPU kernels:
+    /// cuDNN's BatchNorm where it applies, candle-nn's otherwise.
+    fn forward_batch_major(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        skip: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = match self.gpu_forward(x, train)? {
+            Some(y) => y,
+            None => self.inner.forward_t(x, train)?,
+        };
+        skip_relu(y, relu, skip)
+    }
+
+    /// Training-mode BatchNorm of batch-major `x` through cuDNN, with the running
+    /// averages updated, where it applies ([`crate::ops::batch_norm_train_gpu`]).
+    fn gpu_forward(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let Some((gamma, beta)) = self.inner.weight_and_bias().filter(|_| train) else {
+            return Ok(None);
+        };
+        let eps = self.inner.eps();
+        let Some((y, mean, var)) = crate::ops::batch_norm_train_gpu(x, gamma, beta, eps)? else {
+            return Ok(None);
+        };
+        self.update_running_from(&mean, &var, x.elem_count() / mean.elem_count().max(1))?;
+        Ok(Some(y))
     }
 
     /// γ and β when a fused CPU node applies to `x`: training mode, CPU kernels, f32.
@@ -123,10 +149,16 @@ impl Norm {
     /// Moves the running averages towards one batch's statistics, as candle-nn does
     /// (the unbiased variance).
     fn update_running(&self, stats: &crate::ops::BatchStats, dev: &Device) -> Result<()> {
-        let momentum = self.inner.momentum();
-        let n = stats.count as f64;
         let mean = Tensor::new(stats.mean.as_slice(), dev)?;
         let var = Tensor::new(stats.var.as_slice(), dev)?;
+        self.update_running_from(&mean, &var, stats.count)
+    }
+
+    /// The same from the batch's per-channel `mean` and biased `var` over `count`
+    /// values per channel.
+    fn update_running_from(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let momentum = self.inner.momentum();
+        let n = count as f64;
         self.running_mean
             .set(&((self.running_mean.as_tensor() * (1.0 - momentum))? + (mean * momentum)?)?)?;
         self.running_var.set(
@@ -135,6 +167,15 @@ impl Norm {
         )?;
         Ok(())
     }
+}
+
+/// `y` (+ skip) (→ ReLU when `relu`).
+fn skip_relu(y: Tensor, relu: bool, skip: Option<&Tensor>) -> Result<Tensor> {
+    let y = match skip {
+        Some(skip) => (y + skip)?,
+        None => y,
+    };
+    Ok(if relu { y.relu()? } else { y })
 }
 
 /// A 3×3 conv (stride 1) followed by BatchNorm, or with a bias when BN is off.
@@ -175,18 +216,30 @@ impl ConvBn {
         {
             return Ok(y);
         }
-        let yc = conv3x3_channel_major(x, &self.weight, self.pad)?;
-        let mut y = match (&self.bias, &self.bn) {
-            (_, Some(bn)) => return bn.forward(&yc, train, relu, skip),
-            (Some(b), None) => yc
-                .transpose(0, 1)?
-                .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-            (None, None) => yc.transpose(0, 1)?,
-        };
-        if let Some(skip) = skip {
-            y = (y + skip)?;
+        // Off the CPU kernels (CUDA; the generic path in tests) the convolution and
+        // BatchNorm meet batch-major, with no transposes between them whose
+        // gradients candle would copy.
+        if !crate::ops::cpu_kernels(x) {
+            let y = crate::ops::conv3x3(x, &self.weight, self.pad)?;
+            return match &self.bn {
+                Some(bn) => bn.forward_batch_major(&y, train, relu, skip),
+                None => self.biased(y, relu, skip),
+            };
         }
-        Ok(if relu { y.relu()? } else { y })
+        let yc = conv3x3_channel_major(x, &self.weight, self.pad)?;
+        match &self.bn {
+            Some(bn) => bn.forward(&yc, train, relu, skip),
+            None => self.biased(yc.transpose(0, 1)?, relu, skip),
+        }
+    }
+
+    /// Batch-major `y` plus the bias (without BatchNorm) (+ skip) (→ ReLU).
+    fn biased(&self, y: Tensor, relu: bool, skip: Option<&Tensor>) -> Result<Tensor> {
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+            None => y,
+        };
+        skip_relu(y, relu, skip)
     }
 
     /// conv → BN → ReLU → 2×2 max-pool.
@@ -299,7 +352,10 @@ impl Backbone {
     fn fc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = x.flatten_from(1)?.matmul(&self.fc_weight.t()?)?;
         Ok(match (&self.fc_bias, &self.fc_bn) {
-            (_, Some(bn)) => bn.forward(&y.t()?, train, false, None)?,
+            (_, Some(bn)) if crate::ops::cpu_kernels(&y) => {
+                bn.forward(&y.t()?, train, false, None)?
+            }
+            (_, Some(bn)) => bn.forward_batch_major(&y, train, false, None)?,
             (Some(b), None) => y.broadcast_add(b)?,
             (None, None) => y,
         })

@@ -766,18 +766,25 @@ mod tests {
 
     /// Built with `--features cuda`, on a machine with a GPU (`scripts/gpu/bench.sh`):
     /// one training step from the same seed gives the same loss and gradients on the
-    /// GPU as on the CPU.
+    /// GPU as on the CPU, through cuDNN and through candle's own kernels.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_step_matches_cpu() {
-        let gpu = match Device::new_cuda(0) {
+        let gpu = match crate::ops::cudnn::cuda_device(0) {
             Ok(gpu) => gpu,
             Err(e) => {
                 eprintln!("cuda_step_matches_cpu: no GPU here ({e}); nothing compared");
                 return;
             }
         };
-        assert_same_step(&step_grads(Device::Cpu), &step_grads(gpu), 1e-3);
+        assert!(
+            crate::ops::cudnn::in_use(),
+            "cuda_step_matches_cpu: cuDNN did not load; put libcudnn.so.9 on LD_LIBRARY_PATH"
+        );
+        let cpu = step_grads(Device::Cpu);
+        assert_same_step(&cpu, &step_grads(gpu.clone()), 1e-3);
+        let generic = crate::ops::cudnn::without_cudnn(|| step_grads(gpu));
+        assert_same_step(&cpu, &generic, 1e-3);
     }
 
     #[test]

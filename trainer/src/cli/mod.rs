@@ -86,7 +86,12 @@ fn device(name: &str) -> Result<Device> {
                     "--device {name}: this modtrain was built without CUDA; rebuild with `cargo build --release --features cuda`"
                 );
             }
-            Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
+            // A clear error, not cudarc's panic, where the driver is missing.
+            #[cfg(feature = "cuda")]
+            let dev = modkit_trainer::ops::cudnn::cuda_device(ordinal.unwrap_or(0))?;
+            #[cfg(not(feature = "cuda"))]
+            let dev = Device::new_cuda(ordinal.unwrap_or(0))?;
+            Ok(dev)
         }
         other => bail!("unknown --device {other:?}: use cpu or cuda[:N]"),
     }

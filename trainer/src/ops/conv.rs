@@ -824,8 +824,8 @@ fn grad_dims(l: &Layout, geom: &Geom) -> Result<usize> {
 
 /// `x: [B, C, H, W]` convolved with `weight: [O, C, 3, 3]` (stride 1, zero padding
 /// `pad`), no bias, returned channel-major: `[O, B, Ho, Wo]` (what BatchNorm
-/// consumes). On CPU the chunked kernels of this module; elsewhere candle's
-/// `conv2d`.
+/// consumes on the CPU). On CPU the chunked kernels of this module; elsewhere a
+/// transposed view of [`conv3x3`].
 pub fn conv3x3_channel_major(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
     conv3x3_chunked(x, weight, pad, CHUNK_FLOATS, None)
 }
@@ -838,7 +838,7 @@ fn conv3x3_chunked(
     lowering: Option<Lowering>,
 ) -> Result<Tensor> {
     if !super::cpu_kernels(x) {
-        return conv3x3_generic(x, weight, pad)?.transpose(0, 1);
+        return conv3x3(x, weight, pad)?.transpose(0, 1);
     }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     x.apply_op2(
@@ -965,9 +965,19 @@ fn conv3x3_generic_bwd(
     Ok((dx, Some(dw), None))
 }
 
-/// [`conv3x3_channel_major`] as `[B, O, Ho, Wo]` (a transposed view on CPU).
+/// The convolution batch-major, `[B, O, Ho, Wo]`: on the CPU kernels a transposed
+/// view of their channel-major output; elsewhere as computed, by cuDNN where it
+/// loads ([`super::cudnn`]) or candle's ops ([`conv3x3_generic`]), with no
+/// transposes in the graph (candle copies a transpose's gradient).
 pub fn conv3x3(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
-    conv3x3_channel_major(x, weight, pad)?.transpose(0, 1)
+    if super::cpu_kernels(x) {
+        return conv3x3_channel_major(x, weight, pad)?.transpose(0, 1);
+    }
+    #[cfg(feature = "cuda")]
+    if super::cudnn::applies(x) {
+        return super::cudnn::conv3x3(x, weight, pad);
+    }
+    conv3x3_generic(x, weight, pad)
 }
 
 #[cfg(test)]

@@ -14,8 +14,9 @@
 //! * [`max_pool2x2`]: 2×2 stride-2 max-pool with floor semantics for odd sizes and an
 //!   exact backward (candle's upsampling-based backward assumes even sizes).
 //!
-//! On other devices (CUDA) the generic path runs: candle's built-in ops, with a
-//! GEMM-based conv backward. Each kernel is checked against candle's reference
+//! On CUDA, [`cudnn`] runs the convolutions and training-mode BatchNorms as cuDNN
+//! calls where libcudnn loads; elsewhere the generic path runs: candle's built-in
+//! ops, with a GEMM-based conv backward. Each kernel is checked against candle's reference
 //! implementation in its tests, and a whole training step on the CPU kernels
 //! against the same step on the generic path (`train.rs`).
 
@@ -23,6 +24,8 @@ mod batchnorm;
 mod bn_pool;
 mod conv;
 mod conv_bn;
+#[cfg(feature = "cuda")]
+pub mod cudnn;
 mod gemm;
 mod maxpool;
 
@@ -44,6 +47,24 @@ thread_local! {
 /// thread asked for the generic path (what CUDA runs) with [`with_generic_ops`].
 pub(crate) fn cpu_kernels(t: &Tensor) -> bool {
     t.device().is_cpu() && CPU_KERNELS.with(Cell::get)
+}
+
+/// Training-mode BatchNorm of batch-major `x: [B, C]` or `[B, C, H, W]` through
+/// cuDNN, where it applies ([`cudnn::applies`]): the output and the batch's mean and
+/// biased variance per channel. `None` elsewhere (the CPU, builds without CUDA, no
+/// libcudnn, other ranks).
+pub fn batch_norm_train_gpu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if cudnn::applies(x) && matches!(x.rank(), 2 | 4) {
+        return cudnn::batch_norm_train(x, gamma, beta, eps).map(Some);
+    }
+    let _ = (x, gamma, beta, eps);
+    Ok(None)
 }
 
 /// Runs `f` with the CPU kernels off on this thread: the generic path on the CPU, to
