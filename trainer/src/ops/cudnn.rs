@@ -21,8 +21,9 @@
 //! `benchmark=False`), looked up once per shape.
 //!
 //! They run where [`applies`]: a CUDA f32 tensor, libcudnn found at run time (cudarc
-//! loads it, `dynamic-loading`) and `MODTRAIN_CUDNN` not `0`. Elsewhere the generic
-//! path (candle's ops) runs, as before.
+//! loads it, `dynamic-loading`) and `MODTRAIN_CUDNN` not `0`; so does the 2×2
+//! max-pool's own CUDA kernel (`maxpool.cu`). Elsewhere the generic path (candle's
+//! ops) runs, as before: `MODTRAIN_CUDNN=0` times it against these.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -1030,6 +1031,30 @@ mod tests {
             close("∂x", &grad(&g_gpu, &xg), &grad(&g_cpu, &xc));
             close("∂W", &grad(&g_gpu, &wg), &grad(&g_cpu, &wc));
         }
+    }
+
+    #[test]
+    fn pooling_matches_the_cpu_kernel_ties_included() {
+        let Some(dev) = gpu("pooling_matches_the_cpu_kernel_ties_included") else {
+            return;
+        };
+        // Odd sides (a dropped row and column) and values on a coarse grid, so that
+        // many windows hold tied maxima: the gradient must go to the first of them.
+        let x = (rand(&[3, 4, 9, 7], 8) * 4.0)
+            .and_then(|t| t.round())
+            .expect("x");
+        let xc = Var::from_tensor(&x).expect("x");
+        let xg = on(&x, &dev);
+        let y_cpu = crate::ops::max_pool2x2(xc.as_tensor()).expect("cpu");
+        let y_gpu = crate::ops::max_pool2x2(xg.as_tensor()).expect("gpu");
+        close("y", &y_gpu, &y_cpu);
+        let up = rand(y_cpu.dims(), 9);
+        let g_cpu = grads_of(&y_cpu, &up);
+        let g_gpu = grads_of(&y_gpu, &up.to_device(&dev).expect("up"));
+        let dx = |g: &candle_core::backprop::GradStore, v: &Var| {
+            g.get(v.as_tensor()).expect("gradient").clone()
+        };
+        close("∂x", &dx(&g_gpu, &xg), &dx(&g_cpu, &xc));
     }
 
     #[test]

@@ -94,6 +94,22 @@ impl CustomOp1 for MaxPool {
         Ok((CpuStorage::F32(out), Shape::from((b, c, h / 2, w / 2))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let out = cuda::launch(
+            "max_pool2x2",
+            (b, c, h, w),
+            b * c * (h / 2) * (w / 2),
+            &[(s, l)],
+        )?;
+        Ok((out, Shape::from((b, c, h / 2, w / 2))))
+    }
+
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = arg.apply_op3_no_bwd(res, &grad.contiguous()?, &MaxPoolBackward)?;
         Ok(Some(g))
@@ -120,15 +136,95 @@ impl CustomOp3 for MaxPoolBackward {
         let out = unpool(x, m, g, l1.shape().dims4()?);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        let n = l1.shape().elem_count();
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = cuda::launch("max_pool2x2_backward", dims, n, &inputs)?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
-/// 2×2 stride-2 max-pool, floor semantics. CPU: the kernel above; elsewhere (CUDA)
-/// the windows laid out as a last axis of 4, the first maximum's index taken with
+/// The kernels of `maxpool.cu` (compiled to PTX by `build.rs`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/maxpool.ptx"));
+
+    /// Runs kernel `name` over `(b, c, h, w)` planes: its arguments are the f32 data
+    /// of `inputs` (contiguous), a fresh output of `len` floats that it writes in
+    /// full, then the plane count, `h` and `w`.
+    pub(super) fn launch(
+        name: &str,
+        (b, c, h, w): (usize, usize, usize, usize),
+        len: usize,
+        inputs: &[(&CudaStorage, &Layout)],
+    ) -> Result<CudaStorage> {
+        let Some(&(first, _)) = inputs.first() else {
+            candle_core::bail!("{name}: no inputs");
+        };
+        let dims = |n: usize| {
+            u32::try_from(n)
+                .map_err(|_| candle_core::Error::Msg(format!("{name}: {n} is too large")))
+        };
+        let (planes, h32, w32, n32) = (dims(b * c)?, dims(h)?, dims(w)?, dims(len)?);
+        if n32 == 0 {
+            candle_core::bail!("{name}: an empty tensor [{b}, {c}, {h}, {w}]");
+        }
+        let dev = &first.device;
+        let views = inputs
+            .iter()
+            .map(|(s, l)| {
+                let (a, z) = l.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{name}: a non-contiguous input"))
+                })?;
+                Ok(s.as_cuda_slice::<f32>()?.slice(a..z))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: the kernel writes every one of the `len` floats.
+        #[allow(unsafe_code)]
+        let out = unsafe { dev.alloc::<f32>(len)? };
+        let func = dev.get_or_load_custom_func(name, "modkit_maxpool", PTX)?;
+        let mut args = func.builder();
+        for v in &views {
+            args.arg(v);
+        }
+        args.arg(&out);
+        args.arg(&planes);
+        args.arg(&h32);
+        args.arg(&w32);
+        // Grid-stride loops: a grid of at most 64K blocks covers any size.
+        let mut cfg = LaunchConfig::for_num_elems(n32);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(65_536);
+        // SAFETY: the arguments are those the kernel declares, in its order: the
+        // inputs' data, the output (`len` floats), and u32 sizes that match them.
+        #[allow(unsafe_code)]
+        unsafe { args.launch(cfg) }
+            .map_err(|e| candle_core::Error::Msg(format!("{name}: {e:?}")))?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+/// 2×2 stride-2 max-pool, floor semantics. CPU: the kernel above; CUDA: the same in
+/// `maxpool.cu` where the CUDA nodes apply ([`super::cuda_nodes`]); elsewhere the
+/// windows laid out as a last axis of 4, the first maximum's index taken with
 /// `argmax` and the value gathered, so the gradient goes to that one element as in
-/// the kernel (a plain `max` would send it to every tied element, and flat regions
+/// the kernels (a plain `max` would send it to every tied element, and flat regions
 /// of the synthetic images make ties common).
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    if super::cpu_kernels(x) {
+    if super::cpu_kernels(x) || super::cuda_nodes(x) {
         return x.contiguous()?.apply_op1(MaxPool);
     }
     let (b, c, h, w) = x.dims4()?;

@@ -49,8 +49,21 @@ pub(crate) fn cpu_kernels(t: &Tensor) -> bool {
     t.device().is_cpu() && CPU_KERNELS.with(Cell::get)
 }
 
+/// Whether the CUDA nodes compute ops on `t`: cuDNN's convolution and BatchNorm
+/// and the pooling kernel of `maxpool.cu` (`cudnn::applies`; never in builds
+/// without CUDA).
+pub(crate) fn cuda_nodes(t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return cudnn::applies(t);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = t;
+        false
+    }
+}
+
 /// Training-mode BatchNorm of batch-major `x: [B, C]` or `[B, C, H, W]` through
-/// cuDNN, where it applies ([`cudnn::applies`]): the output and the batch's mean and
+/// cuDNN, where it applies (`cudnn::applies`): the output and the batch's mean and
 /// biased variance per channel. `None` elsewhere (the CPU, builds without CUDA, no
 /// libcudnn, other ranks).
 pub fn batch_norm_train_gpu(
@@ -59,12 +72,16 @@ pub fn batch_norm_train_gpu(
     beta: &Tensor,
     eps: f64,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    #[cfg(feature = "cuda")]
-    if cudnn::applies(x) && matches!(x.rank(), 2 | 4) {
-        return cudnn::batch_norm_train(x, gamma, beta, eps).map(Some);
+    if !(cuda_nodes(x) && matches!(x.rank(), 2 | 4)) {
+        return Ok(None);
     }
-    let _ = (x, gamma, beta, eps);
-    Ok(None)
+    #[cfg(feature = "cuda")]
+    return cudnn::batch_norm_train(x, gamma, beta, eps).map(Some);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (gamma, beta, eps);
+        Ok(None)
+    }
 }
 
 /// Runs `f` with the CPU kernels off on this thread: the generic path on the CPU, to
