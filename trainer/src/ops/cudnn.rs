@@ -147,103 +147,95 @@ fn c_dims(dims: [usize; 4]) -> Result<[c_int; 4]> {
     Ok(out)
 }
 
-/// An NCHW f32 tensor descriptor.
-struct TensorDesc(sys::cudnnTensorDescriptor_t);
+/// An owned cuDNN descriptor: `create` makes one, `Drop` destroys it.
+macro_rules! descriptor {
+    ($(#[$doc:meta])* $name:ident($raw:ty), $create:path, $destroy:path) => {
+        $(#[$doc])*
+        struct $name($raw);
+
+        impl $name {
+            fn create() -> Result<Self> {
+                Ok($name($create().check(stringify!($create))?))
+            }
+        }
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                // SAFETY: made by `create`, destroyed only here.
+                #[allow(unsafe_code)]
+                let _ = unsafe { $destroy(self.0) };
+            }
+        }
+    };
+}
+
+descriptor!(
+    /// An NCHW f32 tensor descriptor.
+    TensorDesc(sys::cudnnTensorDescriptor_t),
+    result::create_tensor_descriptor,
+    result::destroy_tensor_descriptor
+);
+descriptor!(
+    /// An `[O, C, 3, 3]` f32 filter descriptor.
+    FilterDesc(sys::cudnnFilterDescriptor_t),
+    result::create_filter_descriptor,
+    result::destroy_filter_descriptor
+);
+descriptor!(
+    /// A stride-1, dilation-1 cross-correlation (what deep learning calls
+    /// convolution) with f32 accumulation.
+    ConvDesc(sys::cudnnConvolutionDescriptor_t),
+    result::create_convolution_descriptor,
+    result::destroy_convolution_descriptor
+);
 
 impl TensorDesc {
     fn new(dims: [usize; 4]) -> Result<Self> {
-        let d =
-            TensorDesc(result::create_tensor_descriptor().check("cudnnCreateTensorDescriptor")?);
-        // SAFETY: a descriptor just created, freed only by `Drop`.
+        let d = Self::create()?;
+        let (format, dtype) = (
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        );
+        // SAFETY: a live descriptor.
         #[allow(unsafe_code)]
-        unsafe {
-            result::set_tensor4d_descriptor(
-                d.0,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-                c_dims(dims)?,
-            )
-        }
-        .check("cudnnSetTensor4dDescriptor")?;
+        unsafe { result::set_tensor4d_descriptor(d.0, format, dtype, c_dims(dims)?) }
+            .check("cudnnSetTensor4dDescriptor")?;
         Ok(d)
     }
 }
-
-impl Drop for TensorDesc {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed only here.
-        #[allow(unsafe_code)]
-        let _ = unsafe { result::destroy_tensor_descriptor(self.0) };
-    }
-}
-
-/// An `[O, C, 3, 3]` f32 filter descriptor.
-struct FilterDesc(sys::cudnnFilterDescriptor_t);
 
 impl FilterDesc {
     fn new(dims: [usize; 4]) -> Result<Self> {
-        let d =
-            FilterDesc(result::create_filter_descriptor().check("cudnnCreateFilterDescriptor")?);
-        // SAFETY: a descriptor just created, freed only by `Drop`.
+        let d = Self::create()?;
+        let (dtype, format) = (
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        );
+        // SAFETY: a live descriptor.
         #[allow(unsafe_code)]
-        unsafe {
-            result::set_filter4d_descriptor(
-                d.0,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                c_dims(dims)?,
-            )
-        }
-        .check("cudnnSetFilter4dDescriptor")?;
+        unsafe { result::set_filter4d_descriptor(d.0, dtype, format, c_dims(dims)?) }
+            .check("cudnnSetFilter4dDescriptor")?;
         Ok(d)
     }
 }
-
-impl Drop for FilterDesc {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed only here.
-        #[allow(unsafe_code)]
-        let _ = unsafe { result::destroy_filter_descriptor(self.0) };
-    }
-}
-
-/// A stride-1, dilation-1 cross-correlation (what deep learning calls convolution)
-/// with f32 accumulation.
-struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
 
 impl ConvDesc {
     fn new(pad: usize, math: sys::cudnnMathType_t) -> Result<Self> {
-        let d = ConvDesc(
-            result::create_convolution_descriptor().check("cudnnCreateConvolutionDescriptor")?,
-        );
+        let d = Self::create()?;
         let p =
             c_int::try_from(pad).map_err(|_| candle_core::Error::Msg("cuDNN: padding".into()))?;
-        // SAFETY: a descriptor just created, freed only by `Drop`.
+        let (mode, dtype) = (
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        );
+        // SAFETY: a live descriptor.
         #[allow(unsafe_code)]
         unsafe {
-            result::set_convolution2d_descriptor(
-                d.0,
-                p,
-                p,
-                1,
-                1,
-                1,
-                1,
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-            )
-            .check("cudnnSetConvolution2dDescriptor")?;
+            result::set_convolution2d_descriptor(d.0, p, p, 1, 1, 1, 1, mode, dtype)
+                .check("cudnnSetConvolution2dDescriptor")?;
             result::set_convolution_math_type(d.0, math).check("cudnnSetConvolutionMathType")?;
         }
         Ok(d)
-    }
-}
-
-impl Drop for ConvDesc {
-    fn drop(&mut self) {
-        // SAFETY: created in `new`, destroyed only here.
-        #[allow(unsafe_code)]
-        let _ = unsafe { result::destroy_convolution_descriptor(self.0) };
     }
 }
 
@@ -675,11 +667,14 @@ fn bn_dims(s: &Shape) -> Result<[usize; 4]> {
 
 const BN_MODE: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
 
-/// Training-mode BatchNorm `(x, γ, β) → y` as a graph node.
+/// Training-mode BatchNorm as a graph node: `(x, γ, β) → y`, or with `grad` its
+/// backward `(x, ∂y, γ) → [∂x | ∂γ | ∂β]` (flat, [`grad_layout`]) from the
+/// statistics the forward saved.
 #[derive(Debug)]
 struct BatchNorm {
     eps: f64,
     saved: SavedCell,
+    grad: bool,
 }
 
 fn lock(cell: &SavedCell) -> Result<std::sync::MutexGuard<'_, Option<Saved>>> {
@@ -689,7 +684,11 @@ fn lock(cell: &SavedCell) -> Result<std::sync::MutexGuard<'_, Option<Saved>>> {
 
 impl CustomOp3 for BatchNorm {
     fn name(&self) -> &'static str {
-        "cudnn-batch-norm"
+        if self.grad {
+            "cudnn-batch-norm-grad"
+        } else {
+            "cudnn-batch-norm"
+        }
     }
 
     fn cpu_fwd(
@@ -706,12 +705,70 @@ impl CustomOp3 for BatchNorm {
 
     fn cuda_fwd(
         &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        gamma: &CudaStorage,
-        lg: &Layout,
-        beta: &CudaStorage,
-        lb: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if self.grad {
+            self.backward((s1, l1), (s2, l2), (s3, l3))
+        } else {
+            self.forward((s1, l1), (s2, l2), (s3, l3))
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let grads = x.apply_op3_no_bwd(
+            &g.contiguous()?,
+            gamma,
+            &BatchNorm {
+                eps: self.eps,
+                saved: self.saved.clone(),
+                grad: true,
+            },
+        )?;
+        let (at_gamma, at_beta, _) = grad_layout(n, c);
+        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
+        // Copies: as views, they would keep the whole buffer (∂x's too) alive in the
+        // gradient store until the update.
+        let dgamma = grads
+            .narrow(0, at_gamma, c)?
+            .force_contiguous()?
+            .reshape(gamma.shape())?;
+        let dbeta = grads
+            .narrow(0, at_beta, c)?
+            .force_contiguous()?
+            .reshape(beta.shape())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Where `∂γ` and `∂β` start in the flat output of [`BatchNorm`]'s backward, after
+/// `n` values of `∂x`, and its length: each starts on a 256-byte boundary, as a
+/// buffer of its own would (the gaps are never read).
+fn grad_layout(n: usize, c: usize) -> (usize, usize, usize) {
+    let at_gamma = n.next_multiple_of(64);
+    let at_beta = (at_gamma + c).next_multiple_of(64);
+    (at_gamma, at_beta, at_beta + c)
+}
+
+impl BatchNorm {
+    /// `(x, γ, β) → y`, saving the batch statistics.
+    fn forward(
+        &self,
+        (x, lx): (&CudaStorage, &Layout),
+        (gamma, lg): (&CudaStorage, &Layout),
+        (beta, lb): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let dims = bn_dims(lx.shape())?;
         let c = dims[1];
@@ -772,81 +829,12 @@ impl CustomOp3 for BatchNorm {
         ))
     }
 
-    fn bwd(
+    /// `(x, ∂y, γ) → [∂x | ∂γ | ∂β]` from the saved statistics.
+    fn backward(
         &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c) = (x.elem_count(), gamma.elem_count());
-        let grads = x.apply_op3_no_bwd(
-            &g.contiguous()?,
-            gamma,
-            &BatchNormGrad {
-                eps: self.eps,
-                saved: self.saved.clone(),
-            },
-        )?;
-        let (at_gamma, at_beta, _) = grad_layout(n, c);
-        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
-        // Copies: as views, they would keep the whole buffer (∂x's too) alive in the
-        // gradient store until the update.
-        let dgamma = grads
-            .narrow(0, at_gamma, c)?
-            .force_contiguous()?
-            .reshape(gamma.shape())?;
-        let dbeta = grads
-            .narrow(0, at_beta, c)?
-            .force_contiguous()?
-            .reshape(beta.shape())?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
-    }
-}
-
-/// Where `∂γ` and `∂β` start in [`BatchNormGrad`]'s flat output after `n` values of
-/// `∂x`, and its length: each starts on a 256-byte boundary, as a buffer of its own
-/// would (the gaps are never read).
-fn grad_layout(n: usize, c: usize) -> (usize, usize, usize) {
-    let at_gamma = n.next_multiple_of(64);
-    let at_beta = (at_gamma + c).next_multiple_of(64);
-    (at_gamma, at_beta, at_beta + c)
-}
-
-/// BatchNorm's backward `(x, ∂y, γ) → [∂x | ∂γ | ∂β]` (flat, [`grad_layout`]), from
-/// the statistics its forward saved.
-#[derive(Debug)]
-struct BatchNormGrad {
-    eps: f64,
-    saved: SavedCell,
-}
-
-impl CustomOp3 for BatchNormGrad {
-    fn name(&self) -> &'static str {
-        "cudnn-batch-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-        gamma: &CudaStorage,
-        lgamma: &Layout,
+        (x, lx): (&CudaStorage, &Layout),
+        (g, lg): (&CudaStorage, &Layout),
+        (gamma, lgamma): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let dims = bn_dims(lx.shape())?;
         let (n, c) = (lx.shape().elem_count(), dims[1]);
@@ -934,6 +922,7 @@ pub fn batch_norm_train(
         BatchNorm {
             eps,
             saved: saved.clone(),
+            grad: false,
         },
     )?;
     let dev = x.device().as_cuda_device()?;
