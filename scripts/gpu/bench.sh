@@ -6,9 +6,10 @@
 # That machine has the NVIDIA driver, cuDNN and PyTorch (pip wheels) but no Rust:
 # it runs the binaries built here, finding the CUDA libraries they load at run time.
 # Runs, in order:
-#   1. the GPU tests: cuDNN's convolution and BatchNorm against the CPU kernels, and
-#      a whole training step on the GPU (cuDNN and candle's own kernels) against the
-#      CPU's;
+#   1. the GPU tests: cuDNN's convolution and BatchNorm and the pooling kernel
+#      against the CPU kernels, the optimizers' update kernels against candle's
+#      tensor ops, and a whole training step on the GPU (cuDNN and candle's own
+#      kernels) against the CPU's;
 #   2. per config, `modtrain bench-step --device cuda` with cuDNN (strict FP32, then
 #      TF32 allowed), without it (MODTRAIN_CUDNN=0: candle's kernels), and the same
 #      network in PyTorch (its defaults, then TF32 off), images/s side by side;
@@ -47,8 +48,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$bin/modtrain" --version
 
 if [ -z "${SKIP_TEST:-}" ]; then
-    log "tests: cuDNN nodes and a GPU training step against the CPU"
-    "$bin/trainer-tests" --test-threads 1 cudnn cuda_step 2>&1 | tee "$out/tests.log" \
+    log "tests: the CUDA nodes, the update kernels and a GPU training step"
+    "$bin/trainer-tests" --test-threads 1 cudnn cuda_step in_place_kernels 2>&1 \
+        | tee "$out/tests.log" \
         | grep -e '^test ' -e 'test result' -e panicked -e differ -e '‖' || true
 fi
 

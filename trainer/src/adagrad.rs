@@ -61,21 +61,26 @@ impl Adagrad {
         self.step_with(grads, true)
     }
 
-    /// [`Adagrad::step`], through the in-place CPU passes when `in_place` and the
-    /// parameters are on the CPU, else through candle's tensor ops.
+    /// [`Adagrad::step`], through the in-place passes when `in_place` and the
+    /// parameters are on the CPU (or on CUDA where its nodes run), else through
+    /// candle's tensor ops.
     fn step_with(&mut self, grads: &GradStore, in_place: bool) -> Result<()> {
         for ((_, var), acc) in self.params.iter().zip(self.accum.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
             // Gradients built from tracked tensors track the step's graph themselves;
             // state kept from them would hold every step's activations alive.
             let g = &g.detach();
-            if in_place && var.device().is_cpu() {
+            if in_place && (var.device().is_cpu() || crate::ops::cuda_nodes(var.as_tensor())) {
                 let g = &g.contiguous()?;
                 let (lr, eps) = (self.lr as f32, self.eps as f32);
-                Pass::new("adagrad G", |a, g, _| a + g * g).run(acc, g, g)?;
+                Pass::new("adagrad G", |a, g, _| a + g * g)
+                    .cuda("adagrad_accumulate", [0.0; 4])
+                    .run(acc, g, g)?;
                 // candle's ops in the same order: `(g / (√G·1 + ε))·lr + 0`.
                 let theta = move |t: f32, g: f32, a: f32| t - (g / (a.sqrt() + eps) * lr + 0.0);
-                Pass::new("adagrad θ", theta).run(var.as_tensor(), g, acc)?;
+                Pass::new("adagrad θ", theta)
+                    .cuda("adagrad_update", [lr, eps, 0.0, 0.0])
+                    .run(var.as_tensor(), g, acc)?;
             } else {
                 *acc = (&*acc + g.sqr()?)?;
                 let update = (g / (acc.sqrt()? + self.eps)?)?;
@@ -85,7 +90,7 @@ impl Adagrad {
         Ok(())
     }
 
-    /// The accumulators by parameter name, for checkpoints. The CPU update writes
+    /// The accumulators by parameter name, for checkpoints. The update writes
     /// them in place: copy a tensor to keep its value past the next step.
     pub fn state(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.params
@@ -159,5 +164,31 @@ mod tests {
             );
         }
         assert_ne!(weights(&a), weights(&params()), "the steps changed nothing");
+    }
+
+    /// On a GPU (`scripts/gpu/bench.sh`), the passes' kernels agree with candle's
+    /// tensor ops there to a few units in the last place.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn in_place_kernels_match_tensor_ops_on_the_gpu() {
+        use crate::inplace::test_util::{assert_close, grads, params_on, values};
+        let Some(dev) = crate::ops::cudnn::test_gpu("adagrad in-place kernels") else {
+            return;
+        };
+        let (a, b) = (params_on(&dev), params_on(&dev));
+        let mut fused = Adagrad::new(a.clone(), 0.01).expect("opt");
+        let mut plain = Adagrad::new(b.clone(), 0.01).expect("opt");
+        let weights = |p: &[(String, Var)]| values(p.iter().map(|(_, v)| v.as_tensor()));
+        let state = |o: &Adagrad| values(o.state().map(|(_, t)| t));
+        for step in 0..3 {
+            fused.step_with(&grads(&a), true).expect("fused");
+            plain.step_with(&grads(&b), false).expect("plain");
+            assert_close(&weights(&a), &weights(&b), &format!("weights, step {step}"));
+            assert_close(
+                &state(&fused),
+                &state(&plain),
+                &format!("accumulators, step {step}"),
+            );
+        }
     }
 }

@@ -61,8 +61,9 @@ impl Adam {
         self.step_with(grads, true)
     }
 
-    /// [`Adam::step`], through the in-place CPU passes when `in_place` and the
-    /// parameters are on the CPU, else through candle's tensor ops.
+    /// [`Adam::step`], through the in-place passes when `in_place` and the
+    /// parameters are on the CPU (or on CUDA where its nodes run), else through
+    /// candle's tensor ops.
     fn step_with(&mut self, grads: &GradStore, in_place: bool) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
@@ -78,7 +79,7 @@ impl Adam {
             // Gradients built from tracked tensors track the step's graph themselves;
             // state kept from them would hold every step's activations alive.
             let g = &g.detach();
-            if in_place && var.device().is_cpu() {
+            if in_place && (var.device().is_cpu() || crate::ops::cuda_nodes(var.as_tensor())) {
                 let g = &g.contiguous()?;
                 // candle's ops in the same order: `x * c` and `x / c` are
                 // `x·c + 0` and `x·(1/c) + 0`, `x + ε` is `x·1 + ε`.
@@ -90,14 +91,19 @@ impl Adam {
                     f(1.0 - Self::BETA2),
                 );
                 let (ibc1, ibc2, eps, lr) = (f(1.0 / bc1), f(1.0 / bc2), f(Self::EPS), f(self.lr));
-                Pass::new("adam m", move |m, g, _| (m * b1 + 0.0) + (g * c1 + 0.0)).run(m, g, g)?;
+                Pass::new("adam m", move |m, g, _| (m * b1 + 0.0) + (g * c1 + 0.0))
+                    .cuda("adam_m", [b1, c1, 0.0, 0.0])
+                    .run(m, g, g)?;
                 Pass::new("adam v", move |v, g, _| (v * b2 + 0.0) + (g * g * c2 + 0.0))
+                    .cuda("adam_v", [b2, c2, 0.0, 0.0])
                     .run(v, g, g)?;
                 let theta = move |t: f32, m: f32, v: f32| {
                     let (mh, vh) = (m * ibc1 + 0.0, v * ibc2 + 0.0);
                     t - (mh / (vh.sqrt() + eps) * lr + 0.0)
                 };
-                Pass::new("adam θ", theta).run(var.as_tensor(), m, v)?;
+                Pass::new("adam θ", theta)
+                    .cuda("adam_update", [ibc1, ibc2, eps, lr])
+                    .run(var.as_tensor(), m, v)?;
             } else {
                 *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
                 *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
@@ -147,7 +153,7 @@ impl Adam {
 }
 
 /// A copy of `value` in the shape and on the device of `like` (a copy of its own:
-/// the CPU update writes it in place).
+/// the update writes it in place).
 fn restore(like: &Tensor, value: &Tensor) -> Result<Tensor> {
     Ok(value
         .reshape(like.shape())?
@@ -242,5 +248,31 @@ mod tests {
             );
         }
         assert_ne!(weights(&a), weights(&params()), "the steps changed nothing");
+    }
+
+    /// On a GPU (`scripts/gpu/bench.sh`), the passes' kernels agree with candle's
+    /// tensor ops there to a few units in the last place.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn in_place_kernels_match_tensor_ops_on_the_gpu() {
+        use crate::inplace::test_util::{assert_close, grads, params_on, values};
+        let Some(dev) = crate::ops::cudnn::test_gpu("adam in-place kernels") else {
+            return;
+        };
+        let (a, b) = (params_on(&dev), params_on(&dev));
+        let mut fused = Adam::new(a.clone(), 0.01).expect("opt");
+        let mut plain = Adam::new(b.clone(), 0.01).expect("opt");
+        let weights = |p: &[(String, Var)]| values(p.iter().map(|(_, v)| v.as_tensor()));
+        let moments = |o: &Adam| values(o.moments().flat_map(|(_, m, v)| [m, v]));
+        for step in 0..3 {
+            fused.step_with(&grads(&a), true).expect("fused");
+            plain.step_with(&grads(&b), false).expect("plain");
+            assert_close(&weights(&a), &weights(&b), &format!("weights, step {step}"));
+            assert_close(
+                &moments(&fused),
+                &moments(&plain),
+                &format!("moments, step {step}"),
+            );
+        }
     }
 }

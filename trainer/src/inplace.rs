@@ -1,6 +1,7 @@
-//! Element-wise updates written in place on the CPU, for the optimizers: one pass
-//! over the parameter (or its state) instead of a freshly allocated tensor for each
-//! of the update's operations.
+//! Element-wise updates written in place, for the optimizers: one pass over the
+//! parameter (or its state) instead of a freshly allocated tensor for each of the
+//! update's operations. On the CPU a closure; on CUDA the same formula as a kernel
+//! of `inplace.cu`, where the CUDA nodes run (`ops::cuda_nodes`).
 
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
@@ -17,12 +18,25 @@ const PAR_CHUNK: usize = 1 << 16;
 pub(crate) struct Pass<F> {
     name: &'static str,
     f: F,
+    /// The kernel of `inplace.cu` computing `f` on CUDA, and its constants.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: Option<(&'static str, [f32; 4])>,
 }
 
 impl<F: Fn(f32, f32, f32) -> f32 + Sync> Pass<F> {
     /// A pass named `name` (in candle's errors) computing `f`.
     pub(crate) fn new(name: &'static str, f: F) -> Self {
-        Pass { name, f }
+        Pass {
+            name,
+            f,
+            kernel: None,
+        }
+    }
+
+    /// The same pass on CUDA: kernel `name` of `inplace.cu`, with constants `k`.
+    pub(crate) fn cuda(mut self, name: &'static str, k: [f32; 4]) -> Self {
+        self.kernel = Some((name, k));
+        self
     }
 
     /// Runs the pass on `dst`, reading `a` and `b` (which may be the same tensor,
@@ -80,6 +94,65 @@ impl<F: Fn(f32, f32, f32) -> f32 + Sync> InplaceOp3 for Pass<F> {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/inplace.ptx"));
+        let name = self.name;
+        let Some((kernel, k)) = self.kernel else {
+            candle_core::bail!("{name}: no CUDA kernel");
+        };
+        let span = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg(format!("{name}: expects a contiguous f32 tensor"))
+            })
+        };
+        let ((d0, d1), (a0, a1), (b0, b1)) = (span(dl)?, span(al)?, span(bl)?);
+        let n = d1 - d0;
+        if a1 - a0 != n || b1 - b0 != n {
+            candle_core::bail!("{name}: expects tensors of {n} values");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // Grid-stride loops: at most 64K blocks of 1024 threads cover any size.
+        let blocks = u32::try_from(n.div_ceil(1024).min(65_536)).unwrap_or(65_536);
+        let dev = dst.device.clone();
+        let func = dev.get_or_load_custom_func(kernel, "modkit_inplace", PTX)?;
+        let av = a.as_cuda_slice::<f32>()?.slice(a0..a1);
+        let bv = b.as_cuda_slice::<f32>()?.slice(b0..b1);
+        let mut dv = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+        let len = n as u64;
+        let mut args = func.builder();
+        args.arg(&mut dv);
+        args.arg(&av);
+        args.arg(&bv);
+        args.arg(&len);
+        for v in &k {
+            args.arg(v);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are those the kernel declares, in its order: `n`
+        // writable floats, two `n`-float inputs (neither is `dst`: `Pass::run`'s
+        // contract), `n` as size_t and four f32 constants.
+        #[allow(unsafe_code)]
+        unsafe { args.launch(cfg) }
+            .map_err(|e| candle_core::Error::Msg(format!("{name}: {e:?}")))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -131,15 +204,43 @@ pub(crate) mod test_util {
     /// Two named parameters: one small enough for the calling thread, one split
     /// into rayon tasks.
     pub fn params() -> Vec<(String, Var)> {
+        params_on(&candle_core::Device::Cpu)
+    }
+
+    /// [`params`] on `dev`.
+    pub fn params_on(dev: &candle_core::Device) -> Vec<(String, Var)> {
         let shapes: [&[usize]; 2] = [&[3, 5], &[PAR_CHUNK * 2 + 7]];
         shapes
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let t = crate::ops::test_util::rand(s, i as u64);
+                let t = crate::ops::test_util::rand(s, i as u64)
+                    .to_device(dev)
+                    .expect("device");
                 (format!("p{i}"), Var::from_tensor(&t).expect("var"))
             })
             .collect()
+    }
+
+    /// Every value of `ts`, in order.
+    #[cfg(feature = "cuda")]
+    pub fn values<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Vec<f32> {
+        ts.into_iter()
+            .flat_map(|t| t.flatten_all().expect("f").to_vec1::<f32>().expect("v"))
+            .collect()
+    }
+
+    /// `a` and `b` agree to a few units in the last place (the GPU kernels fuse
+    /// multiplications and additions that the tensor ops round apart).
+    #[cfg(feature = "cuda")]
+    pub fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{what}: value {i} is {x}, the tensor ops give {y}"
+            );
+        }
     }
 
     /// Gradients of `Σ sin(θ)·θ`: of both signs and many sizes.

@@ -129,7 +129,7 @@ impl Optimizer {
         Ok(match self {
             Optimizer::Adagrad(o) => o
                 .state()
-                // Copies: the CPU update writes the accumulators in place.
+                // Copies: the update writes the accumulators in place.
                 .map(|(n, acc)| Ok((format!("{}{n}", names::OPTIMIZER_PREFIX), acc.copy()?)))
                 .collect::<Result<_>>()?,
             Optimizer::Adam(o) => {

@@ -963,6 +963,23 @@ pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
     candle_core::Device::new_cuda(ordinal)
 }
 
+/// The GPU for a test that needs one and cuDNN, or `None` (said on stderr) on a
+/// machine without a GPU; a GPU without cuDNN fails the test.
+#[cfg(test)]
+pub(crate) fn test_gpu(test: &str) -> Option<candle_core::Device> {
+    // SAFETY: tries to open the library, nothing else.
+    #[allow(unsafe_code)]
+    let cudnn = unsafe { sys::is_culib_present() };
+    match cuda_device(0) {
+        Ok(gpu) if cudnn => Some(gpu),
+        Ok(_) => panic!("{test}: a GPU but no cuDNN: put libcudnn.so.9 on LD_LIBRARY_PATH"),
+        Err(e) => {
+            eprintln!("{test}: no GPU here ({e}); nothing compared");
+            None
+        }
+    }
+}
+
 /// These need a GPU and cuDNN (`scripts/gpu/bench.sh` runs them there); elsewhere
 /// they say so and return. Each compares a cuDNN node with the CPU kernels on the
 /// same data, in value and gradient.
@@ -973,19 +990,7 @@ mod tests {
     use super::*;
     use crate::ops::test_util::{grads_of, rand, rel_diff};
 
-    fn gpu(test: &str) -> Option<Device> {
-        // SAFETY: tries to open the library, nothing else.
-        #[allow(unsafe_code)]
-        let cudnn = unsafe { sys::is_culib_present() };
-        match cuda_device(0) {
-            Ok(gpu) if cudnn => Some(gpu),
-            Ok(_) => panic!("{test}: a GPU but no cuDNN: put libcudnn.so.9 on LD_LIBRARY_PATH"),
-            Err(e) => {
-                eprintln!("{test}: no GPU here ({e}); nothing compared");
-                None
-            }
-        }
-    }
+    use super::test_gpu as gpu;
 
     fn on(t: &Tensor, dev: &Device) -> Var {
         Var::from_tensor(&t.to_device(dev).expect("to device")).expect("var")
