@@ -4,10 +4,11 @@
 //! Per parameter: `G ← G + g²`, `θ ← θ − lr · g / (√G + ε)`, with `G` starting at
 //! `initial_accumulator` (0.1, TensorFlow's default, which the authors' code used).
 //!
-//! On the CPU the update is two in-place passes per parameter (`G`, then `θ`);
-//! elsewhere it is candle's tensor ops, which allocate a tensor for each of seven
-//! steps. Both compute the same f32 operations in the same order, so they give the
-//! same bits.
+//! The update is two in-place passes per parameter (`G`, then `θ`): on the CPU,
+//! and on CUDA where its nodes run (`inplace.cu`). Elsewhere it is candle's tensor
+//! ops, which allocate a tensor for each of seven steps. On the CPU both compute
+//! the same f32 operations in the same order, so they give the same bits; on the
+//! GPU the kernel fuses some multiply-adds into one rounding.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -176,6 +177,10 @@ mod tests {
             return;
         };
         let (a, b) = (params_on(&dev), params_on(&dev));
+        assert!(
+            crate::ops::cuda_nodes(a[0].1.as_tensor()),
+            "the CUDA nodes are off (MODTRAIN_CUDNN=0?): the kernels would go untested"
+        );
         let mut fused = Adagrad::new(a.clone(), 0.01).expect("opt");
         let mut plain = Adagrad::new(b.clone(), 0.01).expect("opt");
         let weights = |p: &[(String, Var)]| values(p.iter().map(|(_, v)| v.as_tensor()));

@@ -8,9 +8,11 @@
 //! `θ ← θ − lr · m̂ / (√v̂ + ε)` with the bias corrections `m̂ = m / (1−β₁ᵗ)` and
 //! `v̂ = v / (1−β₂ᵗ)`. No weight decay. `m` and `v` start at 0.
 //!
-//! On the CPU the update is three in-place passes per parameter (`m`, `v`, then
-//! `θ`); elsewhere it is candle's tensor ops. Both compute the same f32 operations
-//! in the same order, so they give the same bits.
+//! The update is three in-place passes per parameter (`m`, `v`, then `θ`): on the
+//! CPU, and on CUDA where its nodes run (`inplace.cu`). Elsewhere it is candle's
+//! tensor ops. On the CPU both compute the same f32 operations in the same order,
+//! so they give the same bits; on the GPU the kernels fuse some multiply-adds into
+//! one rounding.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -260,6 +262,10 @@ mod tests {
             return;
         };
         let (a, b) = (params_on(&dev), params_on(&dev));
+        assert!(
+            crate::ops::cuda_nodes(a[0].1.as_tensor()),
+            "the CUDA nodes are off (MODTRAIN_CUDNN=0?): the kernels would go untested"
+        );
         let mut fused = Adam::new(a.clone(), 0.01).expect("opt");
         let mut plain = Adam::new(b.clone(), 0.01).expect("opt");
         let weights = |p: &[(String, Var)]| values(p.iter().map(|(_, v)| v.as_tensor()));

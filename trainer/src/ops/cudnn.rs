@@ -1039,6 +1039,10 @@ mod tests {
             .expect("x");
         let xc = Var::from_tensor(&x).expect("x");
         let xg = on(&x, &dev);
+        assert!(
+            crate::ops::cuda_nodes(xg.as_tensor()),
+            "the CUDA nodes are off (MODTRAIN_CUDNN=0?): the kernel would go untested"
+        );
         let y_cpu = crate::ops::max_pool2x2(xc.as_tensor()).expect("cpu");
         let y_gpu = crate::ops::max_pool2x2(xg.as_tensor()).expect("gpu");
         close("y", &y_gpu, &y_cpu);

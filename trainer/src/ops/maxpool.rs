@@ -28,7 +28,7 @@ fn window_rows(plane: &[f32], w: usize, wo: usize, oy: usize) -> (&[f32], &[f32]
 fn pool(x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
     let mut out = vec![0f32; b * c * ho * wo];
-    if wo > 0 {
+    if ho * wo > 0 {
         out.par_chunks_mut(ho * wo)
             .enumerate()
             .for_each(|(bc, dst)| {
@@ -56,7 +56,7 @@ fn pool(x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
 fn unpool(x: &[f32], m: &[f32], g: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
     let mut out = vec![0f32; b * c * h * w];
-    if wo > 0 {
+    if ho * wo > 0 {
         out.par_chunks_mut(h * w).enumerate().for_each(|(bc, dst)| {
             let plane = &x[bc * h * w..(bc + 1) * h * w];
             let (mp, gp) = (&m[bc * ho * wo..], &g[bc * ho * wo..]);
@@ -175,13 +175,17 @@ mod cuda {
         let Some(&(first, _)) = inputs.first() else {
             candle_core::bail!("{name}: no inputs");
         };
+        // Counts below 2³¹: the kernels' 32-bit grid-stride loops cannot wrap.
         let dims = |n: usize| {
             u32::try_from(n)
-                .map_err(|_| candle_core::Error::Msg(format!("{name}: {n} is too large")))
+                .ok()
+                .filter(|&v| v < 1 << 31)
+                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: {n} is too large")))
         };
         let (planes, h32, w32, n32) = (dims(b * c)?, dims(h)?, dims(w)?, dims(len)?);
         if n32 == 0 {
-            candle_core::bail!("{name}: an empty tensor [{b}, {c}, {h}, {w}]");
+            // cudarc cannot allocate 0 floats.
+            candle_core::bail!("{name}: an empty result from [{b}, {c}, {h}, {w}] on CUDA");
         }
         let dev = &first.device;
         let views = inputs
@@ -294,6 +298,24 @@ mod tests {
                 .expect("v")
         };
         assert_eq!(v(&g1), v(&g2));
+    }
+
+    /// Sides too short for one window give an empty output and a zero gradient,
+    /// not a panic (rayon refuses chunks of 0).
+    #[test]
+    fn inputs_smaller_than_a_window_pool_to_nothing() {
+        for (h, w) in [(1, 4), (4, 1), (1, 1)] {
+            let x = Var::from_tensor(&crate::ops::test_util::rand(&[2, 3, h, w], 1)).expect("x");
+            let y = max_pool2x2(x.as_tensor()).expect("pool");
+            assert_eq!(y.dims(), &[2, 3, h / 2, w / 2]);
+            let grads = y.sum_all().and_then(|s| s.backward()).expect("backward");
+            let g = grads.get(x.as_tensor()).expect("gradient");
+            let total = g
+                .abs()
+                .and_then(|a| a.sum_all())
+                .and_then(|s| s.to_scalar::<f32>());
+            assert_eq!(total.expect("sum"), 0.0, "{h}×{w}");
+        }
     }
 
     #[test]
