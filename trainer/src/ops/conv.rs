@@ -33,6 +33,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::batchnorm::relu_mask;
+use super::direct;
 use super::gemm::{Dst, SharedOut, View, gemm, transpose};
 use super::{contiguous, filled, with_slice};
 
@@ -81,6 +82,9 @@ pub(super) enum Lowering {
     /// on shifted views of one buffer, for a third of the copying (plus two lines
     /// per chunk). A chunk stays inside one image.
     Rows,
+    /// No columns: AVX-512 kernels that read the taps as shifted slices of the
+    /// zero-padded input ([`super::direct`]). The chunk fields are unused.
+    Direct,
 }
 
 /// The shape of one convolution, and how its output rows are chunked and lowered.
@@ -112,6 +116,19 @@ impl Geom {
         pad: usize,
         chunk_floats: usize,
     ) -> Result<Self> {
+        if direct::available() && direct::suits((dims.1, dims.2, dims.3), o, pad) {
+            return Self::lowered(dims, pad, chunk_floats, Lowering::Direct);
+        }
+        Self::lowered_by_columns(dims, o, pad, chunk_floats)
+    }
+
+    /// The geometry with the `im2col` lowering that fits the shape.
+    pub(super) fn lowered_by_columns(
+        dims: (usize, usize, usize, usize),
+        o: usize,
+        pad: usize,
+        chunk_floats: usize,
+    ) -> Result<Self> {
         let rows = Self::lowered(dims, pad, chunk_floats, Lowering::Rows)?;
         if rows.c <= MAX_ROWS_CHANNELS
             && o <= 4 * rows.c
@@ -136,7 +153,7 @@ impl Geom {
         }
         let (ho, wo) = (out_size(h, pad)?, out_size(w, pad)?);
         let chunk_rows = match lowering {
-            Lowering::Taps => {
+            Lowering::Taps | Lowering::Direct => {
                 let cols = (chunk_floats / (c * 9)).max(MIN_CHUNK_COLS.min(chunk_floats));
                 (cols / wo).max(1)
             }
@@ -173,7 +190,7 @@ impl Geom {
     /// Kernel rows the columns hold.
     fn kh(&self) -> usize {
         match self.lowering {
-            Lowering::Taps => 3,
+            Lowering::Taps | Lowering::Direct => 3,
             Lowering::Rows => 1,
         }
     }
@@ -192,7 +209,7 @@ impl Geom {
     /// [`Lowering::Rows`] the padded input's rows.
     fn lines(&self) -> usize {
         match self.lowering {
-            Lowering::Taps => self.ho,
+            Lowering::Taps | Lowering::Direct => self.ho,
             Lowering::Rows => self.h + 2 * self.pad,
         }
     }
@@ -212,7 +229,7 @@ impl Geom {
                 .map(move |r| (r, step.min(total - r)))
         };
         match self.lowering {
-            Lowering::Taps => spans(nb * ho).collect(),
+            Lowering::Taps | Lowering::Direct => spans(nb * ho).collect(),
             Lowering::Rows => (0..nb)
                 .flat_map(|i| spans(ho).map(move |(r, n)| (i * ho + r, n)))
                 .collect(),
@@ -222,7 +239,7 @@ impl Geom {
     /// The lines `(first, count)` whose columns a chunk of output rows needs.
     fn chunk_lines(&self, (r0, rows): (usize, usize)) -> (usize, usize) {
         match self.lowering {
-            Lowering::Taps => (r0, rows),
+            Lowering::Taps | Lowering::Direct => (r0, rows),
             Lowering::Rows => (r0 / self.ho * self.lines() + r0 % self.ho, rows + 2),
         }
     }
@@ -337,7 +354,7 @@ impl Geom {
     /// columns.
     fn weight_column(&self, i: usize) -> usize {
         match self.lowering {
-            Lowering::Taps => i,
+            Lowering::Taps | Lowering::Direct => i,
             Lowering::Rows => {
                 let (p, j) = (i / self.col_rows(), i % self.col_rows());
                 j / 3 * 9 + p * 3 + j % 3
@@ -348,7 +365,7 @@ impl Geom {
     /// The weight `[O, C·9]` as the passes read it: itself, or for
     /// [`Lowering::Rows`] one `[O, C·3]` block per kernel row.
     fn lower_weight<'a>(&self, wt: &'a [f32], o: usize) -> Cow<'a, [f32]> {
-        if self.lowering == Lowering::Taps {
+        if self.lowering != Lowering::Rows {
             return Cow::Borrowed(wt);
         }
         let (k, kp) = (self.k(), self.col_rows());
@@ -364,6 +381,9 @@ impl Geom {
     /// The convolution of `x: [B, C, H, W]` with `wt: [O, C·9]`, channel-major
     /// `[O, B, Ho, Wo]`.
     pub(super) fn forward(&self, x: &[f32], wt: &[f32], o: usize) -> Vec<f32> {
+        if self.lowering == Lowering::Direct {
+            return direct::forward(self, x, wt, o);
+        }
         let wl = self.lower_weight(wt, o);
         let fill = |y: &mut [MaybeUninit<f32>]| {
             let out = SharedOut::new(y);
@@ -407,6 +427,15 @@ impl Geom {
         with_dx: bool,
         then_add: Option<Masked>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
+        if self.lowering == Lowering::Direct {
+            if direct::suits_backward(self.c, o) {
+                return direct::backward(self, x, wt, g, o, with_dx, then_add);
+            }
+            let dims = (self.b, self.c, self.h, self.w);
+            return Self::lowered_by_columns(dims, o, self.pad, CHUNK_FLOATS)
+                .expect("the same shape as the direct geometry")
+                .backward(x, wt, g, o, with_dx, then_add);
+        }
         let (k, kp) = (self.k(), self.col_rows());
         let wl = self.lower_weight(wt, o);
         let groups = self.groups();
@@ -583,7 +612,7 @@ thread_local! {
 /// contents are whatever the last user left: every use writes the columns before
 /// it reads them. Allocated (zeroed) per call, the buffers were a `memset` of
 /// 256 KB–1 MB for each image group of every convolution, forward and backward.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
@@ -631,7 +660,7 @@ pub(super) struct Masked<'a> {
 
 impl Masked<'_> {
     /// Adds values `at..at + dst.len()` to `dst`.
-    fn add_to(&self, dst: &mut [f32], at: usize) {
+    pub(super) fn add_to(&self, dst: &mut [f32], at: usize) {
         let n = dst.len();
         for ((d, &y), &g) in dst
             .iter_mut()
@@ -659,7 +688,7 @@ fn zero_images(dx: &mut [MaybeUninit<f32>], zeroed: &mut usize, upto: usize, ima
 /// # Safety
 /// Every element of `s` must be initialised.
 #[allow(unsafe_code)]
-unsafe fn assume_init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+pub(super) unsafe fn assume_init(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and the caller guarantees
     // that every element is initialised.
     unsafe { &mut *(std::ptr::from_mut(s) as *mut [f32]) }
@@ -677,7 +706,7 @@ struct Tap {
 }
 
 /// `(start, count)` of one group of images per rayon thread (fewer when `b` is small).
-fn image_groups(b: usize) -> Vec<(usize, usize)> {
+pub(super) fn image_groups(b: usize) -> Vec<(usize, usize)> {
     let per = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
     (0..b).step_by(per).map(|s| (s, per.min(b - s))).collect()
 }
@@ -1071,8 +1100,17 @@ mod tests {
                 (0, 6, 5, 4, 4, CHUNK_FLOATS),
                 (1, 6, 5, 1, 1, CHUNK_FLOATS),
                 (1, 4, 3, 3, 5, 1),
+                // Direct forward, `im2col` backward (24 input channels).
+                (1, 24, 8, 10, 10, CHUNK_FLOATS),
+                // Direct both ways, one image per sub-batch (`direct::Plan`).
+                (1, 16, 16, 48, 48, CHUNK_FLOATS),
             ] {
-                for lowering in [None, Some(Lowering::Taps), Some(Lowering::Rows)] {
+                for lowering in [
+                    None,
+                    Some(Lowering::Taps),
+                    Some(Lowering::Rows),
+                    Some(Lowering::Direct),
+                ] {
                     // Scratch buffers full of NaN: a value read before it is written
                     // would show in the results.
                     pool.broadcast(|_| poison_scratch(1 << 21));
@@ -1115,6 +1153,8 @@ mod tests {
                 (1, 4, 5, 4, 192, Lowering::Rows),
                 (1, 4, 4, 3, 4 * 9 * 5, Lowering::Taps),
                 (1, 6, 7, 5, CHUNK_FLOATS, Lowering::Rows),
+                (1, 6, 7, 5, CHUNK_FLOATS, Lowering::Direct),
+                (0, 8, 9, 9, CHUNK_FLOATS, Lowering::Direct),
             ] {
                 let (b, o) = (5, 3);
                 let geom = Geom::lowered((b, c, h, w), pad, chunk_floats, lowering).expect("geom");
@@ -1143,13 +1183,13 @@ mod tests {
         });
     }
 
-    /// Rows where the columns outweigh the output and an image makes wide enough
-    /// GEMMs; taps for a 3-channel input into 32 channels, for 64 channels and for
-    /// 2×2 images.
+    /// Among the `im2col` lowerings: rows where the columns outweigh the output
+    /// and an image makes wide enough GEMMs; taps for a 3-channel input into 32
+    /// channels, for 64 channels and for 2×2 images.
     #[test]
     fn the_lowering_follows_the_shape() {
         let lowering = |(c, o, h, pad)| {
-            Geom::new((96, c, h, h), o, pad, CHUNK_FLOATS)
+            Geom::lowered_by_columns((96, c, h, h), o, pad, CHUNK_FLOATS)
                 .expect("geom")
                 .lowering
         };
@@ -1163,6 +1203,27 @@ mod tests {
             ((32, 32, 4, 0), Lowering::Taps),
         ] {
             assert_eq!(lowering(shape), want, "{shape:?}");
+        }
+        // Where AVX-512 is, the direct kernels take the tiny spec's layers of up to
+        // 16 channels and its padded 32-channel ones on 10×10; not the 4×4 ones,
+        // outputs of 12 channels, or the paper spec's wider layers.
+        let chosen = |(c, o, h, pad)| {
+            Geom::new((96, c, h, h), o, pad, CHUNK_FLOATS)
+                .expect("geom")
+                .lowering
+        };
+        for (shape, direct) in [
+            ((3, 8, 48, 0), true),
+            ((8, 16, 46, 0), true),
+            ((16, 16, 22, 1), true),
+            ((32, 32, 10, 1), true),
+            ((32, 32, 10, 0), false),
+            ((32, 32, 4, 1), false),
+            ((64, 64, 14, 1), false),
+            ((8, 12, 22, 1), false),
+        ] {
+            let want = direct && direct::available();
+            assert_eq!(chosen(shape) == Lowering::Direct, want, "{shape:?}");
         }
     }
 

@@ -26,6 +26,7 @@ mod conv;
 mod conv_bn;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
+mod direct;
 mod gemm;
 mod maxpool;
 
