@@ -1205,8 +1205,8 @@ mod tests {
             assert_eq!(lowering(shape), want, "{shape:?}");
         }
         // Where AVX-512 is, the direct kernels take the tiny spec's layers of up to
-        // 16 channels and its padded 32-channel ones on 10×10; not the 4×4 ones,
-        // outputs of 12 channels, or the paper spec's wider layers.
+        // 16 channels and its padded 32-channel ones; not the unpadded ones, 2×2
+        // images, outputs of 12 channels, or the paper spec's wider layers.
         let chosen = |(c, o, h, pad)| {
             Geom::new((96, c, h, h), o, pad, CHUNK_FLOATS)
                 .expect("geom")
@@ -1218,7 +1218,9 @@ mod tests {
             ((16, 16, 22, 1), true),
             ((32, 32, 10, 1), true),
             ((32, 32, 10, 0), false),
-            ((32, 32, 4, 1), false),
+            ((32, 32, 4, 1), true),
+            ((32, 32, 4, 0), false),
+            ((32, 32, 2, 1), false),
             ((64, 64, 14, 1), false),
             ((8, 12, 22, 1), false),
         ] {

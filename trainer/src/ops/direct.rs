@@ -51,10 +51,11 @@ const BATCH_FLOATS: usize = 256 * 1024;
 /// block of them (32 KB) stays in L1 while every input channel and kernel row
 /// reads it.
 const DW_CHUNK: usize = 1024;
-/// The smallest padded side the direct kernels take: below it the grid's border
-/// is most of the work (4×4 images with padding 1: 44% of a 6×6 grid's positions
-/// are outputs), and `im2col` + `gemm` is faster.
-const MIN_GRID: usize = 8;
+/// The smallest padded side the direct kernels take. 4×4 images with padding 1
+/// (a 6×6 grid, 44% of it outputs) still run 1.29× faster than `im2col` +
+/// `gemm`; 2×2 ones (4×4, 25%) 1.04×, and 4×4 without padding 1.14× forward but
+/// 0.33× backward.
+const MIN_GRID: usize = 6;
 
 /// Whether the direct kernels run on this CPU: AVX-512F, unless `MODTRAIN_DIRECT=0`
 /// asks for `im2col` + `gemm` everywhere (for comparing the two).
@@ -81,9 +82,10 @@ fn simd() -> bool {
 /// with padding `pad` runs the direct kernels: whole 8-channel output blocks, a
 /// grid of at least [`MIN_GRID`] on a side, one image's buffers within a
 /// sub-batch, and few channels. Measured per layer against `im2col` + `gemm` (96
-/// images, 2 threads, `tests::timing`): 1.05–1.35× faster with up to 16 output
-/// channels, 1.31× for 32 → 32 on 10×10 with padding, 0.93× without it (the grid
-/// is 64% outputs) and 0.78–0.99× for the paper spec's 32–128 channels.
+/// images, 2 threads, `tests::timing`): 1.3–1.7× faster with up to 16 channels,
+/// 1.26–1.38× for 32 → 32 on 10×10 and 4×4 with padding, 0.92–1.02× on 10×10
+/// without it (the grid is 64% outputs), and 0.78–1.12× for the paper spec's
+/// 32–128 channels.
 pub(super) fn suits((c, h, w): (usize, usize, usize), o: usize, pad: usize) -> bool {
     let (hg, wg) = (h + 2 * pad, w + 2 * pad);
     o.is_multiple_of(OB)
@@ -93,8 +95,9 @@ pub(super) fn suits((c, h, w): (usize, usize, usize), o: usize, pad: usize) -> b
 }
 
 /// Whether the backward of a convolution that [`suits`] the direct kernels runs
-/// them too (else `im2col` + `gemm`): up to 16 channels each way, 1.31–1.36×
-/// faster at the tiny spec's first four layers; 0.80–0.95× with 32 channels.
+/// them too (else `im2col` + `gemm`): up to 16 channels each way, 1.13–1.39×
+/// faster at the tiny spec's first four layers; 0.74–1.13× with 32 channels,
+/// 0.6–0.96× with 64–128.
 pub(super) fn suits_backward(c: usize, o: usize) -> bool {
     c <= 16 && o <= 16
 }
@@ -901,9 +904,11 @@ mod tests {
         }
     }
 
-    /// Both lowerings of each layer of the tiny spec at 48×48 and the paper spec at
-    /// 64×64, timed in turn on 2 threads (`cargo test --release -p modkit-trainer
-    /// --lib direct::tests::timing -- --ignored --nocapture`).
+    /// `im2col` + `gemm` against the direct kernels (forward, and backward with
+    /// `∂x` except for 3-channel inputs) for each layer shape of the tiny spec at
+    /// 48×48 and the paper spec at 64×64, timed in turn on 2 threads, best of 7;
+    /// in brackets what `Geom::new` chooses (`cargo test --release -p
+    /// modkit-trainer --lib direct::tests::timing -- --ignored --nocapture`).
     #[test]
     #[ignore]
     fn timing() {
@@ -919,16 +924,20 @@ mod tests {
                 (16, 32, 22, 0),
                 (32, 32, 10, 1),
                 (32, 32, 10, 0),
+                (32, 32, 4, 1),
+                (32, 32, 4, 0),
+                (32, 32, 2, 1),
                 (3, 32, 64, 0),
                 (32, 64, 31, 0),
                 (64, 64, 14, 1),
                 (64, 128, 14, 0),
                 (128, 128, 6, 1),
             ] {
-                if !suits((c, h, h), o, pad) {
-                    println!("{c}->{o} @{h} p{pad}: not for the direct kernels");
-                    continue;
-                }
+                let chosen = if suits((c, h, h), o, pad) {
+                    if suits_backward(c, o) { "direct" } else { "direct forward" }
+                } else {
+                    "im2col"
+                };
                 let b = 96;
                 let x: Vec<f32> = (0..b * c * h * h).map(|i| (i % 13) as f32 * 0.1 - 0.5).collect();
                 let wt: Vec<f32> = (0..o * c * 9).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
@@ -942,13 +951,20 @@ mod tests {
                         let y = geom.forward(&x, &wt, o);
                         best[j][0] = best[j][0].min(t.elapsed().as_secs_f64());
                         let t = Instant::now();
-                        let r = geom.backward(&x, &wt, OutGrad::Dense(&g), o, c > 3, None);
+                        let dense = OutGrad::Dense(&g);
+                        // The direct backward itself, also where `Geom` would not
+                        // choose it.
+                        let r = if j == 0 {
+                            geom.backward(&x, &wt, dense, o, c > 3, None)
+                        } else {
+                            backward(geom, &x, &wt, dense, o, c > 3, None)
+                        };
                         best[j][1] = best[j][1].min(t.elapsed().as_secs_f64());
                         std::hint::black_box((y, r));
                     }
                 }
                 println!(
-                    "{c}->{o} @{h} p{pad}: forward {:.3} -> {:.3} ms ({:.2}x), backward {:.3} -> {:.3} ms ({:.2}x)",
+                    "{c}->{o} @{h} p{pad} ({chosen}): forward {:.3} -> {:.3} ms ({:.2}x), backward {:.3} -> {:.3} ms ({:.2}x)",
                     best[0][0] * 1e3, best[1][0] * 1e3, best[0][0] / best[1][0],
                     best[0][1] * 1e3, best[1][1] * 1e3, best[0][1] / best[1][1],
                 );
