@@ -428,13 +428,7 @@ impl Geom {
         then_add: Option<Masked>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         if self.lowering == Lowering::Direct {
-            if direct::suits_backward(self.c, o) {
-                return direct::backward(self, x, wt, g, o, with_dx, then_add);
-            }
-            let dims = (self.b, self.c, self.h, self.w);
-            return Self::lowered_by_columns(dims, o, self.pad, CHUNK_FLOATS)
-                .expect("the same shape as the direct geometry")
-                .backward(x, wt, g, o, with_dx, then_add);
+            return direct::backward(self, x, wt, g, o, with_dx, then_add);
         }
         let (k, kp) = (self.k(), self.col_rows());
         let wl = self.lower_weight(wt, o);
@@ -1100,7 +1094,7 @@ mod tests {
                 (0, 6, 5, 4, 4, CHUNK_FLOATS),
                 (1, 6, 5, 1, 1, CHUNK_FLOATS),
                 (1, 4, 3, 3, 5, 1),
-                // Direct forward, `im2col` backward (24 input channels).
+                // 24 input channels, padded (direct).
                 (1, 24, 8, 10, 10, CHUNK_FLOATS),
                 // Direct both ways, one image per sub-batch (`direct::Plan`).
                 (1, 16, 16, 48, 48, CHUNK_FLOATS),
@@ -1204,9 +1198,10 @@ mod tests {
         ] {
             assert_eq!(lowering(shape), want, "{shape:?}");
         }
-        // Where AVX-512 is, the direct kernels take the tiny spec's layers of up to
-        // 16 channels and its padded 32-channel ones; not the unpadded ones, 2×2
-        // images, outputs of 12 channels, or the paper spec's wider layers.
+        // Where AVX-512 is, the direct kernels take the tiny spec's layers from
+        // 16 input channels into 32 and its padded 32-channel ones; not 32 → 32
+        // unpadded, 2×2 images, outputs of 12 channels, or the paper spec's wider
+        // layers.
         let chosen = |(c, o, h, pad)| {
             Geom::new((96, c, h, h), o, pad, CHUNK_FLOATS)
                 .expect("geom")
@@ -1216,6 +1211,7 @@ mod tests {
             ((3, 8, 48, 0), true),
             ((8, 16, 46, 0), true),
             ((16, 16, 22, 1), true),
+            ((16, 32, 22, 0), true),
             ((32, 32, 10, 1), true),
             ((32, 32, 10, 0), false),
             ((32, 32, 4, 1), true),

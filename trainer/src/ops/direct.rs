@@ -51,10 +51,9 @@ const BATCH_FLOATS: usize = 256 * 1024;
 /// block of them (32 KB) stays in L1 while every input channel and kernel row
 /// reads it.
 const DW_CHUNK: usize = 1024;
-/// The smallest padded side the direct kernels take. 4×4 images with padding 1
-/// (a 6×6 grid, 44% of it outputs) still run 1.29× faster than `im2col` +
-/// `gemm`; 2×2 ones (4×4, 25%) 1.04×, and 4×4 without padding 1.14× forward but
-/// 0.33× backward.
+/// The smallest padded side the direct kernels take: 4×4 images with padding 1
+/// run 1.46–1.91× faster than with `im2col` + `gemm`; 2×2 ones, and 4×4 without
+/// padding, 0.6× backward.
 const MIN_GRID: usize = 6;
 
 /// Whether the direct kernels run on this CPU: AVX-512F, unless `MODTRAIN_DIRECT=0`
@@ -78,28 +77,21 @@ fn simd() -> bool {
     false
 }
 
-/// Whether the forward of a convolution of `C` into `O` channels on `H × W` images
-/// with padding `pad` runs the direct kernels: whole 8-channel output blocks, a
-/// grid of at least [`MIN_GRID`] on a side, one image's buffers within a
-/// sub-batch, and few channels. Measured per layer against `im2col` + `gemm` (96
-/// images, 2 threads, `tests::timing`): 1.3–1.7× faster with up to 16 channels,
-/// 1.26–1.38× for 32 → 32 on 10×10 and 4×4 with padding, 0.92–1.02× on 10×10
-/// without it (the grid is 64% outputs), and 0.78–1.12× for the paper spec's
-/// 32–128 channels.
+/// Whether a convolution of `C` into `O` channels on `H × W` images with padding
+/// `pad` runs the direct kernels: whole 8-channel output blocks, a padded side of
+/// at least [`MIN_GRID`], one image's buffers within a sub-batch, and few channels.
+/// Measured per layer against `im2col` + `gemm` (96 images, 2 threads,
+/// `tests::timing`, forward / backward): 1.15–1.59× faster at the tiny spec's
+/// layers of up to 16 input channels, 1.02–1.12× for 16 → 32 on 22×22, 1.21–1.91×
+/// for 32 → 32 with padding; 0.9–1.1× for 32 → 32 on 10×10 without it, and
+/// 0.8–1.27× (noisy) for the paper spec's 64–128 channels, which stay with
+/// `im2col`.
 pub(super) fn suits((c, h, w): (usize, usize, usize), o: usize, pad: usize) -> bool {
     let (hg, wg) = (h + 2 * pad, w + 2 * pad);
     o.is_multiple_of(OB)
         && hg.min(wg) >= MIN_GRID
-        && (c + o) * (hg * wg + (h + 2) * (w + 2)) <= BATCH_FLOATS
-        && (o <= 16 && c <= 16 || pad == 1 && c + o <= 64)
-}
-
-/// Whether the backward of a convolution that [`suits`] the direct kernels runs
-/// them too (else `im2col` + `gemm`): up to 16 channels each way, 1.13–1.39×
-/// faster at the tiny spec's first four layers; 0.74–1.13× with 32 channels,
-/// 0.6–0.96× with 64–128.
-pub(super) fn suits_backward(c: usize, o: usize) -> bool {
-    c <= 16 && o <= 16
+        && (c + o) * 2 * (h + pad) * (w + pad) <= BATCH_FLOATS
+        && (c <= 16 && o <= 32 || pad == 1 && c + o <= 64)
 }
 
 /// An image grid: `rows × cols`, row stride `cols`.
@@ -119,10 +111,11 @@ impl Grid {
         (k * self.len()).div_ceil(TILE) * TILE
     }
 
-    /// The stride of one channel of a stacked input that a correlation over
-    /// `tiles(k)` positions reads: the taps reach `2·cols + 2` past them.
-    fn stride(self, k: usize) -> usize {
-        round16(self.tiles(k) + 2 * self.cols + 2)
+    /// The floats of one channel of `k` stacked images that a correlation over
+    /// `tiles(k)` positions reads, `lead` zeros before them included: the taps
+    /// reach `2·cols + 2` past the last position.
+    fn stride(self, k: usize, lead: usize) -> usize {
+        round16(lead + self.tiles(k) + 2 * self.cols + 2)
     }
 
     /// The nine taps' offsets.
@@ -136,14 +129,23 @@ fn round16(n: usize) -> usize {
 }
 
 /// One convolution's shapes for the direct kernels.
+///
+/// Every product runs on one grid of `(H + pad) × (W + pad)` positions per image,
+/// its last `pad` columns and rows zero: a zero column ends each row and starts the
+/// next, and a zero row ends each image and starts the next, so neighbours share
+/// their padding. The input sits at `(pad, pad)` (the forward and `∂W` read it),
+/// the output gradient at `(2 − pad, 2 − pad)` (`∂x` reads it, padded by
+/// `2 − pad`, and `∂W` sums it against the input `lead` positions earlier). Per
+/// image, `(H + 1)·(W + 1)` positions instead of `(H + 2)·(W + 2)`: 92% outputs
+/// at 22×22 against 84%, 83% at 10×10 against 69%.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     geom: Geom,
     o: usize,
-    /// The input's padded grid: the forward's and `∂W`'s.
-    fwd: Grid,
-    /// `(H + 2) × (W + 2)`: `∂x`'s grid, the output gradient at offset `2 − pad`.
-    back: Grid,
+    grid: Grid,
+    /// Zeros before the stacked input: `∂W`'s taps reach that far back from the
+    /// gradient's first position.
+    lead: usize,
     /// Images per sub-batch.
     batch: usize,
 }
@@ -151,20 +153,16 @@ struct Plan {
 impl Plan {
     fn new(geom: &Geom, o: usize) -> Self {
         let (p, c) = (geom.pad, geom.c);
-        let fwd = Grid {
-            rows: geom.h + 2 * p,
-            cols: geom.w + 2 * p,
+        let grid = Grid {
+            rows: geom.h + p,
+            cols: geom.w + p,
         };
-        let back = Grid {
-            rows: geom.h + 2,
-            cols: geom.w + 2,
-        };
-        let per_image = (c + o) * (fwd.len() + back.len());
+        let per_image = (c + o) * grid.len() + o * geom.ho * geom.wo;
         Plan {
             geom: *geom,
             o,
-            fwd,
-            back,
+            grid,
+            lead: (2 - p) * (grid.cols + 1),
             batch: (BATCH_FLOATS / per_image).max(1),
         }
     }
@@ -175,17 +173,22 @@ impl Plan {
         (0..nb).step_by(step).map(move |i| (i, step.min(nb - i)))
     }
 
-    /// Stacks images `b..b + k` of `x: [B, C, H, W]` channel-major on the input's
-    /// grid: `xs[c·stride + i·Hg·Wg + (y + pad)·Wg + x + pad]`, zero elsewhere.
+    /// The channel stride of a sub-batch's stacked input.
+    fn input_stride(&self, k: usize) -> usize {
+        self.grid.stride(k, self.lead)
+    }
+
+    /// Stacks images `b..b + k` of `x: [B, C, H, W]` channel-major on the grid,
+    /// after [`Plan::lead`] zeros: `xs[c·stride + lead + i·G + (y + pad)·cols + x +
+    /// pad]`, zero elsewhere.
     fn stack_input(&self, x: &[f32], b: usize, k: usize, xs: &mut [f32]) {
         let g = &self.geom;
         let plane = g.h * g.w;
-        for (c, dst) in xs
-            .chunks_exact_mut(self.fwd.stride(k))
-            .take(g.c)
-            .enumerate()
-        {
-            place(dst, self.fwd, (g.pad, g.pad), (g.h, g.w), k, |i| {
+        let channels = xs.chunks_exact_mut(self.input_stride(k)).take(g.c);
+        for (c, dst) in channels.enumerate() {
+            let (lead, dst) = dst.split_at_mut(self.lead);
+            lead.fill(0.0);
+            place(dst, self.grid, (g.pad, g.pad), (g.h, g.w), k, |i| {
                 &x[((b + i) * g.c + c) * plane..][..plane]
             });
         }
@@ -665,14 +668,14 @@ unsafe impl Sync for SharedPtr {}
 pub(super) fn forward(geom: &Geom, x: &[f32], wt: &[f32], o: usize) -> Vec<f32> {
     let plan = Plan::new(geom, o);
     let wk = plan.forward_weight(wt);
-    let (grid, n, bn) = (plan.fwd, geom.ho * geom.wo, geom.b * geom.ho * geom.wo);
+    let (grid, n, bn) = (plan.grid, geom.ho * geom.wo, geom.b * geom.ho * geom.wo);
     let fill = |y: &mut [MaybeUninit<f32>]| {
         let out = SharedPtr(y.as_mut_ptr().cast(), y.len());
         image_groups(geom.b).into_par_iter().for_each(|(b0, nb)| {
             let out = &out;
             let mut cache = RunCache::default();
             for (i0, k) in plan.batches(nb) {
-                let xs_len = geom.c * grid.stride(k);
+                let xs_len = geom.c * plan.input_stride(k);
                 with_scratch(scratch_len(&[xs_len]), |buf| {
                     let (xs, _) = take_aligned(buf, xs_len);
                     plan.stack_input(x, b0 + i0, k, xs);
@@ -687,8 +690,8 @@ pub(super) fn forward(geom: &Geom, x: &[f32], wt: &[f32], o: usize) -> Vec<f32> 
                         valid: (geom.ho, geom.wo),
                     };
                     correlate(
-                        xs,
-                        grid.stride(k),
+                        &xs[plan.lead..],
+                        plan.input_stride(k),
                         geom.c,
                         &wk,
                         o,
@@ -721,34 +724,29 @@ pub(super) fn backward(
     let plan = Plan::new(geom, o);
     let wd = plan.backward_weight(wt);
     let (c, image, n) = (geom.c, geom.c * geom.h * geom.w, geom.ho * geom.wo);
-    let (fwd, back, pad) = (plan.fwd, plan.back, geom.pad);
+    let (grid, pad) = (plan.grid, geom.pad);
     let groups = image_groups(geom.b);
     let per = groups[0].1 * image;
     let group = |(b0, nb): (usize, usize), dx: &mut [MaybeUninit<f32>]| {
         let mut acc = vec![[0f32; LANES]; c * 3 * o * 3];
         let mut cache = RunCache::default();
         for (i0, k) in plan.batches(nb) {
-            let xs_len = c * fwd.stride(k);
-            let gz_stride = round16(k * fwd.len());
-            let gp_stride = back.stride(k);
+            let (stride, gs) = (plan.input_stride(k), grid.stride(k, 0));
             let gk_len = if matches!(g, OutGrad::Rows(_)) {
                 o * k * n
             } else {
                 0
             };
-            let gp_len = if with_dx { o * gp_stride } else { 0 };
-            let parts = [xs_len, o * gz_stride, gk_len, gp_len];
+            let parts = [c * stride, gk_len, o * gs];
             with_scratch(scratch_len(&parts), |buf| {
-                let (xs, rest) = take_aligned(buf, xs_len);
-                let (gz, rest) = take_aligned(rest, o * gz_stride);
+                let (xs, rest) = take_aligned(buf, c * stride);
                 let (gk, rest) = take_aligned(rest, gk_len);
-                let (gp, _) = take_aligned(rest, gp_len);
+                let (gp, _) = take_aligned(rest, o * gs);
                 plan.stack_input(x, b0 + i0, k, xs);
-                // This sub-batch's `g` (`[O, k·Ho·Wo]` in a buffer of channel stride
-                // `gs` from `g0`) on the input's grid at offset 0 (for ∂W), and on ∂x's
-                // grid at offset 2 − pad, zero elsewhere.
+                // This sub-batch's `g`, `[O, k·Ho·Wo]` in a buffer of channel stride
+                // `src_stride` from `g0`, on the grid at `(2 − pad, 2 − pad)`.
                 let first = (b0 + i0) * n;
-                let (gsrc, gs, g0): (&[f32], usize, usize) = match g {
+                let (src, src_stride, g0): (&[f32], usize, usize) = match g {
                     OutGrad::Dense(g) => (g, geom.b * n, first),
                     OutGrad::Rows(fill) => {
                         for (ch, dst) in gk.chunks_exact_mut(k * n).enumerate() {
@@ -757,34 +755,25 @@ pub(super) fn backward(
                         (gk, k * n, 0)
                     }
                 };
-                let shift = 2 - pad;
-                for ch in 0..o {
-                    let plane = |i: usize| &gsrc[ch * gs + g0 + i * n..][..n];
-                    let dims = (geom.ho, geom.wo);
-                    place(
-                        &mut gz[ch * gz_stride..][..gz_stride],
-                        fwd,
-                        (0, 0),
-                        dims,
-                        k,
-                        plane,
-                    );
-                    if with_dx {
-                        let gp = &mut gp[ch * gp_stride..][..gp_stride];
-                        place(gp, back, (shift, shift), dims, k, plane);
-                    }
+                let at = (2 - pad, 2 - pad);
+                for (ch, dst) in gp.chunks_exact_mut(gs).enumerate() {
+                    let plane = |i: usize| &src[ch * src_stride + g0 + i * n..][..n];
+                    place(dst, grid, at, (geom.ho, geom.wo), k, plane);
                 }
-                for q0 in (0..gz_stride).step_by(DW_CHUNK) {
+                // ∂W: the gradient at position q times the input `lead` positions
+                // earlier, shifted by each tap.
+                let positions = round16(k * grid.len());
+                for q0 in (0..positions).step_by(DW_CHUNK) {
                     DwChunk {
                         x: xs,
-                        xs: fwd.stride(k),
+                        xs: stride,
                         cin: c,
-                        g: gz,
-                        gs: gz_stride,
+                        g: gp,
+                        gs,
                         cout: o,
-                        cols: fwd.cols,
+                        cols: grid.cols,
                         q0,
-                        q1: (q0 + DW_CHUNK).min(gz_stride),
+                        q1: (q0 + DW_CHUNK).min(positions),
                     }
                     .run(&mut acc);
                 }
@@ -798,7 +787,7 @@ pub(super) fn backward(
                         row: geom.w,
                         valid: (geom.h, geom.w),
                     };
-                    correlate(gp, gp_stride, o, &wd, c, back, k, sink, &mut cache);
+                    correlate(gp, gs, o, &wd, c, grid, k, sink, &mut cache);
                     for i in 0..k {
                         // SAFETY: the correlation wrote every element of the image.
                         let dst = unsafe { assume_init(&mut dx[(i0 + i) * image..][..image]) };
@@ -929,15 +918,12 @@ mod tests {
                 (32, 32, 2, 1),
                 (3, 32, 64, 0),
                 (32, 64, 31, 0),
+                (64, 64, 30, 1),
                 (64, 64, 14, 1),
                 (64, 128, 14, 0),
                 (128, 128, 6, 1),
             ] {
-                let chosen = if suits((c, h, h), o, pad) {
-                    if suits_backward(c, o) { "direct" } else { "direct forward" }
-                } else {
-                    "im2col"
-                };
+                let chosen = if suits((c, h, h), o, pad) { "direct" } else { "im2col" };
                 let b = 96;
                 let x: Vec<f32> = (0..b * c * h * h).map(|i| (i % 13) as f32 * 0.1 - 0.5).collect();
                 let wt: Vec<f32> = (0..o * c * 9).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
