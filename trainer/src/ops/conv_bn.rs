@@ -662,7 +662,14 @@ mod tests {
     /// both statistics, and the gradients of y and of all six parameters.
     #[test]
     fn residual_pair_matches_two_nodes() {
-        let (b, c, h, w) = (4, 6, 7, 5);
+        // 6 channels on 7×5 (`im2col`), 8 on 10×10 (the direct kernels, where
+        // AVX-512 is).
+        for (b, c, h, w) in [(4, 6, 7, 5), (4, 8, 10, 10)] {
+            residual_pair_case(b, c, h, w);
+        }
+    }
+
+    fn residual_pair_case(b: usize, c: usize, h: usize, w: usize) {
         let y = Var::from_tensor(&rand(&[b, c, h, w], 1)).expect("y");
         let var = |shape: &[usize], seed, shift| {
             Var::from_tensor(&rand(shape, seed).affine(1.0, shift).expect("t")).expect("var")
