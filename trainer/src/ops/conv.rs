@@ -434,7 +434,6 @@ impl Geom {
         let wl = self.lower_weight(wt, o);
         let groups = self.groups();
         let image = self.image();
-        let per = groups[0].1 * image;
         let (cols_len, chunk_len) = (self.cols_len(), self.chunk_rows * self.wo);
         // ∂W's products want `g` with `O` contiguous, and `gemm` packs it so for
         // each of them; transposed once per chunk, they read it in place (a third
@@ -528,27 +527,10 @@ impl Geom {
             }
             dw
         };
-        let mut parts: Vec<Vec<f32>> = Vec::new();
-        let dx = if with_dx {
-            let fill = |dx: &mut [MaybeUninit<f32>]| {
-                parts = dx
-                    .par_chunks_mut(per)
-                    .zip(groups)
-                    .map(|(dx, grp)| group(grp, dx))
-                    .collect();
-            };
-            // SAFETY: the groups' blocks of ∂x tile it, and each group zeroes all of
-            // its images (`zero_images` up to `nb`) before it returns.
-            #[allow(unsafe_code)]
-            let dx = unsafe { filled(self.b * image, fill) };
-            Some(dx)
-        } else {
-            parts = groups
-                .into_par_iter()
-                .map(|grp| group(grp, &mut []))
-                .collect();
-            None
-        };
+        // SAFETY: each group zeroes all of its images (`zero_images` up to `nb`)
+        // before it returns.
+        #[allow(unsafe_code)]
+        let (parts, dx) = unsafe { per_group(&groups, image, with_dx, group) };
         // Σ over the groups, into the weight's `[O, C·9]`.
         let mut dw = vec![0f32; o * k];
         for part in parts {
@@ -697,6 +679,39 @@ struct Tap {
     kx: usize,
     lo: usize,
     hi: usize,
+}
+
+/// Runs `group` on each image group in parallel, with the group's block of a new
+/// `∂x` of `image` floats per image when `with_dx` (else an empty block): what
+/// each returned, in group order, and `∂x`.
+///
+/// # Safety
+/// With `with_dx`, every call must initialise every element of its block.
+#[allow(unsafe_code)]
+pub(super) unsafe fn per_group<T: Send>(
+    groups: &[(usize, usize)],
+    image: usize,
+    with_dx: bool,
+    group: impl Fn((usize, usize), &mut [MaybeUninit<f32>]) -> T + Sync,
+) -> (Vec<T>, Option<Vec<f32>>) {
+    if !with_dx {
+        let parts = groups.par_iter().map(|&grp| group(grp, &mut [])).collect();
+        return (parts, None);
+    }
+    let images: usize = groups.iter().map(|g| g.1).sum();
+    let per = groups[0].1 * image;
+    let mut parts = Vec::new();
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        parts = dx
+            .par_chunks_mut(per)
+            .zip(groups)
+            .map(|(dx, &grp)| group(grp, dx))
+            .collect();
+    };
+    // SAFETY: the groups' blocks of ∂x tile it (every group but the last has
+    // `groups[0].1` images), and the caller's `group` initialises each block.
+    let dx = unsafe { filled(images * image, fill) };
+    (parts, Some(dx))
 }
 
 /// `(start, count)` of one group of images per rayon thread (fewer when `b` is small).

@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::conv::{Geom, Masked, OutGrad, assume_init, image_groups, with_scratch};
+use super::conv::{Geom, Masked, OutGrad, assume_init, image_groups, per_group, with_scratch};
 use super::filled;
 
 /// Output channels per register block.
@@ -726,7 +726,6 @@ pub(super) fn backward(
     let (c, image, n) = (geom.c, geom.c * geom.h * geom.w, geom.ho * geom.wo);
     let (grid, pad) = (plan.grid, geom.pad);
     let groups = image_groups(geom.b);
-    let per = groups[0].1 * image;
     let group = |(b0, nb): (usize, usize), dx: &mut [MaybeUninit<f32>]| {
         let mut acc = vec![[0f32; LANES]; c * 3 * o * 3];
         let mut cache = RunCache::default();
@@ -800,25 +799,9 @@ pub(super) fn backward(
         }
         acc
     };
-    let mut parts: Vec<Vec<[f32; LANES]>> = Vec::new();
-    let dx = if with_dx {
-        let fill = |dx: &mut [MaybeUninit<f32>]| {
-            parts = dx
-                .par_chunks_mut(per)
-                .zip(groups)
-                .map(|(dx, grp)| group(grp, dx))
-                .collect();
-        };
-        // SAFETY: the groups' blocks of ∂x tile it, and each group writes every
-        // element of each of its images.
-        Some(unsafe { filled(geom.b * image, fill) })
-    } else {
-        parts = groups
-            .into_par_iter()
-            .map(|grp| group(grp, &mut []))
-            .collect();
-        None
-    };
+    // SAFETY: each group writes every element of each of its images (the
+    // correlation into `∂x`).
+    let (parts, dx) = unsafe { per_group(&groups, image, with_dx, group) };
     // Σ over the lanes and the groups, into the weight's `[O, C·9]`.
     let mut dw = vec![0f32; o * c * 9];
     for part in parts {
