@@ -1,24 +1,26 @@
 //! 3×3 stride-1 convolutions computed directly, without `im2col`: the CPU path
 //! of [`Lowering::Direct`](super::conv::Lowering::Direct).
 //!
-//! A group of images is stacked channel-major on a zero-padded grid, `[C, k·Hg·Wg]`
-//! with `Hg = H + 2·pad`, `Wg = W + 2·pad`. On it, the output pixel `(y, x)` of an
-//! image is grid position `q = y·Wg + x`, and its nine taps read positions
-//! `q + ky·Wg + kx`: one flat 1-D correlation per tap, whose inputs are shifted
+//! A group of images is stacked channel-major on a zero-padded grid of
+//! `(H + pad) × (W + pad)` positions per image ([`Plan`]): a zero column ends each
+//! row and starts the next, a zero row ends each image and starts the next, so
+//! neighbours share their padding. On it, the output pixel `(y, x)` of an image is
+//! grid position `q = y·cols + x`, and its nine taps read positions
+//! `q + ky·cols + kx`: one flat 1-D correlation per tap, whose inputs are shifted
 //! slices of the grid itself. The kernel keeps an 8-channel × 48-position block of
 //! the output in 24 AVX-512 registers and adds, for every input channel and tap,
 //! three unaligned loads of the input times eight broadcast weights: 24 FMAs for 11
-//! loads, no packing, no columns. Positions outside an image's `Ho × Wo` (the grid's
-//! last columns and rows) are computed and dropped: 16–36% of the work at the tiny
-//! spec's layers, against `im2col`'s nine copies of the input and `gemm`'s packing.
+//! loads, no packing, no columns, and stores the block straight into the output
+//! with masked stores ([`Sink`]). The grid positions that are not outputs are
+//! computed and dropped: 8% of them at 22×22, 17% at 10×10, 36% at 4×4, against
+//! `im2col`'s three or nine copies of the input and `gemm`'s packing.
 //!
-//! * `∂x` is the same correlation on the output gradient placed on an
-//!   `(H + 2) × (W + 2)` grid at offset `2 − pad`, with the weight flipped and its
-//!   channels swapped.
-//! * `∂W[o, c, ky, kx] = Σ_q g[o, q] · x[c, q + ky·Wg + kx]`, with `g` on the
-//!   input's grid (zero outside the outputs): 8 channels × 3 taps of vector
-//!   partial sums in registers, aligned loads of `g`, summed across lanes once per
-//!   group.
+//! * `∂x` is the same correlation of the output gradient, placed on the same grid
+//!   at `(2 − pad, 2 − pad)`, with the weight flipped and its channels swapped.
+//! * `∂W[o, c, ky, kx] = Σ_q g[o, q] · x[c, q + ky·cols + kx]`, `g` being that same
+//!   buffer and `x` the input read [`Plan::lead`] positions earlier: 8 channels × 3
+//!   taps of vector partial sums in registers, aligned loads of `g`, summed across
+//!   lanes once per group.
 //!
 //! One thread (best of 20, 48 images, operands in L2; `docs/performance.md`,
 //! session 16): the forward at 140–150 GFLOP/s of useful work on 8→16 @46 and
@@ -282,7 +284,8 @@ struct Seg {
 }
 
 /// The most runs a vector's 16 positions split into: one per lane, on grids of
-/// rows of one or two outputs (at most 3 on the grids [`suits`] takes).
+/// rows of one or two outputs (at most 4 on the grids [`suits`] takes, whose rows
+/// are at least 5 positions).
 const MAX_SEGS: usize = LANES;
 
 /// Each of a tile's three vectors as runs of consecutive outputs.
