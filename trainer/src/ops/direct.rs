@@ -7,8 +7,8 @@
 //! neighbours share their padding. On it, the output pixel `(y, x)` of an image is
 //! grid position `q = y·cols + x`, and its nine taps read positions
 //! `q + ky·cols + kx`: one flat 1-D correlation per tap, whose inputs are shifted
-//! slices of the grid itself. The kernel keeps an 8-channel × 48-position block of
-//! the output in 24 AVX-512 registers and adds, for every input channel and tap,
+//! slices of the grid itself. The AVX-512 kernel keeps an 8-channel × 48-position
+//! block of the output in 24 registers and adds, for every input channel and tap,
 //! three unaligned loads of the input times eight broadcast weights: 24 FMAs for 11
 //! loads, no packing, no columns, and stores the block straight into the output
 //! with masked stores ([`Sink`]). The grid positions that are not outputs are
@@ -25,9 +25,14 @@
 //! One thread (best of 20, 48 images, operands in L2; `docs/performance.md`,
 //! session 16): the forward at 140–150 GFLOP/s of useful work on 8→16 @46 and
 //! 16→16 @22 against `gemm`'s 73–79 for the same products without `im2col`, and
-//! `∂W` at 130–136 GFLOP/s. The kernels need AVX-512F, detected at run time; the
-//! portable loops below compute the same sums where it is missing (tests only:
-//! [`available`] keeps [`Geom::new`](super::conv::Geom::new) on `im2col` there).
+//! `∂W` at 130–136 GFLOP/s. The kernels need AVX-512F or AVX2 with FMA, detected
+//! at run time ([`Isa`]). With AVX2's 16 registers a block is 4 channels × 24
+//! positions ([`fma_4x3`]); operands in cache, it runs at ~81% of the FMA peak
+//! forward and ~77% for `∂W` (`tests::kernel_efficiency`), about as near it as
+//! `gemm`'s own AVX2 kernels, so on AVX2 [`rule`] gives it only the layers whose
+//! `im2col` costs most against their product. The portable loops below compute
+//! the same sums, bit for bit, where neither is present (tests only: [`available`]
+//! keeps [`Geom::new`](super::conv::Geom::new) on `im2col` there).
 
 #![allow(unsafe_code)]
 
@@ -45,55 +50,135 @@ const OB: usize = 8;
 const TILE: usize = 48;
 /// Lanes of a vector.
 const LANES: usize = 16;
-/// Floats of one sub-batch's buffers (1 MB, half this machine's L2): images are
-/// taken a few at a time so that their grids stay in cache from the stacking
-/// through the kernels to the unstacking.
+/// Floats of one sub-batch's buffers where the L2 size is unknown (1 MB): images
+/// are taken a few at a time so that their grids stay in cache from the stacking
+/// through the kernels to the unstacking ([`batch_floats`]).
 const BATCH_FLOATS: usize = 256 * 1024;
 /// Positions of `g` that `∂W` sums per pass over the channels: `g`'s 8-channel
 /// block of them (32 KB) stays in L1 while every input channel and kernel row
 /// reads it.
-const DW_CHUNK: usize = 1024;
+const DW_CHUNK: usize = 512;
 /// The smallest padded side the direct kernels take: 4×4 images with padding 1
 /// run 1.46–1.91× faster than with `im2col` + `gemm`; 2×2 ones, and 4×4 without
 /// padding, 0.6× backward.
 const MIN_GRID: usize = 6;
 
-/// Whether the direct kernels run on this CPU: AVX-512F, unless `MODTRAIN_DIRECT=0`
-/// asks for `im2col` + `gemm` everywhere (for comparing the two).
+/// Whether the direct kernels run on this CPU: AVX-512F, or AVX2 with FMA, unless
+/// `MODTRAIN_DIRECT=0` asks for `im2col` + `gemm` everywhere (for comparing the
+/// two).
 pub(super) fn available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MODTRAIN_DIRECT").map_or(true, |v| v != "0") && simd())
+    *ON.get_or_init(|| {
+        std::env::var("MODTRAIN_DIRECT").map_or(true, |v| v != "0") && detected().is_some()
+    })
 }
 
-fn simd() -> bool {
-    #[cfg(test)]
-    if tests::PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
+/// The vector instructions the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// 16 lanes, 32 registers, masked stores.
+    Avx512,
+    /// 8 lanes, 16 registers (a 16-lane vector of the layout is two of them).
+    Avx2,
+}
+
+/// The best [`Isa`] of this CPU.
+fn detected() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
-        static SIMD: OnceLock<bool> = OnceLock::new();
-        *SIMD.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        static SIMD: OnceLock<Option<Isa>> = OnceLock::new();
+        *SIMD.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Some(Isa::Avx512)
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    None
+}
+
+/// The [`Isa`] the kernels take now: [`detected`], unless a test asks for the
+/// portable loops or for AVX2 on an AVX-512 machine.
+fn simd() -> Option<Isa> {
+    #[cfg(test)]
+    match tests::FORCE.load(std::sync::atomic::Ordering::Relaxed) {
+        tests::PORTABLE => return None,
+        tests::AVX2 => return detected().map(|_| Isa::Avx2),
+        _ => {}
+    }
+    detected()
+}
+
+/// Floats of one sub-batch's buffers: half of this core's L2 cache, read from
+/// Linux's sysfs (1 MB on the AVX-512 Xeon the kernels were tuned on, whose L2 is
+/// 2 MB; 256 KB on a 512 KB-L2 AMD EPYC, where 1 MB sub-batches made a tiny step
+/// 8% slower), [`BATCH_FLOATS`] where it is not there.
+fn batch_floats() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        l2_bytes().map_or(BATCH_FLOATS, |b| (b / 2 / 4).clamp(16 * 1024, BATCH_FLOATS))
+    })
+}
+
+/// The size of the first CPU's L2 data cache, from `/sys/devices/system/cpu`.
+fn l2_bytes() -> Option<usize> {
+    let base = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    (0..8).find_map(|i| {
+        let read = |f: &str| std::fs::read_to_string(base.join(format!("index{i}/{f}")));
+        let level = read("level").ok()?;
+        let kind = read("type").ok()?;
+        if level.trim() != "2" || kind.trim() == "Instruction" {
+            return None;
+        }
+        parse_size(read("size").ok()?.trim())
+    })
+}
+
+/// `512K`, `2048K`, `1M` or plain bytes, as sysfs writes a cache's size.
+fn parse_size(s: &str) -> Option<usize> {
+    let (digits, unit) = match s.strip_suffix(['K', 'M']) {
+        Some(d) => (d, if s.ends_with('K') { 1 << 10 } else { 1 << 20 }),
+        None => (s, 1),
+    };
+    digits.parse::<usize>().ok().map(|n| n * unit)
 }
 
 /// Whether a convolution of `C` into `O` channels on `H × W` images with padding
-/// `pad` runs the direct kernels: whole 8-channel output blocks, a padded side of
-/// at least [`MIN_GRID`], one image's buffers within a sub-batch, and few channels.
-/// Measured per layer against `im2col` + `gemm` (96 images, 2 threads,
-/// `tests::timing`, forward / backward): 1.15–1.59× faster at the tiny spec's
-/// layers of up to 16 input channels, 1.02–1.12× for 16 → 32 on 22×22, 1.21–1.91×
-/// for 32 → 32 with padding; 0.9–1.1× for 32 → 32 on 10×10 without it, and
-/// 0.8–1.27× (noisy) for the paper spec's 64–128 channels, which stay with
-/// `im2col`.
+/// `pad` runs the direct kernels on this CPU: [`rule`] for its [`Isa`] and L2.
 pub(super) fn suits((c, h, w): (usize, usize, usize), o: usize, pad: usize) -> bool {
+    detected().is_some_and(|isa| rule(isa, batch_floats(), (c, h, w), o, pad))
+}
+
+/// The direct kernels' shapes: whole 8-channel output blocks, a padded side of at
+/// least [`MIN_GRID`], one image's buffers within a sub-batch of `budget` floats,
+/// and few channels, as measured per layer against `im2col` + `gemm` (96 images,
+/// 2 threads, `tests::timing` and `modtrain bench-step --layers`, forward /
+/// backward):
+///
+/// * AVX-512 (Intel Xeon, 2 FMA units): 1.15–1.59× faster at the tiny spec's
+///   layers of up to 16 input channels, 1.02–1.12× for 16 → 32 on 22×22,
+///   1.21–1.91× for 32 → 32 with padding; 0.9–1.1× for 32 → 32 on 10×10 without
+///   it, and 0.8–1.27× (noisy) for the paper spec's 64–128 channels, which stay
+///   with `im2col`.
+/// * AVX2 (AMD EPYC, Zen 3): 1.1–1.8× / 1.1–1.35× for the 3-channel input layer;
+///   0.6–1.1× for every wider one, where `gemm`'s AVX2 kernels run as near their
+///   peak as these do (82% of it, operands in cache) and the copies they save
+///   weigh less than the stores and stacking these add.
+fn rule(isa: Isa, budget: usize, (c, h, w): (usize, usize, usize), o: usize, pad: usize) -> bool {
     let (hg, wg) = (h + 2 * pad, w + 2 * pad);
-    o.is_multiple_of(OB)
+    let fits = o.is_multiple_of(OB)
         && hg.min(wg) >= MIN_GRID
-        && (c + o) * 2 * (h + pad) * (w + pad) <= BATCH_FLOATS
-        && (c <= 16 && o <= 32 || pad == 1 && c + o <= 64)
+        && (c + o) * 2 * (h + pad) * (w + pad) <= budget;
+    fits && match isa {
+        Isa::Avx512 => c <= 16 && o <= 32 || pad == 1 && c + o <= 64,
+        Isa::Avx2 => c <= 4,
+    }
 }
 
 /// An image grid: `rows × cols`, row stride `cols`.
@@ -165,7 +250,7 @@ impl Plan {
             o,
             grid,
             lead: (2 - p) * (grid.cols + 1),
-            batch: (BATCH_FLOATS / per_image).max(1),
+            batch: (batch_floats() / per_image).max(1),
         }
     }
 
@@ -431,11 +516,25 @@ impl Tile<'_> {
             "direct conv: a tile reaches past its buffers"
         );
         #[cfg(target_arch = "x86_64")]
-        if simd() {
-            // SAFETY: AVX-512F is present (`simd`), the bounds above cover every
-            // input index, and `Sink::check` checked every output index.
-            unsafe { self.avx512::<N>(out, segs) };
-            return;
+        match simd() {
+            // SAFETY (both): the instructions are present (`simd`), the bounds above
+            // cover every input index, and `Sink::check` checked every output index.
+            Some(Isa::Avx512) => return unsafe { self.avx512::<N>(out, segs) },
+            Some(Isa::Avx2) => {
+                for half in 0..2 {
+                    if N.is_multiple_of(4) {
+                        for o in (0..N).step_by(4) {
+                            unsafe { self.avx2::<4>(out, segs, o, half) };
+                        }
+                    } else {
+                        for o in 0..N {
+                            unsafe { self.avx2::<1>(out, segs, o, half) };
+                        }
+                    }
+                }
+                return;
+            }
+            None => {}
         }
         for o in 0..N {
             let mut acc = [0f32; TILE];
@@ -498,6 +597,126 @@ impl Tile<'_> {
             }
         }
     }
+
+    /// Channels `o0 + o..o0 + o + M` × positions `q + 24·half..q + 24·half + 24`
+    /// of [`Tile::run`] with AVX2: 3·M of its 16 registers accumulate, 3 loads of
+    /// the input and M broadcasts feed 3·M FMAs ([`fma_4x3`] for 4 channels). Each
+    /// lane sums in the same order as the portable loops.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present, `o + M ≤ N` of a tile whose bounds
+    /// [`Tile::run`] checked, and `segs` come from `out.runs` for this tile, checked
+    /// by `out.check`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const M: usize>(&self, out: &Sink, segs: &Segs, o: usize, half: usize) {
+        use std::arch::x86_64::*;
+        const YMM: usize = LANES / 2;
+        let mut acc = [[_mm256_setzero_ps(); 3]; M];
+        let (inp, w) = (self.inp.as_ptr(), self.w.as_ptr());
+        let (q, o0) = (self.q + half * 3 * YMM, self.o0 + o);
+        for c in 0..self.cin {
+            // SAFETY (every pointer below): within the bounds `run` checked.
+            let ip = unsafe { inp.add(c * self.stride + q) };
+            let wp = unsafe { w.add(c * 9 * self.cout + o0) };
+            for (t, &off) in self.taps.iter().enumerate() {
+                let (ip, wp) = unsafe { (ip.add(off), wp.add(t * self.cout)) };
+                if M == 4 {
+                    // SAFETY: `acc` is `[[__m256; 3]; 4]` here; `ip` has 24 floats
+                    // and `wp` 4 inside the bounds.
+                    unsafe { fma_4x3(&mut *acc.as_mut_ptr().cast::<[[__m256; 3]; 4]>(), ip, wp) };
+                    continue;
+                }
+                let v: [__m256; 3] =
+                    std::array::from_fn(|j| unsafe { _mm256_loadu_ps(ip.add(YMM * j)) });
+                for (o, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_set1_ps(unsafe { *wp.add(o) });
+                    for (a, v) in acc.iter_mut().zip(v) {
+                        *a = _mm256_fmadd_ps(b, v, *a);
+                    }
+                }
+            }
+        }
+        let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (o, acc) in acc.iter().enumerate() {
+            let base = ((o0 + o) * out.chan) as isize;
+            for (m, a) in acc.iter().enumerate() {
+                // The 16-lane vector and its half this register holds.
+                let (j, lo) = ((3 * half + m) / 2, (3 * half + m) % 2 * YMM);
+                for seg in &segs.runs[j][..segs.count[j]] {
+                    let bits = (seg.mask >> lo) & 0xff;
+                    let p = out.ptr.wrapping_offset(base + seg.at + lo as isize);
+                    // SAFETY: the set lanes' indices were checked by `Sink::check`;
+                    // the others are not accessed.
+                    if bits == 0xff {
+                        unsafe { _mm256_storeu_ps(p, *a) };
+                    } else if bits != 0 {
+                        let set = _mm256_and_si256(_mm256_set1_epi32(i32::from(bits)), lane_bits);
+                        let mask = _mm256_cmpeq_epi32(set, lane_bits);
+                        unsafe { _mm256_maskstore_ps(p, mask, *a) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `acc[o][j] += wp[o] · ip[8·j..8·j + 8]` for 4 channels × 3 vectors: the 16
+/// registers of AVX2 exactly, written out because LLVM, given the intrinsics,
+/// hoisted the next taps' broadcasts and spilled the sums to the stack (the kernel
+/// ran at a third of the FMA peak).
+///
+/// # Safety
+/// AVX2 and FMA must be present, `ip` valid for 24 reads and `wp` for 4.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn fma_4x3(acc: &mut [[std::arch::x86_64::__m256; 3]; 4], ip: *const f32, wp: *const f32) {
+    let [[a0, a1, a2], [a3, a4, a5], [a6, a7, a8], [a9, a10, a11]] = acc;
+    // SAFETY: as the caller guarantees; the block reads 24 floats at `ip` and 4 at
+    // `wp`, and writes only the registers it names.
+    unsafe {
+        std::arch::asm!(
+            "vmovups {v0}, [{ip}]",
+            "vmovups {v1}, [{ip} + 32]",
+            "vmovups {v2}, [{ip} + 64]",
+            "vbroadcastss {b}, dword ptr [{wp}]",
+            "vfmadd231ps {a0}, {b}, {v0}",
+            "vfmadd231ps {a1}, {b}, {v1}",
+            "vfmadd231ps {a2}, {b}, {v2}",
+            "vbroadcastss {b}, dword ptr [{wp} + 4]",
+            "vfmadd231ps {a3}, {b}, {v0}",
+            "vfmadd231ps {a4}, {b}, {v1}",
+            "vfmadd231ps {a5}, {b}, {v2}",
+            "vbroadcastss {b}, dword ptr [{wp} + 8]",
+            "vfmadd231ps {a6}, {b}, {v0}",
+            "vfmadd231ps {a7}, {b}, {v1}",
+            "vfmadd231ps {a8}, {b}, {v2}",
+            "vbroadcastss {b}, dword ptr [{wp} + 12]",
+            "vfmadd231ps {a9}, {b}, {v0}",
+            "vfmadd231ps {a10}, {b}, {v1}",
+            "vfmadd231ps {a11}, {b}, {v2}",
+            ip = in(reg) ip,
+            wp = in(reg) wp,
+            v0 = out(ymm_reg) _,
+            v1 = out(ymm_reg) _,
+            v2 = out(ymm_reg) _,
+            b = out(ymm_reg) _,
+            a0 = inout(ymm_reg) *a0,
+            a1 = inout(ymm_reg) *a1,
+            a2 = inout(ymm_reg) *a2,
+            a3 = inout(ymm_reg) *a3,
+            a4 = inout(ymm_reg) *a4,
+            a5 = inout(ymm_reg) *a5,
+            a6 = inout(ymm_reg) *a6,
+            a7 = inout(ymm_reg) *a7,
+            a8 = inout(ymm_reg) *a8,
+            a9 = inout(ymm_reg) *a9,
+            a10 = inout(ymm_reg) *a10,
+            a11 = inout(ymm_reg) *a11,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
 }
 
 /// `∂W`'s partial sums over positions `q0..q1` (multiples of 16): for each input
@@ -546,10 +765,23 @@ impl DwChunk<'_> {
 
     fn block<const N: usize>(&self, c: usize, ky: usize, o0: usize, acc: &mut [[f32; LANES]]) {
         #[cfg(target_arch = "x86_64")]
-        if simd() {
-            // SAFETY: AVX-512F is present, and `run` checked the bounds.
-            unsafe { self.avx512::<N>(c, ky, o0, acc) };
-            return;
+        match simd() {
+            // SAFETY (both): the instructions are present, and `run` checked the
+            // bounds.
+            Some(Isa::Avx512) => return unsafe { self.avx512::<N>(c, ky, o0, acc) },
+            Some(Isa::Avx2) => {
+                if N.is_multiple_of(4) {
+                    for o in (0..N).step_by(4) {
+                        unsafe { self.avx2::<4>(c, ky, o0 + o, &mut acc[o * 3..]) };
+                    }
+                } else {
+                    for o in 0..N {
+                        unsafe { self.avx2::<1>(c, ky, o0 + o, &mut acc[o * 3..]) };
+                    }
+                }
+                return;
+            }
+            None => {}
         }
         let xb = c * self.xs + ky * self.cols;
         for o in 0..N {
@@ -600,6 +832,54 @@ impl DwChunk<'_> {
             }
         }
     }
+
+    /// [`DwChunk::block`] for `M` output channels from `o0` with AVX2: each half of
+    /// the 16 lanes in turn, 3·M registers of sums, 3 loads of the input and `M` of
+    /// the gradient per 3·M FMAs. Each lane sums in the same order as the portable
+    /// loops.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present, the bounds of [`DwChunk::run`] hold, `o0 + M ≤
+    /// cout`, and `acc` holds at least `3·M` sums.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const M: usize>(
+        &self,
+        c: usize,
+        ky: usize,
+        o0: usize,
+        acc: &mut [[f32; LANES]],
+    ) {
+        use std::arch::x86_64::*;
+        const YMM: usize = LANES / 2;
+        assert!(acc.len() >= 3 * M);
+        let ap = acc.as_mut_ptr().cast::<f32>();
+        // SAFETY (every pointer below): within the bounds `run` checked.
+        let xp = unsafe { self.x.as_ptr().add(c * self.xs + ky * self.cols) };
+        let gp = unsafe { self.g.as_ptr().add(o0 * self.gs) };
+        for lo in [0, YMM] {
+            let mut a: [[__m256; 3]; M] = std::array::from_fn(|o| {
+                std::array::from_fn(|kx| unsafe {
+                    _mm256_loadu_ps(ap.add((o * 3 + kx) * LANES + lo))
+                })
+            });
+            for q in (self.q0 + lo..self.q1).step_by(LANES) {
+                let v: [__m256; 3] =
+                    std::array::from_fn(|kx| unsafe { _mm256_loadu_ps(xp.add(q + kx)) });
+                for (o, a) in a.iter_mut().enumerate() {
+                    let gv = unsafe { _mm256_loadu_ps(gp.add(o * self.gs + q)) };
+                    for (a, v) in a.iter_mut().zip(v) {
+                        *a = _mm256_fmadd_ps(gv, v, *a);
+                    }
+                }
+            }
+            for (o, a) in a.iter().enumerate() {
+                for (kx, a) in a.iter().enumerate() {
+                    unsafe { _mm256_storeu_ps(ap.add((o * 3 + kx) * LANES + lo), *a) };
+                }
+            }
+        }
+    }
 }
 
 /// Copies `src` to `dst` (of the same length): a line of 4–46 floats, where a
@@ -616,13 +896,33 @@ fn copy_line(dst: &mut [f32], src: &[f32]) {
 /// `dst` must be valid for `src.len()` writes and not overlap `src`.
 unsafe fn copy_to(dst: *mut f32, src: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: AVX-512F is present; the caller vouches for `dst`.
-        unsafe { copy_avx512(dst, src) };
-        return;
+    match simd() {
+        // SAFETY (both): the instructions are present; the caller vouches for `dst`.
+        Some(Isa::Avx512) => return unsafe { copy_avx512(dst, src) },
+        Some(Isa::Avx2) => return unsafe { copy_avx2(dst, src) },
+        None => {}
     }
     // SAFETY: as the caller guarantees.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+}
+
+/// # Safety
+/// AVX must be present, and `dst` valid for `src.len()` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn copy_avx2(dst: *mut f32, src: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let mut i = 0;
+    // SAFETY (the loads and stores): inside `src` and `dst`'s `n` floats.
+    while i + 8 <= n {
+        unsafe { _mm256_storeu_ps(dst.add(i), _mm256_loadu_ps(src.as_ptr().add(i))) };
+        i += 8;
+    }
+    while i < n {
+        unsafe { *dst.add(i) = src[i] };
+        i += 1;
+    }
 }
 
 /// # Safety
@@ -820,29 +1120,39 @@ pub(super) fn backward(
 mod tests {
     use super::*;
     use crate::ops::conv::{CHUNK_FLOATS, Lowering};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicU8, Ordering};
     use std::time::Instant;
 
-    /// Set, the kernels take their portable loops (other tests running meanwhile
-    /// get the same sums, more slowly).
-    pub(super) static PORTABLE: AtomicBool = AtomicBool::new(false);
+    /// Which kernels [`simd`] picks: [`NATIVE`], [`PORTABLE`] or [`AVX2`] (other
+    /// tests running meanwhile get the same sums, more slowly or not).
+    pub(super) static FORCE: AtomicU8 = AtomicU8::new(NATIVE);
+    /// The best this CPU has.
+    pub(super) const NATIVE: u8 = 0;
+    /// The portable loops.
+    pub(super) const PORTABLE: u8 = 1;
+    /// The AVX2 kernels, also where AVX-512 is present.
+    pub(super) const AVX2: u8 = 2;
 
-    /// The AVX-512 kernels and the portable loops give the same bits: forward,
-    /// `∂W`, and `∂x` with a masked gradient added, on grids of 3 to 24 positions a
-    /// side with 1 to 16 output channels (blocks of 8 and single channels), images
-    /// stacked, one per sub-batch (48×48), and outputs split into many runs per
-    /// vector.
+    /// The AVX-512 and AVX2 kernels (where this CPU has them) and the portable
+    /// loops give the same bits: forward, `∂W`, and `∂x` with a masked gradient
+    /// added, on grids of 3 to 24 positions a side with 1 to 16 output channels
+    /// (blocks of 8 and single channels), images stacked, one per sub-batch
+    /// (48×48), and outputs split into many runs per vector.
     #[test]
     fn simd_and_portable_kernels_agree() {
-        if !simd() {
-            eprintln!("no AVX-512 here: the portable loops are what every test runs");
+        let Some(native) = detected() else {
+            eprintln!("no AVX2 or AVX-512 here: the portable loops are what every test runs");
             return;
-        }
+        };
         let vec = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
                 .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0)
                 .collect()
         };
+        let mut kernels = vec![(NATIVE, format!("{native:?}"))];
+        if native == Isa::Avx512 {
+            kernels.push((AVX2, "Avx2".into()));
+        }
         for (b, c, o, h, w, pad) in [
             (5, 3, 8, 12, 11, 0),
             (4, 8, 16, 22, 22, 1),
@@ -861,29 +1171,75 @@ mod tests {
                 g: &gy,
                 relu: true,
             };
-            let run = || {
+            let run = |kernels: u8| {
+                FORCE.store(kernels, Ordering::Relaxed);
                 let out = forward(&geom, &x, &wt, o);
                 let (dw, dx) = backward(&geom, &x, &wt, OutGrad::Dense(&g), o, true, Some(add));
-                (out, dw, dx)
+                FORCE.store(NATIVE, Ordering::Relaxed);
+                (out, dw, dx.expect("dx"))
             };
-            let fast = run();
-            PORTABLE.store(true, Ordering::Relaxed);
-            let slow = run();
-            PORTABLE.store(false, Ordering::Relaxed);
+            let slow = run(PORTABLE);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            let case = format!("{b}×{c}→{o} {h}×{w} pad {pad}");
-            assert_eq!(bits(&fast.0), bits(&slow.0), "{case}: forward");
-            assert_eq!(bits(&fast.1), bits(&slow.1), "{case}: ∂W");
-            let (fx, sx) = (fast.2.expect("dx"), slow.2.expect("dx"));
-            assert_eq!(bits(&fx), bits(&sx), "{case}: ∂x");
+            for (force, name) in &kernels {
+                let fast = run(*force);
+                let case = format!("{name}, {b}×{c}→{o} {h}×{w} pad {pad}");
+                assert_eq!(bits(&fast.0), bits(&slow.0), "{case}: forward");
+                assert_eq!(bits(&fast.1), bits(&slow.1), "{case}: ∂W");
+                assert_eq!(bits(&fast.2), bits(&slow.2), "{case}: ∂x");
+            }
         }
+    }
+
+    /// Which layers take the direct kernels per [`Isa`], as measured (see
+    /// [`rule`]): on AVX-512 the tiny spec's layers of up to 16 input channels into
+    /// 32 and its padded 32-channel ones; on AVX2 the 3-channel input layer only;
+    /// never 32 → 32 unpadded, 2×2 images, outputs of 12 channels, or an image past
+    /// the sub-batch.
+    #[test]
+    fn the_rule_follows_the_measurements() {
+        const MB: usize = 256 * 1024;
+        for ((c, o, h, pad), avx512, avx2) in [
+            ((3, 8, 48, 0), true, true),
+            ((8, 16, 46, 0), true, false),
+            ((16, 16, 22, 1), true, false),
+            ((16, 32, 22, 0), true, false),
+            ((32, 32, 10, 1), true, false),
+            ((32, 32, 10, 0), false, false),
+            ((32, 32, 4, 1), true, false),
+            ((32, 32, 4, 0), false, false),
+            ((32, 32, 2, 1), false, false),
+            ((64, 64, 14, 1), false, false),
+            ((8, 12, 22, 1), false, false),
+            ((3, 32, 64, 0), false, false),
+        ] {
+            let shape = (c, h, h);
+            assert_eq!(
+                rule(Isa::Avx512, MB, shape, o, pad),
+                avx512,
+                "AVX-512 {c}→{o} @{h}"
+            );
+            assert_eq!(
+                rule(Isa::Avx2, MB, shape, o, pad),
+                avx2,
+                "AVX2 {c}→{o} @{h}"
+            );
+        }
+        // A 512 KB L2 (sub-batches of 256 KB) leaves out 8 → 16 @46, whose one
+        // image needs 397 KB, and keeps the input layer's 198 KB.
+        assert!(!rule(Isa::Avx512, MB / 4, (8, 46, 46), 16, 0));
+        assert!(rule(Isa::Avx2, MB / 4, (3, 48, 48), 8, 0));
+        assert_eq!(parse_size("512K"), Some(512 << 10));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("big"), None);
     }
 
     /// `im2col` + `gemm` against the direct kernels (forward, and backward with
     /// `∂x` except for 3-channel inputs) for each layer shape of the tiny spec at
     /// 48×48 and the paper spec at 64×64, timed in turn on 2 threads, best of 7;
     /// in brackets what `Geom::new` chooses (`cargo test --release -p
-    /// modkit-trainer --lib direct::tests::timing -- --ignored --nocapture`).
+    /// modkit-trainer --lib direct::tests::timing -- --ignored --nocapture`; env
+    /// `REPS` for best of more, `TINY=1` for the tiny spec's shapes only).
     #[test]
     #[ignore]
     fn timing() {
@@ -891,6 +1247,11 @@ mod tests {
             .num_threads(2)
             .build()
             .expect("pool");
+        let reps: usize = std::env::var("REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(7);
+        let only_tiny = std::env::var("TINY").is_ok();
         pool.install(|| {
             for (c, o, h, pad) in [
                 (3, 8, 48, 0),
@@ -909,6 +1270,9 @@ mod tests {
                 (64, 128, 14, 0),
                 (128, 128, 6, 1),
             ] {
+                if only_tiny && c + o > 64 {
+                    continue;
+                }
                 let chosen = if suits((c, h, h), o, pad) { "direct" } else { "im2col" };
                 let b = 96;
                 let x: Vec<f32> = (0..b * c * h * h).map(|i| (i % 13) as f32 * 0.1 - 0.5).collect();
@@ -917,7 +1281,7 @@ mod tests {
                 let direct = Geom::lowered((b, c, h, h), pad, CHUNK_FLOATS, Lowering::Direct).expect("geom");
                 let g: Vec<f32> = (0..o * b * direct.ho * direct.wo).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
                 let mut best = [[f64::MAX; 2]; 2];
-                for _ in 0..7 {
+                for _ in 0..reps {
                     for (j, geom) in [&by_columns, &direct].into_iter().enumerate() {
                         let t = Instant::now();
                         let y = geom.forward(&x, &wt, o);
@@ -942,5 +1306,94 @@ mod tests {
                 );
             }
         });
+    }
+
+    /// The kernels alone against the FMA peak, one thread, operands in cache: the
+    /// forward correlation and the `∂W` sums of 16 → 16 channels on 22×22 images
+    /// (grids of 23×23, all positions counted), and a loop of 12 independent
+    /// register FMAs for the peak, timed in turn, best of 300 (`cargo test
+    /// --release -p modkit-trainer --lib direct::tests::kernel_efficiency --
+    /// --ignored --nocapture`).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn kernel_efficiency() {
+        /// `n` rounds of 12 dependent-free 8-lane FMAs.
+        #[target_feature(enable = "avx2,fma")]
+        fn fma_peak(n: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let mut a = [_mm256_set1_ps(0.0); 12];
+            let (b, c) = (_mm256_set1_ps(0.999), _mm256_set1_ps(0.001));
+            for _ in 0..n {
+                for a in a.iter_mut() {
+                    *a = _mm256_fmadd_ps(*a, b, c);
+                }
+            }
+            let mut v = [0f32; 8];
+            let sum = a
+                .iter()
+                .fold(_mm256_set1_ps(0.0), |s, a| _mm256_add_ps(s, *a));
+            // SAFETY: `v` holds 8 floats.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), sum) };
+            v.iter().sum()
+        }
+        let Some(isa) = detected() else {
+            return;
+        };
+        let (cin, cout, k) = (16, 16, 4);
+        let grid = Grid { rows: 23, cols: 23 };
+        let stride = grid.stride(k, 0);
+        let inp: Vec<f32> = (0..cin * stride).map(|i| (i % 13) as f32 * 0.1).collect();
+        let g: Vec<f32> = (0..cout * stride).map(|i| (i % 11) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..cin * 9 * cout).map(|i| (i % 7) as f32 * 0.1).collect();
+        let n = 22 * 22;
+        let mut out = vec![0f32; cout * k * n];
+        let sink = Sink {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            chan: k * n,
+            image: n,
+            row: 22,
+            valid: (22, 22),
+        };
+        let (mut cache, mut acc) = (RunCache::default(), vec![[0f32; LANES]; cin * 3 * cout * 3]);
+        let positions = round16(k * grid.len());
+        let mut best = [f64::MAX; 3];
+        for _ in 0..300 {
+            let t = Instant::now();
+            correlate(&inp, stride, cin, &w, cout, grid, k, sink, &mut cache);
+            best[0] = best[0].min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            for q0 in (0..positions).step_by(DW_CHUNK) {
+                let q1 = (q0 + DW_CHUNK).min(positions);
+                let (x, xs, gs, cols) = (&inp[..], stride, stride, grid.cols);
+                DwChunk {
+                    x,
+                    xs,
+                    cin,
+                    g: &g,
+                    gs,
+                    cout,
+                    cols,
+                    q0,
+                    q1,
+                }
+                .run(&mut acc);
+            }
+            best[1] = best[1].min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            // SAFETY: `detected` found AVX2 and FMA at least.
+            std::hint::black_box(unsafe { fma_peak(10_000) });
+            best[2] = best[2].min(t.elapsed().as_secs_f64());
+        }
+        let gflops = |flops: usize, s: f64| flops as f64 / s / 1e9;
+        let peak = gflops(10_000 * 12 * 16, best[2]);
+        let fwd = gflops(2 * grid.tiles(k) * cout * cin * 9, best[0]);
+        let dw = gflops(2 * positions * cout * cin * 9, best[1]);
+        println!(
+            "{isa:?}: forward {fwd:.1} GFLOP/s ({:.0}% of the FMA peak), ∂W {dw:.1} ({:.0}%), peak {peak:.1} (AVX2)",
+            100.0 * fwd / peak,
+            100.0 * dw / peak
+        );
     }
 }
