@@ -82,8 +82,8 @@ pub(super) enum Lowering {
     /// on shifted views of one buffer, for a third of the copying (plus two lines
     /// per chunk). A chunk stays inside one image.
     Rows,
-    /// No columns: AVX-512 kernels that read the taps as shifted slices of the
-    /// zero-padded input ([`super::direct`]). The chunk fields are unused.
+    /// No columns: AVX-512 or AVX2 kernels that read the taps as shifted slices
+    /// of the zero-padded input ([`super::direct`]). The chunk fields are unused.
     Direct,
 }
 

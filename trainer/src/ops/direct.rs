@@ -75,6 +75,7 @@ pub(super) fn available() -> bool {
 
 /// The vector instructions the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     /// 16 lanes, 32 registers, masked stores.
     Avx512,
@@ -117,8 +118,9 @@ fn simd() -> Option<Isa> {
 
 /// Floats of one sub-batch's buffers: half of this core's L2 cache, read from
 /// Linux's sysfs (1 MB on the AVX-512 Xeon the kernels were tuned on, whose L2 is
-/// 2 MB; 256 KB on a 512 KB-L2 AMD EPYC, where 1 MB sub-batches made a tiny step
-/// 8% slower), [`BATCH_FLOATS`] where it is not there.
+/// 2 MB; 256 KB on a 512 KB-L2 AMD EPYC, where 1 MB sub-batches made the tiny step
+/// with every narrow layer direct 8% slower), [`BATCH_FLOATS`] where it is not
+/// there.
 fn batch_floats() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
