@@ -106,6 +106,7 @@ fn detected() -> Option<Isa> {
 
 /// The [`Isa`] the kernels take now: [`detected`], unless a test asks for the
 /// portable loops or for AVX2 on an AVX-512 machine.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn simd() -> Option<Isa> {
     #[cfg(test)]
     match tests::FORCE.load(std::sync::atomic::Ordering::Relaxed) {
