@@ -7,7 +7,10 @@ task modulation ReLU(w_t) after blocks N..5 and fc; L2-normalised embedding), ru
 the same minibatch shape (tasks × [k anchors, k positives, k negatives]) through
 forward + squared-L2 triplet loss (margin 0.2), backward and Adagrad (lr 0.01,
 initial accumulator 0.1), with the same thread count, warm-up and timed steps, and
-prints both side by side. Runs on the GPU when modtrain's run did (`--device cuda`),
+prints both side by side. Each framework's step is also paired with a 1024³ GEMM
+of its own timed just before and after it (the better of the two; PyTorch's a 1×1
+convolution through oneDNN, modtrain's matmul in its JSON), so that the fraction
+of the peak divides out a shared machine's slow moments. Runs on the GPU when modtrain's run did (`--device cuda`),
 with PyTorch's default CUDA settings (cuDNN; TF32 convolutions allowed, as shipped);
 `TORCH_TF32=0` turns TF32 off for a strict float32 comparison.
 Run by scripts/compare_torch.sh and scripts/gpu/bench.sh.
@@ -118,7 +121,26 @@ def main():
     s = spec["input_size"]
     x = torch.randn(t * 3 * k, spec["in_channels"], s, s, device=dev)
     ids = torch.arange(t, device=dev).repeat_interleave(3 * k)
+    # PyTorch's own peak, timed between the steps as modtrain times its matmul (best
+    # of 3 after one warm-up run): a 1×1 convolution of modtrain's matmul size, a
+    # GEMM through oneDNN as PyTorch's 3×3 convolutions are (Debian's torch.mm
+    # runs on the reference BLAS, at a few GFLOP/s).
+    n = rs["gemm_size"]
+    mx = torch.full((1, n, n // 32, 32), 0.5, device=dev)  # n pixels of n channels
+    mw = torch.full((n, n, 1, 1), 0.25, device=dev)
+
+    def mm_gflops():
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(4):
+                t0 = time.perf_counter()
+                F.conv2d(mx, mw)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 / best / 1e9
+
     times = []
+    between = [mm_gflops()] if rs["warmup"] == 0 else []
     for step in range(rs["warmup"] + len(rs["steps"])):
         t0 = time.perf_counter()
         loss = triplet_loss(net(x, ids), t, k)
@@ -133,6 +155,8 @@ def main():
         t3 = time.perf_counter()
         if step >= rs["warmup"]:
             times.append((t1 - t0, t2 - t1, t3 - t2))
+        if step + 1 >= rs["warmup"]:
+            between.append(mm_gflops())
 
     med = [statistics.median(col) for col in zip(*times)]
     torch_step = sum(med)
@@ -160,6 +184,20 @@ def main():
     print(
         f"| % of GEMM peak ({peak:.1f} GFLOP/s, {rs.get('gemm_kernels', '?')}) | {100 * flops / ours_step / 1e9 / peak:.0f}% "
         f"| {100 * flops / torch_step / 1e9 / peak:.0f}% | |"
+    )
+    def paired(times, between):
+        own = [max(a, b) for a, b in zip(between, between[1:])]
+        return statistics.median(flops / sum(ts) / 1e9 / p for ts, p in zip(times, own))
+
+    ours_between = rs["between_steps_gflops"]
+    ours_steps = [[v["data"], v["forward"], v["backward"], v["update"]] for v in rs["steps"]]
+    # The same pairing as modtrain's (`bench::paired_fraction`), or the rows differ.
+    assert abs(paired(ours_steps, ours_between) - rs["paired_peak_fraction"]) < 1e-9
+    print(
+        f"| % of the peak paired per step (each against the better matmul just before and after it: "
+        f"modtrain's, {min(ours_between):.0f}–{max(ours_between):.0f}; PyTorch's own 1×1 conv, "
+        f"{min(between):.0f}–{max(between):.0f} GFLOP/s) "
+        f"| {100 * rs['paired_peak_fraction']:.0f}% | {100 * paired(times, between):.0f}% | |"
     )
     n = rs["images_per_step"]
     print(

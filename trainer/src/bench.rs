@@ -32,6 +32,10 @@ pub fn step_flops(spec: &NetSpec, images: usize, tail_passes: usize) -> f64 {
     3.0 * forward - no_input_grad
 }
 
+/// Runs of the GEMM between timed steps (the best is kept), plus one to warm up:
+/// ~60 ms on 2 cores, about one tiny step, untimed.
+pub const PAIRED_RUNS: usize = 3;
+
 /// Best-of-`runs` throughput of an `n×n · n×n` f32 matmul on `device`, in GFLOP/s.
 pub fn gemm_gflops(device: &Device, n: usize, runs: usize) -> Result<f64> {
     let a = Tensor::ones((n, n), DType::F32, device)?.affine(0.5, 0.0)?;
@@ -72,6 +76,14 @@ pub struct StepBench {
     pub gflops: f64,
     /// The square GEMM's rate on the same device and threads, GFLOP/s.
     pub gemm_peak_gflops: f64,
+    /// The same GEMM timed between the timed steps (best of [`PAIRED_RUNS`]):
+    /// before the first and after each, `steps.len() + 1` rates in GFLOP/s.
+    pub between_steps_gflops: Vec<f64>,
+    /// [`paired_fraction`] of the timed steps: the fraction of the peak with a shared host's slow moments divided
+    /// out, as far as they last longer than a step. [`StepBench::peak_fraction`]
+    /// divides the median step by the best peak of the whole run instead, so
+    /// that a slow moment counts against the step.
+    pub paired_peak_fraction: f64,
     /// Side of the square f32 matmul that measured the peak.
     pub gemm_size: usize,
     /// The instruction set of the GEMM kernels that ran ([`gemm_kernels`]).
@@ -91,6 +103,21 @@ impl StepBench {
     pub fn images_per_second(&self) -> f64 {
         self.images_per_step as f64 / self.median.total()
     }
+}
+
+/// The median over `steps` of each step's rate (`flops` per step) divided by its
+/// own peak, the better of the GEMM rates timed just before and just after it
+/// (`between`, one more than the steps): a step is never set against a slow
+/// moment that the matmuls on both sides of it did not see.
+pub fn paired_fraction(flops: f64, steps: &[StepTimes], between: &[f64]) -> f64 {
+    let own = between.windows(2).map(|w| w[0].max(w[1]));
+    median(
+        steps
+            .iter()
+            .zip(own)
+            .map(|(t, p)| flops / t.total() / 1e9 / p)
+            .collect(),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -125,8 +152,28 @@ pub fn bench_step(
     cfg.triplets_per_task = cfg.batch_per_task * (warmup + steps);
     cfg.test_triplets_per_task = 1;
     let ds = Dataset::synthetic(cfg.synth_images, cfg.spec.input_size, cfg.seed);
+    // 1024³ saturates a CPU's cores; a GPU needs a larger product to reach its peak.
+    let gemm_size = if device.is_cpu() { 1024 } else { 8192 };
     let mut trainer = Trainer::new(cfg.clone(), &ds, device.clone())?;
-    trainer.train_epoch(&ds, &mut |_, _, _| {})?;
+    // The peak between the timed steps too, untimed (the next step's clock starts
+    // after the callback returns): before the first and after each.
+    let mut bounds = Vec::with_capacity(steps + 1);
+    if warmup == 0 {
+        bounds.push(gemm_gflops(&device, gemm_size, PAIRED_RUNS)?);
+    }
+    let mut peak_err = None;
+    trainer.train_epoch(&ds, &mut |done, _, _| {
+        if done >= warmup && peak_err.is_none() {
+            match gemm_gflops(&device, gemm_size, PAIRED_RUNS) {
+                Ok(p) => bounds.push(p),
+                Err(e) => peak_err = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = peak_err {
+        return Err(e);
+    }
+
     let timed: Vec<StepTimes> = trainer.step_times()[warmup..].to_vec();
     let pick = |f: fn(&StepTimes) -> f64| median(timed.iter().map(f).collect());
     let med = StepTimes {
@@ -143,11 +190,13 @@ pub fn bench_step(
         1
     };
     let flops = step_flops(&cfg.spec, images, tail_passes);
-    // 1024³ saturates a CPU's cores; a GPU needs a larger product to reach its peak.
-    let gemm_size = if device.is_cpu() { 1024 } else { 8192 };
+    let paired_peak_fraction = paired_fraction(flops, &timed, &bounds);
     // The best of 30 (a third of a second on 2 cores): with 5, a busy moment of
     // this shared machine once halved the "peak" and put a step at 140% of it.
-    let peak = gemm_gflops(&device, gemm_size, 30)?;
+    // The best of the paired runs counts too: the peak is the best the run saw.
+    let peak = bounds
+        .iter()
+        .fold(gemm_gflops(&device, gemm_size, 30)?, |a, &p| a.max(p));
     Ok(StepBench {
         net: cfg.spec.clone(),
         spec: cfg.spec.name.clone(),
@@ -166,6 +215,8 @@ pub fn bench_step(
         flops_per_step: flops,
         gflops: flops / med.total() / 1e9,
         gemm_peak_gflops: peak,
+        between_steps_gflops: bounds,
+        paired_peak_fraction,
         gemm_size,
         gemm_kernels: gemm_kernels(&device).into(),
         layers: None,
@@ -391,9 +442,40 @@ mod tests {
             );
         }
         assert!(b.median.total() > 0.0 && b.gflops > 0.0 && b.gemm_peak_gflops > 0.0);
-        assert_eq!(b.flops_per_step, step_flops(&cfg.spec, 12, 1));
+        // A matmul before the first step and after each, none above the run's
+        // peak, and the paired fraction computed from them; with no warm-up the
+        // first step has a matmul before it too.
+        assert_eq!(b.between_steps_gflops.len(), 4);
+        assert!(
+            b.between_steps_gflops
+                .iter()
+                .all(|&p| p > 0.0 && p <= b.gemm_peak_gflops)
+        );
+        let paired = paired_fraction(b.flops_per_step, &b.steps, &b.between_steps_gflops);
+        assert_eq!(b.paired_peak_fraction, paired);
+        let cold = bench_step(&cfg, 2, 0, Device::Cpu).expect("no warm-up");
+        assert_eq!(cold.between_steps_gflops.len(), 3);
         let err = bench_step(&cfg, 0, 1, Device::Cpu).expect_err("no steps");
         assert!(err.to_string().contains("--steps"), "{err}");
+    }
+
+    #[test]
+    fn each_step_is_paired_with_the_better_matmul_around_it() {
+        // 100 GFLOP steps of 1, 2 and 1 s: 100, 50 and 100 GFLOP/s.
+        let step = |s: f64| StepTimes {
+            forward: s / 2.0,
+            backward: s / 2.0,
+            ..StepTimes::default()
+        };
+        let steps = [step(1.0), step(2.0), step(1.0)];
+        // Own peaks 200, 200, 400: 0.5, 0.25, 0.25. Pairing with the matmul
+        // before each step only would give 1.0, 0.25, 2.0 (median 1.0), with the
+        // one after only 0.5, 1.0, 0.25 (0.5).
+        let f = paired_fraction(100e9, &steps, &[100.0, 200.0, 50.0, 400.0]);
+        assert!((f - 0.25).abs() < 1e-12, "{f}");
+        // An even count takes the middle two's mean.
+        let f = paired_fraction(100e9, &steps[..2], &[100.0, 100.0, 100.0]);
+        assert!((f - 0.75).abs() < 1e-12, "{f}");
     }
 
     #[test]

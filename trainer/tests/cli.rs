@@ -265,6 +265,9 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         );
     }
     assert!(b["gemm_peak_gflops"].as_f64().is_some_and(|g| g > 0.0));
+    // The matmul between the steps: before the first and after each of the two.
+    assert_eq!(b["between_steps_gflops"].as_array().map(Vec::len), Some(3));
+    assert!(b["paired_peak_fraction"].as_f64().is_some_and(|f| f > 0.0));
     let kernels = b["gemm_kernels"].as_str().expect("gemm_kernels");
     assert!(
         ["AVX-512", "AVX2+FMA", "NEON", "scalar"].contains(&kernels),
@@ -293,6 +296,7 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         "update",
         "images/s",
         "% of the GEMM peak",
+        "% of the peak paired per step",
         "block5.res2",
         "32→32 @1 p1",
         "% of the step's forward",

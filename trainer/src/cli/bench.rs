@@ -12,10 +12,13 @@ use modkit_trainer::train::TrainConfig;
 ///
 /// Runs the trainer's own step on built-in synthetic faces and a square f32 matmul
 /// through the same kernels in the same run, and prints the median time of each
-/// phase, images per second, and the step's FLOP rate as a fraction of that peak.
+/// phase, images per second, and the step's FLOP rate as a fraction of that peak:
+/// once against the best peak of the run, and once paired, each step against the
+/// better of the matmuls timed just before and after it, which divides out a
+/// shared machine's slow moments.
 /// Threads follow RAYON_NUM_THREADS (default: all cores).
 ///
-/// The defaults are the batch of the PyTorch comparison (`scripts/torch_step.sh`):
+/// The defaults are the batch of the PyTorch comparison (`scripts/compare_torch.sh`):
 /// 4 tasks × 8 triplets = 96 images, sampled triplets, Adagrad.
 ///
 /// Example: modtrain bench-step --spec paper --size 64
@@ -180,6 +183,14 @@ impl BenchStepArgs {
             b.gemm_peak_gflops,
             b.gemm_size,
             b.gemm_kernels
+        )?;
+        let between = &b.between_steps_gflops;
+        writeln!(
+            out,
+            "{:.0}% of the peak paired per step (median of each step against the better of the same matmuls timed just before and after it, {:.1}–{:.1} GFLOP/s)",
+            100.0 * b.paired_peak_fraction,
+            between.iter().copied().fold(f64::INFINITY, f64::min),
+            between.iter().copied().fold(0.0, f64::max),
         )?;
         if let Some(layers) = &b.layers {
             print_layers(&mut out, &b, layers)?;
