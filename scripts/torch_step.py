@@ -7,10 +7,11 @@ task modulation ReLU(w_t) after blocks N..5 and fc; L2-normalised embedding), ru
 the same minibatch shape (tasks × [k anchors, k positives, k negatives]) through
 forward + squared-L2 triplet loss (margin 0.2), backward and Adagrad (lr 0.01,
 initial accumulator 0.1), with the same thread count, warm-up and timed steps, and
-prints both side by side. Each framework's step is also paired with a 1024³ GEMM
-of its own timed just before and after it (the better of the two; PyTorch's a 1×1
-convolution through oneDNN, modtrain's matmul in its JSON), so that the fraction
-of the peak divides out a shared machine's slow moments. Runs on the GPU when modtrain's run did (`--device cuda`),
+prints both side by side. Each framework's step is also paired with a GEMM of its
+own, of modtrain's peak size, timed just before and after it (the better of the
+two; PyTorch's a 1×1 convolution through oneDNN or cuDNN, modtrain's matmul in its
+JSON), so that the fraction of the peak divides out a shared machine's slow
+moments. Runs on the GPU when modtrain's run did (`--device cuda`),
 with PyTorch's default CUDA settings (cuDNN; TF32 convolutions allowed, as shipped);
 `TORCH_TF32=0` turns TF32 off for a strict float32 comparison.
 Run by scripts/compare_torch.sh and scripts/gpu/bench.sh.
@@ -185,6 +186,7 @@ def main():
         f"| % of GEMM peak ({peak:.1f} GFLOP/s, {rs.get('gemm_kernels', '?')}) | {100 * flops / ours_step / 1e9 / peak:.0f}% "
         f"| {100 * flops / torch_step / 1e9 / peak:.0f}% | |"
     )
+
     def paired(times, between):
         own = [max(a, b) for a, b in zip(between, between[1:])]
         return statistics.median(flops / sum(ts) / 1e9 / p for ts, p in zip(times, own))

@@ -79,10 +79,11 @@ pub struct StepBench {
     /// The same GEMM timed between the timed steps (best of [`PAIRED_RUNS`]):
     /// before the first and after each, `steps.len() + 1` rates in GFLOP/s.
     pub between_steps_gflops: Vec<f64>,
-    /// [`paired_fraction`] of the timed steps: the fraction of the peak with a shared host's slow moments divided
-    /// out, as far as they last longer than a step. [`StepBench::peak_fraction`]
-    /// divides the median step by the best peak of the whole run instead, so
-    /// that a slow moment counts against the step.
+    /// [`paired_fraction`] of the timed steps: the fraction of the peak with a
+    /// shared host's slow moments divided out, as far as they last longer than a
+    /// step. [`StepBench::peak_fraction`] divides the median step by the best
+    /// peak of the whole run instead, so that a slow moment counts against the
+    /// step.
     pub paired_peak_fraction: f64,
     /// Side of the square f32 matmul that measured the peak.
     pub gemm_size: usize,
@@ -173,7 +174,6 @@ pub fn bench_step(
     if let Some(e) = peak_err {
         return Err(e);
     }
-
     let timed: Vec<StepTimes> = trainer.step_times()[warmup..].to_vec();
     let pick = |f: fn(&StepTimes) -> f64| median(timed.iter().map(f).collect());
     let med = StepTimes {
@@ -442,6 +442,7 @@ mod tests {
             );
         }
         assert!(b.median.total() > 0.0 && b.gflops > 0.0 && b.gemm_peak_gflops > 0.0);
+        assert_eq!(b.flops_per_step, step_flops(&cfg.spec, 12, 1));
         // A matmul before the first step and after each, none above the run's
         // peak, and the paired fraction computed from them; with no warm-up the
         // first step has a matmul before it too.
