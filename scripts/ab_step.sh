@@ -2,13 +2,14 @@
 # A/B of modtrain builds on one noisy machine: runs `bench-step` with each build in
 # turn, ROUNDS times, and prints the min and median of forward, backward and step
 # per build, and the median and best of each run's paired fraction of the GEMM peak
-# (each step against the matmul timed right after it). Alternating spreads the
-# machine's slow moments over both builds; only compare builds timed in the same call.
+# (each step against the better of the matmuls timed just before and after it).
+# Alternating spreads the machine's slow moments over both builds; only compare
+# builds timed in the same call.
 #
 # Usage: scripts/ab_step.sh SPEC SIZE BUILD...   e.g. scripts/ab_step.sh tiny 48 /tmp/old target/release/modtrain
 # Env:   ROUNDS (default 4), STEPS per run (default 8), THREADS (default 2)
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n 2,9p "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,10p "$0" >&2; exit 2; }
 spec=$1 size=$2
 shift 2
 for _ in $(seq "${ROUNDS:-4}"); do
