@@ -15,9 +15,9 @@ use crate::data::Dataset;
 use crate::net::Network;
 use crate::triplets::Triplet;
 
-/// Images per forward pass during evaluation. 64 keeps a tiny-spec evaluation at
-/// ~180 MB resident (256: ~470 MB, with no faster evaluation); the paper spec's
-/// 150×150 stages are 14× larger per image.
+/// Images per forward pass during evaluation. A stage's largest tensor is 64 ×
+/// that of one image (333 MB at paper@150's second block); 256 made a tiny-spec
+/// evaluation no faster and its resident memory 2.6× larger.
 const EVAL_BATCH: usize = 64;
 
 /// `[B, 3, S, S]` network input for images `idx`.
