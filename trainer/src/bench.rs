@@ -89,6 +89,11 @@ pub struct StepBench {
     pub gemm_size: usize,
     /// The instruction set of the GEMM kernels that ran ([`gemm_kernels`]).
     pub gemm_kernels: String,
+    /// The process's peak resident memory right after the timed steps, in bytes
+    /// (Linux's `VmHWM`; `None` elsewhere): in a `bench-step` process, the peak of
+    /// a step (activations, gradients, columns) plus the data and the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_resident_bytes: Option<u64>,
     /// Each convolution timed on its own (`bench-step --layers`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerBench>>,
@@ -174,6 +179,7 @@ pub fn bench_step(
     if let Some(e) = peak_err {
         return Err(e);
     }
+    let peak_resident_bytes = peak_resident_bytes();
     let timed: Vec<StepTimes> = trainer.step_times()[warmup..].to_vec();
     let pick = |f: fn(&StepTimes) -> f64| median(timed.iter().map(f).collect());
     let med = StepTimes {
@@ -219,8 +225,25 @@ pub fn bench_step(
         paired_peak_fraction,
         gemm_size,
         gemm_kernels: gemm_kernels(&device).into(),
+        peak_resident_bytes,
         layers: None,
     })
+}
+
+/// This process's peak resident memory so far, in bytes: `VmHWM` in
+/// `/proc/self/status`, `None` where there is none (not Linux).
+pub fn peak_resident_bytes() -> Option<u64> {
+    vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `VmHWM:   123456 kB` line of a `/proc/<pid>/status` text, in bytes.
+fn vm_hwm(status: &str) -> Option<u64> {
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?;
+    kb.trim().parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// The instruction set of the f32 GEMM kernels on `device`: on a CPU, the one the
@@ -395,6 +418,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn peak_resident_memory_is_read_from_vm_hwm() {
+        let status = "Name:\tmodtrain\nVmPeak:\t 9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1024 kB\n";
+        assert_eq!(vm_hwm(status), Some(2048 * 1024));
+        assert_eq!(vm_hwm("VmRSS:\t 1024 kB\n"), None);
+        assert_eq!(vm_hwm("VmHWM:\t lots kB\n"), None);
+    }
+
+    #[test]
     fn step_flops_of_the_paper_network_by_hand() {
         // Table 2 at 150×150, multiply-accumulates per image, as (C·9)·O·Ho·Wo:
         // conv1 3→32 at 148²; each block's conv at (previous side − 2), its two
@@ -454,6 +485,9 @@ mod tests {
         );
         let paired = paired_fraction(b.flops_per_step, &b.steps, &b.between_steps_gflops);
         assert_eq!(b.paired_peak_fraction, paired);
+        // At least the dataset's images (120 at 48×48×3 bytes) were resident.
+        #[cfg(target_os = "linux")]
+        assert!(b.peak_resident_bytes.is_some_and(|r| r > 120 * 48 * 48 * 3));
         let cold = bench_step(&cfg, 2, 0, Device::Cpu).expect("no warm-up");
         assert_eq!(cold.between_steps_gflops.len(), 3);
         let err = bench_step(&cfg, 0, 1, Device::Cpu).expect_err("no steps");

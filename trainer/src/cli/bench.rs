@@ -192,6 +192,13 @@ impl BenchStepArgs {
             between.iter().copied().fold(f64::INFINITY, f64::min),
             between.iter().copied().fold(0.0, f64::max),
         )?;
+        if let Some(bytes) = b.peak_resident_bytes {
+            writeln!(
+                out,
+                "peak resident memory {:.0} MB (the process's high-water mark after the steps: a step's tensors, the data and the model)",
+                bytes as f64 / 1e6
+            )?;
+        }
         if let Some(layers) = &b.layers {
             print_layers(&mut out, &b, layers)?;
         }
