@@ -697,7 +697,13 @@ mod tests {
     #[test]
     fn evaluation_runs_on_the_same_parameters_without_a_graph() {
         let ds = Dataset::synthetic(200, 48, 4);
-        for variant in [Variant::Modulated, Variant::Independent, Variant::Csn] {
+        for variant in [
+            Variant::Modulated,
+            Variant::Shared,
+            Variant::Independent,
+            Variant::Branch { k: 4 },
+            Variant::Csn,
+        ] {
             let cfg = TrainConfig {
                 variant,
                 ..small_cfg()
