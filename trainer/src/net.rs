@@ -342,12 +342,12 @@ impl Backbone {
 
     /// Stage `k`: 1 is conv1 (with its ReLU), 2..=5 the blocks.
     ///
-    /// Outside training the output is detached: the weights are variables, so
-    /// candle would otherwise record the op graph, and the last stage's output
-    /// would keep every intermediate tensor of the forward alive. Evaluating the
-    /// tiny spec's test set peaked at 1.29 GB that way (574 MB when only the
-    /// trunk's output was detached), and the first touch of that memory was most
-    /// of an evaluation's time.
+    /// Outside training the output is detached, for callers that evaluate a
+    /// network built over variables (`Trainer::evaluate` builds one over plain
+    /// tensors instead, which also frees the intermediates inside a stage):
+    /// candle records the op graph of anything computed from a variable, and the
+    /// last stage's output would keep every intermediate tensor of the forward
+    /// alive. Evaluating the tiny spec's test set that way peaked at 1.29 GB.
     fn stage(&self, k: usize, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = if k == 1 {
             self.conv1.forward(x, train, true, None)?
