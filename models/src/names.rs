@@ -45,6 +45,18 @@ pub fn independent_prefix(task: &str) -> String {
     format!("task.{task}.")
 }
 
+/// Whether every task trains tensor `name` of `variant`: the shared parameters
+/// whose per-task gradients the Update Compliance Ratio compares. Not the
+/// modulation vectors, branches and masks (one row per task), and nothing of
+/// `independent`, whose tasks share no parameter.
+pub fn shared_by_tasks(variant: &Variant, name: &str) -> bool {
+    *variant != Variant::Independent
+        && !name.starts_with("modulation.")
+        && name != BRANCH_WEIGHT
+        && name != BRANCH_BIAS
+        && name != CSN_MASKS
+}
+
 /// One tensor of the schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
@@ -158,6 +170,34 @@ mod tests {
         assert_eq!(
             names[names.len() - 3..],
             ["modulation.block4", "modulation.block5", "modulation.fc"]
+        );
+    }
+
+    #[test]
+    fn shared_tensors_are_the_base_network() {
+        let tasks = ["a".to_string(), "b".to_string()];
+        let spec = NetSpec::tiny();
+        let base: Vec<_> = base_network(&spec, "")
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        for variant in [
+            Variant::Modulated,
+            Variant::Shared,
+            Variant::Branch { k: 4 },
+            Variant::Csn,
+        ] {
+            let shared: Vec<_> = schema(&spec, &variant, &tasks)
+                .into_iter()
+                .filter(|e| shared_by_tasks(&variant, &e.name))
+                .map(|e| e.name)
+                .collect();
+            assert_eq!(shared, base, "{variant}");
+        }
+        assert!(
+            schema(&spec, &Variant::Independent, &tasks)
+                .iter()
+                .all(|e| !shared_by_tasks(&Variant::Independent, &e.name))
         );
     }
 }

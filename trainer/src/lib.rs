@@ -8,7 +8,9 @@
 //! * [`adagrad`]: the optimizer the paper uses; [`adam`]: a faster alternative;
 //!   [`optim`]: the choice between them and their checkpoint state.
 //! * [`mining`]: which triplets of a minibatch the loss sees.
-//! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy.
+//! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy;
+//!   [`ucr`]: the Update Compliance Ratio between tasks (paper section 3.1);
+//!   [`report`]: tables and plots of training runs.
 //! * [`ops`]: fast CPU kernels for convolution, BatchNorm and max-pool.
 //! * [`bench`]: a training step's time per phase against the GEMM peak.
 //! * [`workers`]: rayon's threads kept spinning through a training step.
@@ -35,8 +37,10 @@ pub mod mining;
 pub mod net;
 pub mod ops;
 pub mod optim;
+pub mod report;
 pub mod train;
 pub mod triplets;
+pub mod ucr;
 pub mod workers;
 
 pub use error::{Error, Result};

@@ -1,7 +1,7 @@
 //! Which triplets of a minibatch the loss sees (`--mining`).
 //!
 //! * `sampled` (the paper's, section 4.1): exactly the sampled triplets, `k` per
-//!   task, [`crate::train::triplet_loss`].
+//!   task, [`sampled_loss`].
 //! * `batch-all` (Hermans et al., "In Defense of the Triplet Loss", 2017): the same
 //!   minibatch, but inside each task's block of `3k` images every valid triplet
 //!   (anchor and positive share the task's label, the negative does not) counts,
@@ -12,7 +12,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Tensor};
+use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -53,6 +53,56 @@ impl FromStr for Mining {
     }
 }
 
+/// A minibatch's triplet loss, and each task's part of it.
+#[derive(Debug, Clone)]
+pub struct BatchLoss {
+    /// The scalar the step minimises.
+    pub loss: Tensor,
+    /// Fraction of the loss's triplets already satisfied (`d⁺ < d⁻`).
+    pub satisfied: f64,
+    /// The hinge terms, task first: `loss = scale · Σ hinge`.
+    hinge: Tensor,
+    scale: f64,
+}
+
+impl BatchLoss {
+    /// `[T]`: task `t`'s part of the loss (its hinge terms under the loss's own
+    /// normalisation), so that the parts sum to [`BatchLoss::loss`] and the
+    /// gradient of part `t` is task `t`'s share of the step's gradient (the
+    /// Update Compliance Ratio, [`crate::ucr`]). A graph of its own beside the
+    /// loss's: the step does not pay for it unless it is asked for.
+    pub fn per_task(&self) -> Result<Tensor> {
+        Ok(self
+            .hinge
+            .flatten_from(1)?
+            .sum(1)?
+            .affine(self.scale, 0.0)?)
+    }
+}
+
+/// Squared-L2 triplet loss `mean [‖a−p‖² − ‖a−n‖² + α]₊` over an embedding batch
+/// laid out as `T` task blocks of `[k anchors, k positives, k negatives]`: exactly
+/// the sampled triplets (the paper's).
+pub fn sampled_loss(emb: &Tensor, tasks: usize, k: usize, margin: f64) -> Result<BatchLoss> {
+    let d = emb.dim(1)?;
+    let e = emb.reshape((tasks, 3, k, d))?;
+    let (a, p, n) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?, e.narrow(1, 2, 1)?);
+    let dp = (&a - &p)?.sqr()?.sum(D::Minus1)?;
+    let dn = (&a - &n)?.sqr()?.sum(D::Minus1)?;
+    let ok = dp
+        .lt(&dn)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
+    let hinge = ((dp - dn)? + margin)?.relu()?;
+    Ok(BatchLoss {
+        loss: hinge.mean_all()?,
+        satisfied: ok / (tasks * k) as f64,
+        hinge,
+        scale: 1.0 / (tasks * k) as f64,
+    })
+}
+
 /// Batch-all triplet loss over `T` task blocks of `n` L2-normalised embeddings
 /// (`emb` is `[T·n, d]`, `labels[t·n + i]` the task-`t` label of row `i` of block
 /// `t`): `Σ [d(a,p) − d(a,q) + α]₊ / #{violating}` over every valid `(a, p, q)`
@@ -63,7 +113,7 @@ pub fn batch_all_loss(
     tasks: usize,
     n: usize,
     margin: f64,
-) -> Result<(Tensor, f64)> {
+) -> Result<BatchLoss> {
     let dist = distances(emb, tasks, n)?;
     let anchors: Vec<usize> = (0..tasks).flat_map(|_| 0..n).collect();
     all_valid(&dist, &anchors, labels, margin)
@@ -81,7 +131,7 @@ pub fn pooled_loss(
     n: usize,
     block: usize,
     margin: f64,
-) -> Result<(Tensor, f64)> {
+) -> Result<BatchLoss> {
     let dist = distances(emb, tasks, n)?;
     let rows: Vec<u32> = (0..tasks)
         .flat_map(|t| (0..block).map(move |a| (t * n + t * block + a) as u32))
@@ -107,12 +157,7 @@ fn distances(emb: &Tensor, tasks: usize, n: usize) -> Result<Tensor> {
 /// The mean violating hinge over every valid triplet, from `dist[t, a, i]` (anchor
 /// `a` of task `t` to candidate `i`), `anchors[t·A + a]` (the candidate that is
 /// anchor `a` itself) and `labels[t·n + i]`; and the fraction satisfied.
-fn all_valid(
-    dist: &Tensor,
-    anchors: &[usize],
-    labels: &[bool],
-    margin: f64,
-) -> Result<(Tensor, f64)> {
+fn all_valid(dist: &Tensor, anchors: &[usize], labels: &[bool], margin: f64) -> Result<BatchLoss> {
     let (tasks, na, n) = dist.dims3()?;
     // diff[t, a, p, q] = d(a, p) − d(a, q).
     let diff = dist.unsqueeze(3)?.broadcast_sub(&dist.unsqueeze(2)?)?;
@@ -147,7 +192,12 @@ fn all_valid(
     let ok = (diff.lt(0.0)?.to_dtype(DType::F32)? * &mask)?
         .sum_all()?
         .to_scalar::<f32>()? as f64;
-    Ok((loss, ok / valid.max(1.0)))
+    Ok(BatchLoss {
+        loss,
+        satisfied: ok / valid.max(1.0),
+        hinge,
+        scale: 1.0 / violating.max(1.0),
+    })
 }
 
 #[cfg(test)]
@@ -173,27 +223,49 @@ mod tests {
     }
 
     #[test]
+    fn sampled_by_hand() {
+        // Task 0, one triplet: a = (1,0), p = (0,1), n = (1,0): d⁺ = 2, d⁻ = 0, hinge
+        // 2.2. Task 1: a = p = (1,0), n = (0,1): satisfied, hinge 0.
+        let e = Tensor::new(
+            &[[1f32, 0.], [0., 1.], [1., 0.], [1., 0.], [1., 0.], [0., 1.]],
+            &Device::Cpu,
+        )
+        .expect("t");
+        let l = sampled_loss(&e, 2, 1, 0.2).expect("loss");
+        assert!((l.loss.to_scalar::<f32>().expect("s") - 1.1).abs() < 1e-6);
+        assert_eq!(l.satisfied, 0.5);
+        let parts = l.per_task().expect("parts").to_vec1::<f32>().expect("v");
+        assert!(
+            (parts[0] - 1.1).abs() < 1e-6 && parts[1] == 0.0,
+            "{parts:?}"
+        );
+    }
+
+    #[test]
     fn batch_all_by_hand() {
         // One task, 3 unit vectors: rows 0 and 1 labelled true, row 2 false.
         // Valid triplets: (0,1,2) and (1,0,2). e0 = (1,0), e1 = (0,1), e2 = (1,0):
         // d01 = 2, d02 = 0, d12 = 2. (0,1,2): 2 − 0 + 0.2 = 2.2; (1,0,2): 2 − 2 + 0.2 = 0.2.
         let e = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 0.]], &Device::Cpu).expect("t");
-        let (loss, ok) = batch_all_loss(&e, &[true, true, false], 1, 3, 0.2).expect("loss");
+        let BatchLoss {
+            loss, satisfied, ..
+        } = batch_all_loss(&e, &[true, true, false], 1, 3, 0.2).expect("loss");
         let loss = loss.to_scalar::<f32>().expect("s");
         assert!(
             (loss - 1.2).abs() < 1e-5,
             "loss {loss}, want (2.2 + 0.2) / 2"
         );
-        assert_eq!(ok, 0.0);
+        assert_eq!(satisfied, 0.0);
         // Separated: e2 opposite to the pair: every triplet satisfied, loss 0.
         let e = Tensor::new(&[[1f32, 0.], [1., 0.], [-1., 0.]], &Device::Cpu).expect("t");
-        let (loss, ok) = batch_all_loss(&e, &[true, true, false], 1, 3, 0.2).expect("loss");
-        assert_eq!(loss.to_scalar::<f32>().expect("s"), 0.0);
-        assert_eq!(ok, 1.0);
+        let l = batch_all_loss(&e, &[true, true, false], 1, 3, 0.2).expect("loss");
+        assert_eq!(l.loss.to_scalar::<f32>().expect("s"), 0.0);
+        assert_eq!(l.satisfied, 1.0);
     }
 
-    /// The loss by explicit loops: task `t`'s anchors are `anchors(t)`, its
-    /// candidates rows `t·n .. (t+1)·n` of `e`.
+    /// The loss, the fraction satisfied and each task's part of the loss, by
+    /// explicit loops: task `t`'s anchors are `anchors(t)`, its candidates rows
+    /// `t·n .. (t+1)·n` of `e`.
     fn brute_force(
         e: &[Vec<f32>],
         labels: &[bool],
@@ -201,14 +273,14 @@ mod tests {
         n: usize,
         anchors: impl Fn(usize) -> Vec<usize>,
         margin: f64,
-    ) -> (f64, f64) {
+    ) -> (f64, f64, Vec<f64>) {
         let d = |i: usize, j: usize| -> f64 {
             e[i].iter()
                 .zip(&e[j])
                 .map(|(x, y)| ((x - y) * (x - y)) as f64)
                 .sum()
         };
-        let (mut sum, mut violating, mut valid, mut ok) = (0.0, 0, 0, 0);
+        let (mut sums, mut violating, mut valid, mut ok) = (vec![0.0; tasks], 0, 0, 0);
         for t in 0..tasks {
             let y = |i: usize| labels[t * n + i];
             for a in anchors(t) {
@@ -219,14 +291,16 @@ mod tests {
                         ok += (dp < dq) as usize;
                         let h = dp - dq + margin;
                         if h > 0.0 {
-                            sum += h;
+                            sums[t] += h;
                             violating += 1;
                         }
                     }
                 }
             }
         }
-        (sum / violating.max(1) as f64, ok as f64 / valid as f64)
+        let scale = 1.0 / violating.max(1) as f64;
+        let parts: Vec<f64> = sums.iter().map(|s| s * scale).collect();
+        (parts.iter().sum(), ok as f64 / valid as f64, parts)
     }
 
     #[test]
@@ -236,10 +310,19 @@ mod tests {
         let e = crate::net::l2_normalize(&e).expect("norm");
         let rows = e.to_vec2::<f32>().expect("rows");
         let labels: Vec<bool> = (0..tasks * n).map(|i| (i * 7 + i / 5) % 3 == 0).collect();
-        let check = |(loss, ok): (Tensor, f64), (want, want_ok): (f64, f64)| {
-            let loss = loss.to_scalar::<f32>().expect("s") as f64;
+        let check = |l: BatchLoss, (want, want_ok, want_parts): (f64, f64, Vec<f64>)| {
+            let loss = l.loss.to_scalar::<f32>().expect("s") as f64;
             assert!((loss - want).abs() < 1e-5, "loss {loss}, want {want}");
+            let ok = l.satisfied;
             assert!((ok - want_ok).abs() < 1e-9, "ok {ok}, want {want_ok}");
+            let parts = l.per_task().expect("parts").to_vec1::<f32>().expect("v");
+            assert_eq!(parts.len(), tasks);
+            for (p, w) in parts.iter().zip(&want_parts) {
+                assert!(
+                    (*p as f64 - w).abs() < 1e-5,
+                    "parts {parts:?}, want {want_parts:?}"
+                );
+            }
         };
         check(
             batch_all_loss(&e, &labels, tasks, n, 0.3).expect("batch-all"),

@@ -4,6 +4,9 @@
 //! [`crate::mining`]); Adagrad (or Adam, `--optimizer adam`); evaluation, a
 //! JSON-lines log line and an atomic checkpoint per epoch.
 //!
+//! With `ucr_every` set, every that-many-th minibatch also measures the Update
+//! Compliance Ratio between the tasks ([`crate::ucr`]), logged per epoch.
+//!
 //! Files written next to the checkpoint `OUT.safetensors`:
 //! `OUT.metrics.jsonl` (one line per epoch) and `OUT.triplets.json` (the fixed test
 //! triplets, by file name).
@@ -13,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use modkit_models::names;
 use modkit_models::{Checkpoint, CheckpointHeader, NetSpec, Preprocess, TensorData, Variant};
@@ -22,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::adagrad::Adagrad;
 use crate::data::{Dataset, Split};
 use crate::eval::{batch_images, triplet_accuracy};
-use crate::mining::{Mining, batch_all_loss, pooled_loss};
+use crate::mining::{BatchLoss, Mining, batch_all_loss, pooled_loss, sampled_loss};
 use crate::net::{Network, init_varmap};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::triplets::{self, TEST_STREAM, Triplet};
+use crate::ucr::{UcrCounter, UcrLog, gradient_gram};
 use crate::{Error, Result};
 
 /// Everything that defines a training run; stored in the checkpoint header.
@@ -66,6 +70,10 @@ pub struct TrainConfig {
     pub adagrad_initial_accumulator: f64,
     pub seed: u64,
     pub preprocess: Preprocess,
+    /// Measure the Update Compliance Ratio on every `ucr_every`-th minibatch of
+    /// an epoch, from its first (0 = never; 1 = every minibatch, the paper's).
+    #[serde(default)]
+    pub ucr_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -92,6 +100,7 @@ impl Default for TrainConfig {
             adagrad_initial_accumulator: Adagrad::INITIAL_ACCUMULATOR,
             seed: 0,
             preprocess: Preprocess::default(),
+            ucr_every: 0,
         }
     }
 }
@@ -121,6 +130,10 @@ pub struct EpochLog {
     /// was recorded read as zeros).
     #[serde(default)]
     pub step_seconds: StepTimes,
+    /// The Update Compliance Ratio between the tasks over the epoch's measured
+    /// minibatches, when `ucr_every` asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ucr: Option<UcrLog>,
 }
 
 /// Where one training step's time went, in seconds (summed over steps when it
@@ -175,29 +188,15 @@ pub struct Trainer {
     last_metrics: serde_json::Value,
     /// Per-step timings of the last epoch trained.
     step_times: Vec<StepTimes>,
+    /// The parameters every task shares, whose per-task gradients UCR compares.
+    shared: Vec<Var>,
+    /// UCR counts of the last epoch trained, when measured.
+    ucr: Option<UcrCounter>,
 }
 
 /// `OUT.suffix` next to the checkpoint `OUT.safetensors`.
 pub fn sibling(ckpt: &Path, suffix: &str) -> PathBuf {
     ckpt.with_extension(suffix)
-}
-
-/// Squared-L2 triplet loss `mean [‖a−p‖² − ‖a−n‖² + α]₊` over an embedding batch laid
-/// out as `T` task blocks of `[k anchors, k positives, k negatives]`; also returns
-/// how many triplets already satisfy `d⁺ < d⁻`.
-pub fn triplet_loss(emb: &Tensor, tasks: usize, k: usize, margin: f64) -> Result<(Tensor, usize)> {
-    let d = emb.dim(1)?;
-    let e = emb.reshape((tasks, 3, k, d))?;
-    let (a, p, n) = (e.narrow(1, 0, 1)?, e.narrow(1, 1, 1)?, e.narrow(1, 2, 1)?);
-    let dp = (&a - &p)?.sqr()?.sum(D::Minus1)?;
-    let dn = (&a - &n)?.sqr()?.sum(D::Minus1)?;
-    let ok = dp
-        .lt(&dn)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as usize;
-    let loss = ((dp - dn)? + margin)?.relu()?.mean_all()?;
-    Ok((loss, ok))
 }
 
 impl Trainer {
@@ -218,6 +217,14 @@ impl Trainer {
             return Err(Error::Config(format!(
                 "need at least one task and --triplets-per-task ({}) ≥ --batch-per-task ({}) > 0",
                 cfg.triplets_per_task, cfg.batch_per_task
+            )));
+        }
+        if cfg.ucr_every > 0 && (cfg.variant == Variant::Independent || cfg.tasks.len() < 2) {
+            return Err(Error::Config(format!(
+                "--ucr-every {} compares tasks on the parameters they share; {} with {} task(s) has none: drop --ucr-every or train a shared-trunk variant on 2+ tasks",
+                cfg.ucr_every,
+                cfg.variant,
+                cfg.tasks.len()
             )));
         }
         if cfg.mining == Mining::Pooled && cfg.variant == Variant::Independent {
@@ -253,6 +260,11 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
         let params = trainable(&varmap, &cfg)?;
+        let shared = params
+            .iter()
+            .filter(|(name, _)| names::shared_by_tasks(&cfg.variant, name))
+            .map(|(_, v)| v.clone())
+            .collect();
         let opt = Optimizer::new(
             cfg.optimizer,
             params,
@@ -270,6 +282,8 @@ impl Trainer {
             epoch: 0,
             last_metrics: serde_json::Value::Null,
             step_times: Vec::new(),
+            shared,
+            ucr: None,
         })
     }
 
@@ -282,6 +296,18 @@ impl Trainer {
         device: Device,
         epochs: Option<usize>,
     ) -> Result<Self> {
+        Self::resume_with(path, ds, device, epochs, None)
+    }
+
+    /// [`Trainer::resume`], with `ucr_every` (if given) replacing the run's UCR
+    /// measurement interval, which does not change training.
+    pub fn resume_with(
+        path: &Path,
+        ds: &Dataset,
+        device: Device,
+        epochs: Option<usize>,
+        ucr_every: Option<usize>,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::load(path)?;
         let mut cfg: TrainConfig = serde_json::from_value(ckpt.header.train_config.clone())
             .map_err(|e| {
@@ -289,6 +315,9 @@ impl Trainer {
             })?;
         if let Some(e) = epochs {
             cfg.epochs = e;
+        }
+        if let Some(n) = ucr_every {
+            cfg.ucr_every = n;
         }
         let mut t = Self::new(cfg, ds, device)?;
         t.load_tensors(&ckpt)?;
@@ -348,6 +377,7 @@ impl Trainer {
         let groups: Vec<(usize, usize)> = (0..t).map(|task| (task, 3 * k)).collect();
         let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
         self.step_times.clear();
+        let mut ucr = (cfg.ucr_every > 0).then(|| UcrCounter::new(t));
         let since = |t: &mut Instant| {
             let now = Instant::now();
             let d = (now - *t).as_secs_f64();
@@ -372,11 +402,8 @@ impl Trainer {
                 } else {
                     self.net.forward_grouped(&x, &groups, true)?
                 };
-                let (loss, ok) = match cfg.mining {
-                    Mining::Sampled => {
-                        let (loss, ok) = triplet_loss(&emb, t, k, cfg.margin)?;
-                        (loss, ok as f64 / (k * t) as f64)
-                    }
+                let batch = match cfg.mining {
+                    Mining::Sampled => sampled_loss(&emb, t, k, cfg.margin)?,
                     Mining::BatchAll => {
                         let labels: Vec<bool> = idx
                             .chunks(3 * k)
@@ -394,6 +421,11 @@ impl Trainer {
                         pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
                     }
                 };
+                let BatchLoss {
+                    ref loss,
+                    satisfied: ok,
+                    ..
+                } = batch;
                 let value = loss.to_scalar::<f32>()?;
                 // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
                 let probe = emb.sum_all()?.to_scalar::<f32>()?;
@@ -410,6 +442,12 @@ impl Trainer {
                 // CUDA runs asynchronously: wait, or the time lands in the next phase.
                 self.device.synchronize()?;
                 times.backward = since(&mut clock);
+                if let Some(ucr) = ucr.as_mut().filter(|_| step % cfg.ucr_every == 0) {
+                    ucr.add(&gradient_gram(&batch.per_task()?, &self.shared)?);
+                    // Not part of the step's own time.
+                    self.device.synchronize()?;
+                    since(&mut clock);
+                }
                 Ok((grads, value, ok))
             };
             // On the CPU, batch, forward and backward are back-to-back parallel
@@ -430,6 +468,7 @@ impl Trainer {
             progress(step + 1, steps, value);
         }
         self.epoch += 1;
+        self.ucr = ucr;
         Ok((loss_sum / steps as f64, ok_sum / steps as f64))
     }
 
@@ -546,6 +585,7 @@ impl Trainer {
                         a += t;
                         a
                     }),
+                ucr: self.ucr.as_ref().map(|u| u.log(&self.cfg.tasks)),
             };
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
@@ -657,19 +697,6 @@ mod tests {
     }
 
     #[test]
-    fn triplet_loss_by_hand() {
-        // One task, one triplet: a = (1,0), p = (0,1), n = (1,0): d⁺ = 2, d⁻ = 0.
-        let e = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 0.]], &Device::Cpu).expect("t");
-        let (loss, ok) = triplet_loss(&e, 1, 1, 0.2).expect("loss");
-        assert!((loss.to_scalar::<f32>().expect("s") - 2.2).abs() < 1e-6);
-        assert_eq!(ok, 0);
-        let e = Tensor::new(&[[1f32, 0.], [1., 0.], [0., 1.]], &Device::Cpu).expect("t");
-        let (loss, ok) = triplet_loss(&e, 1, 1, 0.2).expect("loss");
-        assert_eq!(loss.to_scalar::<f32>().expect("s"), 0.0);
-        assert_eq!(ok, 1);
-    }
-
-    #[test]
     fn loss_falls_when_training_on_one_batch() {
         // Gradients reach every layer through the custom conv/pool kernels: a fixed
         // batch of 2 tasks × 8 triplets is fitted within a few Adagrad steps.
@@ -686,7 +713,7 @@ mod tests {
                 .net
                 .forward_grouped(&x, &[(0, 24), (1, 24)], true)
                 .expect("fwd");
-            let (loss, _) = triplet_loss(&emb, 2, 8, 0.2).expect("loss");
+            let loss = sampled_loss(&emb, 2, 8, 0.2).expect("loss").loss;
             losses.push(loss.to_scalar::<f32>().expect("scalar"));
             t.opt.step(&loss.backward().expect("bwd")).expect("step");
         }
@@ -766,7 +793,7 @@ mod tests {
             .net
             .forward_grouped(&x, &[(0, 24), (1, 24)], true)
             .expect("fwd");
-        let (loss, _) = triplet_loss(&emb, 2, 8, 0.2).expect("loss");
+        let loss = sampled_loss(&emb, 2, 8, 0.2).expect("loss").loss;
         let grads = loss.backward().expect("bwd");
         let named = trainable(&t.varmap, &t.cfg).expect("vars");
         let g = named
@@ -840,6 +867,144 @@ mod tests {
         assert_same_step(&cpu, &step_grads(gpu.clone()), 1e-3);
         let generic = crate::ops::cudnn::without_cudnn(|| step_grads(gpu));
         assert_same_step(&cpu, &generic, 1e-3);
+    }
+
+    #[test]
+    fn task_gradients_sum_to_the_step_gradient() {
+        // Each task's part of the loss has its share of the step's gradient: the
+        // rows UCR compares add up to what the optimizer gets, for every variant
+        // with shared parameters and every mining mode.
+        let ds = Dataset::synthetic(120, 48, 4);
+        let cases = [
+            (Variant::Modulated, Mining::Sampled),
+            (Variant::Shared, Mining::Sampled),
+            (Variant::Branch { k: 4 }, Mining::Sampled),
+            (Variant::Csn, Mining::Sampled),
+            (Variant::Modulated, Mining::BatchAll),
+            (Variant::Modulated, Mining::Pooled),
+        ];
+        for (variant, mining) in cases {
+            let cfg = TrainConfig {
+                variant,
+                mining,
+                batch_per_task: 8,
+                ..small_cfg()
+            };
+            let t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+            let idx = one_batch(&ds, &t);
+            let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+            let (ds, idx) = (&ds, &idx);
+            let labels = |per: &dyn Fn(usize) -> Vec<usize>| -> Vec<bool> {
+                t.attrs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(task, &a)| per(task).into_iter().map(move |i| ds.label(idx[i], a)))
+                    .collect()
+            };
+            let batch = match mining {
+                Mining::Sampled => {
+                    let emb = t
+                        .net
+                        .forward_grouped(&x, &[(0, 24), (1, 24)], true)
+                        .expect("fwd");
+                    sampled_loss(&emb, 2, 8, 0.2).expect("loss")
+                }
+                Mining::BatchAll => {
+                    let emb = t
+                        .net
+                        .forward_grouped(&x, &[(0, 24), (1, 24)], true)
+                        .expect("fwd");
+                    let l = labels(&|task| (task * 24..(task + 1) * 24).collect());
+                    batch_all_loss(&emb, &l, 2, 24, 0.2).expect("loss")
+                }
+                Mining::Pooled => {
+                    let emb = t.net.forward_all_tasks(&x, true).expect("fwd");
+                    let l = labels(&|_| (0..48).collect());
+                    pooled_loss(&emb, &l, 2, 48, 24, 0.2).expect("loss")
+                }
+            };
+            let full = batch.loss.backward().expect("bwd");
+            let want = Tensor::cat(
+                &t.shared
+                    .iter()
+                    .map(|v| full.get(v).expect("grad").flatten_all().expect("flat"))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .expect("cat");
+            let rows = crate::ucr::task_gradients(&batch.per_task().expect("parts"), &t.shared)
+                .expect("rows");
+            assert_eq!(rows.dims(), [2, want.dim(0).expect("p")]);
+            let got = rows.sum(0).expect("sum");
+            let err = (&got - &want)
+                .and_then(|d| d.sqr()?.sum_all()?.sqrt())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("err");
+            let norm = want
+                .sqr()
+                .and_then(|d| d.sum_all()?.sqrt())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("norm");
+            assert!(norm > 0.0, "{variant} {mining}: no gradient");
+            assert!(
+                err <= 1e-4 * norm,
+                "{variant} {mining}: ‖Σ rows − ∇θ‖ = {err}, ‖∇θ‖ = {norm}"
+            );
+            let names: Vec<_> = trainable(&t.varmap, &t.cfg)
+                .expect("vars")
+                .into_iter()
+                .filter(|(n, _)| names::shared_by_tasks(&variant, n))
+                .map(|(n, _)| n)
+                .collect();
+            assert!(
+                names.contains(&"conv1.weight".to_string())
+                    && !names.iter().any(|n| n.contains("modulation"))
+            );
+        }
+    }
+
+    #[test]
+    fn measuring_ucr_does_not_change_training() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let run = |ucr_every: usize| {
+            let cfg = TrainConfig {
+                epochs: 1,
+                ucr_every,
+                ..small_cfg()
+            };
+            let out = dir.path().join(format!("ucr{ucr_every}.safetensors"));
+            let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+            let report = t.run(&ds, &out).expect("run");
+            (t.checkpoint().expect("ckpt"), report)
+        };
+        let (plain, plain_report) = run(0);
+        let (measured, report) = run(3);
+        for (name, t) in &plain.tensors {
+            assert_eq!(
+                t, &measured.tensors[name],
+                "{name} differs when UCR is measured"
+            );
+        }
+        assert!(plain_report.epochs[0].ucr.is_none());
+        let ucr = report.epochs[0].ucr.as_ref().expect("ucr logged");
+        // 16 triplets per task in batches of 4: steps 0 and 3 are measured.
+        assert_eq!(ucr.batches, 2);
+        assert_eq!(ucr.tasks, ["smiling", "bangs"]);
+        let r = ucr.ratio[0][1].expect("both tasks had a gradient");
+        assert_eq!(ucr.ratio[1][0], Some(r));
+        assert!((0.0..=1.0).contains(&r) && ucr.ratio[0][0].is_none());
+        assert_eq!(ucr.mean, Some(r));
+        // Logged in the checkpoint's metrics too.
+        assert_eq!(measured.header.metrics["ucr"]["batches"], 2);
+
+        let cfg = TrainConfig {
+            variant: Variant::Independent,
+            ucr_every: 1,
+            ..small_cfg()
+        };
+        let err = Trainer::new(cfg, &ds, Device::Cpu).expect_err("independent shares nothing");
+        assert!(err.to_string().contains("--ucr-every 1"), "{err}");
     }
 
     #[test]

@@ -332,3 +332,104 @@ fn a_closed_stdout_is_not_a_panic() {
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn ucr_is_measured_logged_and_reported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let runs = dir.path().join("runs");
+    let train = |variant: &str, name: &str, ucr_every: &str| {
+        let out = runs.join(format!("{name}.safetensors"));
+        let o = modtrain(&[
+            "train",
+            "--synth-images",
+            "150",
+            "--variant",
+            variant,
+            "--tasks",
+            "smiling,bangs,young",
+            "--triplets-per-task",
+            "8",
+            "--batch-per-task",
+            "2",
+            "--test-triplets",
+            "10",
+            "--epochs",
+            "2",
+            "--ucr-every",
+            ucr_every,
+            "--json",
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert!(stderr(&o).contains("UCR "), "{}", stderr(&o));
+        report
+    };
+    let fsn = train("shared", "fsn", "1");
+    // 8 triplets per task in batches of 2: 4 minibatches per epoch, all measured.
+    assert_eq!(fsn["ucr"]["batches"], 4, "{fsn}");
+    assert_eq!(
+        fsn["ucr"]["tasks"],
+        serde_json::json!(["smiling", "bangs", "young"])
+    );
+    let ratio = fsn["ucr"]["ratio"].as_array().expect("ratio rows");
+    assert_eq!(ratio.len(), 3);
+    assert!(ratio[0][0].is_null() && ratio[0][1] == ratio[1][0], "{fsn}");
+    let modulated = train("modulated", "mod", "2");
+    assert_eq!(modulated["ucr"]["batches"], 2, "{modulated}");
+
+    let o = modtrain(&["report", runs.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "| fsn (shared) | 2 |",
+        "| mod (modulated) | 2 |",
+        "| bangs |",
+        "1 smiling",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let out = runs.join("report");
+    for (png, width) in [
+        ("loss.png", 720),
+        ("accuracy.png", 720),
+        ("ucr.png", 720),
+        ("ucr-fsn.png", 0),
+        ("ucr-mod.png", 0),
+    ] {
+        let img = image::open(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(img.width() >= width.max(300), "{png}: {}", img.width());
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert_eq!(md, text, "report.md holds the printed tables");
+
+    for (args, want) in [
+        (
+            vec![
+                "train",
+                "--variant",
+                "independent",
+                "--ucr-every",
+                "1",
+                "--tasks",
+                "smiling,bangs",
+                "-o",
+            ],
+            "--ucr-every 1",
+        ),
+        (vec!["report"], "/nonexistent/run.metrics.jsonl"),
+    ] {
+        let mut args = args;
+        let bad = "/nonexistent/run.safetensors";
+        args.push(bad);
+        let o = modtrain(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("modtrain: ") && last.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

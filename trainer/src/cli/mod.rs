@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod report;
 mod synth;
 mod train;
 
@@ -26,6 +27,7 @@ enum Command {
     Train(Box<train::TrainArgs>),
     Eval(eval::EvalArgs),
     BenchStep(bench::BenchStepArgs),
+    Report(report::ReportArgs),
 }
 
 impl Cli {
@@ -35,6 +37,7 @@ impl Cli {
             Command::Train(a) => (*a).run(),
             Command::Eval(a) => a.run(),
             Command::BenchStep(a) => a.run(),
+            Command::Report(a) => a.run(),
         }
     }
 }

@@ -86,6 +86,14 @@ pub struct TrainArgs {
     /// Adagrad's starting accumulator (TensorFlow's 0.1; PyTorch's 0 takes larger first steps).
     #[arg(long, default_value_t = 0.1)]
     adagrad_init: f64,
+    /// Measure the Update Compliance Ratio between every pair of tasks (paper
+    /// section 3.1: the fraction of minibatches whose per-task gradients on the
+    /// shared parameters agree in sign) on every N-th minibatch; 1 measures all of
+    /// them, as the paper does. Each measured minibatch costs one extra backward
+    /// pass per task; training itself is unchanged. Logged per epoch in
+    /// OUT.metrics.jsonl, printed at the end, drawn by `modtrain report`.
+    #[arg(long, value_name = "N")]
+    ucr_every: Option<usize>,
     /// Fixes the data, initialisation and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -162,6 +170,7 @@ impl TrainArgs {
             adagrad_initial_accumulator: self.adagrad_init,
             seed: self.seed,
             preprocess: defaults.preprocess,
+            ucr_every: self.ucr_every.unwrap_or(0),
         })
     }
 
@@ -195,7 +204,7 @@ impl TrainArgs {
         )?;
         let mut trainer = match &self.resume {
             Some(path) => {
-                let t = Trainer::resume(path, &ds, device, Some(self.epochs))?;
+                let t = Trainer::resume_with(path, &ds, device, Some(self.epochs), self.ucr_every)?;
                 eprintln!(
                     "resuming {} at epoch {} of {}",
                     path.display(),
@@ -253,8 +262,15 @@ impl TrainArgs {
                     bar.finish_and_clear();
                 }
                 epoch.set(log.epoch);
+                let ucr = match &log.ucr {
+                    Some(u) => match u.mean {
+                        Some(m) => format!(", UCR {:.1}% ({} batches)", m * 100.0, u.batches),
+                        None => format!(", UCR undefined ({} batches)", u.batches),
+                    },
+                    None => String::new(),
+                };
                 eprintln!(
-                    "epoch {}/{epochs}: loss {:.4}, train acc {:.1}%, test acc {:.2}%, {:.0} s, {:.0} img/s",
+                    "epoch {}/{epochs}: loss {:.4}, train acc {:.1}%, test acc {:.2}%{ucr}, {:.0} s, {:.0} img/s",
                     log.epoch,
                     log.loss,
                     log.train_accuracy * 100.0,
@@ -264,16 +280,23 @@ impl TrainArgs {
                 );
             },
         )?;
+        let ucr = report.epochs.last().and_then(|e| e.ucr.as_ref());
         if self.json {
             let json = serde_json::json!({
                 "variant": trainer.cfg.variant,
                 "accuracy": report.accuracy.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                 "mean_accuracy": report.mean_accuracy,
+                "ucr": ucr,
                 "epochs": report.epochs,
             });
             writeln!(std::io::stdout().lock(), "{json}")?;
         } else {
             super::print_table(&report.accuracy, report.mean_accuracy)?;
+            if let Some(ucr) = ucr {
+                let mut out = std::io::stdout().lock();
+                writeln!(out)?;
+                super::report::write_ucr_table(&mut out, ucr)?;
+            }
         }
         eprintln!("checkpoint: {}", self.out.display());
         Ok(())

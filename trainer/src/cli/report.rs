@@ -1,0 +1,48 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use modkit_trainer::report;
+
+pub use modkit_trainer::report::write_ucr_table;
+
+/// Tables and plots of training runs: loss and mean test accuracy per epoch,
+/// per-task accuracy side by side, and the Update Compliance Ratio between tasks
+/// (`modtrain train --ucr-every N`) as a table and a heatmap.
+///
+/// Prints the tables (Markdown) and writes report.md, loss.png, accuracy.png, and
+/// for runs that measured UCR ucr.png (mean per epoch) and ucr-NAME.png (the last
+/// epoch's heatmap), into --out.
+///
+/// Example: modtrain report runs/ (every run `modtrain train -o runs/NAME.safetensors` wrote)
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Runs: checkpoints (OUT.safetensors), their logs (OUT.metrics.jsonl), or
+    /// directories holding logs.
+    #[arg(required = true, value_name = "RUN")]
+    runs: Vec<PathBuf>,
+    /// Directory for report.md and the plots [default: RUN/report for one
+    /// directory, else OUT.report beside the first run].
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+}
+
+impl ReportArgs {
+    pub fn run(self) -> Result<()> {
+        let runs = report::load_runs(&self.runs)?;
+        let out = match (&self.out, self.runs.as_slice()) {
+            (Some(o), _) => o.clone(),
+            (None, [dir]) if dir.is_dir() => dir.join("report"),
+            (None, _) => {
+                let log = runs[0].path.to_string_lossy().into_owned();
+                let stem = log.strip_suffix(report::METRICS_SUFFIX).unwrap_or(&log);
+                PathBuf::from(format!("{stem}report"))
+            }
+        };
+        report::write_summary(&mut std::io::stdout().lock(), &runs)?;
+        for path in report::write_report(&runs, &out)? {
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,632 @@
+//! `modtrain report`: the tables and plots of one or more training runs, from the
+//! `OUT.metrics.jsonl` logs [`crate::train::Trainer`] writes beside each
+//! checkpoint: loss and mean test accuracy per epoch, per-task accuracy, and the
+//! Update Compliance Ratio between tasks ([`crate::ucr`]) as a table and a heatmap.
+//!
+//! The plots are PNGs drawn with embedded-graphics (its built-in mono fonts: no
+//! font files, no system libraries) into an `image` buffer.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use embedded_graphics::Drawable;
+use embedded_graphics::mono_font::MonoTextStyle;
+use embedded_graphics::mono_font::ascii::{FONT_6X10, FONT_7X13_BOLD};
+use embedded_graphics::pixelcolor::{Rgb888, RgbColor};
+use embedded_graphics::prelude::{DrawTarget, OriginDimensions, Pixel, Point, Primitive, Size};
+use embedded_graphics::primitives::{Line, PrimitiveStyle, Rectangle};
+use embedded_graphics::text::{Alignment, Baseline, Text, TextStyleBuilder};
+
+use crate::train::EpochLog;
+use crate::ucr::UcrLog;
+use crate::{Error, Result};
+
+/// Suffix of the per-epoch log beside a checkpoint `OUT.safetensors`.
+pub const METRICS_SUFFIX: &str = "metrics.jsonl";
+
+/// One training run's log.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The checkpoint's file stem (`runs/mod.safetensors` → `mod`).
+    pub name: String,
+    /// The log file read.
+    pub path: PathBuf,
+    /// The variant, from the checkpoint's header when the checkpoint is there.
+    pub variant: Option<String>,
+    /// One entry per epoch, in order.
+    pub epochs: Vec<EpochLog>,
+}
+
+impl Run {
+    /// Reads a run from its checkpoint (`OUT.safetensors`) or its log
+    /// (`OUT.metrics.jsonl`).
+    pub fn load(path: &Path) -> Result<Run> {
+        let log = if path.to_string_lossy().ends_with(METRICS_SUFFIX) {
+            path.to_path_buf()
+        } else {
+            crate::train::sibling(path, METRICS_SUFFIX)
+        };
+        let text = std::fs::read_to_string(&log).map_err(|source| Error::Io {
+            path: log.clone(),
+            source,
+        })?;
+        let mut epochs = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let e: EpochLog = serde_json::from_str(line).map_err(|e| Error::Malformed {
+                path: log.clone(),
+                line: i + 1,
+                msg: format!("not an epoch log entry ({e}); is this a modtrain metrics file?"),
+            })?;
+            epochs.push(e);
+        }
+        if epochs.is_empty() {
+            return Err(Error::Config(format!(
+                "{log:?} holds no epoch yet: train at least one epoch first"
+            )));
+        }
+        let stem = log.to_string_lossy();
+        let stem = stem.strip_suffix(METRICS_SUFFIX).unwrap_or(&stem);
+        let ckpt = PathBuf::from(format!("{stem}safetensors"));
+        let name = Path::new(stem.trim_end_matches('.'))
+            .file_name()
+            .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
+        let variant = modkit_models::Checkpoint::load(&ckpt)
+            .ok()
+            .map(|c| c.header.variant.to_string());
+        Ok(Run {
+            name,
+            path: log,
+            variant,
+            epochs,
+        })
+    }
+
+    /// The last epoch's log.
+    pub fn last(&self) -> &EpochLog {
+        // `load` refuses empty logs.
+        &self.epochs[self.epochs.len() - 1]
+    }
+
+    /// The UCR of the last epoch that measured it.
+    pub fn ucr(&self) -> Option<&UcrLog> {
+        self.epochs.iter().rev().find_map(|e| e.ucr.as_ref())
+    }
+
+    fn label(&self) -> String {
+        match &self.variant {
+            Some(v) if *v != self.name => format!("{} ({v})", self.name),
+            _ => self.name.clone(),
+        }
+    }
+}
+
+/// The runs named by `paths`: checkpoints, logs, or directories (every
+/// `*.metrics.jsonl` in them, sorted by name).
+pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let io = |source| Error::Io {
+                path: p.clone(),
+                source,
+            };
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.to_string_lossy().ends_with(METRICS_SUFFIX))
+                .collect();
+            if found.is_empty() {
+                return Err(Error::Config(format!(
+                    "{p:?} holds no *.{METRICS_SUFFIX}: name a directory `modtrain train -o DIR/NAME.safetensors` wrote into"
+                )));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    files.iter().map(|f| Run::load(f)).collect()
+}
+
+/// The runs side by side as Markdown: a summary row per run, then each task's
+/// test accuracy per run, then each run's UCR table.
+pub fn write_summary(out: &mut dyn Write, runs: &[Run]) -> std::io::Result<()> {
+    writeln!(out, "| run | epochs | loss | train acc | test acc | UCR |")?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for r in runs {
+        let e = r.last();
+        let ucr = r
+            .ucr()
+            .and_then(|u| u.mean)
+            .map_or_else(|| "—".into(), |m| format!("{:.1}%", m * 100.0));
+        writeln!(
+            out,
+            "| {} | {} | {:.4} | {:.1}% | {:.2}% | {ucr} |",
+            r.label(),
+            e.epoch,
+            e.loss,
+            e.train_accuracy * 100.0,
+            e.mean_accuracy * 100.0
+        )?;
+    }
+    let tasks: BTreeSet<&String> = runs
+        .iter()
+        .flat_map(|r| r.last().test_accuracy.keys())
+        .collect();
+    writeln!(out, "\ntest triplet accuracy, last epoch:\n")?;
+    write!(out, "| task |")?;
+    for r in runs {
+        write!(out, " {} |", r.name)?;
+    }
+    write!(out, "\n|---|")?;
+    for _ in runs {
+        write!(out, "---|")?;
+    }
+    writeln!(out)?;
+    for task in tasks {
+        write!(out, "| {task} |")?;
+        for r in runs {
+            match r.last().test_accuracy.get(task) {
+                Some(a) => write!(out, " {:.2}% |", a * 100.0)?,
+                None => write!(out, " — |")?,
+            }
+        }
+        writeln!(out)?;
+    }
+    for r in runs {
+        if let Some(u) = r.ucr() {
+            writeln!(out, "\n{}:\n", r.label())?;
+            write_ucr_table(out, u)?;
+        }
+    }
+    Ok(())
+}
+
+/// A UCR table as Markdown: one row and column per task, in percent.
+pub fn write_ucr_table(out: &mut dyn Write, ucr: &UcrLog) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "UCR (% of {} measured minibatches whose per-task gradients on the shared parameters agree in sign; mean {}):\n",
+        ucr.batches,
+        ucr.mean
+            .map_or_else(|| "undefined".into(), |m| format!("{:.1}%", m * 100.0))
+    )?;
+    write!(out, "| |")?;
+    for (i, _) in ucr.tasks.iter().enumerate() {
+        write!(out, " {} |", i + 1)?;
+    }
+    write!(out, "\n|---|")?;
+    for _ in &ucr.tasks {
+        write!(out, "---|")?;
+    }
+    writeln!(out)?;
+    for (i, (task, row)) in ucr.tasks.iter().zip(&ucr.ratio).enumerate() {
+        write!(out, "| {} {task} |", i + 1)?;
+        for r in row {
+            match r {
+                Some(r) => write!(out, " {:.0} |", r * 100.0)?,
+                None => write!(out, " — |")?,
+            }
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// Writes `report.md`, `loss.png`, `accuracy.png`, and where runs measured UCR
+/// `ucr.png` (its mean per epoch) and one `ucr-NAME.png` heatmap per run, into
+/// `dir` (each file atomically); returns their paths.
+pub fn write_report(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.into(),
+        source,
+    })?;
+    let mut written = Vec::new();
+    let mut save = |name: &str, bytes: Vec<u8>| -> Result<()> {
+        let path = dir.join(name);
+        modkit_models::write_atomic(&path, &bytes)?;
+        written.push(path);
+        Ok(())
+    };
+    let mut md = Vec::new();
+    write_summary(&mut md, runs).map_err(|source| Error::Io {
+        path: dir.join("report.md"),
+        source,
+    })?;
+    save("report.md", md)?;
+    let loss = curves(runs, "training loss per epoch", |e| e.loss);
+    save("loss.png", png(&loss)?)?;
+    let acc = curves(runs, "mean test triplet accuracy per epoch (%)", |e| {
+        e.mean_accuracy * 100.0
+    });
+    save("accuracy.png", png(&acc)?)?;
+    let measured: Vec<Run> = runs.iter().filter(|r| r.ucr().is_some()).cloned().collect();
+    if !measured.is_empty() {
+        let ucr = curves(&measured, "mean UCR per epoch (%)", |e| {
+            e.ucr
+                .as_ref()
+                .and_then(|u| u.mean)
+                .map_or(f64::NAN, |m| m * 100.0)
+        });
+        save("ucr.png", png(&ucr)?)?;
+    }
+    for r in runs {
+        if let Some(u) = r.ucr() {
+            let title = format!("UCR, {} (%, {} minibatches)", r.label(), u.batches);
+            save(&format!("ucr-{}.png", r.name), png(&heatmap(u, &title))?)?;
+        }
+    }
+    Ok(written)
+}
+
+fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Config(format!("encoding a PNG: {e}")))?;
+    Ok(bytes)
+}
+
+/// An `image` buffer embedded-graphics draws into.
+struct Plot(image::RgbImage);
+
+impl Plot {
+    fn new(w: u32, h: u32) -> Plot {
+        Plot(image::RgbImage::from_pixel(
+            w,
+            h,
+            image::Rgb([255, 255, 255]),
+        ))
+    }
+}
+
+impl OriginDimensions for Plot {
+    fn size(&self) -> Size {
+        Size::new(self.0.width(), self.0.height())
+    }
+}
+
+impl DrawTarget for Plot {
+    type Color = Rgb888;
+    type Error = Infallible;
+
+    fn draw_iter<I: IntoIterator<Item = Pixel<Rgb888>>>(
+        &mut self,
+        pixels: I,
+    ) -> std::result::Result<(), Infallible> {
+        let (w, h) = self.0.dimensions();
+        for Pixel(p, c) in pixels {
+            if (0..w as i32).contains(&p.x) && (0..h as i32).contains(&p.y) {
+                self.0
+                    .put_pixel(p.x as u32, p.y as u32, image::Rgb([c.r(), c.g(), c.b()]));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Line colours of the runs, in order.
+const PALETTE: [Rgb888; 6] = [
+    Rgb888::new(31, 119, 180),
+    Rgb888::new(214, 39, 40),
+    Rgb888::new(44, 160, 44),
+    Rgb888::new(148, 103, 189),
+    Rgb888::new(255, 127, 14),
+    Rgb888::new(23, 190, 207),
+];
+
+const GRID: Rgb888 = Rgb888::new(225, 225, 225);
+
+fn text(p: &mut Plot, s: &str, at: Point, align: Alignment) {
+    let style = MonoTextStyle::new(&FONT_6X10, Rgb888::BLACK);
+    let ts = TextStyleBuilder::new()
+        .alignment(align)
+        .baseline(Baseline::Middle)
+        .build();
+    let _ = Text::with_text_style(s, at, style, ts).draw(p);
+}
+
+fn title(p: &mut Plot, s: &str) {
+    let style = MonoTextStyle::new(&FONT_7X13_BOLD, Rgb888::BLACK);
+    let _ = Text::with_baseline(s, Point::new(10, 6), style, Baseline::Top).draw(p);
+}
+
+/// A line chart of `value` per epoch, one line per run, with a legend.
+fn curves(runs: &[Run], name: &str, value: impl Fn(&EpochLog) -> f64) -> image::RgbImage {
+    let (w, h) = (720, 420);
+    let (left, right, top, bottom) = (64, 560, 34, 380);
+    let mut p = Plot::new(w, h);
+    title(&mut p, name);
+    let points: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .map(|r| {
+            r.epochs
+                .iter()
+                .map(|e| (e.epoch as f64, value(e)))
+                .collect()
+        })
+        .collect();
+    let all = points.iter().flatten();
+    let (mut lo, mut hi) = all
+        .clone()
+        .map(|&(_, v)| v)
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() || !hi.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi - lo < 1e-9 {
+        (lo, hi) = (lo - 0.5, hi + 0.5);
+    }
+    let step = nice_step((hi - lo) / 5.0);
+    let (lo, hi) = ((lo / step).floor() * step, (hi / step).ceil() * step);
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    let last_epoch = all.map(|&(x, _)| x).fold(1.0, f64::max);
+    let (first_epoch, span) = (1.0, (last_epoch - 1.0).max(1.0));
+    let px = |x: f64| left + ((x - first_epoch) / span * (right - left) as f64).round() as i32;
+    let py = |y: f64| bottom - ((y - lo) / (hi - lo) * (bottom - top) as f64).round() as i32;
+    let thin = |c| PrimitiveStyle::with_stroke(c, 1);
+    let rows = ((hi - lo) / step).round() as usize;
+    for i in 0..=rows {
+        let y = lo + step * i as f64;
+        let _ = Line::new(Point::new(left, py(y)), Point::new(right, py(y)))
+            .into_styled(thin(GRID))
+            .draw(&mut p);
+        text(
+            &mut p,
+            &format!("{y:.decimals$}"),
+            Point::new(left - 4, py(y)),
+            Alignment::Right,
+        );
+    }
+    let every = (span / 10.0).ceil().max(1.0) as usize;
+    for e in (1..=last_epoch as usize).step_by(every) {
+        let x = e as f64;
+        let _ = Line::new(Point::new(px(x), top), Point::new(px(x), bottom))
+            .into_styled(thin(GRID))
+            .draw(&mut p);
+        text(
+            &mut p,
+            &format!("{x:.0}"),
+            Point::new(px(x), bottom + 10),
+            Alignment::Center,
+        );
+    }
+    text(
+        &mut p,
+        "epoch",
+        Point::new((left + right) / 2, bottom + 26),
+        Alignment::Center,
+    );
+    let _ = Rectangle::with_corners(Point::new(left, top), Point::new(right, bottom))
+        .into_styled(thin(Rgb888::BLACK))
+        .draw(&mut p);
+    for (i, (r, pts)) in runs.iter().zip(&points).enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        let finite: Vec<Point> = pts
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|&(x, v)| Point::new(px(x), py(v)))
+            .collect();
+        for pair in finite.windows(2) {
+            let _ = Line::new(pair[0], pair[1])
+                .into_styled(PrimitiveStyle::with_stroke(c, 2))
+                .draw(&mut p);
+        }
+        for &q in &finite {
+            let _ = Rectangle::with_center(q, Size::new(5, 5))
+                .into_styled(PrimitiveStyle::with_fill(c))
+                .draw(&mut p);
+        }
+        let y = top + 8 + 16 * i as i32;
+        let _ = Rectangle::new(Point::new(right + 12, y - 4), Size::new(16, 8))
+            .into_styled(PrimitiveStyle::with_fill(c))
+            .draw(&mut p);
+        let label: String = r.label().chars().take(20).collect();
+        text(&mut p, &label, Point::new(right + 32, y), Alignment::Left);
+    }
+    p.0
+}
+
+/// The smallest of 1, 2 and 5 × 10ᵏ at least `raw`: a round axis step.
+fn nice_step(raw: f64) -> f64 {
+    if !(raw.is_finite() && raw > 0.0) {
+        return 1.0;
+    }
+    let scale = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * scale)
+        .find(|&s| s >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * scale)
+}
+
+/// The heatmap colour of a UCR: red at 0 (always conflicting), white at ½,
+/// blue at 1 (always compliant); grey where there is none.
+pub fn ucr_color(r: Option<f64>) -> Rgb888 {
+    let Some(r) = r else {
+        return Rgb888::new(200, 200, 200);
+    };
+    let r = r.clamp(0.0, 1.0);
+    let mix = |a: f64, b: f64, t: f64| (a + (b - a) * t).round() as u8;
+    if r < 0.5 {
+        let t = r / 0.5;
+        Rgb888::new(
+            mix(214.0, 255.0, t),
+            mix(39.0, 255.0, t),
+            mix(40.0, 255.0, t),
+        )
+    } else {
+        let t = (r - 0.5) / 0.5;
+        Rgb888::new(
+            mix(255.0, 31.0, t),
+            mix(255.0, 119.0, t),
+            mix(255.0, 180.0, t),
+        )
+    }
+}
+
+/// Side of one heatmap cell for `tasks` tasks, in pixels.
+fn cell_side(tasks: usize) -> u32 {
+    (560 / tasks.max(1) as u32).clamp(12, 48)
+}
+
+/// Where the heatmap's cell grid starts.
+const HEAT_ORIGIN: Point = Point::new(150, 40);
+
+/// The UCR matrix as a heatmap, tasks labelled on the rows, numbered on the
+/// columns, the percentage in each cell where it fits.
+fn heatmap(ucr: &UcrLog, name: &str) -> image::RgbImage {
+    let n = ucr.tasks.len();
+    let cell = cell_side(n);
+    let (w, h) = (
+        (HEAT_ORIGIN.x as u32 + cell * n as u32 + 20).max(470),
+        HEAT_ORIGIN.y as u32 + cell * n as u32 + 44,
+    );
+    let mut p = Plot::new(w, h);
+    title(&mut p, name);
+    let at = |i: usize| i as i32 * cell as i32;
+    for (t, (task, row)) in ucr.tasks.iter().zip(&ucr.ratio).enumerate() {
+        let y = HEAT_ORIGIN.y + at(t);
+        let label: String = format!("{} {task}", t + 1).chars().take(22).collect();
+        text(
+            &mut p,
+            &label,
+            Point::new(HEAT_ORIGIN.x - 6, y + cell as i32 / 2),
+            Alignment::Right,
+        );
+        for (u, r) in row.iter().enumerate() {
+            let x = HEAT_ORIGIN.x + at(u);
+            let _ = Rectangle::new(Point::new(x, y), Size::new(cell, cell))
+                .into_styled(PrimitiveStyle::with_fill(ucr_color(*r)))
+                .draw(&mut p);
+            if let (Some(r), true) = (r, cell >= 24) {
+                let center = Point::new(x + cell as i32 / 2, y + cell as i32 / 2);
+                text(
+                    &mut p,
+                    &format!("{:.0}", r * 100.0),
+                    center,
+                    Alignment::Center,
+                );
+            }
+        }
+    }
+    for u in 0..n {
+        let x = HEAT_ORIGIN.x + at(u) + cell as i32 / 2;
+        let y = HEAT_ORIGIN.y + at(n) + 10;
+        if cell >= 18 || u % 2 == 0 {
+            text(
+                &mut p,
+                &format!("{}", u + 1),
+                Point::new(x, y),
+                Alignment::Center,
+            );
+        }
+    }
+    text(
+        &mut p,
+        "blue: the tasks' gradients mostly agree; red: mostly conflict; grey: none",
+        Point::new(10, HEAT_ORIGIN.y + at(n) + 28),
+        Alignment::Left,
+    );
+    p.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(tasks: &[&str], ratio: Vec<Vec<Option<f64>>>) -> UcrLog {
+        UcrLog {
+            tasks: tasks.iter().map(|s| s.to_string()).collect(),
+            batches: 10,
+            mean: Some(0.5),
+            ratio,
+        }
+    }
+
+    #[test]
+    fn heatmap_cells_carry_their_ratio_colour() {
+        let u = log(
+            &["smiling", "young", "bald"],
+            vec![
+                vec![None, Some(1.0), Some(0.0)],
+                vec![Some(1.0), None, Some(0.5)],
+                vec![Some(0.0), Some(0.5), None],
+            ],
+        );
+        let img = heatmap(&u, "t");
+        let cell = cell_side(3) as i32;
+        // A corner pixel of each cell, clear of the centred number.
+        let at = |t: i32, u: i32| {
+            let px = img.get_pixel(
+                (HEAT_ORIGIN.x + u * cell + 2) as u32,
+                (HEAT_ORIGIN.y + t * cell + 2) as u32,
+            );
+            Rgb888::new(px[0], px[1], px[2])
+        };
+        assert_eq!(at(0, 1), ucr_color(Some(1.0)));
+        assert_eq!(at(0, 2), ucr_color(Some(0.0)));
+        assert_eq!(at(1, 2), Rgb888::WHITE);
+        assert_eq!(at(2, 2), ucr_color(None));
+        assert_ne!(ucr_color(Some(0.0)), ucr_color(Some(1.0)));
+    }
+
+    #[test]
+    fn axis_steps_are_round() {
+        assert_eq!(nice_step(0.7), 1.0);
+        assert_eq!(nice_step(1.3), 2.0);
+        assert_eq!(nice_step(3.0), 5.0);
+        assert_eq!(nice_step(0.031), 0.05);
+        assert_eq!(nice_step(20.0), 20.0);
+        assert_eq!(nice_step(0.0), 1.0);
+    }
+
+    #[test]
+    fn ucr_table_lists_every_pair() {
+        let u = log(
+            &["smiling", "young"],
+            vec![vec![None, Some(0.625)], vec![Some(0.625), None]],
+        );
+        let mut out = Vec::new();
+        write_ucr_table(&mut out, &u).expect("write");
+        let s = String::from_utf8(out).expect("utf8");
+        assert!(s.contains("| 1 smiling | — | 62 |"), "{s}");
+        assert!(s.contains("| 2 young | 62 | — |"), "{s}");
+        assert!(s.contains("10 measured minibatches"), "{s}");
+    }
+
+    #[test]
+    fn bad_paths_name_themselves() {
+        let dir = std::env::temp_dir().join(format!("modtrain-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let err = load_runs(std::slice::from_ref(&dir)).expect_err("empty dir");
+        assert!(
+            err.to_string().contains("holds no *.metrics.jsonl"),
+            "{err}"
+        );
+        let missing = dir.join("none.safetensors");
+        let err = load_runs(&[missing]).expect_err("missing");
+        assert!(err.to_string().contains("none.metrics.jsonl"), "{err}");
+        let bad = dir.join("bad.metrics.jsonl");
+        std::fs::write(&bad, "{\"epoch\": 1}\n").expect("write");
+        let err = load_runs(&[bad]).expect_err("bad line");
+        assert!(err.to_string().contains("line 1"), "{err}");
+        let empty = dir.join("empty.metrics.jsonl");
+        std::fs::write(&empty, "").expect("write");
+        let err = load_runs(&[empty]).expect_err("empty");
+        assert!(err.to_string().contains("holds no epoch"), "{err}");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+}
