@@ -29,7 +29,9 @@ pub enum Error {
         source: image::ImageError,
     },
 
-    #[error("unknown data source {value:?}: use `synth` or `celeba:DIR`")]
+    #[error(
+        "unknown data source {value:?}: use `synth`, `celeba:DIR`, `zappos:DIR` or `folder:DIR`"
+    )]
     BadDataSource { value: String },
 
     #[error("unknown optimizer {value:?}: use adagrad or adam")]
@@ -39,7 +41,7 @@ pub enum Error {
     UnknownMining { value: String },
 
     #[error(
-        "task {task:?} cannot form triplets in the {split} split: {positives} images with the attribute, {negatives} without (need 2 of one and 1 of the other); use more images or another split"
+        "task {task:?} cannot form triplets in the {split} split: {positives} images in its largest class, {negatives} in the others (need 2 of one class and 1 of another); use more images or another split"
     )]
     EmptySplit {
         task: String,

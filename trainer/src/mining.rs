@@ -15,6 +15,7 @@ use std::str::FromStr;
 use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::data::MISSING;
 use crate::{Error, Result};
 
 /// How a minibatch's embeddings become triplets.
@@ -104,12 +105,12 @@ pub fn sampled_loss(emb: &Tensor, tasks: usize, k: usize, margin: f64) -> Result
 }
 
 /// Batch-all triplet loss over `T` task blocks of `n` L2-normalised embeddings
-/// (`emb` is `[T·n, d]`, `labels[t·n + i]` the task-`t` label of row `i` of block
-/// `t`): `Σ [d(a,p) − d(a,q) + α]₊ / #{violating}` over every valid `(a, p, q)`
+/// (`emb` is `[T·n, d]`, `labels[t·n + i]` the task-`t` class of row `i` of block
+/// `t`, [`crate::data::MISSING`] where unknown): `Σ [d(a,p) − d(a,q) + α]₊ / #{violating}` over every valid `(a, p, q)`
 /// inside a block. Also returns the fraction of valid triplets with `d(a,p) < d(a,q)`.
 pub fn batch_all_loss(
     emb: &Tensor,
-    labels: &[bool],
+    labels: &[u16],
     tasks: usize,
     n: usize,
     margin: f64,
@@ -126,7 +127,7 @@ pub fn batch_all_loss(
 /// negatives come from all `n` images.
 pub fn pooled_loss(
     emb: &Tensor,
-    labels: &[bool],
+    labels: &[u16],
     tasks: usize,
     n: usize,
     block: usize,
@@ -157,7 +158,7 @@ fn distances(emb: &Tensor, tasks: usize, n: usize) -> Result<Tensor> {
 /// The mean violating hinge over every valid triplet, from `dist[t, a, i]` (anchor
 /// `a` of task `t` to candidate `i`), `anchors[t·A + a]` (the candidate that is
 /// anchor `a` itself) and `labels[t·n + i]`; and the fraction satisfied.
-fn all_valid(dist: &Tensor, anchors: &[usize], labels: &[bool], margin: f64) -> Result<BatchLoss> {
+fn all_valid(dist: &Tensor, anchors: &[usize], labels: &[u16], margin: f64) -> Result<BatchLoss> {
     let (tasks, na, n) = dist.dims3()?;
     // diff[t, a, p, q] = d(a, p) − d(a, q).
     let diff = dist.unsqueeze(3)?.broadcast_sub(&dist.unsqueeze(2)?)?;
@@ -167,13 +168,16 @@ fn all_valid(dist: &Tensor, anchors: &[usize], labels: &[bool], margin: f64) -> 
         for a in 0..na {
             let self_idx = anchors[t * na + a];
             let ya = y[self_idx];
+            if ya == MISSING {
+                continue;
+            }
             for p in 0..n {
                 if p == self_idx || y[p] != ya {
                     continue;
                 }
                 let row = ((t * na + a) * n + p) * n;
                 for (q, &yq) in y.iter().enumerate() {
-                    if yq != ya {
+                    if yq != ya && yq != MISSING {
                         mask[row + q] = 1.0;
                     }
                 }
@@ -249,7 +253,7 @@ mod tests {
         let e = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 0.]], &Device::Cpu).expect("t");
         let BatchLoss {
             loss, satisfied, ..
-        } = batch_all_loss(&e, &[true, true, false], 1, 3, 0.2).expect("loss");
+        } = batch_all_loss(&e, &[1, 1, 0], 1, 3, 0.2).expect("loss");
         let loss = loss.to_scalar::<f32>().expect("s");
         assert!(
             (loss - 1.2).abs() < 1e-5,
@@ -258,7 +262,7 @@ mod tests {
         assert_eq!(satisfied, 0.0);
         // Separated: e2 opposite to the pair: every triplet satisfied, loss 0.
         let e = Tensor::new(&[[1f32, 0.], [1., 0.], [-1., 0.]], &Device::Cpu).expect("t");
-        let l = batch_all_loss(&e, &[true, true, false], 1, 3, 0.2).expect("loss");
+        let l = batch_all_loss(&e, &[1, 1, 0], 1, 3, 0.2).expect("loss");
         assert_eq!(l.loss.to_scalar::<f32>().expect("s"), 0.0);
         assert_eq!(l.satisfied, 1.0);
     }
@@ -268,7 +272,7 @@ mod tests {
     /// `t·n .. (t+1)·n` of `e`.
     fn brute_force(
         e: &[Vec<f32>],
-        labels: &[bool],
+        labels: &[u16],
         tasks: usize,
         n: usize,
         anchors: impl Fn(usize) -> Vec<usize>,
@@ -283,9 +287,9 @@ mod tests {
         let (mut sums, mut violating, mut valid, mut ok) = (vec![0.0; tasks], 0, 0, 0);
         for t in 0..tasks {
             let y = |i: usize| labels[t * n + i];
-            for a in anchors(t) {
+            for a in anchors(t).into_iter().filter(|&a| y(a) != MISSING) {
                 for p in (0..n).filter(|&p| p != a && y(p) == y(a)) {
-                    for q in (0..n).filter(|&q| y(q) != y(a)) {
+                    for q in (0..n).filter(|&q| y(q) != y(a) && y(q) != MISSING) {
                         let (dp, dq) = (d(t * n + a, t * n + p), d(t * n + a, t * n + q));
                         valid += 1;
                         ok += (dp < dq) as usize;
@@ -309,7 +313,16 @@ mod tests {
         let e = Tensor::randn(0f32, 1.0, (tasks * n, 4), &Device::Cpu).expect("e");
         let e = crate::net::l2_normalize(&e).expect("norm");
         let rows = e.to_vec2::<f32>().expect("rows");
-        let labels: Vec<bool> = (0..tasks * n).map(|i| (i * 7 + i / 5) % 3 == 0).collect();
+        // Three classes and some unknown labels.
+        let labels: Vec<u16> = (0..tasks * n)
+            .map(|i| {
+                if i % 5 == 4 {
+                    MISSING
+                } else {
+                    ((i * 7 + i / 5) % 3) as u16
+                }
+            })
+            .collect();
         let check = |l: BatchLoss, (want, want_ok, want_parts): (f64, f64, Vec<f64>)| {
             let loss = l.loss.to_scalar::<f32>().expect("s") as f64;
             assert!((loss - want).abs() < 1e-5, "loss {loss}, want {want}");

@@ -405,18 +405,18 @@ impl Trainer {
                 let batch = match cfg.mining {
                     Mining::Sampled => sampled_loss(&emb, t, k, cfg.margin)?,
                     Mining::BatchAll => {
-                        let labels: Vec<bool> = idx
+                        let labels: Vec<u16> = idx
                             .chunks(3 * k)
                             .zip(&self.attrs)
-                            .flat_map(|(block, &a)| block.iter().map(move |&i| ds.label(i, a)))
+                            .flat_map(|(block, &a)| block.iter().map(move |&i| ds.class(i, a)))
                             .collect();
                         batch_all_loss(&emb, &labels, t, 3 * k, cfg.margin)?
                     }
                     Mining::Pooled => {
-                        let labels: Vec<bool> = self
+                        let labels: Vec<u16> = self
                             .attrs
                             .iter()
-                            .flat_map(|&a| idx.iter().map(move |&i| ds.label(i, a)))
+                            .flat_map(|&a| idx.iter().map(move |&i| ds.class(i, a)))
                             .collect();
                         pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
                     }
@@ -894,11 +894,11 @@ mod tests {
             let idx = one_batch(&ds, &t);
             let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
             let (ds, idx) = (&ds, &idx);
-            let labels = |per: &dyn Fn(usize) -> Vec<usize>| -> Vec<bool> {
+            let labels = |per: &dyn Fn(usize) -> Vec<usize>| -> Vec<u16> {
                 t.attrs
                     .iter()
                     .enumerate()
-                    .flat_map(|(task, &a)| per(task).into_iter().map(move |i| ds.label(idx[i], a)))
+                    .flat_map(|(task, &a)| per(task).into_iter().map(move |i| ds.class(idx[i], a)))
                     .collect()
             };
             let batch = match mining {

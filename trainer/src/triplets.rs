@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Dataset, Split};
+use crate::data::{Dataset, MISSING, Split};
 use crate::{Error, Result};
 
 /// Indices into the dataset: anchor, positive, negative.
@@ -21,56 +21,108 @@ pub struct Triplet {
     pub negative: usize,
 }
 
-/// The images of one split with and without one attribute.
+/// The images of one split by their class of one attribute.
 #[derive(Debug, Clone)]
 pub struct Pools {
-    with: Vec<usize>,
-    without: Vec<usize>,
+    /// Images per class (class index = position); images whose class is missing
+    /// are in none.
+    classes: Vec<Vec<usize>>,
 }
 
 impl Pools {
-    /// Splits `split`'s images by attribute `attr`; errors if no triplet can be formed.
+    /// Sorts `split`'s images by their class of attribute `attr`; errors if no
+    /// triplet can be formed.
     pub fn new(ds: &Dataset, split: Split, attr: usize) -> Result<Self> {
-        let (with, without): (Vec<usize>, Vec<usize>) = ds
-            .indices(split)
-            .into_iter()
-            .partition(|&i| ds.label(i, attr));
-        let ok =
-            (with.len() >= 2 && !without.is_empty()) || (without.len() >= 2 && !with.is_empty());
+        let mut classes: Vec<Vec<usize>> = vec![Vec::new(); 2];
+        for i in ds.indices(split) {
+            let c = ds.class(i, attr);
+            if c == MISSING {
+                continue;
+            }
+            if classes.len() <= c as usize {
+                classes.resize(c as usize + 1, Vec::new());
+            }
+            classes[c as usize].push(i);
+        }
+        let total: usize = classes.iter().map(Vec::len).sum();
+        let largest = classes.iter().map(Vec::len).max().unwrap_or(0);
+        let ok = classes.iter().any(|c| c.len() >= 2 && c.len() < total);
         if !ok {
             return Err(Error::EmptySplit {
                 task: ds.attributes[attr].clone(),
                 split: split.to_string(),
-                positives: with.len(),
-                negatives: without.len(),
+                positives: largest,
+                negatives: total - largest,
             });
         }
-        Ok(Pools { with, without })
+        Ok(Pools { classes })
     }
 
-    /// Draws one triplet.
+    /// Draws one triplet: the anchor's class uniformly among those that can
+    /// anchor, the positive from it, the negative uniformly among the images of
+    /// the other classes.
     pub fn sample(&self, rng: &mut impl Rng) -> Triplet {
-        let can_anchor_with = self.with.len() >= 2;
-        let can_anchor_without = self.without.len() >= 2;
+        if let [without, with] = self.classes.as_slice() {
+            return Self::sample_binary(with, without, rng);
+        }
+        let total: usize = self.classes.iter().map(Vec::len).sum();
+        let anchors: Vec<usize> = (0..self.classes.len())
+            .filter(|&c| self.classes[c].len() >= 2 && self.classes[c].len() < total)
+            .collect();
+        let ca = anchors[rng.random_range(0..anchors.len())];
+        let same = &self.classes[ca];
+        let (anchor, positive) = Self::pair(same, rng);
+        let mut n = rng.random_range(0..total - same.len());
+        let negative = self
+            .classes
+            .iter()
+            .enumerate()
+            .filter(|&(c, _)| c != ca)
+            .find_map(|(_, imgs)| {
+                if n < imgs.len() {
+                    Some(imgs[n])
+                } else {
+                    n -= imgs.len();
+                    None
+                }
+            })
+            .unwrap_or(same[0]);
+        Triplet {
+            anchor,
+            positive,
+            negative,
+        }
+    }
+
+    /// Binary attributes: the anchor's class 50/50 where both can anchor.
+    fn sample_binary(with: &[usize], without: &[usize], rng: &mut impl Rng) -> Triplet {
+        let can_anchor_with = with.len() >= 2 && !without.is_empty();
+        let can_anchor_without = without.len() >= 2 && !with.is_empty();
         let anchor_with = match (can_anchor_with, can_anchor_without) {
             (true, true) => rng.random_bool(0.5),
             (a, _) => a,
         };
         let (same, other) = if anchor_with {
-            (&self.with, &self.without)
+            (with, without)
         } else {
-            (&self.without, &self.with)
+            (without, with)
         };
+        let (anchor, positive) = Self::pair(same, rng);
+        Triplet {
+            anchor,
+            positive,
+            negative: other[rng.random_range(0..other.len())],
+        }
+    }
+
+    /// Two different images of `same`.
+    fn pair(same: &[usize], rng: &mut impl Rng) -> (usize, usize) {
         let a = rng.random_range(0..same.len());
         let mut p = rng.random_range(0..same.len() - 1);
         if p >= a {
             p += 1;
         }
-        Triplet {
-            anchor: same[a],
-            positive: same[p],
-            negative: other[rng.random_range(0..other.len())],
-        }
+        (same[a], same[p])
     }
 }
 
@@ -143,13 +195,68 @@ mod tests {
     fn rejects_a_split_without_negatives() {
         let mut ds = Dataset::synthetic(50, 48, 3);
         for i in 0..ds.len() {
-            ds.labels[i * 20] = true;
+            ds.labels[i * 20] = 1;
         }
         let err = sample(&ds, Split::Test, &[0], 5, 1, TEST_STREAM)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("\"smiling\"") && err.contains("test split") && err.contains("0 without"),
+            err.contains("\"smiling\"")
+                && err.contains("test split")
+                && err.contains("0 in the others"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn multi_class_triplets_skip_missing_labels() {
+        // One attribute with classes 0, 1, 2 and some unknown values.
+        let n = 60;
+        let labels: Vec<u16> = (0..n)
+            .map(|i| if i % 7 == 0 { MISSING } else { (i % 3) as u16 })
+            .collect();
+        let ds = Dataset {
+            attributes: vec!["heel".into()],
+            files: (0..n).map(|i| format!("{i}.jpg")).collect(),
+            labels,
+            classes: vec![vec!["flat".into(), "low".into(), "high".into()]],
+            splits: vec![Split::Train; n],
+            image_size: 1,
+            pixels: vec![0; n * 3],
+        };
+        let ts = sample(&ds, Split::Train, &[0], 600, 3, 0).expect("sample");
+        let mut anchors = [0usize; 3];
+        let mut negatives = [0usize; 3];
+        for t in &ts[0] {
+            let (a, p, q) = (
+                ds.class(t.anchor, 0),
+                ds.class(t.positive, 0),
+                ds.class(t.negative, 0),
+            );
+            assert!(a != MISSING && q != MISSING, "{t:?}");
+            assert_eq!(a, p);
+            assert_ne!(a, q);
+            assert_ne!(t.anchor, t.positive);
+            anchors[a as usize] += 1;
+            negatives[q as usize] += 1;
+        }
+        for c in 0..3 {
+            assert!(
+                (150..=250).contains(&anchors[c]),
+                "anchor classes {anchors:?}"
+            );
+            assert!(negatives[c] > 100, "negative classes {negatives:?}");
+        }
+        // Only one known class in the split: no triplet.
+        let mut one = ds.clone();
+        one.labels
+            .iter_mut()
+            .for_each(|l| *l = if *l == MISSING { 2 } else { MISSING });
+        let err = sample(&one, Split::Train, &[0], 5, 3, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"heel\"") && err.contains("0 in the others"),
             "{err}"
         );
     }

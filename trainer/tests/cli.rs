@@ -433,3 +433,128 @@ fn ucr_is_measured_logged_and_reported() {
         );
     }
 }
+
+/// A small UT-Zappos50K tree: `n` shoes drawn as a dark sole whose colour
+/// follows the category, whose height follows the heel, on white, 64×48 (as the
+/// originals, wider than tall), and a meta-data.csv with one multi-valued closure
+/// and one shoe without an image.
+fn zappos_fixture(dir: &Path, n: usize) {
+    let cats = ["Boots", "Shoes", "Sandals"];
+    let heels = ["Flat", "High heel"];
+    let closures = ["Lace up", "Zipper", "Buckle;Zipper"];
+    let genders = ["Men", "Women"];
+    let mut meta = String::from(
+        "CID,Category,SubCategory,HeelHeight,Insole,Closure,Gender,Material,ToeStyle\n",
+    );
+    for i in 0..n {
+        let (c, h, cl, g) = (i % 3, (i / 3) % 2, (i / 2) % 3, (i / 5) % 2);
+        let sub = dir.join(format!("ut-zap50k-images/{}/Sub/Brand{}", cats[c], i % 4));
+        std::fs::create_dir_all(&sub).expect("dirs");
+        let colour = [[200u8, 30, 30], [30, 200, 30], [30, 30, 200]][c];
+        let top = if h == 1 { 8 } else { 30 };
+        let img = image::RgbImage::from_fn(64, 48, |x, y| {
+            if y >= top && y < 40 && (8..56).contains(&x) {
+                image::Rgb(colour)
+            } else if g == 1 && y < 4 {
+                image::Rgb([0, 0, 0])
+            } else {
+                image::Rgb([255, 255, 255])
+            }
+        });
+        img.save(sub.join(format!("{}.{}.jpg", 1000 + i, i % 7)))
+            .expect("jpg");
+        meta.push_str(&format!(
+            "{}-{},{},Sub,{},,{},{},Leather,\n",
+            1000 + i,
+            i % 7,
+            cats[c],
+            heels[h],
+            closures[cl],
+            genders[g]
+        ));
+    }
+    meta.push_str("999999-1,Boots,Sub,Flat,,Zipper,Men,,\n");
+    std::fs::create_dir_all(dir.join("ut-zap50k-data")).expect("dirs");
+    std::fs::write(dir.join("ut-zap50k-data/meta-data.csv"), meta).expect("meta");
+}
+
+#[test]
+fn zappos_and_folder_data_train_and_evaluate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let zap = dir.path().join("zappos");
+    zappos_fixture(&zap, 150);
+    let ckpt = dir.path().join("shoes.safetensors");
+    let c = ckpt.to_str().expect("utf8");
+    let src = format!("zappos:{}", zap.display());
+    let small = [
+        "--triplets-per-task",
+        "8",
+        "--batch-per-task",
+        "4",
+        "--test-triplets",
+        "10",
+        "--epochs",
+        "1",
+        "--json",
+    ];
+    let mut args = vec!["train", "--data", &src, "-o", c];
+    args.extend(small);
+    let o = modtrain(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("150 images"), "{}", stderr(&o));
+    let trained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    // The paper's four tasks by default.
+    for task in ["category", "gender", "heel_height", "closure"] {
+        assert!(trained["accuracy"][task].is_number(), "{task}: {trained}");
+    }
+    let o = modtrain(&["eval", c, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(eval["mean_accuracy"], trained["mean_accuracy"]);
+
+    // The same shoes as a folder with labels.csv: every column a task.
+    let folder = dir.path().join("folder");
+    std::fs::create_dir_all(&folder).expect("dir");
+    let mut csv = String::from("file,category,heel,split\n");
+    for i in 0..60 {
+        let src = zap.join(format!(
+            "ut-zap50k-images/{}/Sub/Brand{}/{}.{}.jpg",
+            ["Boots", "Shoes", "Sandals"][i % 3],
+            i % 4,
+            1000 + i,
+            i % 7
+        ));
+        std::fs::copy(&src, folder.join(format!("{i}.jpg"))).expect("copy");
+        let split = ["train", "train", "train", "test"][i % 4];
+        csv.push_str(&format!("{i}.jpg,{},{},{split}\n", i % 3, (i / 3) % 2));
+    }
+    std::fs::write(folder.join("labels.csv"), csv).expect("csv");
+    let out = dir.path().join("folder.safetensors");
+    let src = format!("folder:{}", folder.display());
+    let mut args = vec!["train", "--data", &src, "-o", out.to_str().expect("utf8")];
+    args.extend(small);
+    let o = modtrain(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(
+        trained["accuracy"]["category"].is_number() && trained["accuracy"]["heel"].is_number(),
+        "{trained}"
+    );
+
+    for (data, want) in [
+        (
+            format!("zappos:{}", dir.path().display()),
+            "ut-zap50k-data/meta-data.csv",
+        ),
+        (format!("folder:{}", zap.display()), "labels.csv"),
+    ] {
+        let o = modtrain(&["train", "--data", &data, "-o", c]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{data}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("modtrain: ") && last.contains(want),
+            "{data}: {err}"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use modkit_trainer::data::{DataSource, Dataset, celeba};
+use modkit_trainer::data::{DataSource, Dataset, celeba, folder, zappos};
 
 /// Train modulated multi-task retrieval networks (Zhao et al., ECCV 2018) and the
 /// baselines the paper compares against.
@@ -57,10 +57,14 @@ fn load_data(
             eprintln!("generating {synth_images} synthetic faces at {size}×{size} (seed {seed})…");
             Dataset::synthetic(synth_images, size, seed)
         }
-        DataSource::Celeba(dir) => {
+        DataSource::Celeba(dir) | DataSource::Zappos(dir) | DataSource::Folder(dir) => {
             eprintln!("loading {} at {size}×{size}…", dir.display());
-            celeba::load(dir, size, limit)
-                .with_context(|| format!("loading --data {}", dir.display()))?
+            let load = match &source {
+                DataSource::Zappos(_) => zappos::load,
+                DataSource::Folder(_) => folder::load,
+                _ => celeba::load,
+            };
+            load(dir, size, limit).with_context(|| format!("loading --data {}", dir.display()))?
         }
     };
     if ds.is_empty() {

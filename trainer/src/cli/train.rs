@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use modkit_models::{Modulation, NetSpec, Variant};
+use modkit_trainer::data::{DataSource, zappos};
 use modkit_trainer::optim::OptimizerKind;
 use modkit_trainer::train::{TrainConfig, Trainer};
 
@@ -16,14 +17,17 @@ use modkit_trainer::train::{TrainConfig, Trainer};
 /// Example: modtrain train --data synth --variant modulated --spec tiny -o runs/mod.safetensors
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Data: `synth` (generated in memory, the default) or `celeba:DIR` (CelebA layout,
-    /// e.g. from `modtrain synth`). With --resume: the checkpoint's.
+    /// Data: `synth` (generated in memory, the default), `celeba:DIR` (CelebA layout,
+    /// e.g. from `modtrain synth`), `zappos:DIR` (UT-Zappos50K as unpacked: its
+    /// images directory and ut-zap50k-data/meta-data.csv) or `folder:DIR` (images
+    /// with DIR/labels.csv: `file,<attribute>,…[,split]`, any class values). With
+    /// --resume: the checkpoint's.
     #[arg(long)]
     data: Option<String>,
     /// Images to generate for `--data synth` [default: 6000; with --resume: the checkpoint's].
     #[arg(long)]
     synth_images: Option<usize>,
-    /// Load only the first N images of a CelebA directory.
+    /// Load only the first N images of a celeba:, zappos: or folder: directory.
     #[arg(long)]
     limit: Option<usize>,
     /// modulated, shared (FSN), independent (ITN), branch:K (IB-K) or csn.
@@ -51,7 +55,9 @@ pub struct TrainArgs {
     /// Drop BatchNorm (the paper's Table 2 as printed; the authors' code has it).
     #[arg(long)]
     no_batch_norm: bool,
-    /// Comma-separated task (attribute) names; default: the paper's 20.
+    /// Comma-separated task (attribute) names; default: the paper's: its 20 face
+    /// attributes, or for zappos:DIR category, gender, heel_height and closure; for
+    /// folder:DIR every attribute of labels.csv.
     #[arg(long, value_delimiter = ',')]
     tasks: Option<Vec<String>>,
     #[arg(long, default_value_t = 4)]
@@ -151,11 +157,19 @@ impl TrainArgs {
         }
         let optimizer: OptimizerKind = self.optimizer.parse()?;
         let defaults = TrainConfig::default();
+        let data = self.data.clone().unwrap_or(defaults.data.clone());
+        let source: DataSource = data.parse()?;
         Ok(TrainConfig {
             spec,
             variant,
-            tasks: self.tasks.clone().unwrap_or(defaults.tasks),
-            data: self.data.clone().unwrap_or(defaults.data),
+            tasks: match (&self.tasks, &source) {
+                (Some(t), _) => t.clone(),
+                (None, DataSource::Zappos(_)) => zappos::PAPER_TASKS.map(String::from).to_vec(),
+                // Every attribute of the labels, once they are read (`run`).
+                (None, DataSource::Folder(_)) => Vec::new(),
+                (None, _) => defaults.tasks,
+            },
+            data,
             synth_images: self.synth_images.unwrap_or(defaults.synth_images),
             limit: self.limit,
             epochs: self.epochs,
@@ -195,6 +209,7 @@ impl TrainArgs {
             }
             None => self.config()?,
         };
+        let mut cfg = cfg;
         let ds = super::load_data(
             &cfg.data,
             cfg.spec.input_size,
@@ -202,6 +217,9 @@ impl TrainArgs {
             cfg.seed,
             cfg.limit,
         )?;
+        if cfg.tasks.is_empty() {
+            cfg.tasks = ds.attributes.clone();
+        }
         let mut trainer = match &self.resume {
             Some(path) => {
                 let t = Trainer::resume_with(path, &ds, device, Some(self.epochs), self.ucr_every)?;

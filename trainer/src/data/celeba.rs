@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use image::imageops::FilterType;
 use rayon::prelude::*;
 
 use super::{Dataset, Split, synth};
@@ -89,13 +88,14 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
         .map(|(f, _)| load_image(&dir.join(IMAGES).join(f), size))
         .collect::<Result<_>>()?;
     Ok(Dataset {
-        attributes: table.attributes,
+        attributes: table.attributes.clone(),
         files: table.rows.iter().map(|(f, _)| f.clone()).collect(),
         labels: table
             .rows
             .iter()
-            .flat_map(|(_, l)| l.iter().copied())
+            .flat_map(|(_, l)| l.iter().map(|&b| u16::from(b)))
             .collect(),
+        classes: vec![Vec::new(); table.attributes.len()],
         splits,
         image_size: size,
         pixels: images.concat(),
@@ -104,19 +104,7 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
 
 /// Decodes an image, centre-crops it to a square and resizes it to `size`.
 pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let img = image::open(path).map_err(|source| Error::Image {
-        path: path.into(),
-        source,
-    })?;
-    let (w, h) = (img.width(), img.height());
-    let side = w.min(h);
-    let img = img.crop_imm((w - side) / 2, (h - side) / 2, side, side);
-    let img = if side as usize == size {
-        img
-    } else {
-        img.resize_exact(size as u32, size as u32, FilterType::Triangle)
-    };
-    Ok(img.to_rgb8().into_raw())
+    super::load_image_fit(path, size, super::Fit::Crop)
 }
 
 /// Writes the synthetic set (`n` faces of `size` pixels from `seed`) in CelebA's

@@ -1,12 +1,17 @@
-//! Datasets: images in memory with binary attributes and train/val/test splits.
+//! Datasets: images in memory with attributes (binary, like CelebA's, or with any
+//! number of classes, like UT-Zappos50K's) and train/val/test splits.
 //!
 //! * [`synth`]: the built-in procedural faces (no download needed).
 //! * [`celeba`]: CelebA's file layout, read and written (the synthetic set is
 //!   written in it, so one loader serves both).
+//! * [`zappos`]: UT-Zappos50K's layout (the paper's product retrieval, Table 6).
+//! * [`folder`]: any image folder with a CSV of labels.
 
 mod canvas;
 pub mod celeba;
+pub mod folder;
 pub mod synth;
+pub mod zappos;
 
 use std::fmt;
 use std::str::FromStr;
@@ -44,15 +49,24 @@ impl fmt::Display for Split {
     }
 }
 
-/// Square RGB images (`size × size × 3` bytes each, row-major) with binary attributes.
+/// The class of an image whose value of an attribute is unknown: it takes no part
+/// in that attribute's triplets.
+pub const MISSING: u16 = u16::MAX;
+
+/// Square RGB images (`size × size × 3` bytes each, row-major) with attributes.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     /// Attribute names, lower case, in the file's order.
     pub attributes: Vec<String>,
     /// Image file names (ids).
     pub files: Vec<String>,
-    /// `files.len() × attributes.len()` labels, row-major.
-    pub labels: Vec<bool>,
+    /// `files.len() × attributes.len()` class indices, row-major: for a binary
+    /// attribute 0 (without) or 1 (with); else an index into `classes`; or
+    /// [`MISSING`].
+    pub labels: Vec<u16>,
+    /// Per attribute, the names of its classes where they are more than "without"
+    /// and "with" (empty for binary attributes).
+    pub classes: Vec<Vec<String>>,
     pub splits: Vec<Split>,
     pub image_size: usize,
     pub pixels: Vec<u8>,
@@ -69,9 +83,14 @@ impl Dataset {
         self.files.is_empty()
     }
 
-    /// The value of attribute `attr` for image `i`.
-    pub fn label(&self, i: usize, attr: usize) -> bool {
+    /// The class of image `i` for attribute `attr` ([`MISSING`] when unknown).
+    pub fn class(&self, i: usize, attr: usize) -> u16 {
         self.labels[i * self.attributes.len() + attr]
+    }
+
+    /// Whether image `i` has binary attribute `attr` (class 1).
+    pub fn label(&self, i: usize, attr: usize) -> bool {
+        self.class(i, attr) == 1
     }
 
     /// The pixels of image `i`.
@@ -103,12 +122,13 @@ impl Dataset {
             attributes: synth::ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
             files: (1..=n).map(|i| format!("{i:06}.png")).collect(),
             labels: Vec::with_capacity(n * 20),
+            classes: vec![Vec::new(); synth::ATTRIBUTES.len()],
             splits: (0..n).map(|i| split_of(i, n)).collect(),
             image_size: size,
             pixels: Vec::with_capacity(n * size * size * 3),
         };
         for f in faces {
-            ds.labels.extend(f.attributes);
+            ds.labels.extend(f.attributes.map(u16::from));
             ds.pixels.extend(f.pixels);
         }
         ds
@@ -122,6 +142,93 @@ impl Dataset {
         };
         idx.iter().filter(|&&i| self.label(i, attr)).count() as f64 / idx.len().max(1) as f64
     }
+}
+
+/// The split of an image by a hash of its id (FNV-1a): `train`% train, `val`%
+/// validation, the rest test. Stable however the files are ordered or limited.
+pub(crate) fn split_by_hash(id: &str, train: u64, val: u64) -> Split {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    match h % 100 {
+        p if p < train => Split::Train,
+        p if p < train + val => Split::Val,
+        _ => Split::Test,
+    }
+}
+
+/// The class indices of one attribute's column of text values (`None`:
+/// unknown, [`MISSING`]) and its class names. Two values that spell a binary
+/// attribute (`0`/`1`, `-1`/`1`, `false`/`true`, `no`/`yes`, any case) give
+/// classes 0 and 1 and no names; otherwise the distinct values, sorted, are the
+/// classes. Errors (with the number found) beyond `MISSING − 1` classes.
+pub(crate) fn encode_column(
+    values: &[Option<&str>],
+) -> std::result::Result<(Vec<u16>, Vec<String>), usize> {
+    let mut names: Vec<String> = values.iter().flatten().map(|v| v.to_string()).collect();
+    names.sort();
+    names.dedup();
+    if names.len() >= MISSING as usize {
+        return Err(names.len());
+    }
+    let lower: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    let binary = [["0", "1"], ["-1", "1"], ["false", "true"], ["no", "yes"]]
+        .iter()
+        .find(|pair| !lower.is_empty() && lower.iter().all(|v| pair.contains(&v.as_str())));
+    let labels = values
+        .iter()
+        .map(|v| match (v, binary) {
+            (None, _) => MISSING,
+            (Some(v), Some(pair)) => u16::from(v.eq_ignore_ascii_case(pair[1])),
+            (Some(v), None) => names
+                .binary_search_by(|n| n.as_str().cmp(v))
+                .map_or(MISSING, |i| i as u16),
+        })
+        .collect();
+    Ok((labels, if binary.is_some() { Vec::new() } else { names }))
+}
+
+/// How a non-square image becomes square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Centre-crop to the shorter side (faces).
+    Crop,
+    /// Pad the shorter side with white (product photos on white).
+    Pad,
+}
+
+/// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes.
+pub fn load_image_fit(path: &std::path::Path, size: usize, fit: Fit) -> Result<Vec<u8>> {
+    use image::imageops::FilterType;
+    let img = image::open(path).map_err(|source| Error::Image {
+        path: path.into(),
+        source,
+    })?;
+    let (w, h) = (img.width(), img.height());
+    let img = match fit {
+        Fit::Crop => {
+            let side = w.min(h);
+            img.crop_imm((w - side) / 2, (h - side) / 2, side, side)
+        }
+        Fit::Pad if w != h => {
+            let side = w.max(h);
+            let mut sq = image::RgbImage::from_pixel(side, side, image::Rgb([255, 255, 255]));
+            image::imageops::overlay(
+                &mut sq,
+                &img.to_rgb8(),
+                ((side - w) / 2).into(),
+                ((side - h) / 2).into(),
+            );
+            image::DynamicImage::ImageRgb8(sq)
+        }
+        Fit::Pad => img,
+    };
+    let img = if img.width() as usize == size {
+        img
+    } else {
+        img.resize_exact(size as u32, size as u32, FilterType::Triangle)
+    };
+    Ok(img.to_rgb8().into_raw())
 }
 
 /// Contiguous 80/10/10 split by position.
@@ -142,6 +249,18 @@ pub enum DataSource {
     Synth,
     /// A directory in CelebA's layout (real CelebA or `modtrain synth` output).
     Celeba(std::path::PathBuf),
+    /// A directory in UT-Zappos50K's layout.
+    Zappos(std::path::PathBuf),
+    /// A directory of images with a `labels.csv`.
+    Folder(std::path::PathBuf),
+}
+
+impl DataSource {
+    /// Whether its attributes are the face attributes of CelebA (and of the
+    /// built-in set), whose 20 of the paper are the default tasks.
+    pub fn is_faces(&self) -> bool {
+        matches!(self, DataSource::Synth | DataSource::Celeba(_))
+    }
 }
 
 impl FromStr for DataSource {
@@ -153,6 +272,8 @@ impl FromStr for DataSource {
         }
         match s.split_once(':') {
             Some(("celeba", dir)) if !dir.is_empty() => Ok(DataSource::Celeba(dir.into())),
+            Some(("zappos", dir)) if !dir.is_empty() => Ok(DataSource::Zappos(dir.into())),
+            Some(("folder", dir)) if !dir.is_empty() => Ok(DataSource::Folder(dir.into())),
             _ => Err(Error::BadDataSource { value: s.into() }),
         }
     }
@@ -233,10 +354,62 @@ mod tests {
             "celeba:/x".parse::<DataSource>().expect("celeba"),
             DataSource::Celeba("/x".into())
         );
+        assert_eq!(
+            "zappos:/z".parse::<DataSource>().expect("zappos"),
+            DataSource::Zappos("/z".into())
+        );
+        assert_eq!(
+            "folder:/f".parse::<DataSource>().expect("folder"),
+            DataSource::Folder("/f".into())
+        );
+        assert!("folder:".parse::<DataSource>().is_err());
         let err = "imagenet:/x".parse::<DataSource>().unwrap_err().to_string();
         assert!(
             err.contains("imagenet:/x") && err.contains("celeba:DIR"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn columns_encode_binary_and_multi_class_values() {
+        let (l, names) = encode_column(&[Some("1"), Some("-1"), None, Some("1")]).expect("binary");
+        assert_eq!(l, [1, 0, MISSING, 1]);
+        assert!(names.is_empty());
+        let (l, names) = encode_column(&[Some("Yes"), Some("no")]).expect("yes/no");
+        assert_eq!((l, names.len()), (vec![1, 0], 0));
+        let (l, names) =
+            encode_column(&[Some("Boots"), Some("Shoes"), Some("Sandals"), Some("Boots")])
+                .expect("classes");
+        assert_eq!(names, ["Boots", "Sandals", "Shoes"]);
+        assert_eq!(l, [0, 2, 1, 0]);
+    }
+
+    #[test]
+    fn hash_splits_are_stable_and_near_their_shares() {
+        let ids: Vec<String> = (0..5000).map(|i| format!("{i}.jpg")).collect();
+        let count = |s: Split| {
+            ids.iter()
+                .filter(|id| split_by_hash(id, 70, 10) == s)
+                .count()
+        };
+        assert!(
+            (3300..3700).contains(&count(Split::Train)),
+            "{}",
+            count(Split::Train)
+        );
+        assert!(
+            (400..600).contains(&count(Split::Val)),
+            "{}",
+            count(Split::Val)
+        );
+        assert!(
+            (800..1200).contains(&count(Split::Test)),
+            "{}",
+            count(Split::Test)
+        );
+        assert_eq!(
+            split_by_hash("a.jpg", 70, 10),
+            split_by_hash("a.jpg", 70, 10)
         );
     }
 }
