@@ -90,3 +90,97 @@ fn same_seed_same_checkpoint() {
     };
     assert_eq!(run("a.safetensors"), run("b.safetensors"));
 }
+
+#[test]
+fn only_mask_learns_the_vectors_on_a_branch_runs_fixed_weights_and_compiles() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    celeba::write_synthetic(&data, 150, 48, 5, &|_| {}).expect("synth");
+    let ds = celeba::load(&data, 48, None).expect("load");
+    let base = TrainConfig {
+        spec: small_spec(),
+        tasks: ["smiling", "young", "bangs"].map(String::from).to_vec(),
+        epochs: 1,
+        triplets_per_task: 8,
+        batch_per_task: 4,
+        test_triplets_per_task: 10,
+        ..TrainConfig::default()
+    };
+    let branch = dir.path().join("branch.safetensors");
+    Trainer::new(
+        TrainConfig {
+            variant: Variant::Branch { k: 4 },
+            ..base.clone()
+        },
+        &ds,
+        Device::Cpu,
+    )
+    .expect("branch")
+    .run(&ds, &branch)
+    .expect("train branch");
+
+    let masked = dir.path().join("mask.safetensors");
+    let cfg = TrainConfig {
+        variant: Variant::OnlyMask,
+        init_from: Some(branch.clone()),
+        epochs: 2,
+        ..base.clone()
+    };
+    Trainer::new(cfg.clone(), &ds, Device::Cpu)
+        .expect("only-mask")
+        .run(&ds, &masked)
+        .expect("train only-mask");
+    let (b, m) = (
+        Checkpoint::load(&branch).expect("b"),
+        Checkpoint::load(&masked).expect("m"),
+    );
+    assert_eq!(m.header.variant, Variant::OnlyMask);
+    for e in names::base_network(&small_spec(), "") {
+        let same = b.tensors[&e.name] == m.tensors[&e.name];
+        if e.name.contains("running_") {
+            // BatchNorm's statistics follow the batches, as in any training.
+            continue;
+        }
+        assert!(
+            same,
+            "{} changed: the shared weights must stay fixed",
+            e.name
+        );
+    }
+    let fc = &m.tensors["modulation.fc"].data;
+    assert!(fc.iter().any(|&v| v != 1.0), "the vectors did not learn");
+    assert!(
+        !m.tensors
+            .keys()
+            .any(|n| n.starts_with("optimizer.") && n.contains("conv1")),
+        "no optimizer state for fixed weights"
+    );
+
+    // The package runs it like any modulated network.
+    let package = modkit_compiler::compile::compile(&m, &Default::default()).expect("compile");
+    assert_eq!(package.tasks.len(), 3);
+
+    // Bad starts are refused with what to do.
+    let err = |cfg: TrainConfig| {
+        Trainer::new(cfg, &ds, Device::Cpu)
+            .expect_err("refused")
+            .to_string()
+    };
+    let msg = err(TrainConfig {
+        init_from: None,
+        ..cfg.clone()
+    });
+    assert!(msg.contains("--init-from CKPT"), "{msg}");
+    let mut wide = small_spec();
+    wide.widths = [4, 8, 8, 8, 16];
+    let msg = err(TrainConfig {
+        spec: wide,
+        ..cfg.clone()
+    });
+    assert!(msg.contains("use the same network options"), "{msg}");
+    let msg = err(TrainConfig {
+        variant: Variant::Modulated,
+        ..cfg.clone()
+    });
+    assert!(msg.contains("is for --variant only-mask"), "{msg}");
+}

@@ -74,6 +74,11 @@ pub struct TrainConfig {
     /// an epoch, from its first (0 = never; 1 = every minibatch, the paper's).
     #[serde(default)]
     pub ucr_every: usize,
+    /// `only-mask`: the checkpoint whose shared weights (and BatchNorm statistics)
+    /// the run starts from and keeps fixed; only the modulation vectors learn
+    /// (the paper's "Only mask" baseline starts from the independent-branch model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -101,7 +106,39 @@ impl Default for TrainConfig {
             seed: 0,
             preprocess: Preprocess::default(),
             ucr_every: 0,
+            init_from: None,
         }
+    }
+}
+
+impl TrainConfig {
+    /// Checks what can be checked before loading data: the spec, and options that
+    /// only some variants take.
+    pub fn validate(&self) -> Result<()> {
+        self.spec.validate()?;
+        match (self.variant, &self.init_from) {
+            (Variant::OnlyMask, None) => {
+                return Err(Error::Config(
+                    "--variant only-mask learns only the modulation vectors on fixed shared weights: name their checkpoint with --init-from CKPT (the paper starts from a branch:K run)".into(),
+                ));
+            }
+            (v, Some(path)) if v != Variant::OnlyMask => {
+                return Err(Error::Config(format!(
+                    "--init-from {path:?} is for --variant only-mask; {v} trains every weight from the seed"
+                )));
+            }
+            _ => {}
+        }
+        // An empty task list is filled from the data later (`folder:DIR`).
+        if self.ucr_every > 0 && (self.variant == Variant::Independent || self.tasks.len() == 1) {
+            return Err(Error::Config(format!(
+                "--ucr-every {} compares tasks on the parameters they share; {} with {} task(s) has none: drop --ucr-every or train a shared-trunk variant on 2+ tasks",
+                self.ucr_every,
+                self.variant,
+                self.tasks.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -203,7 +240,18 @@ impl Trainer {
     /// A fresh run: validates the config against the data, initialises the network
     /// from the seed and fixes the test triplets.
     pub fn new(cfg: TrainConfig, ds: &Dataset, device: Device) -> Result<Self> {
-        cfg.spec.validate()?;
+        cfg.validate()?;
+        let init_from = cfg.init_from.clone();
+        let mut t = Self::fresh(cfg, ds, device)?;
+        if let Some(path) = init_from {
+            t.load_shared(&path)?;
+        }
+        Ok(t)
+    }
+
+    /// [`Trainer::new`] without loading `init_from`: every variable from the seed.
+    fn fresh(cfg: TrainConfig, ds: &Dataset, device: Device) -> Result<Self> {
+        cfg.validate()?;
         if ds.image_size != cfg.spec.input_size {
             return Err(Error::ImageSize {
                 found: ds.image_size,
@@ -217,14 +265,6 @@ impl Trainer {
             return Err(Error::Config(format!(
                 "need at least one task and --triplets-per-task ({}) ≥ --batch-per-task ({}) > 0",
                 cfg.triplets_per_task, cfg.batch_per_task
-            )));
-        }
-        if cfg.ucr_every > 0 && (cfg.variant == Variant::Independent || cfg.tasks.len() < 2) {
-            return Err(Error::Config(format!(
-                "--ucr-every {} compares tasks on the parameters they share; {} with {} task(s) has none: drop --ucr-every or train a shared-trunk variant on 2+ tasks",
-                cfg.ucr_every,
-                cfg.variant,
-                cfg.tasks.len()
             )));
         }
         if cfg.mining == Mining::Pooled && cfg.variant == Variant::Independent {
@@ -260,11 +300,7 @@ impl Trainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
         let params = trainable(&varmap, &cfg)?;
-        let shared = params
-            .iter()
-            .filter(|(name, _)| names::shared_by_tasks(&cfg.variant, name))
-            .map(|(_, v)| v.clone())
-            .collect();
+        let shared = shared_parameters(&varmap, &cfg)?;
         let opt = Optimizer::new(
             cfg.optimizer,
             params,
@@ -319,7 +355,8 @@ impl Trainer {
         if let Some(n) = ucr_every {
             cfg.ucr_every = n;
         }
-        let mut t = Self::new(cfg, ds, device)?;
+        // Every weight comes from the checkpoint, so `init_from` is not read again.
+        let mut t = Self::fresh(cfg, ds, device)?;
         t.load_tensors(&ckpt)?;
         t.epoch = ckpt.header.epoch;
         t.last_metrics = ckpt.header.metrics.clone();
@@ -340,6 +377,64 @@ impl Trainer {
             if let Some(var) = data.get(name) {
                 var.set(&value)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Copies the shared network (every tensor of the plain network: weights,
+    /// BatchNorm parameters and statistics) of the checkpoint at `path` into the
+    /// variables. The checkpoint must be of the same spec and have a shared trunk.
+    fn load_shared(&mut self, path: &Path) -> Result<()> {
+        let ckpt = Checkpoint::load(path)?;
+        let theirs = &ckpt.header.spec;
+        let ours = &self.cfg.spec;
+        let same = theirs.input_size == ours.input_size
+            && theirs.in_channels == ours.in_channels
+            && theirs.widths == ours.widths
+            && theirs.embedding == ours.embedding
+            && theirs.batch_norm == ours.batch_norm;
+        if !same {
+            return Err(Error::Config(format!(
+                "--init-from {path:?} holds a {} network ({}×{}, widths {:?}, embedding {}, BatchNorm {}), this run a {} one ({}×{}, widths {:?}, embedding {}, BatchNorm {}): use the same network options",
+                theirs.name,
+                theirs.input_size,
+                theirs.input_size,
+                theirs.widths,
+                theirs.embedding,
+                theirs.batch_norm,
+                ours.name,
+                ours.input_size,
+                ours.input_size,
+                ours.widths,
+                ours.embedding,
+                ours.batch_norm,
+            )));
+        }
+        if ckpt.header.variant == Variant::Independent {
+            return Err(Error::Config(format!(
+                "--init-from {path:?} is an independent run: one network per task, no shared weights; start from branch:K, shared, modulated or csn"
+            )));
+        }
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("poisoned VarMap".into()))?;
+        for e in names::base_network(ours, "") {
+            let t = ckpt.tensors.get(&e.name).ok_or_else(|| {
+                Error::Config(format!(
+                    "--init-from {path:?} has no {}: not a checkpoint of this network",
+                    e.name
+                ))
+            })?;
+            let var = data
+                .get(&e.name)
+                .ok_or_else(|| Error::Config(format!("variable {} missing", e.name)))?;
+            var.set(&Tensor::from_slice(
+                &t.data,
+                t.shape.as_slice(),
+                &self.device,
+            )?)?;
         }
         Ok(())
     }
@@ -645,15 +740,37 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-/// The trainable variables of the variant, by name, in schema order.
+/// The variables the optimizer updates, by name, in schema order.
 fn trainable(varmap: &VarMap, cfg: &TrainConfig) -> Result<Vec<(String, Var)>> {
+    // Only-mask keeps the shared weights it started from.
+    variables(varmap, cfg, |e| {
+        e.trainable
+            && (cfg.variant != Variant::OnlyMask || !names::shared_by_tasks(&cfg.variant, &e.name))
+    })
+}
+
+/// The parameters (not statistics) every task shares, whose per-task gradients
+/// UCR compares; fixed ones included.
+fn shared_parameters(varmap: &VarMap, cfg: &TrainConfig) -> Result<Vec<Var>> {
+    let vars = variables(varmap, cfg, |e| {
+        e.trainable && names::shared_by_tasks(&cfg.variant, &e.name)
+    })?;
+    Ok(vars.into_iter().map(|(_, v)| v).collect())
+}
+
+/// The variables of the schema's entries that `keep`, by name, in schema order.
+fn variables(
+    varmap: &VarMap,
+    cfg: &TrainConfig,
+    keep: impl Fn(&names::TensorEntry) -> bool,
+) -> Result<Vec<(String, Var)>> {
     let data = varmap
         .data()
         .lock()
         .map_err(|_| Error::Config("poisoned VarMap".into()))?;
     names::schema(&cfg.spec, &cfg.variant, &cfg.tasks)
         .into_iter()
-        .filter(|e| e.trainable)
+        .filter(|e| keep(e))
         .map(|e| {
             let v = data
                 .get(&e.name)

@@ -558,3 +558,94 @@ fn zappos_and_folder_data_train_and_evaluate() {
         );
     }
 }
+
+#[test]
+fn only_mask_continues_a_branch_run_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let branch = dir.path().join("ib.safetensors");
+    let masked = dir.path().join("mask.safetensors");
+    let (b, m) = (
+        branch.to_str().expect("utf8"),
+        masked.to_str().expect("utf8"),
+    );
+    let small = [
+        "--triplets-per-task",
+        "8",
+        "--batch-per-task",
+        "4",
+        "--test-triplets",
+        "10",
+        "--epochs",
+        "1",
+    ];
+    let mut args = vec![
+        "train",
+        "--synth-images",
+        "150",
+        "--variant",
+        "branch:4",
+        "--widths",
+        "4,8,8,8,8",
+        "--embedding",
+        "8",
+        "--tasks",
+        "smiling,bangs",
+        "-o",
+        b,
+    ];
+    args.extend(small);
+    let o = modtrain(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Network, data and tasks come from the branch run.
+    let mut args = vec![
+        "train",
+        "--variant",
+        "only-mask",
+        "--init-from",
+        b,
+        "--json",
+        "-o",
+        m,
+    ];
+    args.extend(small);
+    let o = modtrain(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(report["variant"], "only-mask");
+    assert!(report["accuracy"]["bangs"].is_number(), "{report}");
+    let ckpt = modkit_models::Checkpoint::load(&masked).expect("ckpt");
+    assert_eq!(ckpt.header.spec.widths, [4, 8, 8, 8, 8]);
+    assert!(ckpt.header.train_config["init_from"].is_string());
+
+    for (args, want) in [
+        (
+            vec!["train", "--variant", "only-mask", "-o", m],
+            "--init-from CKPT",
+        ),
+        (
+            vec!["train", "--variant", "shared", "--init-from", b, "-o", m],
+            "is for --variant only-mask",
+        ),
+        (
+            vec![
+                "train",
+                "--variant",
+                "only-mask",
+                "--init-from",
+                "/nonexistent.safetensors",
+                "-o",
+                m,
+            ],
+            "/nonexistent.safetensors",
+        ),
+    ] {
+        let o = modtrain(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("modtrain: ") && last.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}

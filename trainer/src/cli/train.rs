@@ -30,9 +30,16 @@ pub struct TrainArgs {
     /// Load only the first N images of a celeba:, zappos: or folder: directory.
     #[arg(long)]
     limit: Option<usize>,
-    /// modulated, shared (FSN), independent (ITN), branch:K (IB-K) or csn.
+    /// modulated, shared (FSN), independent (ITN), branch:K (IB-K), csn, or
+    /// only-mask (with --init-from: fixed shared weights, only modulation learns).
     #[arg(long, default_value = "modulated")]
     variant: String,
+    /// With --variant only-mask: the checkpoint whose shared weights (and
+    /// BatchNorm statistics) are loaded and kept fixed, e.g. a branch:K run as in
+    /// the paper. The network, data and tasks default to that run's;
+    /// --first-modulated and --projection still choose the modulation.
+    #[arg(long, value_name = "CKPT")]
+    init_from: Option<PathBuf>,
     /// Network preset: tiny (48×48, trains on a CPU in minutes) or paper (Table 2, 150×150).
     #[arg(long, default_value = "tiny")]
     spec: String,
@@ -119,7 +126,23 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
-        let mut spec = NetSpec::preset(&self.spec)?;
+        let variant: Variant = self.variant.parse()?;
+        // Only-mask continues another run's network: its spec, data and tasks.
+        let source = match (&self.init_from, variant) {
+            (Some(path), Variant::OnlyMask) => {
+                let ckpt = modkit_models::Checkpoint::load(path)?;
+                let cfg = serde_json::from_value::<TrainConfig>(ckpt.header.train_config)
+                    .with_context(|| {
+                        format!("reading the training config of {}", path.display())
+                    })?;
+                Some(cfg)
+            }
+            _ => None,
+        };
+        let mut spec = match &source {
+            Some(cfg) => cfg.spec.clone(),
+            None => NetSpec::preset(&self.spec)?,
+        };
         if let Some(n) = self.first_modulated {
             spec.first_modulated = n;
         }
@@ -149,14 +172,13 @@ impl TrainArgs {
             spec.batch_norm = false;
         }
         spec.validate()?;
-        let variant: Variant = self.variant.parse()?;
-        if variant == Variant::OnlyMask {
-            anyhow::bail!(
-                "--variant only-mask needs shared weights from another checkpoint, which this modtrain cannot load yet; use modulated, shared, independent, branch:K or csn"
-            );
-        }
         let optimizer: OptimizerKind = self.optimizer.parse()?;
-        let defaults = TrainConfig::default();
+        let mut defaults = TrainConfig::default();
+        if let Some(src) = source {
+            defaults.data = src.data;
+            defaults.synth_images = src.synth_images;
+            defaults.tasks = src.tasks;
+        }
         let data = self.data.clone().unwrap_or(defaults.data.clone());
         let source: DataSource = data.parse()?;
         Ok(TrainConfig {
@@ -164,9 +186,11 @@ impl TrainArgs {
             variant,
             tasks: match (&self.tasks, &source) {
                 (Some(t), _) => t.clone(),
-                (None, DataSource::Zappos(_)) => zappos::PAPER_TASKS.map(String::from).to_vec(),
+                (None, DataSource::Zappos(_)) if self.init_from.is_none() => {
+                    zappos::PAPER_TASKS.map(String::from).to_vec()
+                }
                 // Every attribute of the labels, once they are read (`run`).
-                (None, DataSource::Folder(_)) => Vec::new(),
+                (None, DataSource::Folder(_)) if self.init_from.is_none() => Vec::new(),
                 (None, _) => defaults.tasks,
             },
             data,
@@ -185,6 +209,7 @@ impl TrainArgs {
             seed: self.seed,
             preprocess: defaults.preprocess,
             ucr_every: self.ucr_every.unwrap_or(0),
+            init_from: self.init_from.clone(),
         })
     }
 
@@ -209,6 +234,8 @@ impl TrainArgs {
             }
             None => self.config()?,
         };
+        // Before the data, which may take a while to load.
+        cfg.validate()?;
         let mut cfg = cfg;
         let ds = super::load_data(
             &cfg.data,
