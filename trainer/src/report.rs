@@ -1,7 +1,9 @@
 //! `modtrain report`: the tables and plots of one or more training runs, from the
 //! `OUT.metrics.jsonl` logs [`crate::train::Trainer`] writes beside each
-//! checkpoint: loss and mean test accuracy per epoch, per-task accuracy, and the
-//! Update Compliance Ratio between tasks ([`crate::ucr`]) as a table and a heatmap.
+//! checkpoint: loss and mean test accuracy per epoch, per-task accuracy, the
+//! Update Compliance Ratio between tasks ([`crate::ucr`]) as a table and a
+//! heatmap, and, from the checkpoint, how far apart the tasks' learned vectors
+//! are (mean and variance of `|w_i − w_j|`, paper section 3.3).
 //!
 //! The plots are PNGs drawn with embedded-graphics (its built-in mono fonts: no
 //! font files, no system libraries) into an `image` buffer.
@@ -37,6 +39,74 @@ pub struct Run {
     pub variant: Option<String>,
     /// One entry per epoch, in order.
     pub epochs: Vec<EpochLog>,
+    /// The tasks' learned vectors compared, from the checkpoint, for variants
+    /// that have them.
+    pub vectors: Option<VectorDistances>,
+}
+
+/// Mean and variance of `|w_i − w_j|` over the elements of the task vectors
+/// `w_t` the network multiplies by (modulation vectors after their ReLU, every
+/// modulated layer's concatenated, or projection matrices, or CSN masks after
+/// their ReLU), for every pair of tasks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VectorDistances {
+    pub tasks: Vec<String>,
+    /// `[i][j]`: mean of `|w_i − w_j|`.
+    pub mean: Vec<Vec<f64>>,
+    /// `[i][j]`: variance of `|w_i − w_j|`.
+    pub variance: Vec<Vec<f64>>,
+}
+
+impl VectorDistances {
+    /// The distances between the task vectors of `ckpt`, or `None` for variants
+    /// without them.
+    pub fn of(ckpt: &modkit_models::Checkpoint) -> Option<VectorDistances> {
+        use modkit_models::{Modulation, names};
+        let h = &ckpt.header;
+        let t = h.tasks.len();
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); t];
+        let mut take = |name: &str, relu: bool| -> Option<()> {
+            let data = &ckpt.tensors.get(name)?.data;
+            let per = data.len() / t.max(1);
+            for (row, chunk) in rows.iter_mut().zip(data.chunks(per.max(1))) {
+                row.extend(chunk.iter().map(|&v| if relu { v.max(0.0) } else { v }));
+            }
+            Some(())
+        };
+        if h.variant.is_modulated() {
+            for s in h.spec.modulated_stages() {
+                take(
+                    &names::modulation(s.name),
+                    h.spec.modulation == Modulation::Vector,
+                )?;
+            }
+        } else if h.variant == modkit_models::Variant::Csn {
+            take(names::CSN_MASKS, true)?;
+        } else {
+            return None;
+        }
+        let pair = |a: &[f32], b: &[f32]| {
+            let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).collect();
+            let mean = d.iter().sum::<f64>() / d.len().max(1) as f64;
+            let var = d.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d.len().max(1) as f64;
+            (mean, var)
+        };
+        let stats: Vec<Vec<(f64, f64)>> = rows
+            .iter()
+            .map(|a| rows.iter().map(|b| pair(a, b)).collect())
+            .collect();
+        Some(VectorDistances {
+            tasks: h.tasks.clone(),
+            mean: stats
+                .iter()
+                .map(|r| r.iter().map(|p| p.0).collect())
+                .collect(),
+            variance: stats
+                .iter()
+                .map(|r| r.iter().map(|p| p.1).collect())
+                .collect(),
+        })
+    }
 }
 
 impl Run {
@@ -76,13 +146,12 @@ impl Run {
         let name = Path::new(stem.trim_end_matches('.'))
             .file_name()
             .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
-        let variant = modkit_models::Checkpoint::load(&ckpt)
-            .ok()
-            .map(|c| c.header.variant.to_string());
+        let ckpt = modkit_models::Checkpoint::load(&ckpt).ok();
         Ok(Run {
             name,
             path: log,
-            variant,
+            variant: ckpt.as_ref().map(|c| c.header.variant.to_string()),
+            vectors: ckpt.as_ref().and_then(VectorDistances::of),
             epochs,
         })
     }
@@ -181,10 +250,47 @@ pub fn write_summary(out: &mut dyn Write, runs: &[Run]) -> std::io::Result<()> {
         writeln!(out)?;
     }
     for r in runs {
-        if let Some(u) = r.ucr() {
+        if r.ucr().is_some() || r.vectors.is_some() {
             writeln!(out, "\n{}:\n", r.label())?;
+        }
+        if let Some(u) = r.ucr() {
             write_ucr_table(out, u)?;
         }
+        if let Some(v) = &r.vectors {
+            if r.ucr().is_some() {
+                writeln!(out)?;
+            }
+            write_vector_table(out, v)?;
+        }
+    }
+    Ok(())
+}
+
+/// The task vectors' distances as Markdown: `mean (variance)` of `|w_i − w_j|`.
+pub fn write_vector_table(out: &mut dyn Write, v: &VectorDistances) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "|w_i − w_j| of the learned task vectors, mean (variance) over their elements:\n"
+    )?;
+    write!(out, "| |")?;
+    for (i, _) in v.tasks.iter().enumerate() {
+        write!(out, " {} |", i + 1)?;
+    }
+    write!(out, "\n|---|")?;
+    for _ in &v.tasks {
+        write!(out, "---|")?;
+    }
+    writeln!(out)?;
+    for (i, task) in v.tasks.iter().enumerate() {
+        write!(out, "| {} {task} |", i + 1)?;
+        for j in 0..v.tasks.len() {
+            if i == j {
+                write!(out, " — |")?;
+            } else {
+                write!(out, " {:.3} ({:.3}) |", v.mean[i][j], v.variance[i][j])?;
+            }
+        }
+        writeln!(out)?;
     }
     Ok(())
 }
@@ -581,6 +687,55 @@ mod tests {
         assert_eq!(at(1, 2), Rgb888::WHITE);
         assert_eq!(at(2, 2), ucr_color(None));
         assert_ne!(ucr_color(Some(0.0)), ucr_color(Some(1.0)));
+    }
+
+    #[test]
+    fn vector_distances_by_hand() {
+        use modkit_models::{
+            Checkpoint, CheckpointHeader, NetSpec, Preprocess, TensorData, Variant,
+        };
+        let spec = NetSpec::tiny();
+        let stages = spec.modulated_stages();
+        let mut tensors = std::collections::BTreeMap::new();
+        // Two tasks: task 0 all ones, task 1 ones except the first channel of every
+        // stage at −1, which the ReLU makes 0: |w_0 − w_1| is 1 there, else 0.
+        let mut ones = 0;
+        for s in &stages {
+            let mut data = vec![1f32; 2 * s.channels];
+            data[s.channels] = -1.0;
+            ones += s.channels;
+            tensors.insert(
+                modkit_models::names::modulation(s.name),
+                TensorData::new(vec![2, s.channels], data).expect("tensor"),
+            );
+        }
+        let ckpt = Checkpoint {
+            header: CheckpointHeader {
+                spec,
+                variant: Variant::Modulated,
+                tasks: vec!["a".into(), "b".into()],
+                preprocess: Preprocess::default(),
+                epoch: 1,
+                train_config: serde_json::Value::Null,
+                metrics: serde_json::Value::Null,
+            },
+            tensors,
+        };
+        let v = VectorDistances::of(&ckpt).expect("modulated");
+        let p = stages.len() as f64 / ones as f64;
+        assert!((v.mean[0][1] - p).abs() < 1e-12, "{:?}", v.mean);
+        assert!((v.variance[1][0] - p * (1.0 - p)).abs() < 1e-12);
+        assert_eq!(v.mean[0][0], 0.0);
+        let mut out = Vec::new();
+        write_vector_table(&mut out, &v).expect("table");
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(
+            text.contains(&format!("| 1 a | — | {p:.3} ({:.3}) |", p * (1.0 - p))),
+            "{text}"
+        );
+        let mut shared = ckpt.clone();
+        shared.header.variant = Variant::Shared;
+        assert!(VectorDistances::of(&shared).is_none());
     }
 
     #[test]

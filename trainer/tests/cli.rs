@@ -387,6 +387,7 @@ fn ucr_is_measured_logged_and_reported() {
         "| mod (modulated) | 2 |",
         "| bangs |",
         "1 smiling",
+        "|w_i − w_j| of the learned task vectors",
     ] {
         assert!(text.contains(want), "{want}: {text}");
     }
