@@ -10,7 +10,8 @@
 //! * [`mining`]: which triplets of a minibatch the loss sees.
 //! * [`train`]: the training loop, checkpoints, resume; [`eval`]: triplet accuracy;
 //!   [`ucr`]: the Update Compliance Ratio between tasks (paper section 3.1);
-//!   [`report`]: tables and plots of training runs.
+//!   [`relations`]: the task-relation regulariser (eq. 8); [`report`]: tables and
+//!   plots of training runs.
 //! * [`ops`]: fast CPU kernels for convolution, BatchNorm and max-pool.
 //! * [`bench`]: a training step's time per phase against the GEMM peak.
 //! * [`workers`]: rayon's threads kept spinning through a training step.
@@ -37,6 +38,7 @@ pub mod mining;
 pub mod net;
 pub mod ops;
 pub mod optim;
+pub mod relations;
 pub mod report;
 pub mod train;
 pub mod triplets;

@@ -452,6 +452,27 @@ impl Network {
         Ok(x)
     }
 
+    /// `[T, P]`: each task's modulation as the network applies it (vectors after
+    /// their ReLU, projection matrices as they are), every modulated layer's
+    /// concatenated; `None` for variants without modulation.
+    pub fn task_vectors(&self) -> Result<Option<Tensor>> {
+        if self.modulation.is_empty() {
+            return Ok(None);
+        }
+        let parts = self
+            .modulation
+            .iter()
+            .map(|w| {
+                let w = w.flatten_from(1)?;
+                match self.spec.modulation {
+                    Modulation::Vector => w.relu(),
+                    Modulation::Projection => Ok(w),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 1)?))
+    }
+
     /// Block N+1..5 and fc with each sample's task modulation, then the variant's
     /// head and L2 normalisation. `ids` holds one task index per sample (u32); for
     /// `independent` all samples must share `task`.

@@ -28,6 +28,7 @@ use crate::eval::{batch_images, triplet_accuracy};
 use crate::mining::{BatchLoss, Mining, batch_all_loss, pooled_loss, sampled_loss};
 use crate::net::{Network, init_varmap};
 use crate::optim::{Optimizer, OptimizerKind};
+use crate::relations::{self, relation_loss};
 use crate::triplets::{self, TEST_STREAM, Triplet};
 use crate::ucr::{UcrCounter, UcrLog, gradient_gram};
 use crate::{Error, Result};
@@ -79,6 +80,16 @@ pub struct TrainConfig {
     /// (the paper's "Only mask" baseline starts from the independent-branch model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// Task triples `[i, j, k]` (names) for the task-relation regulariser of eq. 8:
+    /// `i` is closer to `j` than to `k` ([`crate::relations`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relations: Vec<[String; 3]>,
+    /// Its margin β.
+    #[serde(default = "default_relation_margin")]
+    pub relation_margin: f64,
+    /// Its weight λ beside the triplet loss.
+    #[serde(default = "default_relation_weight")]
+    pub relation_weight: f64,
 }
 
 impl Default for TrainConfig {
@@ -107,6 +118,9 @@ impl Default for TrainConfig {
             preprocess: Preprocess::default(),
             ucr_every: 0,
             init_from: None,
+            relations: Vec::new(),
+            relation_margin: relations::DEFAULT_MARGIN,
+            relation_weight: relations::DEFAULT_WEIGHT,
         }
     }
 }
@@ -129,6 +143,21 @@ impl TrainConfig {
             }
             _ => {}
         }
+        if !self.relations.is_empty() && !self.variant.is_modulated() {
+            return Err(Error::Config(format!(
+                "--task-relation pulls modulation vectors together; {} has none: use --variant modulated or only-mask",
+                self.variant
+            )));
+        }
+        if !(self.relation_margin.is_finite()
+            && self.relation_weight.is_finite()
+            && self.relation_weight >= 0.0)
+        {
+            return Err(Error::Config(format!(
+                "--relation-margin {} and --relation-weight {} must be finite, the weight ≥ 0",
+                self.relation_margin, self.relation_weight
+            )));
+        }
         // An empty task list is filled from the data later (`folder:DIR`).
         if self.ucr_every > 0 && (self.variant == Variant::Independent || self.tasks.len() == 1) {
             return Err(Error::Config(format!(
@@ -140,6 +169,14 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+fn default_relation_margin() -> f64 {
+    relations::DEFAULT_MARGIN
+}
+
+fn default_relation_weight() -> f64 {
+    relations::DEFAULT_WEIGHT
 }
 
 fn default_synth_images() -> usize {
@@ -171,6 +208,10 @@ pub struct EpochLog {
     /// minibatches, when `ucr_every` asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ucr: Option<UcrLog>,
+    /// The mean task-relation loss (eq. 8, before its weight) over the epoch's
+    /// steps, when `relations` asked for it; `loss` includes it weighted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation_loss: Option<f64>,
 }
 
 /// Where one training step's time went, in seconds (summed over steps when it
@@ -229,6 +270,10 @@ pub struct Trainer {
     shared: Vec<Var>,
     /// UCR counts of the last epoch trained, when measured.
     ucr: Option<UcrCounter>,
+    /// `cfg.relations` as task indices.
+    relations: Vec<[usize; 3]>,
+    /// The last epoch's mean relation loss (unweighted), when regularised.
+    relation_loss: Option<f64>,
 }
 
 /// `OUT.suffix` next to the checkpoint `OUT.safetensors`.
@@ -276,6 +321,7 @@ impl Trainer {
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
+        relations::resolve(&cfg.relations, &cfg.tasks)?;
         let test = triplets::sample(
             ds,
             Split::Test,
@@ -301,6 +347,7 @@ impl Trainer {
         let net = Network::new(&cfg.spec, cfg.variant, &cfg.tasks, vb)?;
         let params = trainable(&varmap, &cfg)?;
         let shared = shared_parameters(&varmap, &cfg)?;
+        let relations = relations::resolve(&cfg.relations, &cfg.tasks)?;
         let opt = Optimizer::new(
             cfg.optimizer,
             params,
@@ -320,6 +367,8 @@ impl Trainer {
             step_times: Vec::new(),
             shared,
             ucr: None,
+            relations,
+            relation_loss: None,
         })
     }
 
@@ -473,6 +522,7 @@ impl Trainer {
         let (mut loss_sum, mut ok_sum) = (0.0, 0.0);
         self.step_times.clear();
         let mut ucr = (cfg.ucr_every > 0).then(|| UcrCounter::new(t));
+        let mut relation_sum = 0.0;
         let since = |t: &mut Instant| {
             let now = Instant::now();
             let d = (now - *t).as_secs_f64();
@@ -516,11 +566,16 @@ impl Trainer {
                         pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
                     }
                 };
-                let BatchLoss {
-                    ref loss,
-                    satisfied: ok,
-                    ..
-                } = batch;
+                let BatchLoss { satisfied: ok, .. } = batch;
+                // Eq. 8 on the modulation, when asked for.
+                let (loss, relation) = match self.net.task_vectors()? {
+                    Some(w) if !self.relations.is_empty() => {
+                        let r = relation_loss(&w, &self.relations, cfg.relation_margin)?;
+                        let rv = r.to_scalar::<f32>()? as f64;
+                        ((&batch.loss + (r * cfg.relation_weight)?)?, rv)
+                    }
+                    _ => (batch.loss.clone(), 0.0),
+                };
                 let value = loss.to_scalar::<f32>()?;
                 // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
                 let probe = emb.sum_all()?.to_scalar::<f32>()?;
@@ -543,13 +598,13 @@ impl Trainer {
                     self.device.synchronize()?;
                     since(&mut clock);
                 }
-                Ok((grads, value, ok))
+                Ok((grads, value, ok, relation))
             };
             // On the CPU, batch, forward and backward are back-to-back parallel
             // loops: the other threads spin between them instead of sleeping
             // (`workers`). Not on a GPU, where they would only burn a core, and not
             // the update, whose element-wise ops run on candle's own threads.
-            let (grads, value, ok) = if self.device.is_cpu() {
+            let (grads, value, ok, relation) = if self.device.is_cpu() {
                 crate::workers::keep_awake(work)?
             } else {
                 work()?
@@ -560,10 +615,12 @@ impl Trainer {
             self.step_times.push(times);
             loss_sum += value as f64;
             ok_sum += ok;
+            relation_sum += relation;
             progress(step + 1, steps, value);
         }
         self.epoch += 1;
         self.ucr = ucr;
+        self.relation_loss = (!self.relations.is_empty()).then(|| relation_sum / steps as f64);
         Ok((loss_sum / steps as f64, ok_sum / steps as f64))
     }
 
@@ -681,6 +738,7 @@ impl Trainer {
                         a
                     }),
                 ucr: self.ucr.as_ref().map(|u| u.log(&self.cfg.tasks)),
+                relation_loss: self.relation_loss,
             };
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
@@ -1122,6 +1180,44 @@ mod tests {
         };
         let err = Trainer::new(cfg, &ds, Device::Cpu).expect_err("independent shares nothing");
         assert!(err.to_string().contains("--ucr-every 1"), "{err}");
+    }
+
+    #[test]
+    fn the_relation_regulariser_pulls_the_closer_pair_together() {
+        let ds = Dataset::synthetic(200, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let triple = ["smiling", "mouth_slightly_open", "young"].map(String::from);
+        let run = |relations: Vec<[String; 3]>| {
+            let cfg = TrainConfig {
+                tasks: triple.to_vec(),
+                relations,
+                relation_weight: 1.0,
+                ..small_cfg()
+            };
+            let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+            let report = t.run(&ds, &dir.path().join("r.safetensors")).expect("run");
+            let w = t.net.task_vectors().expect("w").expect("modulated");
+            let hinge = relation_loss(&w, &[[0, 1, 2]], 1.0)
+                .and_then(|h| Ok(h.to_scalar::<f32>()?))
+                .expect("hinge");
+            (hinge, report)
+        };
+        let (free, free_report) = run(Vec::new());
+        let (held, report) = run(vec![triple.clone()]);
+        assert!(free_report.epochs[1].relation_loss.is_none());
+        let logged = report.epochs[1].relation_loss.expect("logged");
+        assert!(logged > 0.0 && logged <= 1.0 + 1e-6, "{logged}");
+        assert!(
+            held < free,
+            "with eq. 8 the hinge ends at {held}, without at {free}"
+        );
+        let cfg = TrainConfig {
+            variant: Variant::Shared,
+            relations: vec![triple],
+            ..small_cfg()
+        };
+        let err = Trainer::new(cfg, &ds, Device::Cpu).expect_err("no modulation");
+        assert!(err.to_string().contains("use --variant modulated"), "{err}");
     }
 
     #[test]

@@ -107,6 +107,18 @@ pub struct TrainArgs {
     /// OUT.metrics.jsonl, printed at the end, drawn by `modtrain report`.
     #[arg(long, value_name = "N")]
     ucr_every: Option<usize>,
+    /// Prior knowledge for the task-relation regulariser (paper eq. 8): `i,j,k`
+    /// says task i is closer to j than to k, e.g. smiling,mouth_slightly_open,young.
+    /// Repeat for more triples. Adds λ·max(0, ‖W_i − W_j‖² + β − ‖W_i − W_k‖²) on
+    /// the modulation (modulated and only-mask).
+    #[arg(long, value_name = "I,J,K")]
+    task_relation: Vec<String>,
+    /// β of --task-relation (the paper gives none).
+    #[arg(long, default_value_t = modkit_trainer::relations::DEFAULT_MARGIN)]
+    relation_margin: f64,
+    /// λ of --task-relation, its weight beside the triplet loss.
+    #[arg(long, default_value_t = modkit_trainer::relations::DEFAULT_WEIGHT)]
+    relation_weight: f64,
     /// Fixes the data, initialisation and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -210,6 +222,21 @@ impl TrainArgs {
             preprocess: defaults.preprocess,
             ucr_every: self.ucr_every.unwrap_or(0),
             init_from: self.init_from.clone(),
+            relations: self
+                .task_relation
+                .iter()
+                .map(|r| {
+                    let names: Vec<String> = r.split(',').map(|n| n.trim().to_string()).collect();
+                    <[String; 3]>::try_from(names).map_err(|n| {
+                        anyhow::anyhow!(
+                            "--task-relation {r:?} names {} task(s); write three, i,j,k: i is closer to j than to k",
+                            n.len()
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
+            relation_margin: self.relation_margin,
+            relation_weight: self.relation_weight,
         })
     }
 
@@ -313,6 +340,10 @@ impl TrainArgs {
                         None => format!(", UCR undefined ({} batches)", u.batches),
                     },
                     None => String::new(),
+                };
+                let ucr = match log.relation_loss {
+                    Some(r) => format!("{ucr}, eq. 8 hinge {r:.4}"),
+                    None => ucr,
                 };
                 eprintln!(
                     "epoch {}/{epochs}: loss {:.4}, train acc {:.1}%, test acc {:.2}%{ucr}, {:.0} s, {:.0} img/s",
