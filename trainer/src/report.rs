@@ -272,54 +272,49 @@ pub fn write_vector_table(out: &mut dyn Write, v: &VectorDistances) -> std::io::
         out,
         "|w_i − w_j| of the learned task vectors, mean (variance) over their elements:\n"
     )?;
-    write!(out, "| |")?;
-    for (i, _) in v.tasks.iter().enumerate() {
-        write!(out, " {} |", i + 1)?;
-    }
-    write!(out, "\n|---|")?;
-    for _ in &v.tasks {
-        write!(out, "---|")?;
-    }
-    writeln!(out)?;
-    for (i, task) in v.tasks.iter().enumerate() {
-        write!(out, "| {} {task} |", i + 1)?;
-        for j in 0..v.tasks.len() {
-            if i == j {
-                write!(out, " — |")?;
-            } else {
-                write!(out, " {:.3} ({:.3}) |", v.mean[i][j], v.variance[i][j])?;
-            }
-        }
-        writeln!(out)?;
-    }
-    Ok(())
+    write_task_matrix(out, &v.tasks, |i, j| {
+        (i != j).then(|| format!("{:.3} ({:.3})", v.mean[i][j], v.variance[i][j]))
+    })
 }
 
 /// A UCR table as Markdown: one row and column per task, in percent.
 pub fn write_ucr_table(out: &mut dyn Write, ucr: &UcrLog) -> std::io::Result<()> {
     writeln!(
         out,
-        "UCR (% of {} measured minibatches whose per-task gradients on the shared parameters agree in sign; mean {}):\n",
+        "UCR (% of the {} measured minibatches whose per-task gradients on the shared parameters agree in sign, of those where both tasks had a gradient, counted in brackets; mean {}):\n",
         ucr.batches,
         ucr.mean
             .map_or_else(|| "undefined".into(), |m| format!("{:.1}%", m * 100.0))
     )?;
+    write_task_matrix(out, &ucr.tasks, |i, j| {
+        let r = ucr.ratio.get(i)?.get(j).copied().flatten()?;
+        Some(match ucr.counted.get(i).and_then(|c| c.get(j)) {
+            Some(n) => format!("{:.0} ({n})", r * 100.0),
+            None => format!("{:.0}", r * 100.0),
+        })
+    })
+}
+
+/// A Markdown matrix over `tasks`: rows named and numbered, columns numbered,
+/// `cell(i, j)` in each cell (`—` for `None`).
+fn write_task_matrix(
+    out: &mut dyn Write,
+    tasks: &[String],
+    cell: impl Fn(usize, usize) -> Option<String>,
+) -> std::io::Result<()> {
     write!(out, "| |")?;
-    for (i, _) in ucr.tasks.iter().enumerate() {
-        write!(out, " {} |", i + 1)?;
+    for i in 1..=tasks.len() {
+        write!(out, " {i} |")?;
     }
     write!(out, "\n|---|")?;
-    for _ in &ucr.tasks {
+    for _ in tasks {
         write!(out, "---|")?;
     }
     writeln!(out)?;
-    for (i, (task, row)) in ucr.tasks.iter().zip(&ucr.ratio).enumerate() {
+    for (i, task) in tasks.iter().enumerate() {
         write!(out, "| {} {task} |", i + 1)?;
-        for r in row {
-            match r {
-                Some(r) => write!(out, " {:.0} |", r * 100.0)?,
-                None => write!(out, " — |")?,
-            }
+        for j in 0..tasks.len() {
+            write!(out, " {} |", cell(i, j).unwrap_or_else(|| "—".into()))?;
         }
         writeln!(out)?;
     }
@@ -658,6 +653,7 @@ mod tests {
             tasks: tasks.iter().map(|s| s.to_string()).collect(),
             batches: 10,
             mean: Some(0.5),
+            counted: vec![vec![8; tasks.len()]; tasks.len()],
             ratio,
         }
     }
@@ -757,8 +753,8 @@ mod tests {
         let mut out = Vec::new();
         write_ucr_table(&mut out, &u).expect("write");
         let s = String::from_utf8(out).expect("utf8");
-        assert!(s.contains("| 1 smiling | — | 62 |"), "{s}");
-        assert!(s.contains("| 2 young | 62 | — |"), "{s}");
+        assert!(s.contains("| 1 smiling | — | 62 (8) |"), "{s}");
+        assert!(s.contains("| 2 young | 62 (8) | — |"), "{s}");
         assert!(s.contains("10 measured minibatches"), "{s}");
     }
 

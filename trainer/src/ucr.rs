@@ -89,6 +89,11 @@ impl UcrCounter {
             batches: self.batches,
             mean: (!pairs.is_empty()).then(|| pairs.iter().sum::<f64>() / pairs.len() as f64),
             ratio,
+            counted: self
+                .counted
+                .chunks(self.tasks.max(1))
+                .map(|r| r.to_vec())
+                .collect(),
         }
     }
 }
@@ -105,6 +110,10 @@ pub struct UcrLog {
     /// `ratio[t][u]`, tasks in the run's order; symmetric, `null` on the diagonal
     /// and where no measured minibatch gave both tasks a gradient.
     pub ratio: Vec<Vec<Option<f64>>>,
+    /// `counted[t][u]`: the minibatches behind `ratio[t][u]`, those where both
+    /// tasks had a gradient (logs from before it was recorded read as empty).
+    #[serde(default)]
+    pub counted: Vec<Vec<usize>>,
 }
 
 /// `[T, P]`: row `t` is the gradient of task `t`'s part of the loss, `parts[t]`
@@ -167,6 +176,8 @@ mod tests {
         assert_eq!(log.mean, Some(0.5));
         assert_eq!(log.ratio[2][1], Some(1.0));
         assert_eq!(log.ratio[0][0], None);
+        assert_eq!(log.counted[0][1], 2);
+        assert_eq!(log.counted[0][2], 1);
         let json = serde_json::to_string(&log).expect("json");
         assert_eq!(
             serde_json::from_str::<UcrLog>(&json).expect("back"),

@@ -14,6 +14,18 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `modtrain ARGS` exits with 2 and a last line `modtrain: …` that contains `want`.
+fn fails_with(args: &[&str], want: &str) {
+    let o = modtrain(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("modtrain: ") && last.contains(want),
+        "{args:?}: {err}"
+    );
+}
+
 #[test]
 fn synth_train_eval_round_trip() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -109,14 +121,7 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
         (&["bench-step", "--spec", "huge"], "huge"),
     ];
     for (args, want) in cases {
-        let o = modtrain(args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("modtrain: ") && last.contains(want),
-            "{args:?}: {err}"
-        );
+        fails_with(args, want);
     }
     assert!(!Path::new(out).exists(), "a failed run left a checkpoint");
 }
@@ -422,16 +427,8 @@ fn ucr_is_measured_logged_and_reported() {
         (vec!["report"], "/nonexistent/run.metrics.jsonl"),
     ] {
         let mut args = args;
-        let bad = "/nonexistent/run.safetensors";
-        args.push(bad);
-        let o = modtrain(&args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("modtrain: ") && last.contains(want),
-            "{args:?}: {err}"
-        );
+        args.push("/nonexistent/run.safetensors");
+        fails_with(&args, want);
     }
 }
 
@@ -549,14 +546,7 @@ fn zappos_and_folder_data_train_and_evaluate() {
         ),
         (format!("folder:{}", zap.display()), "labels.csv"),
     ] {
-        let o = modtrain(&["train", "--data", &data, "-o", c]);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{data}: {err}");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("modtrain: ") && last.contains(want),
-            "{data}: {err}"
-        );
+        fails_with(&["train", "--data", &data, "-o", c], want);
     }
 }
 
@@ -640,13 +630,6 @@ fn only_mask_continues_a_branch_run_from_the_command_line() {
             "/nonexistent.safetensors",
         ),
     ] {
-        let o = modtrain(&args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        let last = err.lines().last().unwrap_or_default();
-        assert!(
-            last.starts_with("modtrain: ") && last.contains(want),
-            "{args:?}: {err}"
-        );
+        fails_with(&args, want);
     }
 }
