@@ -281,7 +281,7 @@ pub fn write_vector_table(out: &mut dyn Write, v: &VectorDistances) -> std::io::
 pub fn write_ucr_table(out: &mut dyn Write, ucr: &UcrLog) -> std::io::Result<()> {
     writeln!(
         out,
-        "UCR (% of the {} measured minibatches whose per-task gradients on the shared parameters agree in sign, of those where both tasks had a gradient, counted in brackets; mean {}):\n",
+        "UCR (% of the {} measured minibatches whose per-task gradients on the shared parameters agree in sign, of those where both tasks had a gradient, counted in brackets; over all pairs {}):\n",
         ucr.batches,
         ucr.mean
             .map_or_else(|| "undefined".into(), |m| format!("{:.1}%", m * 100.0))

@@ -74,20 +74,23 @@ impl UcrCounter {
         (t != u && self.counted[i] > 0).then(|| self.positive[i] as f64 / self.counted[i] as f64)
     }
 
-    /// The epoch's log entry: every pair's ratio and their mean; `tasks` names the
-    /// tasks in order.
+    /// The epoch's log entry: every pair's ratio, and over all pairs the fraction
+    /// of counted (minibatch, pair) cases that comply, so that a pair counted on a
+    /// few minibatches weighs little; `tasks` names the tasks in order.
     pub fn log(&self, tasks: &[String]) -> UcrLog {
         debug_assert_eq!(tasks.len(), self.tasks);
         let ratio: Vec<Vec<Option<f64>>> = (0..self.tasks)
             .map(|t| (0..self.tasks).map(|u| self.ratio(t, u)).collect())
             .collect();
-        let pairs: Vec<f64> = (0..self.tasks)
-            .flat_map(|t| (t + 1..self.tasks).filter_map(move |u| self.ratio(t, u)))
-            .collect();
+        let pairs =
+            (0..self.tasks).flat_map(|t| (t + 1..self.tasks).map(move |u| t * self.tasks + u));
+        let (positive, counted) = pairs.fold((0, 0), |(p, c), i| {
+            (p + self.positive[i], c + self.counted[i])
+        });
         UcrLog {
             tasks: tasks.to_vec(),
             batches: self.batches,
-            mean: (!pairs.is_empty()).then(|| pairs.iter().sum::<f64>() / pairs.len() as f64),
+            mean: (counted > 0).then(|| positive as f64 / counted as f64),
             ratio,
             counted: self
                 .counted
@@ -105,7 +108,7 @@ pub struct UcrLog {
     pub tasks: Vec<String>,
     /// Minibatches measured.
     pub batches: usize,
-    /// Mean over the task pairs that have a ratio.
+    /// Over all pairs: complying (minibatch, pair) cases ÷ counted ones.
     pub mean: Option<f64>,
     /// `ratio[t][u]`, tasks in the run's order; symmetric, `null` on the diagonal
     /// and where no measured minibatch gave both tasks a gradient.
@@ -174,6 +177,15 @@ mod tests {
         let log = c.log(&names);
         assert_eq!(log.batches, 2);
         assert_eq!(log.mean, Some(0.5));
+        // A third minibatch where only tasks 0 and 1 have a loss, and comply: the
+        // mean pools the cases (3 of 5), it does not average the ratios (5/9).
+        let mut c3 = c.clone();
+        c3.add(&[
+            vec![1.0, 0.3, 0.0],
+            vec![0.3, 1.0, 0.0],
+            vec![0.0, 0.0, 0.0],
+        ]);
+        assert_eq!(c3.log(&names).mean, Some(0.6));
         assert_eq!(log.ratio[2][1], Some(1.0));
         assert_eq!(log.ratio[0][0], None);
         assert_eq!(log.counted[0][1], 2);

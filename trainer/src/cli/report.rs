@@ -7,8 +7,9 @@ use modkit_trainer::report;
 pub use modkit_trainer::report::write_ucr_table;
 
 /// Tables and plots of training runs: loss and mean test accuracy per epoch,
-/// per-task accuracy side by side, and the Update Compliance Ratio between tasks
-/// (`modtrain train --ucr-every N`) as a table and a heatmap.
+/// per-task accuracy side by side, the Update Compliance Ratio between tasks
+/// (`modtrain train --ucr-every N`) as a table and a heatmap, and how far apart
+/// the tasks' learned vectors are (mean and variance of |w_i − w_j|).
 ///
 /// Prints the tables (Markdown) and writes report.md, loss.png, accuracy.png, and
 /// for runs that measured UCR ucr.png (mean per epoch) and ucr-NAME.png (the last
