@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::adagrad::Adagrad;
 use crate::data::{Dataset, Split};
 use crate::eval::{batch_images, triplet_accuracy};
-use crate::mining::{BatchLoss, Mining, batch_all_loss, pooled_loss, sampled_loss};
+use crate::mining::{Mining, batch_all_loss, pooled_loss, sampled_loss};
 use crate::net::{Network, init_varmap};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::relations::{self, relation_loss};
@@ -321,7 +321,6 @@ impl Trainer {
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
-        relations::resolve(&cfg.relations, &cfg.tasks)?;
         let test = triplets::sample(
             ds,
             Split::Test,
@@ -566,15 +565,20 @@ impl Trainer {
                         pooled_loss(&emb, &labels, t, idx.len(), 3 * k, cfg.margin)?
                     }
                 };
-                let BatchLoss { satisfied: ok, .. } = batch;
-                // Eq. 8 on the modulation, when asked for.
-                let (loss, relation) = match self.net.task_vectors()? {
-                    Some(w) if !self.relations.is_empty() => {
+                let ok = batch.satisfied;
+                // Eq. 8 on the modulation, when asked for (`validate` made sure
+                // there is modulation).
+                let vectors = match self.relations.is_empty() {
+                    true => None,
+                    false => self.net.task_vectors()?,
+                };
+                let (loss, relation) = match vectors {
+                    Some(w) => {
                         let r = relation_loss(&w, &self.relations, cfg.relation_margin)?;
                         let rv = r.to_scalar::<f32>()? as f64;
                         ((&batch.loss + (r * cfg.relation_weight)?)?, rv)
                     }
-                    _ => (batch.loss.clone(), 0.0),
+                    None => (batch.loss.clone(), 0.0),
                 };
                 let value = loss.to_scalar::<f32>()?;
                 // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
