@@ -7,10 +7,10 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use modkit_compiler::compile::{CompileOptions, FoldTasks, compile};
-use modkit_models::{Checkpoint, NetSpec, Variant};
+use modkit_models::{Checkpoint, Fit, NetSpec, Variant};
 use modkit_runtime::index::{self, GalleryIndex};
 use modkit_runtime::{Error, Model};
-use modkit_trainer::data::celeba;
+use modkit_trainer::data::{celeba, zappos};
 use modkit_trainer::eval::batch_images;
 use modkit_trainer::net::network_from_checkpoint;
 use modkit_trainer::train::{TrainConfig, Trainer};
@@ -340,4 +340,91 @@ fn pretrained_model_retrieves_by_smiling() {
         precision >= 0.8,
         "precision@5 {precision:.3}, chance {chance:.3}"
     );
+}
+
+/// `n` shoes in UT-Zappos50K's layout, 60×40 (wider than tall, as the original
+/// photos), each a coloured sole that reaches the left and right edges: cropped to
+/// a square, the sole's ends are cut off; padded, they are kept.
+fn zappos_tree(dir: &Path, n: usize) {
+    let images = dir.join("ut-zap50k-images/Shoes/Oxfords/Brand");
+    std::fs::create_dir_all(&images).expect("dirs");
+    std::fs::create_dir_all(dir.join("ut-zap50k-data")).expect("dirs");
+    let mut meta = String::from("CID,Category,HeelHeight,Gender\n");
+    for i in 0..n {
+        let colour = [[200u8, 30, 30], [30, 200, 30], [30, 30, 200]][i % 3];
+        let img = image::RgbImage::from_fn(60, 40, |x, y| {
+            let end = x < 6 || x >= 54;
+            if (y >= 24 - 4 * (i as u32 % 2) && y < 34) || (end && y > 10) {
+                image::Rgb(colour)
+            } else {
+                image::Rgb([255, 255, 255])
+            }
+        });
+        img.save(images.join(format!("{}.{}.jpg", 100 + i, i % 5)))
+            .expect("save");
+        meta.push_str(&format!(
+            "{}-{},{},{},{}\n",
+            100 + i,
+            i % 5,
+            ["Boots", "Shoes", "Sandals"][i % 3],
+            ["Flat", "High heel"][i % 2],
+            ["Men", "Women"][i / 3 % 2]
+        ));
+    }
+    std::fs::write(dir.join("ut-zap50k-data/meta-data.csv"), meta).expect("meta");
+}
+
+#[test]
+fn padded_training_data_is_padded_at_query_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    zappos_tree(dir.path(), 40);
+    let ds = zappos::load(dir.path(), 48, None).expect("zappos");
+    assert_eq!(ds.fit, Fit::Pad);
+    let cfg = TrainConfig {
+        spec: spec(),
+        variant: Variant::Modulated,
+        tasks: vec!["category".into(), "heel_height".into()],
+        epochs: 1,
+        triplets_per_task: 8,
+        batch_per_task: 4,
+        test_triplets_per_task: 4,
+        ..TrainConfig::default()
+    };
+    let ckpt = dir.path().join("shoes.safetensors");
+    Trainer::new(cfg, &ds, Device::Cpu)
+        .expect("trainer")
+        .run(&ds, &ckpt)
+        .expect("train");
+    let c = Checkpoint::load(&ckpt).expect("ckpt");
+    assert_eq!(c.header.preprocess.fit, Fit::Pad);
+    let package = dir.path().join("shoes.modpack");
+    compile(&c, &CompileOptions::default())
+        .expect("compile")
+        .save(&package)
+        .expect("save");
+    let model = Model::load(&package).expect("model");
+    assert_eq!(model.preprocess().fit, Fit::Pad);
+
+    // The runtime's input for each shoe file is the trainer's, to the bit.
+    let root = dir.path().join(zappos::IMAGE_DIRS[1]);
+    let rows: Vec<usize> = (0..4).collect();
+    let x = batch_images(&ds, &rows, &c.header.preprocess, &Device::Cpu).expect("batch");
+    let cropping = modkit_models::Preprocess {
+        fit: Fit::Crop,
+        ..c.header.preprocess
+    };
+    for &i in &rows {
+        let path = root.join(&ds.files[i]);
+        let want: Vec<f32> = x
+            .narrow(0, i, 1)
+            .and_then(|r| r.flatten_all())
+            .and_then(|r| r.to_vec1())
+            .expect("row");
+        let got = model.load_image(&path).expect("shoe");
+        assert_eq!(got.as_slice(), want.as_slice(), "{path:?}");
+        // Cropped, the same file gives other input: the check can fail.
+        let img = modkit_runtime::input::open(&path).expect("open");
+        let cropped = modkit_runtime::input::prepare(&img, 48, &cropping).expect("crop");
+        assert_ne!(cropped.as_slice(), want.as_slice());
+    }
 }

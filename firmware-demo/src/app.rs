@@ -219,6 +219,7 @@ impl Demo {
             k: self.k,
             gallery: self.index.ids.len(),
             timings: show_timings.then_some(timings),
+            fit: self.model.preprocess().fit,
         };
         Ok((frame, ranked))
     }

@@ -26,6 +26,7 @@ use embedded_graphics::prelude::{DrawTarget, Point, Primitive, Size};
 use embedded_graphics::primitives::{PrimitiveStyle, Rectangle};
 use embedded_graphics::text::{Alignment, Baseline, Text, TextStyleBuilder};
 use image::RgbImage;
+use modkit_models::Fit;
 use modkit_runtime::sheet::fit;
 
 const BACKGROUND: Rgb888 = Rgb888::new(16, 18, 24);
@@ -75,6 +76,8 @@ pub struct Frame {
     pub gallery: usize,
     /// `None` draws "-- ms" (reproducible frames for golden-image checks).
     pub timings: Option<Timings>,
+    /// How the thumbnails are squared: the model's own fit.
+    pub fit: Fit,
 }
 
 /// Geometry of a layout for a target size.
@@ -150,12 +153,16 @@ fn thumbnail<D: DrawTarget<Color = Rgb888>>(
     img: Option<&RgbImage>,
     at: Point,
     side: u32,
+    squaring: Fit,
 ) -> Result<(), D::Error> {
     let area = Rectangle::new(at, Size::new(side, side));
     match img {
         Some(img) => {
-            let img =
-                modkit_runtime::input::square(&image::DynamicImage::ImageRgb8(img.clone()), side);
+            let img = modkit_runtime::input::square(
+                &image::DynamicImage::ImageRgb8(img.clone()),
+                side,
+                squaring,
+            );
             d.fill_contiguous(&area, img.pixels().map(|p| Rgb888::new(p[0], p[1], p[2])))
         }
         None => {
@@ -215,7 +222,7 @@ pub fn draw<D: DrawTarget<Color = Rgb888>>(d: &mut D, frame: &Frame) -> Result<L
 
     // The query, framed, and its value.
     let q = Point::new(PAD as i32, (HEADER_H + PAD) as i32);
-    thumbnail(d, frame.query.as_ref(), q, l.query)?;
+    thumbnail(d, frame.query.as_ref(), q, l.query, frame.fit)?;
     Rectangle::new(q - Point::new(2, 2), Size::new(l.query + 4, l.query + 4))
         .into_styled(PrimitiveStyle::with_stroke(QUERY, 2))
         .draw(d)?;
@@ -243,7 +250,7 @@ pub fn draw<D: DrawTarget<Color = Rgb888>>(d: &mut D, frame: &Frame) -> Result<L
     // Results with rank and distance, coloured by whether the value matches.
     for (i, tile) in frame.results.iter().take(shown).enumerate() {
         let at = l.tile(i);
-        thumbnail(d, tile.image.as_ref(), at, l.thumb)?;
+        thumbnail(d, tile.image.as_ref(), at, l.thumb, frame.fit)?;
         let colour = match (tile.label, frame.query_label) {
             (Some(a), Some(b)) if a == b => MATCH,
             (Some(_), Some(_)) => MISMATCH,
@@ -319,6 +326,7 @@ mod tests {
             k,
             gallery: results,
             timings: None,
+            fit: Fit::Crop,
         }
     }
 

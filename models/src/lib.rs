@@ -39,6 +39,6 @@ pub use checkpoint::{Checkpoint, CheckpointHeader, TensorData};
 pub use error::{Error, Result};
 pub use package::{Package, Precision, Tails};
 pub use params::ParamCount;
-pub use preprocess::Preprocess;
+pub use preprocess::{Fit, Preprocess};
 pub use spec::{BATCH_NORM_EPS, Modulation, NetSpec, StageShape};
 pub use variant::Variant;

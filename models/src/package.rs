@@ -26,7 +26,7 @@ use crate::{Error, NetSpec, Preprocess, Result, Variant, write_atomic};
 /// The `.modpack` file kind.
 pub const KIND: Kind = Kind {
     magic: *b"MODPACK\0",
-    version: 1,
+    version: 2,
     what: "modkit package",
     hint: "compile one with `modc compile CKPT -o model.modpack`",
 };
@@ -99,11 +99,18 @@ impl Package {
 
     /// Parses framed bytes; `path` only names the file in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<(Self, u64)> {
-        let (payload, _, fingerprint) = container::unframe(&KIND, bytes, path)?;
-        let pkg: Package = postcard::from_bytes(payload).map_err(|source| Error::Decode {
+        let (payload, version, fingerprint) = container::unframe(&KIND, bytes, path)?;
+        let decode = |source| Error::Decode {
             path: path.into(),
             source,
-        })?;
+        };
+        let pkg: Package = if version < 2 {
+            postcard::from_bytes::<v1::Package>(payload)
+                .map_err(decode)?
+                .into()
+        } else {
+            postcard::from_bytes(payload).map_err(decode)?
+        };
         pkg.spec.validate()?;
         for task in &pkg.tasks {
             if pkg.tails.switch.is_none() && pkg.tails.folded(task).is_none() {
@@ -118,6 +125,50 @@ impl Package {
     /// The index of `task` (case-insensitive), or an error listing the tasks.
     pub fn task_index(&self, task: &str) -> Result<usize> {
         Ok(crate::tasks::select(&[task.to_string()], &self.tasks)?[0])
+    }
+}
+
+/// Version 1 (before [`Preprocess::fit`]), still read: its packages all cropped.
+mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    use crate::{NetSpec, Variant};
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Preprocess {
+        pub mean: [f32; 3],
+        pub std: [f32; 3],
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Package {
+        pub spec: NetSpec,
+        pub variant: Variant,
+        pub tasks: Vec<String>,
+        pub preprocess: Preprocess,
+        pub precision: super::Precision,
+        pub trunk: Vec<u8>,
+        pub tails: super::Tails,
+        pub task_vectors: Vec<Vec<Vec<f32>>>,
+    }
+
+    impl From<Package> for super::Package {
+        fn from(p: Package) -> Self {
+            super::Package {
+                spec: p.spec,
+                variant: p.variant,
+                tasks: p.tasks,
+                preprocess: crate::Preprocess {
+                    mean: p.preprocess.mean,
+                    std: p.preprocess.std,
+                    fit: crate::Fit::Crop,
+                },
+                precision: p.precision,
+                trunk: p.trunk,
+                tails: p.tails,
+                task_vectors: p.task_vectors,
+            }
+        }
     }
 }
 
@@ -154,6 +205,36 @@ mod tests {
         other.task_vectors[0][0][0] = 0.9;
         let (_, fp3) = Package::from_bytes(&other.to_bytes().expect("b"), &path).expect("other");
         assert_ne!(fp, fp3);
+    }
+
+    #[test]
+    fn reads_version_1_as_cropping() {
+        let p = sample();
+        let old = v1::Package {
+            spec: p.spec.clone(),
+            variant: p.variant,
+            tasks: p.tasks.clone(),
+            preprocess: v1::Preprocess {
+                mean: [0.1, 0.2, 0.3],
+                std: p.preprocess.std,
+            },
+            precision: p.precision,
+            trunk: p.trunk.clone(),
+            tails: p.tails.clone(),
+            task_vectors: p.task_vectors.clone(),
+        };
+        let kind = Kind { version: 1, ..KIND };
+        let bytes = container::frame(&kind, &postcard::to_stdvec(&old).expect("v1"));
+        let (pkg, _) = Package::from_bytes(&bytes, Path::new("old.modpack")).expect("v1 reads");
+        assert_eq!(pkg.preprocess.mean, [0.1, 0.2, 0.3]);
+        assert_eq!(pkg.preprocess.fit, crate::Fit::Crop);
+        assert_eq!((pkg.tasks, pkg.tails), (p.tasks, p.tails));
+        // A version-2 payload is longer by the fit, and round-trips a padding one.
+        let mut pad = sample();
+        pad.preprocess.fit = crate::Fit::Pad;
+        let (back, _) =
+            Package::from_bytes(&pad.to_bytes().expect("b"), Path::new("p")).expect("v2");
+        assert_eq!(back.preprocess.fit, crate::Fit::Pad);
     }
 
     #[test]

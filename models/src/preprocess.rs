@@ -3,12 +3,29 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How a non-square image becomes square before it is resized to the spec's
+/// input side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// Centre-crop to the shorter side (faces: CelebA, the built-in set, folders).
+    #[default]
+    Crop,
+    /// Centre on a white square of the longer side (product photos on white:
+    /// UT-Zappos50K), so that no part of the object is cut off.
+    Pad,
+}
+
 /// `input[c] = (pixel[c] / 255 − mean[c]) / std[c]` on an RGB image that was
-/// centre-cropped to a square and resized to the spec's input size.
+/// squared by `fit` and resized to the spec's input size.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// How the training data squared its images; checkpoints written before it
+    /// existed cropped ([`Fit::Crop`]).
+    #[serde(default)]
+    pub fit: Fit,
 }
 
 impl Default for Preprocess {
@@ -16,6 +33,7 @@ impl Default for Preprocess {
         Preprocess {
             mean: [0.5; 3],
             std: [0.25; 3],
+            fit: Fit::Crop,
         }
     }
 }

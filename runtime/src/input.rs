@@ -1,13 +1,14 @@
 //! Images → network input, exactly as the trainer feeds them: decode (JPEG or PNG,
-//! grey, RGB or RGBA, any size), centre-crop to a square, resize to the spec's
-//! input side (triangle filter), then normalise per channel with the package's
-//! [`Preprocess`] into a planar `[1, 3, S, S]` tensor.
+//! grey, RGB or RGBA, any size), square by the package's [`Fit`] (centre-crop, or
+//! centre on white), resize to the spec's input side (triangle filter), then
+//! normalise per channel with the package's [`Preprocess`] into a planar
+//! `[1, 3, S, S]` tensor.
 
 use std::path::Path;
 
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
-use modkit_models::Preprocess;
+use modkit_models::{Fit, Preprocess};
 use tract_onnx::prelude::Tensor;
 
 use crate::{Error, Result};
@@ -35,22 +36,38 @@ pub fn open(path: &Path) -> Result<DynamicImage> {
     })
 }
 
-/// Centre-crops `img` to a square and resizes it to `side` pixels, as RGB.
-pub fn square(img: &DynamicImage, side: u32) -> RgbImage {
+/// Squares `img` by `fit` and resizes it to `side` pixels, as RGB: the same
+/// pixels as the trainer's loader (`modkit_trainer::data::load_image_fit`).
+pub fn square(img: &DynamicImage, side: u32, fit: Fit) -> RgbImage {
     let (w, h) = (img.width(), img.height());
-    let s = w.min(h).max(1);
-    let cropped = img.crop_imm((w - s.min(w)) / 2, (h - s.min(h)) / 2, s, s);
-    let resized = if s == side {
-        cropped
+    let squared = match fit {
+        Fit::Pad if w != h => {
+            let s = w.max(h);
+            let mut sq = RgbImage::from_pixel(s, s, image::Rgb([255, 255, 255]));
+            image::imageops::overlay(
+                &mut sq,
+                &img.to_rgb8(),
+                ((s - w) / 2).into(),
+                ((s - h) / 2).into(),
+            );
+            DynamicImage::ImageRgb8(sq)
+        }
+        _ => {
+            let s = w.min(h).max(1);
+            img.crop_imm((w - s.min(w)) / 2, (h - s.min(h)) / 2, s, s)
+        }
+    };
+    let resized = if squared.width() == side {
+        squared
     } else {
-        cropped.resize_exact(side, side, FilterType::Triangle)
+        squared.resize_exact(side, side, FilterType::Triangle)
     };
     resized.to_rgb8()
 }
 
 /// `img` as network input of `side` pixels.
 pub fn prepare(img: &DynamicImage, side: usize, pre: &Preprocess) -> Result<Input> {
-    let rgb = square(img, side as u32);
+    let rgb = square(img, side as u32, pre.fit);
     let plane = side * side;
     let mut data = vec![0f32; 3 * plane];
     for (p, px) in rgb.pixels().enumerate() {
@@ -94,8 +111,27 @@ mod tests {
         // A 3-wide image whose middle column is white: the crop keeps only it.
         let mut img = RgbImage::new(3, 1);
         img.put_pixel(1, 0, image::Rgb([255, 255, 255]));
-        let sq = square(&DynamicImage::ImageRgb8(img), 1);
+        let sq = square(&DynamicImage::ImageRgb8(img), 1, Fit::Crop);
         assert_eq!(sq.get_pixel(0, 0).0, [255, 255, 255]);
+    }
+
+    #[test]
+    fn pads_onto_a_white_square() {
+        // A black 4×2 image: padded, it sits in the middle rows of a white 4×4.
+        let img = DynamicImage::ImageRgb8(RgbImage::new(4, 2));
+        let sq = square(&img, 4, Fit::Pad);
+        let rows: Vec<[u8; 3]> = (0..4).map(|y| sq.get_pixel(0, y).0).collect();
+        assert_eq!(rows, [[255; 3], [0; 3], [0; 3], [255; 3]]);
+        let pre = Preprocess {
+            fit: Fit::Pad,
+            ..Preprocess::default()
+        };
+        let x = prepare(&img, 4, &pre).expect("pad");
+        assert_eq!(x.as_slice()[0], pre.apply(0, 255));
+        assert_eq!(x.as_slice()[4], pre.apply(0, 0));
+        // Cropped, the same image is all black.
+        let x = prepare(&img, 4, &Preprocess::default()).expect("crop");
+        assert_eq!(x.as_slice()[0], pre.apply(0, 0));
     }
 
     #[test]

@@ -286,7 +286,8 @@ impl QueryArgs {
                 title: "query".to_string(),
                 label: query_label,
             };
-            write_png(sheet, &contact_sheet(&task_name, &q, &tiles))?;
+            let fit = model.preprocess().fit;
+            write_png(sheet, &contact_sheet(&task_name, fit, &q, &tiles))?;
         }
         if self.json {
             let json = serde_json::json!({

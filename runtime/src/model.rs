@@ -178,6 +178,11 @@ impl Model {
         &self.spec
     }
 
+    /// How images are squared and normalised for this model.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
     pub fn variant(&self) -> &Variant {
         &self.variant
     }

@@ -10,6 +10,7 @@ use embedded_graphics::prelude::{Point, Primitive, Size};
 use embedded_graphics::primitives::{PrimitiveStyle, Rectangle};
 use embedded_graphics::text::{Baseline, Text};
 use image::{DynamicImage, RgbImage};
+use modkit_models::Fit;
 
 use crate::canvas::RgbCanvas;
 use crate::input::square;
@@ -50,8 +51,9 @@ pub fn fit(s: &str, max: usize) -> String {
     format!("{head}~{tail}")
 }
 
-/// Draws the sheet: a header naming the task, the query tile, then `results`.
-pub fn contact_sheet(task: &str, query: &Tile, results: &[Tile]) -> RgbImage {
+/// Draws the sheet: a header naming the task, the query tile, then `results`,
+/// each image squared as the model saw it.
+pub fn contact_sheet(task: &str, squaring: Fit, query: &Tile, results: &[Tile]) -> RgbImage {
     let n = 1 + results.len() as u32;
     let width = PAD + n * (THUMB + PAD) + PAD;
     let height = HEADER + THUMB + CAPTION + PAD;
@@ -66,16 +68,16 @@ pub fn contact_sheet(task: &str, query: &Tile, results: &[Tile]) -> RgbImage {
     )
     .draw(&mut canvas);
     let q = query.label;
-    draw_tile(&mut canvas, 0, query, task, q, true);
+    draw_tile(&mut canvas, (0, squaring), query, task, q, true);
     for (i, tile) in results.iter().enumerate() {
-        draw_tile(&mut canvas, i as u32 + 1, tile, task, q, false);
+        draw_tile(&mut canvas, (i as u32 + 1, squaring), tile, task, q, false);
     }
     canvas.image
 }
 
 fn draw_tile(
     c: &mut RgbCanvas,
-    col: u32,
+    (col, squaring): (u32, Fit),
     tile: &Tile,
     task: &str,
     query: Option<bool>,
@@ -84,7 +86,7 @@ fn draw_tile(
     let x = PAD + col * (THUMB + PAD) + if is_query { 0 } else { PAD };
     let y = HEADER;
     match &tile.image {
-        Some(img) => c.blit(&square(img, THUMB), x.into(), y.into()),
+        Some(img) => c.blit(&square(img, THUMB, squaring), x.into(), y.into()),
         None => {
             let _ = Rectangle::new(Point::new(x as i32, y as i32), Size::new(THUMB, THUMB))
                 .into_styled(PrimitiveStyle::with_fill(Rgb888::new(70, 70, 70)))
@@ -157,6 +159,7 @@ mod tests {
     fn lays_out_query_and_results_with_match_colours() {
         let sheet = contact_sheet(
             "a_very_long_attribute_name_that_does_not_fit_anywhere",
+            Fit::Crop,
             &tile(Some(true), true),
             &[
                 tile(Some(true), true),

@@ -146,6 +146,7 @@ mod tests {
         let pre = Preprocess {
             mean: [0.1, 0.5, 0.9],
             std: [0.2, 0.3, 0.4],
+            ..Preprocess::default()
         };
         let idx = [3, 0, 3, 4];
         let x = batch_images(&ds, &idx, &pre, &Device::Cpu).expect("batch");

@@ -321,6 +321,8 @@ impl Trainer {
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
+        // The data decides how images are squared; the runtime reads it back.
+        cfg.preprocess.fit = ds.fit;
         let test = triplets::sample(
             ds,
             Split::Test,

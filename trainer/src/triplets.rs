@@ -222,6 +222,7 @@ mod tests {
             classes: vec![vec!["flat".into(), "low".into(), "high".into()]],
             splits: vec![Split::Train; n],
             image_size: 1,
+            fit: crate::data::Fit::Crop,
             pixels: vec![0; n * 3],
         };
         let ts = sample(&ds, Split::Train, &[0], 600, 3, 0).expect("sample");

@@ -98,6 +98,7 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
         classes: vec![Vec::new(); table.attributes.len()],
         splits,
         image_size: size,
+        fit: super::Fit::Crop,
         pixels: images.concat(),
     })
 }

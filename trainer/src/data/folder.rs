@@ -141,6 +141,7 @@ pub(crate) fn assemble(
         labels,
         classes,
         image_size: size,
+        fit,
         pixels: images.concat(),
     })
 }

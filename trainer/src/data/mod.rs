@@ -69,6 +69,9 @@ pub struct Dataset {
     pub classes: Vec<Vec<String>>,
     pub splits: Vec<Split>,
     pub image_size: usize,
+    /// How the images were squared; training records it in the checkpoint's
+    /// [`modkit_models::Preprocess`], so that the runtime squares queries alike.
+    pub fit: Fit,
     pub pixels: Vec<u8>,
 }
 
@@ -125,6 +128,7 @@ impl Dataset {
             classes: vec![Vec::new(); synth::ATTRIBUTES.len()],
             splits: (0..n).map(|i| split_of(i, n)).collect(),
             image_size: size,
+            fit: Fit::Crop,
             pixels: Vec::with_capacity(n * size * size * 3),
         };
         for f in faces {
@@ -188,14 +192,7 @@ pub(crate) fn encode_column(
     Ok((labels, if binary.is_some() { Vec::new() } else { names }))
 }
 
-/// How a non-square image becomes square.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fit {
-    /// Centre-crop to the shorter side (faces).
-    Crop,
-    /// Pad the shorter side with white (product photos on white).
-    Pad,
-}
+pub use modkit_models::Fit;
 
 /// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes.
 pub fn load_image_fit(path: &std::path::Path, size: usize, fit: Fit) -> Result<Vec<u8>> {
