@@ -89,6 +89,9 @@ fn head(g: &mut GraphBuilder, e: &str, h: &Head, embedding: usize) -> String {
     g.op("Gemm", &[e, &w, &b], "branch", &[("transB", Attr::Int(1))])
 }
 
+/// The initializer of the L2 norm's epsilon: a constant, not a parameter.
+pub const L2_EPS: &str = "l2.eps";
+
 fn l2_normalize(g: &mut GraphBuilder, e: &str) {
     let ss = g.op(
         "ReduceSumSquare",
@@ -96,7 +99,7 @@ fn l2_normalize(g: &mut GraphBuilder, e: &str) {
         "sumsq",
         &[("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(1))],
     );
-    let eps = g.weights("l2.eps", &[1], &[1e-12]);
+    let eps = g.constant(L2_EPS, &[1], &[1e-12]);
     let ss = g.op("Add", &[&ss, &eps], "sumsq_eps", &[]);
     let n = g.op("Sqrt", &[&ss], "norm", &[]);
     g.node("Div", &[e, &n], EMBEDDING, &[]);

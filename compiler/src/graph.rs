@@ -136,6 +136,19 @@ impl GraphBuilder {
         }
     }
 
+    /// Adds an f32 constant that is not a weight: stored as f32 at every precision
+    /// (f16 would round the L2 norm's 1e-12 to 0) and not counted as parameters.
+    pub fn constant(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        self.graph.initializer.push(TensorProto {
+            name: name.into(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: DataType::Float as i32,
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
     /// Adds an int64 constant (shapes, axes); not counted as parameters.
     pub fn ints(&mut self, hint: &str, values: &[i64]) -> String {
         let name = self.fresh(hint);

@@ -47,7 +47,7 @@ pub fn graph_params(onnx: &[u8]) -> usize {
                 .filter(|t| {
                     t.data_type == DataType::Float as i32 || t.data_type == DataType::Float16 as i32
                 })
-                .filter(|t| t.name != "l2.eps")
+                .filter(|t| t.name != crate::emit::L2_EPS)
                 .map(|t| t.dims.iter().product::<i64>() as usize)
                 .sum()
         })

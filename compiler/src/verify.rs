@@ -69,8 +69,29 @@ pub fn tract_embed(pkg: &Package, images: &Array, task: usize) -> Result<(Array,
     Ok(((vec![n, dim], out), "switch"))
 }
 
+/// The largest `|a − b|`, NaN when either side holds a NaN (`f32::max` would
+/// drop it and let a broken graph pass).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}
+
 /// Compares every task of `pkg` with `ckpt` on `n` images.
 pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskCheck>> {
+    if n == 0 {
+        return Err(Error::Graph {
+            graph: "verify".into(),
+            msg: "no images to compare on: pass --images 1 or more".into(),
+        });
+    }
     if ckpt.header.spec != pkg.spec || ckpt.header.variant != pkg.variant {
         return Err(Error::Graph {
             graph: "package".into(),
@@ -91,17 +112,29 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
             .tasks
             .iter()
             .position(|x| x == name)
-            .unwrap_or(0);
+            .ok_or_else(|| Error::Graph {
+                graph: "package".into(),
+                msg: format!(
+                    "task {name:?} is not among the checkpoint's ({}): verify against the checkpoint it was compiled from",
+                    ckpt.header.tasks.join(", ")
+                ),
+            })?;
         let reference = net
             .forward_grouped(&x, &[(ct, n)], false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let ((_, got), route) = tract_embed(pkg, &images, t)?;
-        let max_abs_error = reference
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        if got.len() != reference.len() {
+            return Err(Error::Graph {
+                graph: route.into(),
+                msg: format!(
+                    "task {name:?} gave {} values for {n} images where the checkpoint gives {}: compile the package again",
+                    got.len(),
+                    reference.len()
+                ),
+            });
+        }
+        let max_abs_error = max_abs_diff(&reference, &got);
         out.push(TaskCheck {
             task: name.clone(),
             route,

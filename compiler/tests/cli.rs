@@ -38,6 +38,28 @@ fn compile_inspect_verify_export() {
         "{out}"
     );
 
+    // An f16 package passes with the default tolerance for its precision; no images
+    // or a negative tolerance is an error, not a pass.
+    let half = dir.path().join("half.modpack");
+    let h = half.to_str().expect("utf8");
+    let o = modc(&["compile", c, "-o", h, "--precision", "f16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = modc(&["verify", h, "--against", c]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("within 2.0e-2"), "{out}");
+    for (arg, want) in [
+        ("--images=0", "--images 1"),
+        ("--tolerance=-1", "non-negative"),
+    ] {
+        let o = modc(&["verify", p, "--against", c, arg]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(want) && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+
     // `modc verify … | head -0`: the reader is gone before the table; not a panic.
     let mut child = Command::new(env!("CARGO_BIN_EXE_modc"))
         .args(["verify", p, "--against", c])

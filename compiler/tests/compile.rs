@@ -2,9 +2,11 @@
 //! accounting, f16, and the errors.
 
 use modkit_compiler::compile::{CompileOptions, FoldTasks, compile, task_network};
-use modkit_compiler::verify::{sample_images, tract_embed, verify};
+use modkit_compiler::verify::{max_abs_diff, sample_images, tract_embed, verify};
 use modkit_compiler::{emit, fold_batch_norm, inspect, tract_run};
 use modkit_models::{NetSpec, Package, Precision, Variant};
+use prost::Message;
+use tract_onnx::pb::{ModelProto, tensor_proto::DataType};
 
 mod common;
 use common::{checkpoint, small};
@@ -134,6 +136,44 @@ fn half_precision_halves_the_weights_and_stays_close() {
     for c in verify(&f16p, &ckpt, 2).expect("verify") {
         assert!(c.max_abs_error < 2e-2, "{}: {}", c.task, c.max_abs_error);
     }
+    // The L2 norm's epsilon stays an f32 1e-12 (as f16 it would round to 0, and a
+    // zero embedding would become 0/0), and is not counted as a parameter.
+    let tail = f16p.tails.switch.as_ref().expect("switch tail");
+    let graph = ModelProto::decode(tail.as_slice())
+        .expect("onnx")
+        .graph
+        .expect("graph");
+    let eps = graph
+        .initializer
+        .iter()
+        .find(|t| t.name == emit::L2_EPS)
+        .expect("l2.eps");
+    assert_eq!(eps.data_type, DataType::Float as i32);
+    assert_eq!(eps.raw_data, 1e-12f32.to_le_bytes());
+    let f32_tail = inspect::inspect(&f32p, 0).switch_tail.expect("f32").params;
+    assert_eq!(
+        inspect::inspect(&f16p, 0).switch_tail.expect("f16").params,
+        f32_tail
+    );
+}
+
+#[test]
+fn verify_refuses_what_it_cannot_compare_and_propagates_nan() {
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let pkg = compile(&ckpt, &CompileOptions::default()).expect("compile");
+    let err = verify(&pkg, &ckpt, 0).unwrap_err().to_string();
+    assert!(err.contains("--images 1"), "{err}");
+    // A package task the checkpoint lacks is an error, not compared with task 0.
+    let mut renamed = pkg.clone();
+    renamed.tasks[1] = "bald".into();
+    let err = verify(&renamed, &ckpt, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("\"bald\"") && err.contains("smiling, young, bangs"),
+        "{err}"
+    );
+    assert!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]) == 0.5);
+    assert!(max_abs_diff(&[1.0, f32::NAN, 2.0], &[1.0, 0.0, 9.0]).is_nan());
+    assert!(max_abs_diff(&[f32::NAN], &[f32::NAN]).is_nan());
 }
 
 #[test]
