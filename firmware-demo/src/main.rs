@@ -1,6 +1,6 @@
 //! `firmware-demo`: attribute retrieval on a small screen. See `--help`.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
@@ -146,10 +146,13 @@ enum Event {
     Quit,
 }
 
-/// Keys from stdin and presses of a GPIO button, on one channel.
+/// Keys from stdin and presses of a GPIO button, on one channel. The end of stdin
+/// quits, unless a button is polled: then the demo runs on without a keyboard
+/// (under systemd, stdin is /dev/null).
 fn events(gpio: Option<PathBuf>) -> mpsc::Receiver<Event> {
     let (tx, rx) = mpsc::channel();
     let keys = tx.clone();
+    let quit_at_eof = gpio.is_none();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { break };
@@ -165,7 +168,9 @@ fn events(gpio: Option<PathBuf>) -> mpsc::Receiver<Event> {
                 return;
             }
         }
-        let _ = keys.send(Event::Quit);
+        if quit_at_eof {
+            let _ = keys.send(Event::Quit);
+        }
     });
     if let Some(path) = gpio {
         std::thread::spawn(move || {
@@ -186,16 +191,36 @@ fn events(gpio: Option<PathBuf>) -> mpsc::Receiver<Event> {
     rx
 }
 
-fn print_results(query: &str, task: &str, ranked: &[Ranked]) {
-    println!("{query} {task}:");
-    for r in ranked {
-        println!("  {:>2}  {:.5}  {}", r.rank, r.distance, r.id);
+/// Reads the button's value file once, so that a wrong path is an error at start,
+/// not a button that silently never fires.
+fn check_gpio(path: &Path) -> Result<()> {
+    let value = std::fs::read_to_string(path).with_context(|| {
+        format!("--gpio {path:?}: cannot read it; export the pin as an input first (echo 17 > /sys/class/gpio/export; echo in > /sys/class/gpio/gpio17/direction)")
+    })?;
+    if !matches!(value.trim(), "0" | "1") {
+        bail!(
+            "--gpio {path:?} reads {:?}, not 0 or 1: give the pin's value file",
+            value.trim()
+        );
     }
+    Ok(())
+}
+
+fn print_results(query: &str, task: &str, ranked: &[Ranked]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{query} {task}:")?;
+    for r in ranked {
+        writeln!(out, "  {:>2}  {:.5}  {}", r.rank, r.distance, r.id)?;
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     if cli.k == 0 {
         bail!("-k 0: ask for at least one result");
+    }
+    if let Some(path) = &cli.gpio {
+        check_gpio(path)?;
     }
     let mut display = Display::open(&cli.display, &cli.size)?;
     let model = Model::load_with(
@@ -227,13 +252,17 @@ fn run(cli: Cli) -> Result<()> {
                     first = false;
                 }
                 if !cli.json {
-                    print_results(&query.name, &demo.tasks[t], &ranked);
+                    print_results(&query.name, &demo.tasks[t], &ranked)?;
                 }
                 all.push(serde_json::json!({"query": query.name, "task": demo.tasks[t], "results": ranked}));
             }
         }
         if cli.json {
-            println!("{}", serde_json::to_string_pretty(&all)?);
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&all)?
+            )?;
         }
         return Ok(());
     }
@@ -246,7 +275,8 @@ fn run(cli: Cli) -> Result<()> {
         loop {
             let (frame, ranked) = demo.frame(&query, (q % n + 1, n), t, show_timings)?;
             display.show(&frame, &query.name)?;
-            print_results(&query.name, &demo.tasks[t], &ranked);
+            // The screen is the product: a closed stdout does not stop it.
+            let _ = print_results(&query.name, &demo.tasks[t], &ranked);
             let tasks = demo.tasks.len();
             match rx.recv().unwrap_or(Event::Quit) {
                 Event::NextTask => t = (t + 1) % tasks,
@@ -269,6 +299,13 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            // `firmware-demo --once | head`: the reader left; not a failure.
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("firmware-demo: {err:#}");
             ExitCode::from(2)
         }

@@ -106,8 +106,8 @@ impl Layout {
         let gap = PAD / 2;
         let rows = if body >= 2 * (48 + CAPTION_H) { 2 } else { 1 };
         let by_height = (body / rows).saturating_sub(CAPTION_H + 2);
-        let want_cols = (k.max(1) as u32).div_ceil(rows);
-        let by_width = (area_w + gap) / want_cols - gap;
+        let want_cols = u32::try_from(k.max(1)).unwrap_or(u32::MAX).div_ceil(rows);
+        let by_width = ((area_w + gap) / want_cols).saturating_sub(gap);
         let thumb = by_height.min(by_width).max(32);
         let cols = ((area_w + gap) / (thumb + gap)).max(1);
         Layout {

@@ -3,7 +3,8 @@
 //! one-line errors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use modkit_runtime::{Model, index};
 
@@ -123,7 +124,18 @@ fn bad_arguments_are_one_line_errors() {
     let q = queries.to_str().expect("p");
     let none = tmp.path().join("none");
     let none = none.to_str().expect("p");
-    let cases: [(&[&str], &str); 5] = [
+    let text = tmp.path().join("text");
+    std::fs::write(&text, "hello\n").expect("text");
+    let text = text.to_str().expect("p");
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["-m", m, "-i", i, "--queries", q, "--gpio", none],
+            "/sys/class/gpio/export",
+        ),
+        (
+            &["-m", m, "-i", i, "--queries", q, "--gpio", text],
+            "not 0 or 1",
+        ),
         (
             &[
                 "-m",
@@ -176,4 +188,80 @@ fn bad_arguments_are_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_button_keeps_the_demo_running_without_stdin_and_pipes_may_close() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (_, queries, idx) = setup(tmp.path());
+    let model = pretrained();
+    let gpio = tmp.path().join("value");
+    std::fs::write(&gpio, "1\n").expect("gpio");
+    let frames = tmp.path().join("frame-{}.png");
+    let display = format!("png:{}", frames.display());
+    let mut args = vec![
+        "-m",
+        model.to_str().expect("p"),
+        "-i",
+        idx.to_str().expect("p"),
+        "--queries",
+        queries.to_str().expect("p"),
+        "--task",
+        "smiling,young",
+        "--no-timings",
+        "--display",
+        &display,
+    ];
+    // Interactive, stdin at its end (as under systemd), a button polled: the first
+    // frame is drawn, the demo keeps running, and a press shows the next task.
+    let mut gpio_args = args.clone();
+    gpio_args.extend(["--gpio", gpio.to_str().expect("p")]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_firmware-demo"))
+        .args(&gpio_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let wait_for = |name: &str| {
+        let path = tmp.path().join(name);
+        let start = Instant::now();
+        while !path.exists() && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        path.exists()
+    };
+    let first = wait_for("frame-q0-smiling.png");
+    std::thread::sleep(Duration::from_millis(300));
+    let running = child.try_wait().expect("try_wait").is_none();
+    std::fs::write(&gpio, "0\n").expect("press");
+    let pressed = wait_for("frame-q0-young.png");
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        first && running && pressed,
+        "first {first}, running {running}, pressed {pressed}: {err}"
+    );
+
+    // Without a button, the end of stdin quits (exit 0).
+    let o = Command::new(env!("CARGO_BIN_EXE_firmware-demo"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // `--once | head -0` with k far past the gallery: no panic, exit 0.
+    args.extend(["--once", "-k", "100000000000"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_firmware-demo"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains("panicked"), "{err}");
 }

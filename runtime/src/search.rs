@@ -62,6 +62,8 @@ pub fn nearest(
     if k == 0 || dim == 0 || query.len() != dim {
         return Vec::new();
     }
+    // More than the gallery is the gallery (and `-k 1e18` no allocation failure).
+    let k = k.min(rows.len() / dim);
     let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
     for (row, r) in rows.chunks_exact(dim).enumerate() {
         let distance = squared_l2(r, query);
@@ -128,5 +130,7 @@ mod tests {
         let hits = nearest(&rows, 1, &[1.0], 3, |_| false);
         assert_eq!(hits.iter().map(|h| h.row).collect::<Vec<_>>(), [0, 1, 3]);
         assert!(nearest(&rows, 1, &[1.0], 0, |_| false).is_empty());
+        // A k past any allocation is the whole gallery.
+        assert_eq!(nearest(&rows, 1, &[1.0], usize::MAX, |_| false).len(), 4);
     }
 }
