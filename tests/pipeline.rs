@@ -1,6 +1,6 @@
-//! The pipeline as far as it exists: synthetic data in CelebA's layout → trainer →
+//! The trainer's end of the pipeline: synthetic data in CelebA's layout → trainer →
 //! checkpoint that the format crate reads and validates, with the parameter counts
-//! the models crate promises.
+//! the models crate promises (`runtime.rs` carries it on through modc and modrt).
 
 use candle_core::Device;
 use modkit_models::{Checkpoint, NetSpec, ParamCount, Variant, names};

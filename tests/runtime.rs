@@ -353,7 +353,7 @@ fn zappos_tree(dir: &Path, n: usize) {
     for i in 0..n {
         let colour = [[200u8, 30, 30], [30, 200, 30], [30, 30, 200]][i % 3];
         let img = image::RgbImage::from_fn(60, 40, |x, y| {
-            let end = x < 6 || x >= 54;
+            let end = !(6..54).contains(&x);
             if (y >= 24 - 4 * (i as u32 % 2) && y < 34) || (end && y > 10) {
                 image::Rgb(colour)
             } else {

@@ -30,3 +30,34 @@ pub fn run(graph: &str, onnx: &[u8], inputs: &[Array]) -> Result<Array> {
     };
     run().map_err(err)
 }
+
+/// Multiply-adds one run of `onnx` costs at the given input shapes, by tract's own
+/// cost model of the decluttered graph (convolutions and matrix products): the
+/// work a query does, counted, not timed.
+pub fn fmas(graph: &str, onnx: &[u8], shapes: &[Vec<usize>]) -> Result<u64> {
+    let count = || -> TractResult<u64> {
+        let mut model = tract_onnx::onnx().model_for_read(&mut &onnx[..])?;
+        for (i, shape) in shapes.iter().enumerate() {
+            model = model.with_input_fact(i, f32::fact(shape).into())?;
+        }
+        let typed = model.into_typed()?.into_decluttered()?;
+        let mut total = 0u64;
+        for node in typed.nodes() {
+            let facts = node
+                .inputs
+                .iter()
+                .map(|o| typed.outlet_fact(*o))
+                .collect::<TractResult<TVec<_>>>()?;
+            for (cost, n) in node.op.cost(&facts)? {
+                if matches!(cost, tract_onnx::tract_core::ops::Cost::FMA(_)) {
+                    total += u64::try_from(n.to_i64()?)?;
+                }
+            }
+        }
+        Ok(total)
+    };
+    count().map_err(|source| Error::Tract {
+        graph: graph.into(),
+        source,
+    })
+}
