@@ -3,15 +3,18 @@
 # modulated network (tiny spec), compile it into a .modpack, check the package
 # against the checkpoint, index a gallery of faces the model never saw, and answer
 # `modrt query --task smiling` with a contact sheet PNG.
-# Output goes to ${OUT:-out/demo}; N, EPOCHS, TRIPLETS and TASKS scale it.
+# Output goes to ${OUT:-out/demo}; N, EPOCHS, TRIPLETS, GALLERY and TASKS scale it.
+# PROFILE=dev uses the debug build `cargo test` already made (CI runs it that way,
+# scaled down; the trainer's kernels are optimized in it too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out/demo}
 tasks=${TASKS:-smiling,young,bangs,mustache,bald,wavy_hair}
+profile=${PROFILE:-release}
 mkdir -p "$out"
-cargo build --release -p modkit-trainer --bin modtrain -p modkit-compiler --bin modc \
+cargo build --profile "$profile" -p modkit-trainer --bin modtrain -p modkit-compiler --bin modc \
     -p modkit-runtime --bin modrt
-bin=target/release
+bin=target/$([ "$profile" = dev ] && echo debug || echo "$profile")
 "$bin/modtrain" synth --out "$out/data" --n "${N:-6000}" --size 48 --seed 0
 "$bin/modtrain" train --data "celeba:$out/data" --variant modulated --spec tiny \
     --tasks "$tasks" --optimizer adam --lr 0.003 --mining batch-all --batch-per-task 4 \
@@ -28,4 +31,5 @@ bin=target/release
     --sheet "$out/smiling.png"
 echo "checkpoint: $out/modulated.safetensors"
 echo "package: $out/model.modpack"
+test -s "$out/smiling.png" || { echo "demo.sh: no contact sheet at $out/smiling.png" >&2; exit 1; }
 echo "contact sheet: $out/smiling.png"
