@@ -119,13 +119,25 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
         Some(list) => tasks::select(list, &h.tasks)?,
         None => all,
     };
+    if h.spec.in_channels != 3 {
+        return Err(unsupported(&format!(
+            "its network takes {} input channels, and packages take RGB images; train with 3",
+            h.spec.in_channels
+        )));
+    }
     let fold: Vec<usize> = match &opts.fold {
         FoldTasks::None => Vec::new(),
         FoldTasks::All => keep.clone(),
-        FoldTasks::Some(list) => tasks::select(list, &h.tasks)?
-            .into_iter()
-            .filter(|t| keep.contains(t))
-            .collect(),
+        FoldTasks::Some(list) => {
+            let fold = tasks::select(list, &h.tasks)?;
+            if let Some(&t) = fold.iter().find(|t| !keep.contains(t)) {
+                return Err(Error::Request(format!(
+                    "--fold-tasks names {:?}, which --tasks leaves out: add it to --tasks or drop it from --fold-tasks",
+                    h.tasks[t]
+                )));
+            }
+            fold
+        }
     };
     let needs_switch = keep.iter().any(|t| !fold.contains(t));
     let switchable = h.variant.is_modulated() || h.variant == Variant::Shared;

@@ -9,6 +9,10 @@ pub enum Error {
     #[error("variant {variant} cannot be compiled: {why}")]
     Unsupported { variant: String, why: String },
 
+    /// A request that cannot be met as asked; the message says what to change.
+    #[error("{0}")]
+    Request(String),
+
     #[error("ONNX graph {graph}: {msg}")]
     Graph { graph: String, msg: String },
 

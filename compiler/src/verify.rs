@@ -87,10 +87,9 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Compares every task of `pkg` with `ckpt` on `n` images.
 pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskCheck>> {
     if n == 0 {
-        return Err(Error::Graph {
-            graph: "verify".into(),
-            msg: "no images to compare on: pass --images 1 or more".into(),
-        });
+        return Err(Error::Request(
+            "no images to compare on: pass --images 1 or more".into(),
+        ));
     }
     if ckpt.header.spec != pkg.spec || ckpt.header.variant != pkg.variant {
         return Err(Error::Graph {
@@ -112,12 +111,11 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
             .tasks
             .iter()
             .position(|x| x == name)
-            .ok_or_else(|| Error::Graph {
-                graph: "package".into(),
-                msg: format!(
-                    "task {name:?} is not among the checkpoint's ({}): verify against the checkpoint it was compiled from",
+            .ok_or_else(|| {
+                Error::Request(format!(
+                    "the package's task {name:?} is not among the checkpoint's ({}): verify against the checkpoint it was compiled from",
                     ckpt.header.tasks.join(", ")
-                ),
+                ))
             })?;
         let reference = net
             .forward_grouped(&x, &[(ct, n)], false)?

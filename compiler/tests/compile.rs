@@ -296,4 +296,25 @@ fn unsupported_requests_get_clear_errors() {
         err.contains("\"smile\"") && err.contains("smiling, young, bangs"),
         "{err}"
     );
+    // A folded task that --tasks leaves out is named, not dropped.
+    let opts = CompileOptions {
+        tasks: Some(vec!["smiling".into(), "young".into()]),
+        fold: FoldTasks::Some(vec!["young".into(), "bangs".into()]),
+        ..Default::default()
+    };
+    let err = compile(&m, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("\"bangs\"") && err.contains("--tasks"),
+        "{err}"
+    );
+    // Packages take RGB images.
+    let mut grey = small();
+    grey.in_channels = 1;
+    let err = compile(
+        &checkpoint(&grey, Variant::Modulated, &TASKS),
+        &CompileOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("1 input channels"), "{err}");
 }

@@ -113,7 +113,9 @@ pub enum Error {
         stored: u64,
     },
 
-    #[error("{path:?}: cannot decode its contents: {source}")]
+    #[error(
+        "{path:?}: cannot decode its contents ({source}); write it again with this build (`modc compile` for a package, `modrt index` for an index)"
+    )]
     Decode {
         path: PathBuf,
         #[source]

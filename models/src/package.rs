@@ -21,7 +21,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{self, Kind};
-use crate::{Error, NetSpec, Preprocess, Result, Variant, write_atomic};
+use crate::{Error, Modulation, NetSpec, Preprocess, Result, Variant, write_atomic};
 
 /// The `.modpack` file kind.
 pub const KIND: Kind = Kind {
@@ -112,6 +112,25 @@ impl Package {
             postcard::from_bytes(payload).map_err(decode)?
         };
         pkg.spec.validate()?;
+        if pkg.variant.is_modulated() {
+            // The switch tail's inputs: per task, one vector (or matrix) per stage.
+            let want: Vec<usize> = pkg
+                .spec
+                .modulated_stages()
+                .iter()
+                .map(|s| match pkg.spec.modulation {
+                    Modulation::Vector => s.channels,
+                    Modulation::Projection => s.channels * s.channels,
+                })
+                .collect();
+            let fits = |v: &Vec<Vec<f32>>| v.iter().map(Vec::len).eq(want.iter().copied());
+            if pkg.task_vectors.len() != pkg.tasks.len() || !pkg.task_vectors.iter().all(fits) {
+                return Err(Error::InvalidSpec(format!(
+                    "{path:?}: its task vectors do not fit its {} tasks and its network's modulated stages; compile the package again",
+                    pkg.tasks.len()
+                )));
+            }
+        }
         for task in &pkg.tasks {
             if pkg.tails.switch.is_none() && pkg.tails.folded(task).is_none() {
                 return Err(Error::InvalidSpec(format!(
@@ -188,7 +207,33 @@ mod tests {
                 switch: Some(vec![7]),
                 folded: vec![("young".into(), vec![5, 6])],
             },
-            task_vectors: vec![vec![vec![1.0, 0.5]], vec![vec![0.0, 2.0]]],
+            // One vector per modulated stage (block4, block5, fc), per task.
+            task_vectors: (0..2)
+                .map(|t| {
+                    NetSpec::tiny()
+                        .modulated_stages()
+                        .iter()
+                        .map(|s| vec![0.5 * t as f32; s.channels])
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rejects_task_vectors_that_do_not_fit_the_network() {
+        let mut short = sample();
+        short.task_vectors[1][2].pop();
+        let mut fewer = sample();
+        fewer.task_vectors.pop();
+        for bad in [short, fewer] {
+            let err = Package::from_bytes(&bad.to_bytes().expect("b"), Path::new("m.modpack"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("task vectors") && err.contains("compile the package again"),
+                "{err}"
+            );
         }
     }
 
