@@ -8,9 +8,7 @@ use modkit_compiler::emit::features_shape;
 use modkit_compiler::tract_run::fmas;
 use modkit_models::{NetSpec, Package, Precision, Variant, tasks::CELEBA_20};
 
-#[path = "../compiler/tests/common/mod.rs"]
-#[allow(dead_code)]
-mod common;
+use crate::common;
 
 fn package(tasks: &[&str], fold: FoldTasks, precision: Precision) -> Package {
     let ckpt = common::checkpoint(&NetSpec::paper(), Variant::Modulated, tasks);

@@ -7,13 +7,15 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use modkit_compiler::compile::{CompileOptions, FoldTasks, compile};
-use modkit_models::{Checkpoint, Fit, NetSpec, Variant};
+use modkit_models::{Checkpoint, Fit, Variant};
 use modkit_runtime::index::{self, GalleryIndex};
 use modkit_runtime::{Error, Model};
 use modkit_trainer::data::{celeba, zappos};
 use modkit_trainer::eval::batch_images;
 use modkit_trainer::net::network_from_checkpoint;
 use modkit_trainer::train::{TrainConfig, Trainer};
+
+use crate::common::small as spec;
 
 const TASKS: [&str; 3] = ["smiling", "young", "mouth_slightly_open"];
 const GALLERY: usize = 80;
@@ -24,13 +26,6 @@ struct Fixture {
     ckpt: PathBuf,
     switch: PathBuf,
     folded: PathBuf,
-}
-
-fn spec() -> NetSpec {
-    let mut s = NetSpec::tiny();
-    s.widths = [4, 8, 8, 8, 8];
-    s.embedding = 8;
-    s
 }
 
 /// Trains one small checkpoint (one short epoch) and compiles it both ways.
@@ -426,5 +421,81 @@ fn padded_training_data_is_padded_at_query_time() {
         let img = modkit_runtime::input::open(&path).expect("open");
         let cropped = modkit_runtime::input::prepare(&img, 48, &cropping).expect("crop");
         assert_ne!(cropped.as_slice(), want.as_slice());
+    }
+}
+
+#[test]
+fn every_variant_route_and_precision_runs_in_the_runtime_as_in_candle() {
+    use modkit_compiler::compile::FoldTasks;
+    use modkit_models::Precision;
+    let dir = tempfile::tempdir().expect("tmp");
+    let tasks = ["smiling", "young", "bangs"];
+    let cases = [
+        (
+            "mixed",
+            Variant::Modulated,
+            FoldTasks::Some(vec!["young".into()]),
+            Precision::F32,
+            1e-4,
+        ),
+        (
+            "f16 switch",
+            Variant::Modulated,
+            FoldTasks::None,
+            Precision::F16,
+            2e-2,
+        ),
+        (
+            "shared",
+            Variant::Shared,
+            FoldTasks::None,
+            Precision::F32,
+            1e-4,
+        ),
+        (
+            "branch:4",
+            Variant::Branch { k: 4 },
+            FoldTasks::All,
+            Precision::F32,
+            1e-4,
+        ),
+        ("csn", Variant::Csn, FoldTasks::All, Precision::F32, 1e-4),
+    ];
+    for (name, variant, fold, precision, tolerance) in cases {
+        let ckpt = crate::common::checkpoint(&spec(), variant, &tasks);
+        let path = dir.path().join(format!("{name}.modpack"));
+        let opts = CompileOptions {
+            fold,
+            precision,
+            ..CompileOptions::default()
+        };
+        compile(&ckpt, &opts)
+            .expect("compile")
+            .save(&path)
+            .expect("save");
+        let model = Model::load(&path).expect("model");
+        let (_vm, net) = network_from_checkpoint(&ckpt, &Device::Cpu).expect("net");
+        for i in 0..2 {
+            let face = modkit_trainer::data::synth::face(7, i, 48);
+            let img = image::RgbImage::from_raw(48, 48, face.pixels).expect("face");
+            let input = model
+                .prepare(&image::DynamicImage::ImageRgb8(img))
+                .expect("input");
+            let got = model
+                .embed_all(&model.trunk(&input).expect("trunk"), &[0, 1, 2])
+                .expect("embed");
+            let x = Tensor::from_slice(input.as_slice(), (1, 3, 48, 48), &Device::Cpu).expect("x");
+            for (t, got) in got.iter().enumerate() {
+                let e: Tensor = net.forward_grouped(&x, &[(t, 1)], false).expect("candle");
+                let want: Vec<f32> = e.flatten_all().and_then(|e| e.to_vec1()).expect("vec");
+                let err = modkit_compiler::verify::max_abs_diff(&want, got);
+                assert!(
+                    want.len() == got.len() && err <= tolerance,
+                    "{name}, image {i}, task {t}: {} values against {}, error {err}",
+                    got.len(),
+                    want.len()
+                );
+            }
+        }
     }
 }

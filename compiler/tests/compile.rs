@@ -318,3 +318,33 @@ fn unsupported_requests_get_clear_errors() {
     .to_string();
     assert!(err.contains("1 input channels"), "{err}");
 }
+
+#[test]
+fn every_modulation_point_with_and_without_batch_norm_verifies() {
+    // The paper's N ∈ {2, 3, 4, 5}, with and without BatchNorm, both routes:
+    // tract against candle on the same checkpoint.
+    for first in 2..=5 {
+        for bn in [true, false] {
+            let mut spec = small();
+            spec.first_modulated = first;
+            spec.batch_norm = bn;
+            let ckpt = checkpoint(&spec, Variant::Modulated, &TASKS);
+            for fold in [FoldTasks::None, FoldTasks::All] {
+                let opts = CompileOptions {
+                    fold: fold.clone(),
+                    ..Default::default()
+                };
+                let pkg = compile(&ckpt, &opts).expect("compile");
+                assert_eq!(pkg.task_vectors[0].len(), 6 - first + 1);
+                for c in verify(&pkg, &ckpt, 2).expect("verify") {
+                    assert!(
+                        c.max_abs_error < 1e-4,
+                        "N={first} bn={bn} {fold:?} {}: {}",
+                        c.task,
+                        c.max_abs_error
+                    );
+                }
+            }
+        }
+    }
+}
