@@ -209,7 +209,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("modc: {err:#}");
+            eprintln!("modc: {}", modkit_models::one_line(err.as_ref()));
             ExitCode::from(2)
         }
     }

@@ -33,7 +33,12 @@ impl Folder {
                 paths: vec![path.to_path_buf()],
             });
         }
-        let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let entries = std::fs::read_dir(path).map_err(|e| {
+            format!(
+                "--queries {}: {e}; give a query image or a folder of them",
+                path.display()
+            )
+        })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {

@@ -306,7 +306,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("firmware-demo: {err:#}");
+            eprintln!("firmware-demo: {}", modkit_models::one_line(err.as_ref()));
             ExitCode::from(2)
         }
     }

@@ -178,8 +178,14 @@ fn bad_arguments_are_one_line_errors() {
             ],
             "--size",
         ),
-        (&["-m", m, "-i", i, "--queries", none, "--once"], "none"),
-        (&["-m", m, "-i", q, "--queries", q, "--once"], "queries"),
+        (
+            &["-m", m, "-i", i, "--queries", none, "--once"],
+            "a query image or a folder of them",
+        ),
+        (
+            &["-m", m, "-i", q, "--queries", q, "--once"],
+            "Is a directory",
+        ),
     ];
     for (args, want) in cases {
         let out = demo(args);

@@ -136,3 +136,47 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// `err` and its causes on one line, `: `-separated, leaving out a cause whose
+/// text the line already holds (most errors here name their cause in their own
+/// message, and `{:#}` would print it twice).
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_names_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory");
+        let err = Error::Io {
+            path: "/tmp/d".into(),
+            source: io(),
+        };
+        assert_eq!(one_line(&err), "\"/tmp/d\": Is a directory");
+        // A wrapper that does not repeat its cause gets it appended.
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading the index")]
+        struct Outer(#[source] Error);
+        let outer = Outer(Error::Io {
+            path: "/tmp/d".into(),
+            source: io(),
+        });
+        assert_eq!(
+            one_line(&outer),
+            "reading the index: \"/tmp/d\": Is a directory"
+        );
+    }
+}

@@ -36,7 +36,7 @@ mod variant;
 
 pub use atomic::write_atomic;
 pub use checkpoint::{Checkpoint, CheckpointHeader, TensorData};
-pub use error::{Error, Result};
+pub use error::{Error, Result, one_line};
 pub use package::{Package, Precision, Tails};
 pub use params::ParamCount;
 pub use preprocess::{Fit, Preprocess};

@@ -477,7 +477,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("modrt: {err:#}");
+            eprintln!("modrt: {}", modkit_models::one_line(err.as_ref()));
             ExitCode::from(2)
         }
     }

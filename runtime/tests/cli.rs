@@ -230,6 +230,29 @@ fn bad_input_is_one_line_with_exit_status_2() {
         &["embed", empty.to_str().expect("path"), "-m", model],
         "JPEG or PNG",
     );
+    // A package from a newer modkit, and one with a flipped byte: refused, saying
+    // what to do; the same for an error with a cause (a folder given as the
+    // package), named once.
+    let original = std::fs::read(pretrained()).expect("read");
+    for (name, at, value, want) in [
+        (
+            "future.modpack",
+            8,
+            Some(9u8),
+            "newer than this build supports",
+        ),
+        ("flipped.modpack", original.len() / 2, None, "is corrupt"),
+    ] {
+        let mut bytes = original.clone();
+        bytes[at] = value.unwrap_or(bytes[at] ^ 0x40);
+        let path = tmp.path().join(name);
+        std::fs::write(&path, &bytes).expect("write");
+        fails(&["embed", q, "-m", path.to_str().expect("path")], want);
+    }
+    let folder = tmp.path().to_str().expect("path");
+    let out = modrt(&["embed", q, "-m", folder]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
     // A damaged index is refused, not half-read.
     let mut bytes = std::fs::read(&idx).expect("read");
     bytes.truncate(bytes.len() - 9);

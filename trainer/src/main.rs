@@ -78,7 +78,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("modtrain: {err:#}");
+            eprintln!("modtrain: {}", modkit_models::one_line(err.as_ref()));
             ExitCode::from(2)
         }
     }
