@@ -28,7 +28,8 @@ pub struct Inspection {
     /// Task vectors: per task (equal for all tasks).
     pub vectors_per_task: Part,
     pub folded_tails: Vec<(String, Part)>,
-    /// Everything but the trunk that one task needs.
+    /// Everything but the trunk that one task needs: its folded tail in `folded`
+    /// mode, else its vectors (a mixed package's folded tasks are in `folded_tails`).
     pub per_task: Part,
     pub file_bytes: usize,
     /// File bytes not in any graph or vector: framing, names, spec.
@@ -152,6 +153,12 @@ impl Inspection {
             self.per_task.bytes,
             container::HEADER_LEN + container::TRAILER_LEN
         );
+        if let ("mixed", Some((_, p))) = (self.mode, self.folded_tails.first()) {
+            s += &format!(
+                "  (that is a switch-routed task; a folded one adds its tail instead: {} parameters, {} bytes)\n",
+                p.params, p.bytes
+            );
+        }
         s
     }
 }

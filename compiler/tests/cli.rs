@@ -30,6 +30,16 @@ fn compile_inspect_verify_export() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(r["mode"], "mixed");
     assert_eq!(r["vectors_per_task"]["params"], 8 + 8 + 8);
+    // The text names what a folded task costs too.
+    let o = modc(&["inspect", p]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let folded = r["folded_tails"][0][1]["params"].as_u64().expect("params");
+    assert!(
+        text.contains(&format!(
+            "a folded one adds its tail instead: {folded} parameters"
+        )),
+        "{text}"
+    );
 
     let o = modc(&["verify", p, "--against", c]);
     let out = String::from_utf8_lossy(&o.stdout);
