@@ -1,6 +1,8 @@
 //! The Linux framebuffer as an embedded-graphics `DrawTarget`, without `unsafe`:
 //! the geometry comes from sysfs (`/sys/class/graphics/fbN/{virtual_size,
-//! bits_per_pixel,stride}`), frames are drawn into memory in the device's pixel
+//! bits_per_pixel,stride}`, and `modes` and `pan` where the virtual screen is
+//! larger than the visible one, as with double buffering), frames are drawn into
+//! memory in the device's pixel
 //! format (RGB565 or XRGB8888, little endian) and written to `/dev/fbN` in one go
 //! by [`Framebuffer::flush`], so the screen never shows half a frame being drawn.
 
@@ -57,8 +59,18 @@ pub struct Framebuffer {
     height: u32,
     /// Bytes per line (may exceed `width × bytes per pixel`).
     stride: usize,
+    /// Where the visible screen starts in the device (the pan offset), in bytes.
+    offset: u64,
     format: PixelFormat,
     frame: Vec<u8>,
+}
+
+/// `WxH` of the first line of sysfs `modes` (`U:800x480p-0`, `S:640x480i-60`).
+fn visible_mode(modes: &str) -> Option<(u32, u32)> {
+    let mode = modes.lines().next()?.split_once(':')?.1;
+    let (w, rest) = mode.split_once('x')?;
+    let h: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((w.parse().ok()?, h.parse().ok()?))
 }
 
 fn sysfs_value(dir: &Path, name: &str) -> Result<String, String> {
@@ -98,7 +110,24 @@ impl Framebuffer {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(w as usize * format.bytes());
-        Ok(Framebuffer::with_geometry(device, w, h, stride, format))
+        // The visible mode (`U:800x480p-0`) where the virtual screen is larger,
+        // and the panned-to corner of it.
+        let (vw, vh) = sysfs_value(sysfs, "modes")
+            .ok()
+            .and_then(|m| visible_mode(&m))
+            .filter(|&(vw, vh)| vw <= w && vh <= h)
+            .unwrap_or((w, h));
+        let (px, py) = sysfs_value(sysfs, "pan")
+            .ok()
+            .and_then(|p| {
+                let (x, y) = p.split_once(',')?;
+                Some((x.parse::<u32>().ok()?, y.parse::<u32>().ok()?))
+            })
+            .filter(|&(x, y)| x + vw <= w && y + vh <= h)
+            .unwrap_or((0, 0));
+        let mut fb = Framebuffer::with_geometry(device, vw, vh, stride, format);
+        fb.offset = py as u64 * fb.stride as u64 + px as u64 * format.bytes() as u64;
+        Ok(fb)
     }
 
     /// A framebuffer of known geometry.
@@ -115,6 +144,7 @@ impl Framebuffer {
             width,
             height,
             stride,
+            offset: 0,
             format,
             frame: vec![0; stride * height as usize],
         }
@@ -132,7 +162,7 @@ impl Framebuffer {
     /// Writes the frame to the device.
     pub fn flush(&self) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).open(&self.device)?;
-        f.seek(SeekFrom::Start(0))?;
+        f.seek(SeekFrom::Start(self.offset))?;
         f.write_all(&self.frame)?;
         f.flush()
     }
@@ -211,6 +241,35 @@ mod tests {
             assert_eq!(&bytes[stride + n..stride + 2 * n], red.as_slice());
             assert_eq!(&bytes[stride + 2 * n..stride + 3 * n], red.as_slice());
         }
+    }
+
+    #[test]
+    fn a_double_buffered_screen_draws_its_visible_part_where_it_is_panned() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let dev = dir.path().join("fb-device");
+        std::fs::write(&dev, vec![7u8; 4 * 2 * 4]).expect("dev");
+        // 2×4 virtual, 2×2 visible, showing the lower half.
+        let s = sysfs(dir.path(), "2,4\n", "16", "4\n");
+        std::fs::write(s.join("modes"), "U:2x2p-0\n").expect("w");
+        std::fs::write(s.join("pan"), "0,2\n").expect("w");
+        let mut fb = Framebuffer::open_with_sysfs(&dev, &s).expect("open");
+        assert_eq!(fb.size(), Size::new(2, 2));
+        let _ = Rectangle::new(Point::new(0, 0), Size::new(2, 2))
+            .into_styled(PrimitiveStyle::with_fill(Rgb888::RED))
+            .draw(&mut fb);
+        fb.flush().expect("flush");
+        let bytes = std::fs::read(&dev).expect("read");
+        assert!(
+            bytes[..8].iter().all(|&b| b == 7),
+            "the hidden half is untouched"
+        );
+        assert_eq!(&bytes[8..10], &[0x00, 0xf8]);
+        assert_eq!(&bytes[14..16], &[0x00, 0xf8]);
+        assert_eq!(
+            visible_mode("S:640x480i-60\nU:800x600p-0"),
+            Some((640, 480))
+        );
+        assert_eq!(visible_mode("garbage"), None);
     }
 
     #[test]
