@@ -460,6 +460,13 @@ fn every_variant_route_and_precision_runs_in_the_runtime_as_in_candle() {
             1e-4,
         ),
         ("csn", Variant::Csn, FoldTasks::All, Precision::F32, 1e-4),
+        (
+            "csn switch",
+            Variant::Csn,
+            FoldTasks::None,
+            Precision::F32,
+            1e-4,
+        ),
     ];
     for (name, variant, fold, precision, tolerance) in cases {
         let ckpt = crate::common::checkpoint(&spec(), variant, &tasks);

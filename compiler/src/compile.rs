@@ -43,6 +43,15 @@ impl Default for CompileOptions {
 /// modulated stage; empty for variants without modulation.
 pub fn task_maps(ckpt: &Checkpoint, t: usize) -> Result<Vec<ChannelMap>> {
     let h = &ckpt.header;
+    if h.variant == Variant::Csn {
+        // The mask scales fc's outputs, like the fc modulation module.
+        let m = ckpt.tensor(names::CSN_MASKS)?;
+        let e = h.spec.embedding;
+        return Ok(vec![ChannelMap::from_raw(
+            Modulation::Vector,
+            &m.data[t * e..(t + 1) * e],
+        )]);
+    }
     if !h.variant.is_modulated() {
         return Ok(Vec::new());
     }
@@ -68,15 +77,9 @@ pub fn task_network(
 ) -> Result<(PlainNet, Option<Head>)> {
     let h = &ckpt.header;
     if h.variant == Variant::Csn {
-        // The mask scales fc's outputs, like the fc modulation module.
-        let m = ckpt.tensor(names::CSN_MASKS)?;
-        let e = h.spec.embedding;
         let mut net = base.clone();
-        if let Some(fc) = net.layers.get_mut("fc") {
-            fold_outputs(
-                fc,
-                &ChannelMap::from_raw(Modulation::Vector, &m.data[t * e..(t + 1) * e]),
-            );
+        if let (Some(fc), Some(mask)) = (net.layers.get_mut("fc"), task_maps(ckpt, t)?.first()) {
+            fold_outputs(fc, mask);
         }
         return Ok((net, None));
     }
@@ -140,7 +143,8 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
         }
     };
     let needs_switch = keep.iter().any(|t| !fold.contains(t));
-    let switchable = h.variant.is_modulated() || h.variant == Variant::Shared;
+    let switchable =
+        h.variant.is_modulated() || matches!(h.variant, Variant::Shared | Variant::Csn);
     if needs_switch && !switchable {
         return Err(unsupported(
             "its per-task head cannot be a runtime switch; compile with `--fold-tasks all`",
@@ -158,7 +162,8 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
     } else if h.variant == Variant::Shared {
         Some(emit::folded_tail(&h.spec, &base, None, opts.precision).0)
     } else {
-        Some(emit::switch_tail(&h.spec, &base, opts.precision).0)
+        let stages = h.variant.task_scaled_stages(&h.spec);
+        Some(emit::switch_tail(&h.spec, &base, &stages, opts.precision).0)
     };
     let mut folded = Vec::new();
     for &t in &fold {

@@ -5,7 +5,7 @@
 //! fc is `Flatten → Gemm`, and the embedding is `e / √(Σe² + 1e-12)`, exactly as
 //! the trainer computes it.
 
-use modkit_models::{NetSpec, Precision};
+use modkit_models::{NetSpec, Precision, StageShape};
 
 use crate::fold_batch_norm::{Affine, PlainNet};
 use crate::graph::{Attr, Dim, GraphBuilder};
@@ -195,17 +195,23 @@ pub fn folded_tail(
     (g.finish(), params)
 }
 
-/// The runtime switch: features `[1, C, H, W]` of one image plus, per modulated
-/// stage, `B` task vectors `[B, C_s]` (ReLU applied) → embeddings `[B, E]`. The batch
-/// of tasks starts at the first multiply, so the image's features are shared.
-pub fn switch_tail(spec: &NetSpec, net: &PlainNet, precision: Precision) -> (Vec<u8>, usize) {
+/// The runtime switch: features `[1, C, H, W]` of one image plus, per stage of
+/// `stages`, `B` task vectors `[B, C_s]` (ReLU applied) → embeddings `[B, E]`. The
+/// batch of tasks starts at the first multiply, so the image's features are shared.
+/// `stages` are the outputs the tasks scale, in network order: every modulated
+/// stage ([`NetSpec::modulated_stages`]), or fc's alone (CSN's masks).
+pub fn switch_tail(
+    spec: &NetSpec,
+    net: &PlainNet,
+    stages: &[StageShape],
+    precision: Precision,
+) -> (Vec<u8>, usize) {
     let mut g = GraphBuilder::new("switch_tail", precision);
     let (c, hw) = features_shape(spec);
     let mut x = g.input(
         FEATURES,
         &[Dim::Fixed(1), Dim::Fixed(c), Dim::Fixed(hw), Dim::Fixed(hw)],
     );
-    let stages = spec.modulated_stages();
     let vectors: Vec<String> = stages
         .iter()
         .map(|s| {
@@ -224,14 +230,27 @@ pub fn switch_tail(spec: &NetSpec, net: &PlainNet, precision: Precision) -> (Vec
         };
         g.op("Mul", &[x, &v], "modulate", &[])
     };
-    x = modulate(&mut g, &x, &vectors[0], stages[0].channels, true);
-    for (i, k) in (spec.first_modulated + 1..=5).enumerate() {
-        x = stage(&mut g, net, k, &x);
-        x = modulate(&mut g, &x, &vectors[i + 1], stages[i + 1].channels, true);
+    // Stage `name`'s vectors, if the tasks scale it.
+    let input_of = |name: &str| {
+        stages
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| (vectors[i].clone(), stages[i].channels))
+    };
+    let all = spec.stages();
+    if let Some((v, channels)) = input_of(all[spec.first_modulated - 1].name) {
+        x = modulate(&mut g, &x, &v, channels, true);
     }
-    let e = fc(&mut g, net, &x);
-    let last = stages.len() - 1;
-    let e = modulate(&mut g, &e, &vectors[last], stages[last].channels, false);
+    for k in spec.first_modulated + 1..=5 {
+        x = stage(&mut g, net, k, &x);
+        if let Some((v, channels)) = input_of(all[k - 1].name) {
+            x = modulate(&mut g, &x, &v, channels, true);
+        }
+    }
+    let mut e = fc(&mut g, net, &x);
+    if let Some((v, channels)) = input_of("fc") {
+        e = modulate(&mut g, &e, &v, channels, false);
+    }
     l2_normalize(&mut g, &e);
     g.output(EMBEDDING, &[Dim::Symbol("B"), Dim::Fixed(spec.embedding)]);
     let params = g.params;

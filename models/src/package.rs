@@ -21,7 +21,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{self, Kind};
-use crate::{Error, Modulation, NetSpec, Preprocess, Result, Variant, write_atomic};
+use crate::{Error, NetSpec, Preprocess, Result, Variant, write_atomic};
 
 /// The `.modpack` file kind.
 pub const KIND: Kind = Kind {
@@ -112,17 +112,9 @@ impl Package {
             postcard::from_bytes(payload).map_err(decode)?
         };
         pkg.spec.validate()?;
-        if pkg.variant.is_modulated() {
-            // The switch tail's inputs: per task, one vector (or matrix) per stage.
-            let want: Vec<usize> = pkg
-                .spec
-                .modulated_stages()
-                .iter()
-                .map(|s| match pkg.spec.modulation {
-                    Modulation::Vector => s.channels,
-                    Modulation::Projection => s.channels * s.channels,
-                })
-                .collect();
+        // The switch tail's inputs: per task, one vector (or matrix) per stage.
+        let want = pkg.variant.task_numbers(&pkg.spec);
+        if !want.is_empty() {
             let fits = |v: &Vec<Vec<f32>>| v.iter().map(Vec::len).eq(want.iter().copied());
             if pkg.task_vectors.len() != pkg.tasks.len() || !pkg.task_vectors.iter().all(fits) {
                 return Err(Error::InvalidSpec(format!(

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::{Error, Modulation, NetSpec, StageShape};
 
 /// A training variant. The names are the command line's (`--variant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,6 +28,37 @@ impl Variant {
     /// Whether the network applies per-task modulation vectors.
     pub fn is_modulated(self) -> bool {
         matches!(self, Variant::Modulated | Variant::OnlyMask)
+    }
+
+    /// The stage outputs each task scales by its own numbers, which a package's
+    /// runtime switch takes as inputs: every modulated stage, CSN's fc output (its
+    /// masks), none for the rest.
+    pub fn task_scaled_stages(self, spec: &NetSpec) -> Vec<StageShape> {
+        match self {
+            _ if self.is_modulated() => spec.modulated_stages(),
+            Variant::Csn => spec
+                .stages()
+                .into_iter()
+                .filter(|s| s.name == "fc")
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The numbers per task of each of [`Variant::task_scaled_stages`]: `C`, or
+    /// `C²` for projection modulation.
+    pub fn task_numbers(self, spec: &NetSpec) -> Vec<usize> {
+        let square = self.is_modulated() && spec.modulation == Modulation::Projection;
+        self.task_scaled_stages(spec)
+            .iter()
+            .map(|s| {
+                if square {
+                    s.channels * s.channels
+                } else {
+                    s.channels
+                }
+            })
+            .collect()
     }
 }
 

@@ -131,7 +131,7 @@ impl Model {
         }
         let switch = pkg.tails.switch.clone().map(|onnx| Switch {
             onnx,
-            takes_vectors: pkg.variant.is_modulated(),
+            takes_vectors: !pkg.variant.task_scaled_stages(&pkg.spec).is_empty(),
             plans: Mutex::new(HashMap::new()),
         });
         let mut model = Model {
@@ -150,7 +150,9 @@ impl Model {
             run_options,
         };
         if model.switch.is_some() {
-            if model.task_vectors.len() != model.tasks.len() && model.variant.is_modulated() {
+            if model.task_vectors.len() != model.tasks.len()
+                && model.switch.as_ref().is_some_and(|s| s.takes_vectors)
+            {
                 return Err(Error::Invalid(format!(
                     "the package holds vectors for {} tasks but names {}; compile it again",
                     model.task_vectors.len(),
