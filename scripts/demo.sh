@@ -14,7 +14,11 @@ profile=${PROFILE:-release}
 mkdir -p "$out"
 cargo build --profile "$profile" -p modkit-trainer --bin modtrain -p modkit-compiler --bin modc \
     -p modkit-runtime --bin modrt
-bin=target/$([ "$profile" = dev ] && echo debug || echo "$profile")
+case $profile in
+  dev | test) bin=target/debug ;;
+  bench) bin=target/release ;;
+  *) bin=target/$profile ;;
+esac
 "$bin/modtrain" synth --out "$out/data" --n "${N:-6000}" --size 48 --seed 0
 "$bin/modtrain" train --data "celeba:$out/data" --variant modulated --spec tiny \
     --tasks "$tasks" --optimizer adam --lr 0.003 --mining batch-all --batch-per-task 4 \

@@ -27,8 +27,9 @@ fn bytes(pkg: &Package) -> usize {
     pkg.to_bytes().expect("bytes").len()
 }
 
-/// Multiply-adds of the trunk on one image, and of the tail for `batch` tasks of
-/// one image (the switch tail takes the tasks' vectors as a batch).
+/// Multiply-adds of the trunk on one image, and of the tails of the first `batch`
+/// tasks of one image: the switch tail once with their vectors as a batch, or each
+/// task's own folded tail.
 fn work(pkg: &Package, batch: usize) -> (u64, u64) {
     let s = pkg.spec.input_size;
     let trunk = fmas("trunk", &pkg.trunk, &[vec![1, 3, s, s]]).expect("trunk");
@@ -39,10 +40,10 @@ fn work(pkg: &Package, batch: usize) -> (u64, u64) {
             shapes.extend(pkg.task_vectors[0].iter().map(|v| vec![batch, v.len()]));
             fmas("switch tail", switch, &shapes).expect("switch")
         }
-        None => {
-            let folded = &pkg.tails.folded[0].1;
-            batch as u64 * fmas("folded tail", folded, &shapes).expect("folded")
-        }
+        None => pkg.tails.folded[..batch]
+            .iter()
+            .map(|(_, tail)| fmas("folded tail", tail, &shapes).expect("folded"))
+            .sum(),
     };
     (trunk, tail)
 }

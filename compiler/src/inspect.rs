@@ -155,7 +155,7 @@ impl Inspection {
         );
         if let ("mixed", Some((_, p))) = (self.mode, self.folded_tails.first()) {
             s += &format!(
-                "  (that is a switch-routed task; a folded one adds its tail instead: {} parameters, {} bytes)\n",
+                "  (that is a switch-routed task; a folded one adds its tail as well: {} parameters, {} bytes)\n",
                 p.params, p.bytes
             );
         }

@@ -179,7 +179,7 @@ impl VerifyArgs {
         }
         if let Some(c) = checks.iter().find(|c| c.max_abs_error.is_nan()) {
             bail!(
-                "task {:?}'s embedding holds NaN: the package is broken; compile it again",
+                "task {:?}: NaN in the package's embedding or the checkpoint's; check the checkpoint with `modtrain eval`, then compile it again",
                 c.task
             );
         }

@@ -36,7 +36,7 @@ fn compile_inspect_verify_export() {
     let folded = r["folded_tails"][0][1]["params"].as_u64().expect("params");
     assert!(
         text.contains(&format!(
-            "a folded one adds its tail instead: {folded} parameters"
+            "a folded one adds its tail as well: {folded} parameters"
         )),
         "{text}"
     );

@@ -1,6 +1,6 @@
 //! The Linux framebuffer as an embedded-graphics `DrawTarget`, without `unsafe`:
 //! the geometry comes from sysfs (`/sys/class/graphics/fbN/{virtual_size,
-//! bits_per_pixel,stride}`, and `modes` and `pan` where the virtual screen is
+//! bits_per_pixel,stride}`, and `mode` and `pan` where the virtual screen is
 //! larger than the visible one, as with double buffering), frames are drawn into
 //! memory in the device's pixel
 //! format (RGB565 or XRGB8888, little endian) and written to `/dev/fbN` in one go
@@ -65,7 +65,7 @@ pub struct Framebuffer {
     frame: Vec<u8>,
 }
 
-/// `WxH` of the first line of sysfs `modes` (`U:800x480p-0`, `S:640x480i-60`).
+/// `WxH` of a sysfs mode line (`U:800x480p-0`, `S:640x480i-60`; the first line).
 fn visible_mode(modes: &str) -> Option<(u32, u32)> {
     let mode = modes.lines().next()?.split_once(':')?.1;
     let (w, rest) = mode.split_once('x')?;
@@ -110,9 +110,9 @@ impl Framebuffer {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(w as usize * format.bytes());
-        // The visible mode (`U:800x480p-0`) where the virtual screen is larger,
-        // and the panned-to corner of it.
-        let (vw, vh) = sysfs_value(sysfs, "modes")
+        // The mode in use (`U:800x480p-0`) where the virtual screen is larger, and
+        // the panned-to corner of it.
+        let (vw, vh) = sysfs_value(sysfs, "mode")
             .ok()
             .and_then(|m| visible_mode(&m))
             .filter(|&(vw, vh)| vw <= w && vh <= h)
@@ -123,7 +123,10 @@ impl Framebuffer {
                 let (x, y) = p.split_once(',')?;
                 Some((x.parse::<u32>().ok()?, y.parse::<u32>().ok()?))
             })
-            .filter(|&(x, y)| x + vw <= w && y + vh <= h)
+            .filter(|&(x, y)| {
+                x.checked_add(vw).is_some_and(|r| r <= w)
+                    && y.checked_add(vh).is_some_and(|b| b <= h)
+            })
             .unwrap_or((0, 0));
         let mut fb = Framebuffer::with_geometry(device, vw, vh, stride, format);
         fb.offset = py as u64 * fb.stride as u64 + px as u64 * format.bytes() as u64;
@@ -159,11 +162,20 @@ impl Framebuffer {
         &self.frame
     }
 
-    /// Writes the frame to the device.
+    /// Writes the frame to the device: in one write, or line by line where the
+    /// screen is panned sideways (each line then covers only its visible part).
     pub fn flush(&self) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).open(&self.device)?;
-        f.seek(SeekFrom::Start(self.offset))?;
-        f.write_all(&self.frame)?;
+        let line = self.width as usize * self.format.bytes();
+        if self.offset.is_multiple_of(self.stride as u64) {
+            f.seek(SeekFrom::Start(self.offset))?;
+            f.write_all(&self.frame)?;
+        } else {
+            for (y, row) in self.frame.chunks_exact(self.stride).enumerate() {
+                f.seek(SeekFrom::Start(self.offset + (y * self.stride) as u64))?;
+                f.write_all(&row[..line])?;
+            }
+        }
         f.flush()
     }
 }
@@ -250,7 +262,7 @@ mod tests {
         std::fs::write(&dev, vec![7u8; 4 * 2 * 4]).expect("dev");
         // 2×4 virtual, 2×2 visible, showing the lower half.
         let s = sysfs(dir.path(), "2,4\n", "16", "4\n");
-        std::fs::write(s.join("modes"), "U:2x2p-0\n").expect("w");
+        std::fs::write(s.join("mode"), "U:2x2p-0\n").expect("w");
         std::fs::write(s.join("pan"), "0,2\n").expect("w");
         let mut fb = Framebuffer::open_with_sysfs(&dev, &s).expect("open");
         assert_eq!(fb.size(), Size::new(2, 2));
@@ -270,6 +282,29 @@ mod tests {
             Some((640, 480))
         );
         assert_eq!(visible_mode("garbage"), None);
+
+        // Panned sideways on a 4×2 virtual screen: each line's two visible pixels
+        // land at x = 1..3, the rest of every line untouched.
+        std::fs::write(&dev, vec![7u8; 8 * 2]).expect("dev");
+        let s = sysfs(dir.path(), "4,2\n", "16", "8\n");
+        std::fs::write(s.join("mode"), "U:2x2p-0\n").expect("w");
+        std::fs::write(s.join("pan"), "1,0\n").expect("w");
+        let mut fb = Framebuffer::open_with_sysfs(&dev, &s).expect("open");
+        let _ = Rectangle::new(Point::new(0, 0), Size::new(2, 2))
+            .into_styled(PrimitiveStyle::with_fill(Rgb888::RED))
+            .draw(&mut fb);
+        fb.flush().expect("flush");
+        let bytes = std::fs::read(&dev).expect("read");
+        assert_eq!(bytes.len(), 16, "nothing written past the virtual screen");
+        for row in bytes.chunks(8) {
+            assert_eq!(row, &[7, 7, 0x00, 0xf8, 0x00, 0xf8, 7, 7]);
+        }
+        // A pan that would overflow is ignored.
+        std::fs::write(s.join("pan"), "4294967295,0\n").expect("w");
+        assert_eq!(
+            Framebuffer::open_with_sysfs(&dev, &s).expect("open").offset,
+            0
+        );
     }
 
     #[test]

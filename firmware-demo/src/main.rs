@@ -194,8 +194,8 @@ fn events(gpio: Option<PathBuf>) -> mpsc::Receiver<Event> {
 /// Reads the button's value file once, so that a wrong path is an error at start,
 /// not a button that silently never fires.
 fn check_gpio(path: &Path) -> Result<()> {
-    let value = std::fs::read_to_string(path).with_context(|| {
-        format!("--gpio {path:?}: cannot read it; export the pin as an input first (echo 17 > /sys/class/gpio/export; echo in > /sys/class/gpio/gpio17/direction)")
+    let value = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!("--gpio {path:?}: {e}; export the pin as an input first (echo 17 > /sys/class/gpio/export; echo in > /sys/class/gpio/gpio17/direction)")
     })?;
     if !matches!(value.trim(), "0" | "1") {
         bail!(

@@ -95,6 +95,22 @@ impl View for F32View<'_> {
     }
 }
 
+impl CheckpointHeader {
+    /// A header written before [`Preprocess::fit`](crate::Preprocess) existed
+    /// reads as cropping; its UT-Zappos50K runs (`--data zappos:…`) padded.
+    fn with_inferred_fit(mut self, json: &str) -> Self {
+        let raw: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+        let recorded = raw["preprocess"].get("fit").is_some();
+        let zappos = self.train_config["data"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("zappos:"));
+        if !recorded && zappos {
+            self.preprocess.fit = crate::Fit::Pad;
+        }
+        self
+    }
+}
+
 impl Checkpoint {
     /// Serializes to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -159,6 +175,7 @@ impl Checkpoint {
                 path: path.into(),
                 source,
             })?;
+        let header = header.with_inferred_fit(header_json);
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
             if view.dtype() != Dtype::F32 {
@@ -255,6 +272,31 @@ mod tests {
             },
             tensors,
         }
+    }
+
+    #[test]
+    fn headers_from_before_fit_pad_only_for_zappos_data() {
+        let ckpt = sample();
+        let header = |data: &str, fit: Option<&str>| {
+            let mut h = serde_json::to_value(&ckpt.header).expect("json");
+            h["train_config"] = serde_json::json!({ "data": data });
+            match fit {
+                Some(f) => h["preprocess"]["fit"] = f.into(),
+                None => {
+                    h["preprocess"].as_object_mut().expect("obj").remove("fit");
+                }
+            }
+            let bytes = rewrite_meta(&ckpt, HEADER_KEY, Some(&h.to_string()));
+            Checkpoint::from_bytes(&bytes, Path::new("c"))
+                .expect("reads")
+                .header
+                .preprocess
+                .fit
+        };
+        assert_eq!(header("zappos:/shoes", None), crate::Fit::Pad);
+        assert_eq!(header("celeba:/faces", None), crate::Fit::Crop);
+        assert_eq!(header("zappos:/shoes", Some("crop")), crate::Fit::Crop);
+        assert_eq!(header("folder:/x", Some("pad")), crate::Fit::Pad);
     }
 
     fn rewrite_meta(ckpt: &Checkpoint, key: &str, value: Option<&str>) -> Vec<u8> {

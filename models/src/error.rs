@@ -138,17 +138,19 @@ pub enum Error {
 }
 
 /// `err` and its causes on one line, `: `-separated, leaving out a cause whose
-/// text the line already holds (most errors here name their cause in their own
-/// message, and `{:#}` would print it twice).
+/// text its own error's message already holds (most errors here name their cause
+/// in their message, and `{:#}` would print it twice).
 pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
     let mut line = err.to_string();
+    let mut parent = line.clone();
     let mut cause = err.source();
     while let Some(c) = cause {
         let text = c.to_string();
-        if !line.contains(&text) {
+        if !parent.contains(&text) {
             line.push_str(": ");
             line.push_str(&text);
         }
+        parent = text;
         cause = c.source();
     }
     line.replace('\n', " ")

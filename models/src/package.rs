@@ -113,8 +113,9 @@ impl Package {
         };
         pkg.spec.validate()?;
         // The switch tail's inputs: per task, one vector (or matrix) per stage.
+        // Folded-only packages need none (CSN's had none before they could switch).
         let want = pkg.variant.task_numbers(&pkg.spec);
-        if !want.is_empty() {
+        if pkg.tails.switch.is_some() && !want.is_empty() {
             let fits = |v: &Vec<Vec<f32>>| v.iter().map(Vec::len).eq(want.iter().copied());
             if pkg.task_vectors.len() != pkg.tasks.len() || !pkg.task_vectors.iter().all(fits) {
                 return Err(Error::InvalidSpec(format!(
@@ -139,7 +140,8 @@ impl Package {
     }
 }
 
-/// Version 1 (before [`Preprocess::fit`]), still read: its packages all cropped.
+/// Version 1 (before [`Preprocess::fit`]), still read as cropping (a version-1
+/// package compiled from a `zappos:` run padded in training: compile it again).
 mod v1 {
     use serde::{Deserialize, Serialize};
 
@@ -210,6 +212,21 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn folded_packages_need_no_task_vectors() {
+        // As CSN's were written before CSN could use the switch.
+        let mut csn = sample();
+        csn.variant = Variant::Csn;
+        csn.tails = Tails {
+            switch: None,
+            folded: vec![("smiling".into(), vec![1]), ("young".into(), vec![2])],
+        };
+        csn.task_vectors = vec![Vec::new(), Vec::new()];
+        Package::from_bytes(&csn.to_bytes().expect("b"), Path::new("csn.modpack")).expect("loads");
+        csn.tails.switch = Some(vec![7]);
+        assert!(Package::from_bytes(&csn.to_bytes().expect("b"), Path::new("c")).is_err());
     }
 
     #[test]

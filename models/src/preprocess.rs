@@ -22,8 +22,9 @@ pub enum Fit {
 pub struct Preprocess {
     pub mean: [f32; 3],
     pub std: [f32; 3],
-    /// How the training data squared its images; checkpoints written before it
-    /// existed cropped ([`Fit::Crop`]).
+    /// How the training data squared its images. Checkpoints written before it
+    /// existed read as [`Fit::Crop`], or [`Fit::Pad`] where they trained on
+    /// `zappos:` data; version-1 packages, which cannot tell, as cropping.
     #[serde(default)]
     pub fit: Fit,
 }
