@@ -467,6 +467,13 @@ fn every_variant_route_and_precision_runs_in_the_runtime_as_in_candle() {
             Precision::F32,
             1e-4,
         ),
+        (
+            "branch:4 switch",
+            Variant::Branch { k: 4 },
+            FoldTasks::None,
+            Precision::F32,
+            1e-4,
+        ),
     ];
     for (name, variant, fold, precision, tolerance) in cases {
         let ckpt = crate::common::checkpoint(&spec(), variant, &tasks);

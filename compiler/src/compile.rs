@@ -69,6 +69,36 @@ pub fn task_maps(ckpt: &Checkpoint, t: usize) -> Result<Vec<ChannelMap>> {
         .collect()
 }
 
+/// Task `t`'s own numbers, the switch tail's inputs after the features
+/// ([`Variant::task_numbers`]): its ReLU'd vectors or projections, CSN's mask, or
+/// `branch:K`'s head weights and biases.
+fn task_inputs(ckpt: &Checkpoint, t: usize) -> Result<Vec<Vec<f32>>> {
+    if let Some(h) = branch_head(ckpt, t)? {
+        return Ok(vec![h.weight, h.bias]);
+    }
+    Ok(task_maps(ckpt, t)?
+        .into_iter()
+        .map(|m| match m {
+            ChannelMap::Scale(v) | ChannelMap::Matrix(v) => v,
+        })
+        .collect())
+}
+
+/// Task `t`'s `branch:K` head, for that variant.
+fn branch_head(ckpt: &Checkpoint, t: usize) -> Result<Option<Head>> {
+    let Variant::Branch { k } = ckpt.header.variant else {
+        return Ok(None);
+    };
+    let w = ckpt.tensor(names::BRANCH_WEIGHT)?;
+    let b = ckpt.tensor(names::BRANCH_BIAS)?;
+    let per = k * ckpt.header.spec.embedding;
+    Ok(Some(Head {
+        weight: w.data[t * per..(t + 1) * per].to_vec(),
+        bias: b.data[t * k..(t + 1) * k].to_vec(),
+        k,
+    }))
+}
+
 /// Task `t`'s network with everything task-specific folded in, and its head.
 pub fn task_network(
     ckpt: &Checkpoint,
@@ -84,19 +114,7 @@ pub fn task_network(
         return Ok((net, None));
     }
     let maps = task_maps(ckpt, t)?;
-    let head = match h.variant {
-        Variant::Branch { k } => {
-            let w = ckpt.tensor(names::BRANCH_WEIGHT)?;
-            let b = ckpt.tensor(names::BRANCH_BIAS)?;
-            let per = k * h.spec.embedding;
-            Some(Head {
-                weight: w.data[t * per..(t + 1) * per].to_vec(),
-                bias: b.data[t * k..(t + 1) * k].to_vec(),
-                k,
-            })
-        }
-        _ => None,
-    };
+    let head = branch_head(ckpt, t)?;
     let net = if maps.is_empty() {
         base.clone()
     } else {
@@ -143,13 +161,6 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
         }
     };
     let needs_switch = keep.iter().any(|t| !fold.contains(t));
-    let switchable =
-        h.variant.is_modulated() || matches!(h.variant, Variant::Shared | Variant::Csn);
-    if needs_switch && !switchable {
-        return Err(unsupported(
-            "its per-task head cannot be a runtime switch; compile with `--fold-tasks all`",
-        ));
-    }
     if needs_switch && h.variant.is_modulated() && h.spec.modulation == Modulation::Projection {
         return Err(unsupported(
             "the runtime switch takes channel vectors, not projection matrices; compile with `--fold-tasks all`",
@@ -161,6 +172,8 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
         None
     } else if h.variant == Variant::Shared {
         Some(emit::folded_tail(&h.spec, &base, None, opts.precision).0)
+    } else if let Variant::Branch { k } = h.variant {
+        Some(emit::branch_switch_tail(&h.spec, &base, k, opts.precision).0)
     } else {
         let stages = h.variant.task_scaled_stages(&h.spec);
         Some(emit::switch_tail(&h.spec, &base, &stages, opts.precision).0)
@@ -175,14 +188,7 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
     }
     let task_vectors = keep
         .iter()
-        .map(|&t| {
-            Ok(task_maps(ckpt, t)?
-                .into_iter()
-                .map(|m| match m {
-                    ChannelMap::Scale(v) | ChannelMap::Matrix(v) => v,
-                })
-                .collect())
-        })
+        .map(|&t| task_inputs(ckpt, t))
         .collect::<Result<_>>()?;
     Ok(Package {
         spec: h.spec.clone(),

@@ -257,6 +257,48 @@ pub fn switch_tail(
     (g.finish(), params)
 }
 
+/// `branch:K`'s runtime switch: features `[1, C, H, W]` of one image plus `B`
+/// tasks' heads, weights `[B, K·E]` and biases `[B, K]` → embeddings `[B, K]`. The
+/// shared network runs once; the batch starts at the heads' product.
+pub fn branch_switch_tail(
+    spec: &NetSpec,
+    net: &PlainNet,
+    k: usize,
+    precision: Precision,
+) -> (Vec<u8>, usize) {
+    let mut g = GraphBuilder::new("switch_tail", precision);
+    let (c, hw) = features_shape(spec);
+    let e = spec.embedding;
+    let mut x = g.input(
+        FEATURES,
+        &[Dim::Fixed(1), Dim::Fixed(c), Dim::Fixed(hw), Dim::Fixed(hw)],
+    );
+    let w = g.input(
+        &vector_input("branch.weight"),
+        &[Dim::Symbol("B"), Dim::Fixed(k * e)],
+    );
+    let b = g.input(
+        &vector_input("branch.bias"),
+        &[Dim::Symbol("B"), Dim::Fixed(k)],
+    );
+    for s in spec.first_modulated + 1..=5 {
+        x = stage(&mut g, net, s, &x);
+    }
+    let shared = fc(&mut g, net, &x);
+    let column = g.ints("shape", &[e as i64, 1]);
+    let column = g.op("Reshape", &[&shared, &column], "embedding_column", &[]);
+    let heads = g.ints("shape", &[-1, k as i64, e as i64]);
+    let heads = g.op("Reshape", &[&w, &heads], "heads", &[]);
+    let y = g.op("MatMul", &[&heads, &column], "branch", &[]);
+    let rows = g.ints("shape", &[-1, k as i64]);
+    let y = g.op("Reshape", &[&y, &rows], "branch_rows", &[]);
+    let y = g.op("Add", &[&y, &b], "branch_bias", &[]);
+    l2_normalize(&mut g, &y);
+    g.output(EMBEDDING, &[Dim::Symbol("B"), Dim::Fixed(k)]);
+    let params = g.params;
+    (g.finish(), params)
+}
+
 /// One task as a single standard model: image `[N, 3, S, S]` → embedding `[N, E]`.
 pub fn export_model(
     spec: &NetSpec,

@@ -45,7 +45,7 @@ pub fn tract_embed(pkg: &Package, images: &Array, task: usize) -> Result<(Array,
         graph: "switch tail".into(),
         msg: format!("task {name:?} has neither a folded nor a switch tail"),
     })?;
-    if pkg.variant.task_scaled_stages(&pkg.spec).is_empty() {
+    if pkg.variant.task_numbers(&pkg.spec).is_empty() {
         return Ok((run("shared tail", switch, &[features])?, "switch"));
     }
     // One image at a time: the switch tail takes one feature map and B task vectors.

@@ -281,11 +281,6 @@ fn unsupported_requests_get_clear_errors() {
         err.contains("independent") && err.contains("export-onnx"),
         "{err}"
     );
-    let branch = checkpoint(&small(), Variant::Branch { k: 4 }, &TASKS);
-    let err = compile(&branch, &CompileOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("--fold-tasks all"), "{err}");
     let m = checkpoint(&small(), Variant::Modulated, &TASKS);
     let opts = CompileOptions {
         tasks: Some(vec!["smile".into()]),
@@ -320,38 +315,52 @@ fn unsupported_requests_get_clear_errors() {
 }
 
 #[test]
-fn csn_masks_are_a_runtime_switch_too() {
-    // CSN's per-task mask scales fc's outputs: the switch tail takes it as its one
-    // vector per task, and equals the folded tails.
-    let ckpt = checkpoint(&small(), Variant::Csn, &TASKS);
-    let switch = compile(&ckpt, &CompileOptions::default()).expect("switch");
-    let opts = CompileOptions {
-        fold: FoldTasks::All,
-        ..Default::default()
-    };
-    let folded = compile(&ckpt, &opts).expect("folded");
-    assert!(switch.tails.switch.is_some() && switch.tails.folded.is_empty());
-    assert!(
-        switch
-            .task_vectors
-            .iter()
-            .all(|v| v.len() == 1 && v[0].len() == 8)
-    );
-    for pkg in [&switch, &folded] {
-        for c in verify(pkg, &ckpt, 2).expect("verify") {
-            assert!(c.max_abs_error < 1e-4, "{}: {}", c.task, c.max_abs_error);
+fn csn_masks_and_branch_heads_are_a_runtime_switch_too() {
+    // CSN's per-task mask scales fc's outputs, branch:K's head maps them to K: the
+    // switch tail takes either as the task's inputs, and equals the folded tails.
+    for (variant, inputs) in [
+        (Variant::Csn, vec![8]),
+        (Variant::Branch { k: 4 }, vec![32, 4]),
+    ] {
+        let ckpt = checkpoint(&small(), variant, &TASKS);
+        let switch = compile(&ckpt, &CompileOptions::default()).expect("switch");
+        let opts = CompileOptions {
+            fold: FoldTasks::All,
+            ..Default::default()
+        };
+        let folded = compile(&ckpt, &opts).expect("folded");
+        assert!(switch.tails.switch.is_some() && switch.tails.folded.is_empty());
+        for v in &switch.task_vectors {
+            assert_eq!(
+                v.iter().map(Vec::len).collect::<Vec<_>>(),
+                inputs,
+                "{variant}"
+            );
         }
+        for pkg in [&switch, &folded] {
+            for c in verify(pkg, &ckpt, 2).expect("verify") {
+                assert!(
+                    c.max_abs_error < 1e-4,
+                    "{variant} {}: {}",
+                    c.task,
+                    c.max_abs_error
+                );
+            }
+        }
+        let images = sample_images(&switch, 2);
+        for t in 0..TASKS.len() {
+            let ((_, a), _) = tract_embed(&switch, &images, t).expect("switch");
+            let ((_, b), _) = tract_embed(&folded, &images, t).expect("folded");
+            assert!(
+                a.len() == b.len() && max_abs_diff(&a, &b) < 1e-5,
+                "{variant} task {t}"
+            );
+        }
+        // The tasks' own numbers differ, so their embeddings do.
+        let ((_, a), _) = tract_embed(&switch, &images, 0).expect("0");
+        let ((_, b), _) = tract_embed(&switch, &images, 1).expect("1");
+        assert!(max_abs_diff(&a, &b) > 1e-3, "{variant}");
     }
-    let images = sample_images(&switch, 2);
-    for t in 0..TASKS.len() {
-        let ((_, a), _) = tract_embed(&switch, &images, t).expect("switch");
-        let ((_, b), _) = tract_embed(&folded, &images, t).expect("folded");
-        assert!(max_abs_diff(&a, &b) < 1e-5, "task {t}");
-    }
-    // The masks differ per task, so the tasks' embeddings do.
-    let ((_, a), _) = tract_embed(&switch, &images, 0).expect("0");
-    let ((_, b), _) = tract_embed(&switch, &images, 1).expect("1");
-    assert!(max_abs_diff(&a, &b) > 1e-3);
 }
 
 #[test]

@@ -30,9 +30,8 @@ impl Variant {
         matches!(self, Variant::Modulated | Variant::OnlyMask)
     }
 
-    /// The stage outputs each task scales by its own numbers, which a package's
-    /// runtime switch takes as inputs: every modulated stage, CSN's fc output (its
-    /// masks), none for the rest.
+    /// The stage outputs each task scales by its own numbers: every modulated
+    /// stage, CSN's fc output (its masks), none for the rest.
     pub fn task_scaled_stages(self, spec: &NetSpec) -> Vec<StageShape> {
         match self {
             _ if self.is_modulated() => spec.modulated_stages(),
@@ -45,9 +44,14 @@ impl Variant {
         }
     }
 
-    /// The numbers per task of each of [`Variant::task_scaled_stages`]: `C`, or
-    /// `C²` for projection modulation.
+    /// How many numbers of its own each task feeds a package's runtime switch, one
+    /// entry per input: per scaled stage `C` (or `C²` for projection modulation),
+    /// and for `branch:K` its head, `K·E` weights then `K` biases. Empty for the
+    /// shared network, whose switch takes the features alone.
     pub fn task_numbers(self, spec: &NetSpec) -> Vec<usize> {
+        if let Variant::Branch { k } = self {
+            return vec![k * spec.embedding, k];
+        }
         let square = self.is_modulated() && spec.modulation == Modulation::Projection;
         self.task_scaled_stages(spec)
             .iter()

@@ -131,7 +131,7 @@ impl Model {
         }
         let switch = pkg.tails.switch.clone().map(|onnx| Switch {
             onnx,
-            takes_vectors: !pkg.variant.task_scaled_stages(&pkg.spec).is_empty(),
+            takes_vectors: !pkg.variant.task_numbers(&pkg.spec).is_empty(),
             plans: Mutex::new(HashMap::new()),
         });
         let mut model = Model {
