@@ -48,6 +48,20 @@ pub struct TaskRows {
     pub labels: Vec<i8>,
 }
 
+/// One task's retrieval quality over a gallery, leave one out: every image with a
+/// known value queries the others with known values, and precision@k is the mean
+/// fraction of its `k` nearest that share its value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Retrieval {
+    pub task: String,
+    /// Images with a known value: the queries, and what they search.
+    pub queries: usize,
+    pub k: usize,
+    pub precision: f64,
+    /// What `k` random images would score: Σ_c n_c (n_c − 1) / (n (n − 1)).
+    pub chance: f64,
+}
+
 /// A gallery index in memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GalleryIndex {
@@ -342,6 +356,45 @@ impl GalleryIndex {
         self.ids.iter().position(|i| *i == id)
     }
 
+    /// [`Retrieval`] of `rows` at `k` (capped at the other labelled images), or
+    /// `None` where fewer than two images have a known value.
+    pub fn retrieval(&self, rows: &TaskRows, k: usize) -> Option<Retrieval> {
+        let known: Vec<usize> = (0..rows.labels.len())
+            .filter(|&r| rows.labels[r] != 0)
+            .collect();
+        let n = known.len();
+        if n < 2 || k == 0 || self.dim == 0 {
+            return None;
+        }
+        let k = k.min(n - 1);
+        let embedding: Vec<f32> = known
+            .iter()
+            .flat_map(|&r| &rows.rows[r * self.dim..(r + 1) * self.dim])
+            .copied()
+            .collect();
+        let hits: Vec<usize> = (0..n)
+            .into_par_iter()
+            .map(|q| {
+                let query = &embedding[q * self.dim..(q + 1) * self.dim];
+                let value = rows.labels[known[q]];
+                nearest(&embedding, self.dim, query, k, |r| r == q)
+                    .iter()
+                    .filter(|h| rows.labels[known[h.row]] == value)
+                    .count()
+            })
+            .collect();
+        let positive = known.iter().filter(|&&r| rows.labels[r] > 0).count() as f64;
+        let pairs = |c: f64| c * (c - 1.0);
+        let n_f = n as f64;
+        Some(Retrieval {
+            task: rows.task.clone(),
+            queries: n,
+            k,
+            precision: hits.iter().sum::<usize>() as f64 / (n * k) as f64,
+            chance: (pairs(positive) + pairs(n_f - positive)) / pairs(n_f),
+        })
+    }
+
     /// The `k` images nearest to `query` for `rows`, skipping `exclude`.
     pub fn search(
         &self,
@@ -351,5 +404,42 @@ impl GalleryIndex {
         exclude: Option<usize>,
     ) -> Vec<Hit> {
         nearest(&rows.rows, self.dim, query, k, |r| Some(r) == exclude)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retrieval_is_leave_one_out_precision_among_known_values() {
+        // 1-d embeddings: two clusters, one image of each value in the wrong one,
+        // and an unknown value in between that must neither query nor be found.
+        let rows = TaskRows {
+            task: "smiling".into(),
+            rows: vec![0.0, 0.1, 0.2, 0.15, 5.0, 5.1, 5.2, 0.05],
+            labels: vec![1, 1, 1, -1, -1, -1, 1, 0],
+        };
+        let index = GalleryIndex {
+            fingerprint: 0,
+            root: PathBuf::new(),
+            dim: 1,
+            ids: (0..8).map(|i| format!("{i}.png")).collect(),
+            tasks: vec![rows.clone()],
+        };
+        let r = index.retrieval(&rows, 1).expect("known values");
+        assert_eq!((r.queries, r.k), (7, 1));
+        // Nearest known neighbour (ties to the lower row): 0→1 ✓, 1→3 ✗, 2→3 ✗,
+        // 3→1 ✗, 4→5 ✓, 5→4 ✓, 6→5 ✗; row 7 (unknown, at 0.05) is never found.
+        assert!((r.precision - 3.0 / 7.0).abs() < 1e-12, "{r:?}");
+        // 4 with, 3 without: (4·3 + 3·2) / (7·6).
+        assert!((r.chance - 18.0 / 42.0).abs() < 1e-12);
+        // k past the other labelled images is capped; no values, no result.
+        assert_eq!(index.retrieval(&rows, 100).expect("capped").k, 6);
+        let unknown = TaskRows {
+            labels: vec![0; 8],
+            ..rows
+        };
+        assert!(index.retrieval(&unknown, 5).is_none());
     }
 }

@@ -35,6 +35,7 @@ enum Command {
     Index(IndexArgs),
     Query(QueryArgs),
     Embed(EmbedArgs),
+    Eval(EvalArgs),
     Bench(BenchArgs),
 }
 
@@ -124,6 +125,27 @@ struct EmbedArgs {
     /// One task; default: every task of the package.
     #[arg(long, short)]
     task: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Retrieval quality of a labelled gallery, per task: every image with a known
+/// value queries all the others (leave one out), and precision@k is the mean
+/// fraction of its k nearest that share its value, beside what random results
+/// would score. Needs an index of a CelebA-layout folder (attribute values).
+///
+/// Example: modrt eval --index faces.modidx -k 5
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// The gallery index (`modrt index`).
+    #[arg(long, short)]
+    index: PathBuf,
+    /// Results per query.
+    #[arg(short, default_value_t = 5)]
+    k: usize,
+    /// Tasks to evaluate (comma list); default: every task the index holds.
+    #[arg(long, short, value_delimiter = ',')]
+    tasks: Vec<String>,
     #[arg(long)]
     json: bool,
 }
@@ -392,6 +414,68 @@ fn pattern(side: u32) -> DynamicImage {
     }))
 }
 
+impl EvalArgs {
+    fn run(self) -> Result<String> {
+        let mut out = String::new();
+        if self.k == 0 {
+            bail!("-k 0: ask for at least one result per query");
+        }
+        let index = GalleryIndex::load(&self.index)?;
+        let rows: Vec<&index::TaskRows> = if self.tasks.is_empty() {
+            index.tasks.iter().collect()
+        } else {
+            self.tasks
+                .iter()
+                .map(|t| index.task(t, &self.index))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        let mut results = Vec::new();
+        for r in rows {
+            match index.retrieval(r, self.k) {
+                Some(q) => results.push(q),
+                None if self.tasks.is_empty() => {}
+                None => bail!(
+                    "{:?} holds no attribute values for {:?}: index a CelebA-layout folder (img_align_celeba/ + Anno/list_attr_celeba.txt)",
+                    self.index,
+                    r.task
+                ),
+            }
+        }
+        if results.is_empty() {
+            bail!(
+                "{:?} holds no attribute values: index a CelebA-layout folder (img_align_celeba/ + Anno/list_attr_celeba.txt)",
+                self.index
+            );
+        }
+        let mean = results.iter().map(|r| r.precision).sum::<f64>() / results.len() as f64;
+        if self.json {
+            let v = serde_json::json!({ "k": self.k, "tasks": results, "mean_precision": mean });
+            say!(out, "{}", serde_json::to_string_pretty(&v)?);
+            return Ok(out);
+        }
+        say!(
+            out,
+            "{:<22} {:>8} {:>12} {:>8}",
+            "task",
+            "queries",
+            format!("precision@{}", self.k),
+            "chance"
+        );
+        for r in &results {
+            say!(
+                out,
+                "{:<22} {:>8} {:>12.3} {:>8.3}",
+                r.task,
+                r.queries,
+                r.precision,
+                r.chance
+            );
+        }
+        say!(out, "{:<22} {:>8} {:>12.3}", "mean", "", mean);
+        Ok(out)
+    }
+}
+
 impl BenchArgs {
     fn run(self) -> Result<String> {
         let mut out = String::new();
@@ -460,6 +544,7 @@ fn main() -> ExitCode {
         Command::Index(a) => a.run(),
         Command::Query(a) => a.run(),
         Command::Embed(a) => a.run(),
+        Command::Eval(a) => a.run(),
         Command::Bench(a) => a.run(),
     };
     let result = result.and_then(|out| {

@@ -274,3 +274,78 @@ fn bad_input_is_one_line_with_exit_status_2() {
         "holds no images",
     );
 }
+
+#[test]
+fn eval_scores_the_gallery_as_query_would_one_image_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let images = gallery(tmp.path());
+    let model = pretrained();
+    let model = model.to_str().expect("path");
+    let idx = tmp.path().join("g.modidx");
+    let idx_s = idx.to_str().expect("path");
+    ok(&[
+        "index",
+        tmp.path().to_str().expect("path"),
+        "-m",
+        model,
+        "-o",
+        idx_s,
+    ]);
+
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["eval", "--index", idx_s, "-k", "3", "--json"])).expect("json");
+    let tasks = v["tasks"].as_array().expect("tasks");
+    // Only the attribute file's columns have values: smiling (6 with, 6 without)
+    // and young (all without).
+    let names: Vec<&str> = tasks
+        .iter()
+        .map(|t| t["task"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["smiling", "young"], "{v}");
+    let smiling = &tasks[0];
+    assert_eq!(
+        (smiling["queries"].as_u64(), smiling["k"].as_u64()),
+        (Some(12), Some(3))
+    );
+    let chance = smiling["chance"].as_f64().expect("chance");
+    assert!((chance - 60.0 / 132.0).abs() < 1e-9, "{chance}");
+    assert_eq!(tasks[1]["precision"].as_f64(), Some(1.0));
+
+    // The same number from `modrt query`, one gallery image at a time.
+    let mut matches = 0;
+    for i in 0..12 {
+        let q = images.join(format!("{i:06}.png"));
+        let r: serde_json::Value = serde_json::from_str(&ok(&[
+            "query",
+            q.to_str().expect("path"),
+            "--task",
+            "smiling",
+            "-m",
+            model,
+            "--index",
+            idx_s,
+            "-k",
+            "3",
+            "--json",
+        ]))
+        .expect("json");
+        let want = r["query_label"].as_bool().expect("label");
+        matches += r["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .filter(|h| h["label"].as_bool() == Some(want))
+            .count();
+    }
+    let precision = smiling["precision"].as_f64().expect("precision");
+    assert!(
+        (precision - matches as f64 / 36.0).abs() < 1e-9,
+        "{precision} vs {matches}/36"
+    );
+
+    fails(
+        &["eval", "--index", idx_s, "--tasks", "bangs"],
+        "no attribute values for \"bangs\"",
+    );
+    fails(&["eval", "--index", idx_s, "-k", "0"], "-k 0");
+}
