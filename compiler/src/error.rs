@@ -25,10 +25,4 @@ pub enum Error {
 
     #[error(transparent)]
     Models(#[from] modkit_models::Error),
-
-    #[error(transparent)]
-    Trainer(#[from] modkit_trainer::Error),
-
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }

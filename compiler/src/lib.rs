@@ -8,6 +8,7 @@
 //! * [`fold_task_scales`]: a task's modulation → the next linear layer, once per task.
 //! * [`emit`]: ONNX graphs (trunk, switch tail, folded tails, export model) written
 //!   with [`graph`] over tract-onnx's protobuf types.
+//! * [`reference`]: the checkpoint evaluated directly, what `verify` compares with.
 //! * [`compile`](compile::compile), [`inspect`](inspect::inspect),
 //!   [`verify`](verify::verify): the `modc` subcommands.
 //!
@@ -27,6 +28,7 @@ pub mod fold_batch_norm;
 pub mod fold_task_scales;
 pub mod graph;
 pub mod inspect;
+pub mod reference;
 pub mod tract_run;
 pub mod verify;
 

@@ -67,7 +67,8 @@ struct InspectArgs {
     json: bool,
 }
 
-/// Run every graph of a package with tract and compare with the checkpoint in candle.
+/// Run every graph of a package with tract and compare with the checkpoint
+/// evaluated directly (BatchNorm and task modulation unfolded), per task.
 #[derive(Debug, Args)]
 struct VerifyArgs {
     package: PathBuf,

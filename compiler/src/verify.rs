@@ -1,13 +1,11 @@
-//! `modc verify`: runs every graph of a package with tract on deterministic images
-//! (faces from the built-in generator) and compares the embeddings with the
-//! trainer's forward pass in candle, per task.
+//! `modc verify`: runs every graph of a package with tract on deterministic test
+//! images and compares the embeddings, per task, with the checkpoint evaluated
+//! directly ([`crate::reference`]: BatchNorm and modulation unfolded, no ONNX).
 
-use candle_core::Device;
 use modkit_models::{Checkpoint, Package};
-use modkit_trainer::data::synth;
-use modkit_trainer::net::network_from_checkpoint;
 
 use crate::emit::features_shape;
+use crate::reference;
 use crate::tract_run::{Array, run};
 use crate::{Error, Result};
 
@@ -20,17 +18,62 @@ pub struct TaskCheck {
     pub max_abs_error: f32,
 }
 
-/// The network input for `n` generated faces, `[n, 3, S, S]`.
+/// The network input for `n` deterministic test images, `[n, 3, S, S]`, through
+/// the package's normalisation: a colour gradient, a few discs and a fine ripple,
+/// different for every index. Pictures rather than noise, so that neighbouring
+/// pixels correlate and the convolutions see edges and flat regions.
 pub fn sample_images(pkg: &Package, n: usize) -> Array {
     let s = pkg.spec.input_size;
     let mut data = Vec::with_capacity(n * 3 * s * s);
     for i in 0..n {
-        let face = synth::face(2024, i as u64, s);
+        let rgb = test_pattern(i as u64, s);
         for c in 0..3 {
-            data.extend((0..s * s).map(|p| pkg.preprocess.apply(c, face.pixels[p * 3 + c])));
+            data.extend(rgb.iter().map(|px| pkg.preprocess.apply(c, px[c])));
         }
     }
     (vec![n, 3, s, s], data)
+}
+
+/// SplitMix64: a few lines of well-known, seedable randomness.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Test image `index`, `side`², row-major RGB.
+fn test_pattern(index: u64, side: usize) -> Vec<[u8; 3]> {
+    let mut state = 0x6d6f_646b_6974 ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut unit = || (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
+    let mut colour = || [unit(), unit(), unit()];
+    let (from, to) = (colour(), colour());
+    let angle = unit() * std::f32::consts::TAU;
+    let (ca, sa) = (angle.cos(), angle.sin());
+    let ripple = (unit() * 0.5 + 0.2, unit() * 0.5 + 0.2, unit() * 6.0);
+    let discs: Vec<([f32; 2], f32, [f32; 3])> = (0..4)
+        .map(|_| {
+            let (cx, cy, r) = (unit(), unit(), 0.08 + 0.25 * unit());
+            ([cx, cy], r, [unit(), unit(), unit()])
+        })
+        .collect();
+    let side_f = side as f32;
+    (0..side * side)
+        .map(|p| {
+            let (x, y) = ((p % side) as f32 / side_f, (p / side) as f32 / side_f);
+            let t = ((x - 0.5) * ca + (y - 0.5) * sa + 0.5).clamp(0.0, 1.0);
+            let mut c: [f32; 3] = std::array::from_fn(|k| from[k] + (to[k] - from[k]) * t);
+            for ([cx, cy], r, dc) in &discs {
+                if (x - cx).powi(2) + (y - cy).powi(2) < r * r {
+                    c = *dc;
+                }
+            }
+            let wave = 0.08
+                * (ripple.0 * (p % side) as f32 + ripple.1 * (p / side) as f32 + ripple.2).sin();
+            c.map(|v| ((v + wave).clamp(0.0, 1.0) * 255.0).round() as u8)
+        })
+        .collect()
 }
 
 /// Embeddings of `images` for package task `task` through tract: the trunk once,
@@ -100,10 +143,7 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
             ),
         });
     }
-    let device = Device::Cpu;
-    let (_vm, net) = network_from_checkpoint(ckpt, &device)?;
     let images = sample_images(pkg, n);
-    let x = candle_core::Tensor::from_slice(&images.1, images.0.as_slice(), &device)?;
     let mut out = Vec::new();
     for (t, name) in pkg.tasks.iter().enumerate() {
         let ct = ckpt
@@ -117,10 +157,7 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
                     ckpt.header.tasks.join(", ")
                 ))
             })?;
-        let reference = net
-            .forward_grouped(&x, &[(ct, n)], false)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let (_, reference) = reference::embed(ckpt, &images, ct)?;
         let ((_, got), route) = tract_embed(pkg, &images, t)?;
         if got.len() != reference.len() {
             return Err(Error::Graph {

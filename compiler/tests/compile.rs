@@ -3,7 +3,7 @@
 
 use modkit_compiler::compile::{CompileOptions, FoldTasks, compile, task_network};
 use modkit_compiler::verify::{max_abs_diff, sample_images, tract_embed, verify};
-use modkit_compiler::{emit, fold_batch_norm, inspect, tract_run};
+use modkit_compiler::{emit, fold_batch_norm, inspect, reference, tract_run};
 use modkit_models::{NetSpec, Package, Precision, Variant};
 use prost::Message;
 use tract_onnx::pb::{ModelProto, tensor_proto::DataType};
@@ -117,6 +117,101 @@ fn packages_match_candle_for_every_variant_and_mode() {
             c.max_abs_error
         );
     }
+}
+
+/// The reference `verify` compares with is the trainer's evaluation forward pass:
+/// every variant, both modulations, every modulation point, with and without
+/// BatchNorm, every task.
+#[test]
+fn reference_equals_the_trainers_forward_pass() {
+    let mut cases = vec![];
+    for variant in [
+        Variant::Modulated,
+        Variant::Shared,
+        Variant::Independent,
+        Variant::Csn,
+        Variant::Branch { k: 5 },
+        Variant::OnlyMask,
+    ] {
+        cases.push((small(), variant));
+    }
+    let mut proj = small();
+    proj.modulation = modkit_models::Modulation::Projection;
+    cases.push((proj, Variant::Modulated));
+    for n in [2, 3, 5] {
+        for bn in [true, false] {
+            let mut s = small();
+            s.first_modulated = n;
+            s.batch_norm = bn;
+            cases.push((s, Variant::Modulated));
+        }
+    }
+    for (spec, variant) in cases {
+        let ckpt = checkpoint(&spec, variant, &TASKS);
+        let pkg_like = Package {
+            spec: spec.clone(),
+            ..compile(
+                &checkpoint(&small(), Variant::Modulated, &TASKS),
+                &CompileOptions::default(),
+            )
+            .expect("pkg")
+        };
+        let images = sample_images(&pkg_like, 2);
+        let (_vm, net) =
+            modkit_trainer::net::network_from_checkpoint(&ckpt, &candle_core::Device::Cpu)
+                .expect("candle");
+        let x = candle_core::Tensor::from_slice(
+            &images.1,
+            images.0.as_slice(),
+            &candle_core::Device::Cpu,
+        )
+        .expect("x");
+        let mut outputs = vec![];
+        for t in 0..TASKS.len() {
+            let want = net
+                .forward_grouped(&x, &[(t, 2)], false)
+                .and_then(|e| Ok(e.flatten_all()?.to_vec1::<f32>()?))
+                .expect("candle forward");
+            let (shape, got) = reference::embed(&ckpt, &images, t).expect("reference");
+            assert_eq!(shape, vec![2, want.len() / 2]);
+            let d = max_abs_diff(&got, &want);
+            assert!(
+                d < 1e-5,
+                "{variant} N={} bn={}: task {t}: {d}",
+                spec.first_modulated,
+                spec.batch_norm
+            );
+            outputs.push(got);
+        }
+        // Not trivially equal: the images and, but for `shared`, the tasks differ.
+        let dim = outputs[0].len() / 2;
+        assert!(max_abs_diff(&outputs[0][..dim], &outputs[0][dim..]) > 1e-2);
+        if variant != Variant::Shared {
+            assert!(max_abs_diff(&outputs[0], &outputs[1]) > 1e-2, "{variant}");
+        }
+    }
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let err = reference::embed(&ckpt, &(vec![1, 3, 5, 5], vec![0.0; 75]), 0).unwrap_err();
+    assert!(err.to_string().contains("[1, 3, 5, 5]"), "{err}");
+    let images = (vec![1, 3, 48, 48], vec![0.0; 3 * 48 * 48]);
+    let err = reference::embed(&ckpt, &images, 3).unwrap_err();
+    assert!(err.to_string().contains("3 tasks"), "{err}");
+}
+
+/// `verify` fails a package whose task numbers were changed after compiling, and
+/// only on that task.
+#[test]
+fn verify_catches_a_changed_task_vector() {
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let mut pkg = compile(&ckpt, &CompileOptions::default()).expect("compile");
+    pkg.task_vectors[1][0]
+        .iter_mut()
+        .step_by(2)
+        .for_each(|v| *v = 0.0);
+    let checks = verify(&pkg, &ckpt, 2).expect("verify");
+    let errors: Vec<f32> = checks.iter().map(|c| c.max_abs_error).collect();
+    assert!(errors[0] < 1e-5 && errors[2] < 1e-5, "{errors:?}");
+    assert!(errors[1] > 1e-3, "{errors:?}");
 }
 
 #[test]

@@ -20,10 +20,15 @@ pub fn checkpoint(spec: &NetSpec, variant: Variant, tasks: &[&str]) -> Checkpoin
                 let u = ((i * 7919 + j * 104_729) % 1000) as f32 / 1000.0; // [0, 1)
                 if e.name.ends_with("running_var") {
                     0.5 + u
+                } else if e.name.ends_with("bn.weight") {
+                    // Scales near 1, so the image still shapes the embedding after
+                    // 13 layers (with scales in ±0.5 the biases drowned it).
+                    0.8 + 0.4 * u
                 } else if e.name.starts_with("modulation.") || e.name == names::CSN_MASKS {
                     2.0 * u - 0.3
                 } else if e.name.ends_with("weight") && e.shape.len() > 1 {
-                    (2.0 * u - 1.0) * (3.0 / fan_in as f32).sqrt()
+                    // He-uniform: variance 2 / fan-in, as ReLU networks are initialised.
+                    (2.0 * u - 1.0) * (6.0 / fan_in as f32).sqrt()
                 } else {
                     u - 0.5
                 }
