@@ -22,12 +22,35 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The image file is missing or cannot be read.
+    #[error("{path:?}: cannot read image: {source}")]
+    ImageRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The image file was read but is not an image the `image` crate decodes.
     #[error("{path:?}: cannot decode image: {source}")]
     Image {
         path: PathBuf,
         #[source]
         source: image::ImageError,
     },
+
+    /// Writing an image failed in the encoder.
+    #[error("{path:?}: cannot encode image: {source}")]
+    ImageEncode {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+
+    /// CelebA's partition file lacks an image of the attribute file.
+    #[error(
+        "{path:?} has no line for image {file:?}, which list_attr_celeba.txt lists: add one (`{file} 0` for train, 1 val, 2 test) or remove the image's line from list_attr_celeba.txt"
+    )]
+    NoPartition { path: PathBuf, file: String },
 
     #[error(
         "unknown data source {value:?}: use `synth`, `celeba:DIR`, `zappos:DIR` or `folder:DIR`"
@@ -51,13 +74,20 @@ pub enum Error {
     },
 
     #[error(
-        "loss became {loss} at epoch {epoch}, step {step}; stopped, the last good checkpoint is kept. Lower --lr or check the data"
+        "loss became {loss} at epoch {epoch}, step {step}; stopped, {}. Lower --lr or check the data",
+        kept(*.epoch)
     )]
     NonFinite {
         epoch: usize,
         step: usize,
         loss: f32,
     },
+
+    #[error(
+        "{tensor} holds non-finite values after epoch {epoch} (training diverged); stopped, {}. Lower --lr or check the data",
+        kept(*.epoch)
+    )]
+    Diverged { epoch: usize, tensor: String },
 
     #[error(
         "image size {found} does not match the spec's input {expected}; load the data at {expected}"
@@ -72,4 +102,12 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// What a run stopped in epoch `epoch` leaves behind.
+fn kept(epoch: usize) -> String {
+    match epoch {
+        0 | 1 => "no checkpoint was written".into(),
+        e => format!("the checkpoint of epoch {} is kept", e - 1),
+    }
 }

@@ -316,6 +316,9 @@ struct Backbone {
     fc_weight: Tensor,
     fc_bias: Option<Tensor>,
     fc_bn: Option<Norm>,
+    /// BatchNorm always in evaluation form, on its running statistics, which
+    /// training then leaves as they are: `only-mask`'s fixed network.
+    frozen: bool,
 }
 
 impl Backbone {
@@ -337,7 +340,14 @@ impl Backbone {
             fc_weight: fc.get((spec.embedding, spec.fc_inputs()), "weight")?,
             fc_bias,
             fc_bn,
+            frozen: false,
         })
+    }
+
+    /// Whether BatchNorm normalises with the batch's statistics (and updates the
+    /// running ones): in training, unless the network is frozen.
+    fn batch_statistics(&self, train: bool) -> bool {
+        train && !self.frozen
     }
 
     /// Stage `k`: 1 is conv1 (with its ReLU), 2..=5 the blocks.
@@ -349,15 +359,17 @@ impl Backbone {
     /// last stage's output would keep every intermediate tensor of the forward
     /// alive. Evaluating the tiny spec's test set that way peaked at 1.29 GB.
     fn stage(&self, k: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        let stats = self.batch_statistics(train);
         let y = if k == 1 {
-            self.conv1.forward(x, train, true, None)?
+            self.conv1.forward(x, stats, true, None)?
         } else {
-            self.blocks[k - 2].forward(x, train)?
+            self.blocks[k - 2].forward(x, stats)?
         };
         Ok(if train { y } else { y.detach() })
     }
 
     fn fc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let train = self.batch_statistics(train);
         let y = x.flatten_from(1)?.matmul(&self.fc_weight.t()?)?;
         Ok(match (&self.fc_bias, &self.fc_bn) {
             (_, Some(bn)) if crate::ops::cpu_kernels(&y) => {
@@ -394,7 +406,10 @@ impl Network {
                 .map(|task| Backbone::new(spec, vb.pp(format!("task.{task}"))))
                 .collect::<Result<_>>()?
         } else {
-            vec![Backbone::new(spec, vb.clone())?]
+            let mut net = Backbone::new(spec, vb.clone())?;
+            // Only-mask learns the modulation on a fixed network, statistics included.
+            net.frozen = variant == Variant::OnlyMask;
+            vec![net]
         };
         let modulation = if variant.is_modulated() {
             spec.modulated_stages()

@@ -142,7 +142,15 @@ impl Run {
         }
         let stem = log.to_string_lossy();
         let stem = stem.strip_suffix(METRICS_SUFFIX).unwrap_or(&stem);
-        let ckpt = PathBuf::from(format!("{stem}safetensors"));
+        // `OUT.safetensors`'s log is `OUT.metrics.jsonl`; a checkpoint named
+        // otherwise (`run.v1`) keeps its name (`run.v1.metrics.jsonl`).
+        let ckpt = [
+            PathBuf::from(format!("{stem}safetensors")),
+            PathBuf::from(stem.trim_end_matches('.')),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_default();
         let name = Path::new(stem.trim_end_matches('.'))
             .file_name()
             .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());

@@ -12,7 +12,6 @@
 //! triplets, by file name).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -158,6 +157,48 @@ impl TrainConfig {
                 self.relation_margin, self.relation_weight
             )));
         }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        for (flag, value, ok, want) in [
+            (
+                "--lr",
+                self.lr,
+                positive(self.lr),
+                "a positive number such as 0.01",
+            ),
+            (
+                "--lr-decay",
+                self.lr_decay,
+                positive(self.lr_decay),
+                "a positive factor such as 0.9 (1 keeps the rate)",
+            ),
+            (
+                "--margin",
+                self.margin,
+                non_negative(self.margin),
+                "a margin ≥ 0 such as 0.2",
+            ),
+            (
+                "--adagrad-init",
+                self.adagrad_initial_accumulator,
+                non_negative(self.adagrad_initial_accumulator),
+                "an accumulator ≥ 0: 0.1 (TensorFlow) or 0 (PyTorch)",
+            ),
+        ] {
+            if !ok {
+                return Err(Error::Config(format!("{flag} {value}: give {want}")));
+            }
+        }
+        if self.epochs == 0 {
+            return Err(Error::Config(
+                "--epochs 0 trains nothing and writes no checkpoint: give 1 or more".into(),
+            ));
+        }
+        if self.test_triplets_per_task == 0 {
+            return Err(Error::Config(
+                "--test-triplets 0 leaves nothing to evaluate each epoch on: give 1 or more (500 is the default)".into(),
+            ));
+        }
         // An empty task list is filled from the data later (`folder:DIR`).
         if self.ucr_every > 0 && (self.variant == Variant::Independent || self.tasks.len() == 1) {
             return Err(Error::Config(format!(
@@ -264,6 +305,9 @@ pub struct Trainer {
     /// Epochs completed.
     pub epoch: usize,
     last_metrics: serde_json::Value,
+    /// `OUT.metrics.jsonl`'s lines so far: none for a fresh run, the resumed
+    /// run's first `epoch` for a resumed one. Rewritten whole after each epoch.
+    log_lines: Vec<String>,
     /// Per-step timings of the last epoch trained.
     step_times: Vec<StepTimes>,
     /// The parameters every task shares, whose per-task gradients UCR compares.
@@ -276,9 +320,17 @@ pub struct Trainer {
     relation_loss: Option<f64>,
 }
 
-/// `OUT.suffix` next to the checkpoint `OUT.safetensors`.
+/// `OUT.suffix` next to the checkpoint `OUT.safetensors`; a checkpoint named
+/// otherwise keeps its whole name (`run.v1` → `run.v1.suffix`), so that two runs
+/// differing only after a dot do not share their logs.
 pub fn sibling(ckpt: &Path, suffix: &str) -> PathBuf {
-    ckpt.with_extension(suffix)
+    if ckpt.extension().is_some_and(|e| e == "safetensors") {
+        return ckpt.with_extension(suffix);
+    }
+    let mut name = ckpt.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 impl Trainer {
@@ -321,6 +373,13 @@ impl Trainer {
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
+        for (i, task) in cfg.tasks.iter().enumerate() {
+            if cfg.tasks[..i].contains(task) {
+                return Err(Error::Config(format!(
+                    "task {task:?} is listed twice (--tasks, or a repeated labels.csv column): name each task once"
+                )));
+            }
+        }
         // The data decides how images are squared; the runtime reads it back.
         cfg.preprocess.fit = ds.fit;
         let test = triplets::sample(
@@ -365,6 +424,7 @@ impl Trainer {
             test,
             epoch: 0,
             last_metrics: serde_json::Value::Null,
+            log_lines: Vec::new(),
             step_times: Vec::new(),
             shared,
             ucr: None,
@@ -410,6 +470,7 @@ impl Trainer {
         t.load_tensors(&ckpt)?;
         t.epoch = ckpt.header.epoch;
         t.last_metrics = ckpt.header.metrics.clone();
+        t.log_lines = logged_epochs(&sibling(path, "metrics.jsonl"), t.epoch);
         Ok(t)
     }
 
@@ -703,6 +764,28 @@ impl Trainer {
         })
     }
 
+    /// Fails if a variable (weights, task vectors, BatchNorm statistics) holds a
+    /// NaN or infinity after epoch `self.epoch`, before it replaces the last good
+    /// checkpoint: the loss can stay finite while BatchNorm's running variance
+    /// overflows.
+    fn check_finite(&self) -> Result<()> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("poisoned VarMap".into()))?;
+        for (name, var) in data.iter() {
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            if !values.iter().all(|v| v.is_finite()) {
+                return Err(Error::Diverged {
+                    epoch: self.epoch,
+                    tensor: name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Trains the remaining epochs, evaluating, logging and checkpointing to `out`
     /// after each. `on_epoch` sees each epoch's log; `progress` each step.
     pub fn run_with(
@@ -718,6 +801,7 @@ impl Trainer {
         while self.epoch < self.cfg.epochs {
             let start = Instant::now();
             let (loss, train_accuracy) = self.train_epoch(ds, progress)?;
+            self.check_finite()?;
             let seconds = start.elapsed().as_secs_f64();
             let acc = self.evaluate(ds)?;
             let mean = acc.iter().sum::<f64>() / acc.len() as f64;
@@ -749,7 +833,11 @@ impl Trainer {
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
             self.checkpoint()?.save(out)?;
-            append_line(&sibling(out, "metrics.jsonl"), &self.last_metrics)?;
+            // The log describes the checkpoint beside it: this run's epochs only.
+            self.log_lines.push(self.last_metrics.to_string());
+            let mut text = self.log_lines.join("\n");
+            text.push('\n');
+            modkit_models::write_atomic(&sibling(out, "metrics.jsonl"), text.as_bytes())?;
             on_epoch(&log);
             logs.push(log);
         }
@@ -845,17 +933,22 @@ fn variables(
         .collect()
 }
 
-fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.into(),
-        source,
+/// The lines of the log at `path` for epochs 1..=`epoch`, in order; none when it
+/// is missing. Lines past `epoch` (a run that went on after the checkpoint, or a
+/// line cut short by a crash) are dropped.
+fn logged_epochs(path: &Path, epoch: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
     };
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(io)?;
-    writeln!(f, "{value}").map_err(io)
+    text.lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("epoch")?.as_u64())
+                .is_some_and(|e| (1..=epoch as u64).contains(&e))
+        })
+        .map(String::from)
+        .collect()
 }
 
 #[cfg(test)]
@@ -1274,6 +1367,136 @@ mod tests {
         }
     }
 
+    /// The log beside a checkpoint holds that run's epochs only: a fresh run over
+    /// an old one starts it anew, a resumed run keeps the epochs up to its
+    /// checkpoint (not lines a longer run wrote after it), and checkpoints named
+    /// without `.safetensors` keep their whole name in their logs' names.
+    #[test]
+    fn the_metrics_log_follows_its_checkpoint() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("m.safetensors");
+        let log = sibling(&out, "metrics.jsonl");
+        let epochs = |path: &Path| -> Vec<u64> {
+            std::fs::read_to_string(path)
+                .expect("log")
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).expect("json")["epoch"]
+                        .as_u64()
+                        .expect("epoch")
+                })
+                .collect()
+        };
+        let mut cfg = small_cfg();
+        cfg.epochs = 2;
+        Trainer::new(cfg.clone(), &ds, Device::Cpu)
+            .expect("a")
+            .run(&ds, &out)
+            .expect("a");
+        assert_eq!(epochs(&log), [1, 2]);
+        // A later line past the checkpoint's epoch, and a torn one.
+        let mut text = std::fs::read_to_string(&log).expect("log");
+        text.push_str("{\"epoch\": 3, \"loss\": 1.0}\n{\"epo");
+        std::fs::write(&log, text).expect("write");
+        let mut r = Trainer::resume(&out, &ds, Device::Cpu, Some(3)).expect("resume");
+        r.run(&ds, &out).expect("resumed");
+        assert_eq!(epochs(&log), [1, 2, 3]);
+        cfg.epochs = 1;
+        Trainer::new(cfg.clone(), &ds, Device::Cpu)
+            .expect("b")
+            .run(&ds, &out)
+            .expect("b");
+        assert_eq!(epochs(&log), [1]);
+
+        let (v1, v2) = (dir.path().join("run.v1"), dir.path().join("run.v2"));
+        assert_eq!(
+            sibling(&v1, "metrics.jsonl"),
+            dir.path().join("run.v1.metrics.jsonl")
+        );
+        for p in [&v1, &v2] {
+            Trainer::new(cfg.clone(), &ds, Device::Cpu)
+                .expect("v")
+                .run(&ds, p)
+                .expect("v");
+        }
+        assert_eq!(epochs(&sibling(&v1, "metrics.jsonl")), [1]);
+        assert_eq!(epochs(&sibling(&v2, "metrics.jsonl")), [1]);
+        let run = crate::report::Run::load(&v1).expect("report");
+        assert_eq!(run.variant.as_deref(), Some("modulated"));
+    }
+
+    /// Only-mask keeps its starting network whole, BatchNorm statistics included
+    /// (it normalises with them, not with each batch's), and learns the vectors.
+    #[test]
+    fn only_mask_keeps_the_shared_network_and_its_statistics() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let base = dir.path().join("base.safetensors");
+        let mut cfg = small_cfg();
+        cfg.epochs = 1;
+        cfg.variant = Variant::Branch { k: 4 };
+        Trainer::new(cfg.clone(), &ds, Device::Cpu)
+            .expect("base")
+            .run(&ds, &base)
+            .expect("base");
+        cfg.variant = Variant::OnlyMask;
+        cfg.init_from = Some(base.clone());
+        let out = dir.path().join("mask.safetensors");
+        let mut t = Trainer::new(cfg.clone(), &ds, Device::Cpu).expect("mask");
+        t.run(&ds, &out).expect("mask");
+        let (before, after) = (
+            Checkpoint::load(&base).expect("a"),
+            Checkpoint::load(&out).expect("b"),
+        );
+        let shared = names::base_network(&cfg.spec, "");
+        assert!(shared.iter().any(|e| e.name.ends_with("running_var")));
+        for e in shared {
+            assert_eq!(
+                before.tensors[&e.name], after.tensors[&e.name],
+                "{} changed",
+                e.name
+            );
+        }
+        let start = vec![1.0; cfg.spec.modulated_stages()[0].channels * cfg.tasks.len()];
+        let learned = &after.tensors[&names::modulation(cfg.spec.modulated_stages()[0].name)];
+        assert_ne!(learned.data, start, "the vectors did not learn");
+    }
+
+    #[test]
+    fn options_that_cannot_train_are_refused_before_the_data() {
+        type Edit = fn(&mut TrainConfig);
+        let cases: [(Edit, &str); 8] = [
+            (|c| c.lr = 0.0, "--lr 0"),
+            (|c| c.lr = f64::NAN, "--lr NaN"),
+            (|c| c.lr_decay = -0.5, "--lr-decay -0.5"),
+            (|c| c.margin = -1.0, "--margin -1"),
+            (
+                |c| c.adagrad_initial_accumulator = -1.0,
+                "--adagrad-init -1",
+            ),
+            (|c| c.epochs = 0, "--epochs 0"),
+            (|c| c.test_triplets_per_task = 0, "--test-triplets 0"),
+            (|c| c.margin = f64::INFINITY, "--margin inf"),
+        ];
+        for (set, want) in cases {
+            let mut cfg = small_cfg();
+            set(&mut cfg);
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.starts_with(want), "{want}: {err}");
+        }
+        let mut cfg = small_cfg();
+        cfg.margin = 0.0;
+        cfg.adagrad_initial_accumulator = 0.0;
+        cfg.validate()
+            .expect("zero margin and accumulator are fine");
+        // A task named twice, in any spelling.
+        let ds = Dataset::synthetic(60, 48, 4);
+        cfg.tasks = vec!["smiling".into(), "Smiling".into()];
+        let err = Trainer::new(cfg, &ds, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("\"smiling\" is listed twice"), "{err}");
+    }
+
     #[test]
     fn mining_modes_train_and_pooled_needs_a_shared_trunk() {
         let ds = Dataset::synthetic(120, 48, 4);
@@ -1361,10 +1584,49 @@ mod tests {
             ),
             "{err}"
         );
+        assert!(
+            err.to_string()
+                .contains("the checkpoint of epoch 1 is kept"),
+            "{err}"
+        );
         assert_eq!(
             std::fs::read(&out).expect("ckpt"),
             before,
             "last good checkpoint changed"
         );
+    }
+
+    /// An infinite BatchNorm variance leaves the loss finite (the statistics only
+    /// serve evaluation); it must not replace the last good checkpoint either.
+    #[test]
+    fn diverged_statistics_stop_before_the_checkpoint() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("m.safetensors");
+        let mut cfg = small_cfg();
+        cfg.epochs = 1;
+        let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
+        t.run(&ds, &out).expect("epoch 1");
+        let before = std::fs::read(&out).expect("ckpt");
+        {
+            let data = t.varmap.data().lock().expect("lock");
+            let v = &data["block5.conv.bn.running_var"];
+            v.set(&v.as_tensor().affine(f64::INFINITY, 0.0).expect("inf"))
+                .expect("set");
+        }
+        t.cfg.epochs = 2;
+        let err = t.run(&ds, &out).unwrap_err();
+        assert!(
+            matches!(&err, Error::Diverged { epoch: 2, tensor } if tensor == "block5.conv.bn.running_var"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&out).expect("ckpt"), before);
+        let first = Error::NonFinite {
+            epoch: 1,
+            step: 3,
+            loss: f32::NAN,
+        }
+        .to_string();
+        assert!(first.contains("no checkpoint was written"), "{first}");
     }
 }

@@ -89,7 +89,7 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("m.safetensors");
     let out = out.to_str().expect("utf8");
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 13] = [
         (&["train", "--input-size", "40", "-o", out], "at least 48"),
         (
             &[
@@ -119,11 +119,37 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
         ),
         (&["bench-step", "--spec", "tiny", "--steps", "0"], "--steps"),
         (&["bench-step", "--spec", "huge"], "huge"),
+        (&["train", "--epochs", "0", "-o", out], "--epochs 0"),
+        (&["train", "--lr=-1", "-o", out], "--lr -1"),
+        (
+            &["train", "--test-triplets", "0", "-o", out],
+            "--test-triplets 0",
+        ),
+        (
+            &[
+                "train",
+                "--tasks",
+                "smiling,Smiling",
+                "--synth-images",
+                "60",
+                "-o",
+                out,
+            ],
+            "listed twice",
+        ),
     ];
     for (args, want) in cases {
         fails_with(args, want);
     }
     assert!(!Path::new(out).exists(), "a failed run left a checkpoint");
+    // An -o that is a directory fails before any data is loaded or trained on.
+    let start = std::time::Instant::now();
+    fails_with(
+        &["train", "-o", dir.path().to_str().expect("utf8")],
+        "is a directory",
+    );
+    assert!(start.elapsed().as_secs() < 20);
+    assert!(std::fs::read_dir(dir.path()).expect("dir").next().is_none());
 }
 
 #[test]
@@ -167,6 +193,21 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
     assert!(stderr(&o).contains("150 images"), "{}", stderr(&o));
     let resumed: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(resumed["epochs"][0]["epoch"], 2);
+    // Without --epochs a resumed run keeps its own total (it used to fall back to
+    // 4); at that total nothing is left to train.
+    fails_with(&["train", "--resume", c, "-o", c], "--epochs N above 2");
+    // Options the checkpoint fixes are refused, not silently ignored.
+    for flag in [["--lr", "0.5"], ["--variant", "shared"], ["--seed", "9"]] {
+        let o = modtrain(&[
+            "train", "--resume", c, "--epochs", "3", flag[0], flag[1], "-o", c,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{flag:?}");
+        assert!(
+            stderr(&o).contains("cannot be used with"),
+            "{flag:?}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]

@@ -67,8 +67,10 @@ pub struct TrainArgs {
     /// folder:DIR every attribute of labels.csv.
     #[arg(long, value_delimiter = ',')]
     tasks: Option<Vec<String>>,
-    #[arg(long, default_value_t = 4)]
-    epochs: usize,
+    /// Epochs in all [default: 4; with --resume: the run's own total, so pass a
+    /// larger one to train on].
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Training triplets per task per epoch (re-sampled every epoch).
     #[arg(long, default_value_t = 400)]
     triplets_per_task: usize,
@@ -125,8 +127,16 @@ pub struct TrainArgs {
     /// cpu, or cuda[:N] when built with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Continue from this checkpoint (its config is used; --epochs sets the new total).
-    #[arg(long)]
+    /// Continue from this checkpoint, bit-exactly: its network, tasks and
+    /// training options are used, so only --epochs (the new total), --data,
+    /// --synth-images, --limit, --ucr-every, --device, --json and -o may be given.
+    #[arg(long, conflicts_with_all = [
+        "variant", "init_from", "spec", "first_modulated", "projection", "input_size",
+        "widths", "embedding", "no_batch_norm", "tasks", "triplets_per_task",
+        "batch_per_task", "test_triplets", "optimizer", "lr", "lr_decay", "margin",
+        "mining", "adagrad_init", "task_relation", "relation_margin", "relation_weight",
+        "seed",
+    ])]
     resume: Option<PathBuf>,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
@@ -208,7 +218,7 @@ impl TrainArgs {
             data,
             synth_images: self.synth_images.unwrap_or(defaults.synth_images),
             limit: self.limit,
-            epochs: self.epochs,
+            epochs: self.epochs.unwrap_or(TrainConfig::default().epochs),
             triplets_per_task: self.triplets_per_task,
             batch_per_task: self.batch_per_task,
             test_triplets_per_task: self.test_triplets,
@@ -242,6 +252,13 @@ impl TrainArgs {
 
     pub fn run(self) -> Result<()> {
         let device = super::device(&self.device)?;
+        if self.out.is_dir() {
+            anyhow::bail!(
+                "-o {}: is a directory; name the checkpoint file, e.g. {}",
+                self.out.display(),
+                self.out.join("run.safetensors").display()
+            );
+        }
         if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -276,7 +293,16 @@ impl TrainArgs {
         }
         let mut trainer = match &self.resume {
             Some(path) => {
-                let t = Trainer::resume_with(path, &ds, device, Some(self.epochs), self.ucr_every)?;
+                let t = Trainer::resume_with(path, &ds, device, self.epochs, self.ucr_every)?;
+                if t.epoch >= t.cfg.epochs {
+                    anyhow::bail!(
+                        "{} has trained {} of its {} epochs: pass --epochs N above {} to train more",
+                        path.display(),
+                        t.epoch,
+                        t.cfg.epochs,
+                        t.epoch
+                    );
+                }
                 eprintln!(
                     "resuming {} at epoch {} of {}",
                     path.display(),
