@@ -10,13 +10,13 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use modkit_models::NetSpec;
+use modkit_models::{NetSpec, Variant};
 use serde::Serialize;
 
-use crate::Result;
 use crate::data::Dataset;
 use crate::mining::Mining;
 use crate::train::{StepTimes, TrainConfig, Trainer};
+use crate::{Error, Result};
 
 /// Floating-point operations of one training step of `images` images: forward,
 /// then backward at twice the forward (weight and input gradients) except that
@@ -148,19 +148,51 @@ pub fn bench_step(
     warmup: usize,
     device: Device,
 ) -> Result<StepBench> {
+    // The trainer's own checks name `modtrain train`'s options; these name
+    // bench-step's.
     if steps == 0 {
-        return Err(crate::Error::Config(
+        return Err(Error::Config(
             "bench-step needs at least one timed step (--steps ≥ 1)".into(),
         ));
     }
+    if cfg.tasks.is_empty() {
+        return Err(Error::Config(
+            "bench-step needs at least one task (--tasks ≥ 1)".into(),
+        ));
+    }
+    if cfg.batch_per_task == 0 {
+        return Err(Error::Config(
+            "--batch-per-task 0: bench-step needs at least one triplet per task".into(),
+        ));
+    }
+    if cfg.variant == Variant::OnlyMask || cfg.init_from.is_some() {
+        return Err(Error::Config(
+            "--variant only-mask trains on the fixed weights of another run, which bench-step does not load: time modulated, shared, independent, branch:K or csn".into(),
+        ));
+    }
+    let triplets = warmup
+        .checked_add(steps)
+        .and_then(|n| n.checked_mul(cfg.batch_per_task))
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "--batch-per-task {} × (--warmup {warmup} + --steps {steps}) triplets is too many: use smaller values",
+                cfg.batch_per_task
+            ))
+        })?;
     let mut cfg = cfg.clone();
     cfg.epochs = 1;
-    cfg.triplets_per_task = cfg.batch_per_task * (warmup + steps);
+    cfg.triplets_per_task = triplets;
     cfg.test_triplets_per_task = 1;
     let ds = Dataset::synthetic(cfg.synth_images, cfg.spec.input_size, cfg.seed);
     // 1024³ saturates a CPU's cores; a GPU needs a larger product to reach its peak.
     let gemm_size = if device.is_cpu() { 1024 } else { 8192 };
-    let mut trainer = Trainer::new(cfg.clone(), &ds, device.clone())?;
+    let mut trainer = Trainer::new(cfg.clone(), &ds, device.clone()).map_err(|e| match e {
+        Error::EmptySplit { task, split, .. } => Error::Config(format!(
+            "--images {}: too few for task {task:?} to form a triplet in the {split} split (2 images of one class and 1 of another); raise --images",
+            cfg.synth_images
+        )),
+        e => e,
+    })?;
     // The peak between the timed steps too, untimed (the next step's clock starts
     // after the callback returns): before the first and after each.
     let mut bounds = Vec::with_capacity(steps + 1);
@@ -168,14 +200,21 @@ pub fn bench_step(
         bounds.push(gemm_gflops(&device, gemm_size, PAIRED_RUNS)?);
     }
     let mut peak_err = None;
-    trainer.train_epoch(&ds, &mut |done, _, _| {
-        if done >= warmup && peak_err.is_none() {
-            match gemm_gflops(&device, gemm_size, PAIRED_RUNS) {
-                Ok(p) => bounds.push(p),
-                Err(e) => peak_err = Some(e),
+    trainer
+        .train_epoch(&ds, &mut |done, _, _| {
+            if done >= warmup && peak_err.is_none() {
+                match gemm_gflops(&device, gemm_size, PAIRED_RUNS) {
+                    Ok(p) => bounds.push(p),
+                    Err(e) => peak_err = Some(e),
+                }
             }
-        }
-    })?;
+        })
+        .map_err(|e| match e {
+            Error::NonFinite { step, loss, .. } => Error::Config(format!(
+                "loss became {loss} at step {step} of bench-step; try another --optimizer, --mining or --seed"
+            )),
+            e => e,
+        })?;
     if let Some(e) = peak_err {
         return Err(e);
     }
@@ -492,6 +531,55 @@ mod tests {
         assert_eq!(cold.between_steps_gflops.len(), 3);
         let err = bench_step(&cfg, 0, 1, Device::Cpu).expect_err("no steps");
         assert!(err.to_string().contains("--steps"), "{err}");
+    }
+
+    #[test]
+    fn bench_step_errors_name_its_own_flags() {
+        let cfg = TrainConfig {
+            spec: NetSpec::tiny(),
+            tasks: vec!["smiling".into()],
+            batch_per_task: 2,
+            synth_images: 120,
+            ..TrainConfig::default()
+        };
+        let err = |cfg: &TrainConfig| {
+            bench_step(cfg, 1, 0, Device::Cpu)
+                .expect_err("rejected")
+                .to_string()
+        };
+        let none = err(&TrainConfig {
+            batch_per_task: 0,
+            ..cfg.clone()
+        });
+        assert!(
+            none.contains("--batch-per-task 0") && !none.contains("--triplets-per-task"),
+            "{none}"
+        );
+        let mask = err(&TrainConfig {
+            variant: Variant::OnlyMask,
+            ..cfg.clone()
+        });
+        assert!(
+            mask.contains("--variant only-mask") && !mask.contains("--init-from"),
+            "{mask}"
+        );
+        let huge = TrainConfig {
+            batch_per_task: usize::MAX,
+            ..cfg.clone()
+        };
+        let huge = bench_step(&huge, 2, 0, Device::Cpu)
+            .expect_err("overflows")
+            .to_string();
+        assert!(huge.contains("--batch-per-task"), "{huge}");
+        // 5 images leave one in the test split: no triplet.
+        let few = err(&TrainConfig {
+            synth_images: 5,
+            ..cfg.clone()
+        });
+        assert!(
+            few.contains("--images 5") && few.contains("raise --images"),
+            "{few}"
+        );
     }
 
     #[test]

@@ -6,10 +6,13 @@ mod report;
 mod synth;
 mod train;
 
-use anyhow::{Context, Result, bail};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use modkit_trainer::data::{DataSource, Dataset, celeba, folder, zappos};
 
 /// Train modulated multi-task retrieval networks (Zhao et al., ECCV 2018) and the
@@ -42,16 +45,22 @@ impl Cli {
     }
 }
 
+/// How long loading may take before it shows a progress bar.
+const QUIET_LOAD: Duration = Duration::from_secs(2);
+
 /// Loads `--data` at the network's input size.
 fn load_data(
-    source: &str,
+    data: &str,
     size: usize,
     synth_images: usize,
     seed: u64,
     limit: Option<usize>,
 ) -> Result<Dataset> {
-    let source: DataSource = source.parse()?;
-    let start = std::time::Instant::now();
+    if limit == Some(0) {
+        bail!("--limit 0 keeps no images: give a positive count, or leave --limit out to load all");
+    }
+    let source: DataSource = data.parse()?;
+    let start = Instant::now();
     let ds = match &source {
         DataSource::Synth => {
             eprintln!("generating {synth_images} synthetic faces at {size}×{size} (seed {seed})…");
@@ -60,15 +69,47 @@ fn load_data(
         DataSource::Celeba(dir) | DataSource::Zappos(dir) | DataSource::Folder(dir) => {
             eprintln!("loading {} at {size}×{size}…", dir.display());
             let load = match &source {
-                DataSource::Zappos(_) => zappos::load,
-                DataSource::Folder(_) => folder::load,
-                _ => celeba::load,
+                DataSource::Zappos(_) => zappos::load_with_progress,
+                DataSource::Folder(_) => folder::load_with_progress,
+                _ => celeba::load_with_progress,
             };
-            load(dir, size, limit).with_context(|| format!("loading --data {}", dir.display()))?
+            // Hidden until loading has taken a while, so that small sets print nothing.
+            let pb = styled(ProgressBar::hidden(), "decoding".into());
+            let shown = AtomicBool::new(false);
+            let progress = |done: usize, total: usize| {
+                if !shown.load(Ordering::Relaxed)
+                    && start.elapsed() >= QUIET_LOAD
+                    && !shown.swap(true, Ordering::Relaxed)
+                {
+                    pb.set_length(total as u64);
+                    pb.set_draw_target(ProgressDrawTarget::stderr());
+                }
+                pb.set_position(done as u64);
+            };
+            let ds = load(dir, size, limit, &progress)
+                .with_context(|| format!("loading --data {data}"))?;
+            pb.finish_and_clear();
+            ds
         }
     };
     if ds.is_empty() {
-        bail!("--data {source:?} holds no images; check the directory or --synth-images");
+        let hint = match &source {
+            DataSource::Synth => format!("raise --synth-images (now {synth_images})"),
+            DataSource::Celeba(dir) => format!(
+                "check that {} lists images after its two header lines",
+                dir.join(celeba::ATTR_FILE).display()
+            ),
+            DataSource::Zappos(dir) => format!(
+                "check that {} lists shoes whose images are under {}",
+                dir.join(zappos::META).display(),
+                dir.join(zappos::IMAGE_DIRS[0]).display()
+            ),
+            DataSource::Folder(dir) => format!(
+                "check that {} has a row per image after its header",
+                dir.join(folder::LABELS).display()
+            ),
+        };
+        bail!("--data {data} holds no images; {hint}");
     }
     eprintln!(
         "{} images in {:.1} s",
@@ -80,32 +121,37 @@ fn load_data(
 
 /// `cpu` or `cuda[:N]`.
 fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        cuda if cuda.starts_with("cuda") => {
-            let ordinal = cuda
-                .strip_prefix("cuda:")
-                .map(str::parse)
-                .transpose()
-                .context("--device cuda:N")?;
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "--device {name}: this modtrain was built without CUDA; rebuild with `cargo build --release --features cuda`"
-                );
-            }
-            // A clear error, not cudarc's panic, where the driver is missing.
-            #[cfg(feature = "cuda")]
-            let dev = modkit_trainer::ops::cudnn::cuda_device(ordinal.unwrap_or(0))?;
-            #[cfg(not(feature = "cuda"))]
-            let dev = Device::new_cuda(ordinal.unwrap_or(0))?;
-            Ok(dev)
-        }
-        other => bail!("unknown --device {other:?}: use cpu or cuda[:N]"),
+    if name == "cpu" {
+        return Ok(Device::Cpu);
     }
+    let index = match name {
+        "cuda" => "0",
+        _ => name
+            .strip_prefix("cuda:")
+            .with_context(|| format!("unknown --device {name:?}: use cpu or cuda[:N]"))?,
+    };
+    let ordinal: usize = index
+        .parse()
+        .map_err(|_| anyhow!("--device {name:?}: the GPU index must be a number, e.g. cuda:0"))?;
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "--device {name}: this modtrain was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        );
+    }
+    // A clear error, not cudarc's panic, where the driver is missing.
+    #[cfg(feature = "cuda")]
+    let dev = modkit_trainer::ops::cudnn::cuda_device(ordinal)?;
+    #[cfg(not(feature = "cuda"))]
+    let dev = Device::new_cuda(ordinal)?;
+    Ok(dev)
 }
 
 fn bar(len: u64, prefix: String) -> ProgressBar {
-    let pb = ProgressBar::new(len);
+    styled(ProgressBar::new(len), prefix)
+}
+
+/// `pb` in modtrain's style, named `prefix`.
+fn styled(pb: ProgressBar, prefix: String) -> ProgressBar {
     pb.set_style(
         ProgressStyle::with_template(
             "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
@@ -126,4 +172,53 @@ fn print_table(rows: &[(String, f64)], mean: f64) -> std::io::Result<()> {
         writeln!(out, "{task:<22} {:>8.2}%", acc * 100.0)?;
     }
     writeln!(out, "{:<22} {:>8.2}%", "mean", mean * 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message<T>(result: Result<T>) -> String {
+        match result {
+            Ok(_) => String::from("no error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn device_errors_name_the_value() {
+        assert!(matches!(device("cpu"), Ok(Device::Cpu)));
+        assert_eq!(
+            message(device("cuda:x")),
+            "--device \"cuda:x\": the GPU index must be a number, e.g. cuda:0"
+        );
+        assert_eq!(
+            message(device("cuda7")),
+            "unknown --device \"cuda7\": use cpu or cuda[:N]"
+        );
+    }
+
+    #[test]
+    fn limit_0_is_rejected_before_loading() {
+        let err = message(load_data("folder:/no/such/dir", 48, 10, 0, Some(0)));
+        assert!(err.starts_with("--limit 0 keeps no images"), "{err}");
+    }
+
+    #[test]
+    fn empty_data_is_named_as_written_with_a_hint_for_its_source() {
+        let err = message(load_data("synth", 48, 0, 0, None));
+        assert_eq!(
+            err,
+            "--data synth holds no images; raise --synth-images (now 0)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(folder::LABELS), "file,smiling\n").expect("labels");
+        let data = format!("folder:{}", dir.path().display());
+        let err = message(load_data(&data, 48, 10, 0, None));
+        assert!(
+            err.starts_with(&format!("--data {data} holds no images"))
+                && err.contains("labels.csv has a row per image"),
+            "{err}"
+        );
+    }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::{Dataset, Split, synth};
+use super::{Dataset, Progress, Split, synth};
 use crate::{Error, Result};
 
 pub use modkit_models::celeba::{ATTR_FILE, AttrTable, IMAGES, PARTITION_FILE, parse_attributes};
@@ -64,6 +64,16 @@ pub fn parse_partition(text: &str, path: &Path) -> Result<HashMap<String, Split>
 /// Loads a CelebA-layout directory, resizing images to `size`; `limit` keeps the
 /// first N images of the attribute file.
 pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
+    load_with_progress(dir, size, limit, &|_, _| {})
+}
+
+/// [`load`], calling `progress` as the images are decoded.
+pub fn load_with_progress(
+    dir: &Path,
+    size: usize,
+    limit: Option<usize>,
+    progress: Progress,
+) -> Result<Dataset> {
     let attr_path = dir.join(ATTR_FILE);
     let part_path = dir.join(PARTITION_FILE);
     let mut table = parse_attributes(&read_text(&attr_path)?, &attr_path)?;
@@ -75,18 +85,18 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
         .rows
         .iter()
         .map(|(f, _)| {
-            partition.get(f).copied().ok_or_else(|| Error::Malformed {
+            partition.get(f).copied().ok_or_else(|| Error::NoPartition {
                 path: part_path.clone(),
-                line: 0,
-                msg: format!("no partition for image {f:?}"),
+                file: f.clone(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let images: Vec<Vec<u8>> = table
+    let paths: Vec<PathBuf> = table
         .rows
-        .par_iter()
-        .map(|(f, _)| load_image(&dir.join(IMAGES).join(f), size))
-        .collect::<Result<_>>()?;
+        .iter()
+        .map(|(f, _)| dir.join(IMAGES).join(f))
+        .collect();
+    let pixels = super::load_images(&paths, size, super::Fit::Crop, progress)?;
     Ok(Dataset {
         attributes: table.attributes.clone(),
         files: table.rows.iter().map(|(f, _)| f.clone()).collect(),
@@ -99,7 +109,7 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
         splits,
         image_size: size,
         fit: super::Fit::Crop,
-        pixels: images.concat(),
+        pixels,
     })
 }
 
@@ -128,7 +138,10 @@ pub fn write_synthetic(
         .map(|i| {
             let face = synth::face(seed, i as u64, size);
             let path = dir.join(IMAGES).join(&files[i]);
-            let bytes = encode_png(&face.pixels, size)?;
+            let bytes = encode_png(&face.pixels, size).map_err(|source| Error::ImageEncode {
+                path: path.clone(),
+                source,
+            })?;
             modkit_models::write_atomic(&path, &bytes)?;
             progress(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
             Ok(face.attributes)
@@ -146,7 +159,7 @@ pub fn write_synthetic(
     Ok(())
 }
 
-fn encode_png(rgb: &[u8], size: usize) -> Result<Vec<u8>> {
+fn encode_png(rgb: &[u8], size: usize) -> image::ImageResult<Vec<u8>> {
     let mut out = std::io::Cursor::new(Vec::new());
     image::write_buffer_with_format(
         &mut out,
@@ -155,11 +168,7 @@ fn encode_png(rgb: &[u8], size: usize) -> Result<Vec<u8>> {
         size as u32,
         image::ExtendedColorType::Rgb8,
         image::ImageFormat::Png,
-    )
-    .map_err(|source| Error::Image {
-        path: "<png encoder>".into(),
-        source,
-    })?;
+    )?;
     Ok(out.into_inner())
 }
 
@@ -197,6 +206,41 @@ mod tests {
         write_synthetic(dir.path(), 3, 48, 5, &|_| {}).expect("write");
         std::fs::remove_file(dir.path().join(IMAGES).join("000002.png")).expect("rm");
         let err = load(dir.path(), 48, None).unwrap_err().to_string();
-        assert!(err.contains("000002.png"), "{err}");
+        assert!(
+            err.contains("000002.png") && err.contains("cannot read image"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn image_without_a_partition_names_the_file_not_a_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_synthetic(dir.path(), 3, 48, 5, &|_| {}).expect("write");
+        let part = dir.path().join(PARTITION_FILE);
+        std::fs::write(&part, "000001.png 0\n000003.png 2\n").expect("partition");
+        let err = load(dir.path(), 48, None).unwrap_err().to_string();
+        assert!(
+            err.contains("list_eval_partition.txt\" has no line for image \"000002.png\"")
+                && !err.contains("line 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn loading_reports_each_decoded_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_synthetic(dir.path(), 6, 48, 5, &|_| {}).expect("write");
+        let calls = std::sync::Mutex::new(Vec::new());
+        let ds = load_with_progress(dir.path(), 48, Some(4), &|done, total| {
+            calls.lock().expect("lock").push((done, total));
+        })
+        .expect("load");
+        let mut calls = calls.into_inner().expect("lock");
+        calls.sort();
+        assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+        assert_eq!(
+            ds.pixels,
+            load(dir.path(), 48, Some(4)).expect("plain").pixels
+        );
     }
 }

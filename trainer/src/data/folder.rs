@@ -16,11 +16,9 @@
 //!   rows are ordered or `--limit`ed.
 //! * Images are centre-cropped to a square and resized, as CelebA's are.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
-use super::{Dataset, Fit, Split, encode_column, load_image_fit, split_by_hash};
+use super::{Dataset, Fit, MISSING, Progress, Split, encode_column, load_images, split_by_hash};
 use crate::{Error, Result};
 
 /// The labels file inside the folder.
@@ -100,6 +98,7 @@ pub(crate) fn parse_labels(text: &str, path: &Path, limit: Option<usize>) -> Res
 
 /// The dataset of a labels table whose files are under `root`, squared by `fit`
 /// at `size`; images without a split go `train`% / `val`% / rest by their hash.
+/// Calls `progress` as the images are decoded.
 pub(crate) fn assemble(
     table: Table,
     root: &Path,
@@ -107,6 +106,7 @@ pub(crate) fn assemble(
     fit: Fit,
     (train, val): (u64, u64),
     labels_path: &Path,
+    progress: Progress,
 ) -> Result<Dataset> {
     let n = table.rows.len();
     let mut labels = vec![0u16; n * table.attributes.len()];
@@ -114,22 +114,18 @@ pub(crate) fn assemble(
     for (a, name) in table.attributes.iter().enumerate() {
         let column: Vec<Option<&str>> = table.rows.iter().map(|r| r.1[a].as_deref()).collect();
         let (l, names) = encode_column(&column).map_err(|count| {
-            malformed(
-                labels_path,
-                0,
-                format!("attribute {name:?} has {count} classes, more than a task can hold"),
-            )
+            Error::Config(format!(
+                "{labels_path:?}: attribute {name:?} has {count} classes, more than the {} a task can hold; merge classes or drop the column",
+                MISSING - 1
+            ))
         })?;
         for (i, c) in l.into_iter().enumerate() {
             labels[i * table.attributes.len() + a] = c;
         }
         classes.push(names);
     }
-    let images: Vec<Vec<u8>> = table
-        .rows
-        .par_iter()
-        .map(|(f, _, _)| load_image_fit(&root.join(f), size, fit))
-        .collect::<Result<_>>()?;
+    let paths: Vec<PathBuf> = table.rows.iter().map(|(f, _, _)| root.join(f)).collect();
+    let pixels = load_images(&paths, size, fit, progress)?;
     Ok(Dataset {
         splits: table
             .rows
@@ -142,25 +138,34 @@ pub(crate) fn assemble(
         classes,
         image_size: size,
         fit,
-        pixels: images.concat(),
+        pixels,
     })
 }
 
 /// Loads `DIR/labels.csv` and its images at `size`; `limit` keeps the first N rows.
 pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
+    load_with_progress(dir, size, limit, &|_, _| {})
+}
+
+/// [`load`], calling `progress` as the images are decoded.
+pub fn load_with_progress(
+    dir: &Path,
+    size: usize,
+    limit: Option<usize>,
+    progress: Progress,
+) -> Result<Dataset> {
     let path = dir.join(LABELS);
     let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
         path: path.clone(),
         source,
     })?;
     let table = parse_labels(&text, &path, limit)?;
-    assemble(table, dir, size, Fit::Crop, (80, 10), &path)
+    assemble(table, dir, size, Fit::Crop, (80, 10), &path, progress)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::MISSING;
 
     #[test]
     fn labels_parse_with_classes_unknowns_and_splits() {
@@ -188,6 +193,7 @@ mod tests {
             Fit::Crop,
             (80, 10),
             Path::new("labels.csv"),
+            &|_, _| {},
         )
         .expect("ds");
         assert_eq!(ds.classes[0], ["boots", "shoes"]);
@@ -199,6 +205,34 @@ mod tests {
         assert!(ds.label(0, 1) && !ds.label(1, 1));
         assert_eq!(ds.image(2)[..3], [250, 0, 0]);
         assert_eq!(ds.splits[1], Split::Test);
+    }
+
+    #[test]
+    fn too_many_classes_name_the_file_and_the_attribute() {
+        let rows = (0..usize::from(MISSING))
+            .map(|i| (format!("{i}.png"), vec![Some(i.to_string())], None))
+            .collect();
+        let table = Table {
+            attributes: vec!["id".into()],
+            rows,
+        };
+        let err = assemble(
+            table,
+            Path::new("/none"),
+            4,
+            Fit::Crop,
+            (80, 10),
+            Path::new("labels.csv"),
+            &|_, _| {},
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.starts_with("\"labels.csv\": attribute \"id\" has 65535 classes")
+                && !err.contains("line 0"),
+            "{err}"
+        );
     }
 
     #[test]

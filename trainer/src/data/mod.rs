@@ -14,7 +14,9 @@ pub mod synth;
 pub mod zappos;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -197,10 +199,27 @@ pub use modkit_models::Fit;
 /// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes.
 pub fn load_image_fit(path: &std::path::Path, size: usize, fit: Fit) -> Result<Vec<u8>> {
     use image::imageops::FilterType;
-    let img = image::open(path).map_err(|source| Error::Image {
-        path: path.into(),
-        source,
-    })?;
+    let img = image::ImageReader::open(path)
+        .map_err(|source| Error::ImageRead {
+            path: path.into(),
+            source,
+        })?
+        .decode()
+        .map_err(|source| match source {
+            // A read that fails midway; a file that ends early is a decode error.
+            image::ImageError::IoError(source)
+                if source.kind() != std::io::ErrorKind::UnexpectedEof =>
+            {
+                Error::ImageRead {
+                    path: path.into(),
+                    source,
+                }
+            }
+            source => Error::Image {
+                path: path.into(),
+                source,
+            },
+        })?;
     let (w, h) = (img.width(), img.height());
     let img = match fit {
         Fit::Crop => {
@@ -226,6 +245,28 @@ pub fn load_image_fit(path: &std::path::Path, size: usize, fit: Fit) -> Result<V
         img.resize_exact(size as u32, size as u32, FilterType::Triangle)
     };
     Ok(img.to_rgb8().into_raw())
+}
+
+/// Called as a loader decodes images, from rayon's threads, with the number
+/// decoded so far and the number to decode.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// Decodes `paths` in parallel with [`load_image_fit`] into one buffer of
+/// `paths.len()` images, calling `progress` after each.
+fn load_images(paths: &[PathBuf], size: usize, fit: Fit, progress: Progress) -> Result<Vec<u8>> {
+    let bytes = size * size * 3;
+    let mut pixels = vec![0u8; paths.len() * bytes];
+    let done = AtomicUsize::new(0);
+    pixels
+        .par_chunks_mut(bytes.max(1))
+        .zip(paths)
+        .try_for_each(|(out, path)| -> Result<()> {
+            // `load_image_fit` returns exactly `size × size × 3` bytes.
+            out.copy_from_slice(&load_image_fit(path, size, fit)?);
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, paths.len());
+            Ok(())
+        })?;
+    Ok(pixels)
 }
 
 /// Contiguous 80/10/10 split by position.
@@ -379,6 +420,26 @@ mod tests {
                 .expect("classes");
         assert_eq!(names, ["Boots", "Sandals", "Shoes"]);
         assert_eq!(l, [0, 2, 1, 0]);
+    }
+
+    #[test]
+    fn unreadable_and_undecodable_images_are_told_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = |name: &str| {
+            load_image_fit(&dir.path().join(name), 8, Fit::Crop)
+                .expect_err(name)
+                .to_string()
+        };
+        std::fs::create_dir(dir.path().join("dir.png")).expect("dir");
+        std::fs::write(dir.path().join("junk.png"), b"not a png").expect("junk");
+        let missing = err("missing.png");
+        assert!(
+            missing.contains("missing.png\": cannot read image"),
+            "{missing}"
+        );
+        assert!(err("dir.png").contains("cannot read image"), "dir.png");
+        let junk = err("junk.png");
+        assert!(junk.contains("junk.png\": cannot decode image"), "{junk}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::folder::{Table, assemble};
-use super::{Dataset, Fit};
+use super::{Dataset, Fit, Progress};
 use crate::{Error, Result};
 
 /// The metadata file, relative to DIR.
@@ -67,6 +67,16 @@ fn files_under(dir: &Path, out: &mut HashMap<String, PathBuf>) -> Result<()> {
 /// Loads UT-Zappos50K from `dir` at `size`; `limit` keeps the first N shoes that
 /// have an image.
 pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
+    load_with_progress(dir, size, limit, &|_, _| {})
+}
+
+/// [`load`], calling `progress` as the images are decoded.
+pub fn load_with_progress(
+    dir: &Path,
+    size: usize,
+    limit: Option<usize>,
+    progress: Progress,
+) -> Result<Dataset> {
     let meta = dir.join(META);
     let text = std::fs::read_to_string(&meta).map_err(|source| Error::Io {
         path: meta.clone(),
@@ -143,6 +153,7 @@ pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
         Fit::Pad,
         (70, 10),
         &meta,
+        progress,
     )
 }
 
