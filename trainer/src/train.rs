@@ -194,6 +194,18 @@ impl TrainConfig {
                 "--epochs 0 trains nothing and writes no checkpoint: give 1 or more".into(),
             ));
         }
+        // Past this the triplet lists alone would not fit in memory.
+        const MAX_TRIPLETS: usize = 100_000_000;
+        for (flag, n) in [
+            ("--triplets-per-task", self.triplets_per_task),
+            ("--test-triplets", self.test_triplets_per_task),
+        ] {
+            if n > MAX_TRIPLETS {
+                return Err(Error::Config(format!(
+                    "{flag} {n}: at most {MAX_TRIPLETS} per task fit in memory"
+                )));
+            }
+        }
         if self.test_triplets_per_task == 0 {
             return Err(Error::Config(
                 "--test-triplets 0 leaves nothing to evaluate each epoch on: give 1 or more (500 is the default)".into(),
@@ -1466,7 +1478,11 @@ mod tests {
     #[test]
     fn options_that_cannot_train_are_refused_before_the_data() {
         type Edit = fn(&mut TrainConfig);
-        let cases: [(Edit, &str); 8] = [
+        let cases: [(Edit, &str); 9] = [
+            (
+                |c| c.triplets_per_task = usize::MAX / 2,
+                "--triplets-per-task 9",
+            ),
             (|c| c.lr = 0.0, "--lr 0"),
             (|c| c.lr = f64::NAN, "--lr NaN"),
             (|c| c.lr_decay = -0.5, "--lr-decay -0.5"),

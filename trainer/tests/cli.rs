@@ -579,6 +579,18 @@ fn zappos_and_folder_data_train_and_evaluate() {
         trained["accuracy"]["category"].is_number() && trained["accuracy"]["heel"].is_number(),
         "{trained}"
     );
+    // A relative --data is recorded absolute: `eval` finds it from elsewhere.
+    let mut args = vec!["train", "--data", "folder:folder", "-o", "rel.safetensors"];
+    args.extend(small);
+    let o = Command::new(env!("CARGO_BIN_EXE_modtrain"))
+        .args(&args)
+        .current_dir(dir.path())
+        .output()
+        .expect("runs modtrain");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rel = dir.path().join("rel.safetensors");
+    let o = modtrain(&["eval", rel.to_str().expect("utf8"), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 
     for (data, want) in [
         (

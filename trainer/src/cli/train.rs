@@ -146,6 +146,17 @@ pub struct TrainArgs {
     out: PathBuf,
 }
 
+/// `--data` with a directory made absolute (`folder:rel` → `folder:/…/rel`), as the
+/// checkpoint records it, so that `eval` and `--resume` find the data from any
+/// working directory.
+fn absolute_data(data: &str) -> String {
+    match data.split_once(':') {
+        Some((kind @ ("celeba" | "zappos" | "folder"), dir)) => std::path::absolute(dir)
+            .map_or_else(|_| data.to_string(), |p| format!("{kind}:{}", p.display())),
+        _ => data.to_string(),
+    }
+}
+
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
         let variant: Variant = self.variant.parse()?;
@@ -201,7 +212,10 @@ impl TrainArgs {
             defaults.synth_images = src.synth_images;
             defaults.tasks = src.tasks;
         }
-        let data = self.data.clone().unwrap_or(defaults.data.clone());
+        let data = self
+            .data
+            .as_deref()
+            .map_or(defaults.data.clone(), absolute_data);
         let source: DataSource = data.parse()?;
         Ok(TrainConfig {
             spec,
@@ -231,7 +245,11 @@ impl TrainArgs {
             seed: self.seed,
             preprocess: defaults.preprocess,
             ucr_every: self.ucr_every.unwrap_or(0),
-            init_from: self.init_from.clone(),
+            // Absolute, so that `eval` and `--resume` find it from anywhere.
+            init_from: self
+                .init_from
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             relations: self
                 .task_relation
                 .iter()
@@ -271,7 +289,7 @@ impl TrainArgs {
                     .with_context(|| {
                         format!("reading the training config of {}", path.display())
                     })?;
-                cfg.data = self.data.clone().unwrap_or(cfg.data);
+                cfg.data = self.data.as_deref().map_or(cfg.data, absolute_data);
                 cfg.synth_images = self.synth_images.unwrap_or(cfg.synth_images);
                 cfg.limit = self.limit.or(cfg.limit);
                 cfg

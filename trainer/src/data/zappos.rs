@@ -47,18 +47,24 @@ fn snake(name: &str) -> String {
     out
 }
 
-/// Every file under `dir`, by file name.
+/// Every file under `dir`, by file name. Where two folders hold the same name,
+/// the first path in sorted order wins, whatever order the file system lists them
+/// in, so that the data (and its hash split) do not depend on the disk.
 fn files_under(dir: &Path, out: &mut HashMap<String, PathBuf>) -> Result<()> {
     let io = |source| Error::Io {
         path: dir.into(),
         source,
     };
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
+    let mut paths = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|entry| Ok(entry.map_err(io)?.path()))
+        .collect::<Result<Vec<_>>>()?;
+    paths.sort();
+    for path in paths {
         if path.is_dir() {
             files_under(&path, out)?;
         } else if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-            out.insert(name.to_string(), path.clone());
+            out.entry(name.to_string()).or_insert(path);
         }
     }
     Ok(())
@@ -168,6 +174,21 @@ mod tests {
         assert_eq!(snake("ToeStyle"), "toe_style");
         assert_eq!(snake("SubCategory"), "sub_category");
         assert_eq!(snake("Gender"), "gender");
+    }
+
+    /// One image name in two folders: the first path in sorted order, whatever
+    /// order the directory lists them in.
+    #[test]
+    fn a_name_in_two_folders_resolves_to_the_first_sorted_path() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let images = dir.path().join("ut-zap50k-images");
+        for sub in ["Shoes/Oxford", "Boots/Ankle", "Sandals/Flat"] {
+            std::fs::create_dir_all(images.join(sub)).expect("dirs");
+            std::fs::write(images.join(sub).join("100.1.jpg"), sub).expect("file");
+        }
+        let mut found = HashMap::new();
+        files_under(&images, &mut found).expect("walk");
+        assert_eq!(found["100.1.jpg"], images.join("Boots/Ankle/100.1.jpg"));
     }
 
     #[test]
