@@ -209,7 +209,19 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
             files.push(p.clone());
         }
     }
-    files.iter().map(|f| Run::load(f)).collect()
+    let mut runs: Vec<Run> = files.iter().map(|f| Run::load(f)).collect::<Result<_>>()?;
+    // Runs of one name in different directories (`a/mod`, `b/mod`) get their
+    // directory's name too, so that the tables tell them apart and their
+    // heatmaps (`ucr-NAME.png`) do not overwrite each other.
+    let names: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
+    for r in &mut runs {
+        if names.iter().filter(|n| **n == r.name).count() > 1
+            && let Some(dir) = r.path.parent().and_then(|d| d.file_name())
+        {
+            r.name = format!("{}-{}", dir.to_string_lossy(), r.name);
+        }
+    }
+    Ok(runs)
 }
 
 /// The runs side by side as Markdown: a summary row per run, then each task's

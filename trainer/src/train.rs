@@ -18,7 +18,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use modkit_models::names;
-use modkit_models::{Checkpoint, CheckpointHeader, NetSpec, Preprocess, TensorData, Variant};
+use modkit_models::{
+    Checkpoint, CheckpointHeader, Modulation, NetSpec, Preprocess, TensorData, Variant,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::adagrad::Adagrad;
@@ -141,6 +143,12 @@ impl TrainConfig {
                 )));
             }
             _ => {}
+        }
+        if self.spec.modulation == Modulation::Projection && !self.variant.is_modulated() {
+            return Err(Error::Config(format!(
+                "--projection shapes the modulation; {} has none: drop --projection or use --variant modulated or only-mask",
+                self.variant
+            )));
         }
         if !self.relations.is_empty() && !self.variant.is_modulated() {
             return Err(Error::Config(format!(
@@ -1436,6 +1444,17 @@ mod tests {
         assert_eq!(epochs(&sibling(&v2, "metrics.jsonl")), [1]);
         let run = crate::report::Run::load(&v1).expect("report");
         assert_eq!(run.variant.as_deref(), Some("modulated"));
+        // Two runs of one name in different directories keep apart in reports.
+        let mut copies = Vec::new();
+        for d in ["a", "b"] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("dir");
+            let to = dir.path().join(d).join("mod.metrics.jsonl");
+            std::fs::copy(&log, &to).expect("copy");
+            copies.push(to);
+        }
+        let runs = crate::report::load_runs(&copies).expect("runs");
+        assert_eq!(runs[0].name, "a-mod");
+        assert_eq!(runs[1].name, "b-mod");
     }
 
     /// Only-mask keeps its starting network whole, BatchNorm statistics included
@@ -1501,6 +1520,14 @@ mod tests {
             let err = cfg.validate().unwrap_err().to_string();
             assert!(err.starts_with(want), "{want}: {err}");
         }
+        let mut cfg = small_cfg();
+        cfg.variant = Variant::Shared;
+        cfg.spec.modulation = Modulation::Projection;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--projection") && err.contains("shared"),
+            "{err}"
+        );
         let mut cfg = small_cfg();
         cfg.margin = 0.0;
         cfg.adagrad_initial_accumulator = 0.0;
