@@ -207,7 +207,7 @@ impl Demo {
         let results = ranked
             .iter()
             .map(|r| Tile {
-                image: image::open(self.index.path(r.row))
+                image: modkit_runtime::input::open(&self.index.path(r.row))
                     .ok()
                     .map(|i| i.to_rgb8()),
                 distance: r.distance,

@@ -199,11 +199,16 @@ pub use modkit_models::Fit;
 /// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes.
 pub fn load_image_fit(path: &std::path::Path, size: usize, fit: Fit) -> Result<Vec<u8>> {
     use image::imageops::FilterType;
+    let read_error = |source| Error::ImageRead {
+        path: path.into(),
+        source,
+    };
+    // The format comes from the bytes, not the file name (a PNG saved as `.jpg`
+    // decodes), as in the runtime's loader.
     let img = image::ImageReader::open(path)
-        .map_err(|source| Error::ImageRead {
-            path: path.into(),
-            source,
-        })?
+        .map_err(read_error)?
+        .with_guessed_format()
+        .map_err(read_error)?
         .decode()
         .map_err(|source| match source {
             // A read that fails midway; a file that ends early is a decode error.
@@ -432,6 +437,12 @@ mod tests {
         };
         std::fs::create_dir(dir.path().join("dir.png")).expect("dir");
         std::fs::write(dir.path().join("junk.png"), b"not a png").expect("junk");
+        // A PNG named `.jpg` decodes, by its bytes.
+        image::RgbImage::from_pixel(4, 4, image::Rgb([9, 99, 199]))
+            .save_with_format(dir.path().join("png.jpg"), image::ImageFormat::Png)
+            .expect("png");
+        let px = load_image_fit(&dir.path().join("png.jpg"), 2, Fit::Crop).expect("png as jpg");
+        assert_eq!(px[..3], [9, 99, 199]);
         let missing = err("missing.png");
         assert!(
             missing.contains("missing.png\": cannot read image"),
