@@ -173,6 +173,7 @@ pub fn bench_step(
     let triplets = warmup
         .checked_add(steps)
         .and_then(|n| n.checked_mul(cfg.batch_per_task))
+        .filter(|&n| n <= crate::train::MAX_TRIPLETS)
         .ok_or_else(|| {
             Error::Config(format!(
                 "--batch-per-task {} × (--warmup {warmup} + --steps {steps}) triplets is too many: use smaller values",

@@ -116,7 +116,7 @@ impl Run {
         let log = if path.to_string_lossy().ends_with(METRICS_SUFFIX) {
             path.to_path_buf()
         } else {
-            crate::train::sibling(path, METRICS_SUFFIX)
+            crate::train::existing_sibling(path, METRICS_SUFFIX)
         };
         let text = std::fs::read_to_string(&log).map_err(|source| Error::Io {
             path: log.clone(),

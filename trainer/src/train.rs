@@ -18,9 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use modkit_models::names;
-use modkit_models::{
-    Checkpoint, CheckpointHeader, Modulation, NetSpec, Preprocess, TensorData, Variant,
-};
+use modkit_models::{Checkpoint, CheckpointHeader, NetSpec, Preprocess, TensorData, Variant};
 use serde::{Deserialize, Serialize};
 
 use crate::adagrad::Adagrad;
@@ -144,12 +142,6 @@ impl TrainConfig {
             }
             _ => {}
         }
-        if self.spec.modulation == Modulation::Projection && !self.variant.is_modulated() {
-            return Err(Error::Config(format!(
-                "--projection shapes the modulation; {} has none: drop --projection or use --variant modulated or only-mask",
-                self.variant
-            )));
-        }
         if !self.relations.is_empty() && !self.variant.is_modulated() {
             return Err(Error::Config(format!(
                 "--task-relation pulls modulation vectors together; {} has none: use --variant modulated or only-mask",
@@ -202,8 +194,6 @@ impl TrainConfig {
                 "--epochs 0 trains nothing and writes no checkpoint: give 1 or more".into(),
             ));
         }
-        // Past this the triplet lists alone would not fit in memory.
-        const MAX_TRIPLETS: usize = 100_000_000;
         for (flag, n) in [
             ("--triplets-per-task", self.triplets_per_task),
             ("--test-triplets", self.test_triplets_per_task),
@@ -340,6 +330,10 @@ pub struct Trainer {
     relation_loss: Option<f64>,
 }
 
+/// The most triplets per task a run may ask for: past this the triplet lists
+/// alone would not fit in memory.
+pub const MAX_TRIPLETS: usize = 100_000_000;
+
 /// `OUT.suffix` next to the checkpoint `OUT.safetensors`; a checkpoint named
 /// otherwise keeps its whole name (`run.v1` → `run.v1.suffix`), so that two runs
 /// differing only after a dot do not share their logs.
@@ -351,6 +345,18 @@ pub fn sibling(ckpt: &Path, suffix: &str) -> PathBuf {
     name.push(".");
     name.push(suffix);
     PathBuf::from(name)
+}
+
+/// [`sibling`] where it exists, else the name runs before session 23 gave a
+/// checkpoint not named `.safetensors` (`run.v1` → `run.metrics.jsonl`), if that
+/// exists: for reading old runs' logs.
+pub fn existing_sibling(ckpt: &Path, suffix: &str) -> PathBuf {
+    let path = sibling(ckpt, suffix);
+    let legacy = ckpt.with_extension(suffix);
+    if !path.exists() && legacy.exists() {
+        return legacy;
+    }
+    path
 }
 
 impl Trainer {
@@ -490,7 +496,7 @@ impl Trainer {
         t.load_tensors(&ckpt)?;
         t.epoch = ckpt.header.epoch;
         t.last_metrics = ckpt.header.metrics.clone();
-        t.log_lines = logged_epochs(&sibling(path, "metrics.jsonl"), t.epoch);
+        t.log_lines = logged_epochs(&existing_sibling(path, "metrics.jsonl"), t.epoch);
         Ok(t)
     }
 
@@ -794,8 +800,10 @@ impl Trainer {
             .data()
             .lock()
             .map_err(|_| Error::Config("poisoned VarMap".into()))?;
-        for (name, var) in data.iter() {
-            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let values = data[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
             if !values.iter().all(|v| v.is_finite()) {
                 return Err(Error::Diverged {
                     epoch: self.epoch,
@@ -960,15 +968,18 @@ fn logged_epochs(path: &Path, epoch: usize) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
-    text.lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("epoch")?.as_u64())
-                .is_some_and(|e| (1..=epoch as u64).contains(&e))
-        })
-        .map(String::from)
-        .collect()
+    // The last line of each epoch: logs appended to by earlier versions can hold
+    // an older run's epochs before this one's.
+    let mut by_epoch = BTreeMap::new();
+    for line in text.lines() {
+        let e = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("epoch")?.as_u64());
+        if let Some(e) = e.filter(|e| (1..=epoch as u64).contains(e)) {
+            by_epoch.insert(e, line.to_string());
+        }
+    }
+    by_epoch.into_values().collect()
 }
 
 #[cfg(test)]
@@ -1417,11 +1428,17 @@ mod tests {
         assert_eq!(epochs(&log), [1, 2]);
         // A later line past the checkpoint's epoch, and a torn one.
         let mut text = std::fs::read_to_string(&log).expect("log");
+        text = format!("{{\"epoch\": 1, \"loss\": 9.0}}\n{text}");
         text.push_str("{\"epoch\": 3, \"loss\": 1.0}\n{\"epo");
         std::fs::write(&log, text).expect("write");
         let mut r = Trainer::resume(&out, &ds, Device::Cpu, Some(3)).expect("resume");
         r.run(&ds, &out).expect("resumed");
         assert_eq!(epochs(&log), [1, 2, 3]);
+        let resumed = std::fs::read_to_string(&log).expect("log");
+        assert!(
+            !resumed.contains("\"loss\": 9.0"),
+            "an older epoch 1 was kept"
+        );
         cfg.epochs = 1;
         Trainer::new(cfg.clone(), &ds, Device::Cpu)
             .expect("b")
@@ -1444,6 +1461,16 @@ mod tests {
         assert_eq!(epochs(&sibling(&v2, "metrics.jsonl")), [1]);
         let run = crate::report::Run::load(&v1).expect("report");
         assert_eq!(run.variant.as_deref(), Some("modulated"));
+        // A run named so before session 23 kept its log at `legacy.metrics.jsonl`.
+        let legacy = dir.path().join("legacy.v1");
+        std::fs::copy(&v1, &legacy).expect("copy");
+        std::fs::copy(
+            sibling(&v1, "metrics.jsonl"),
+            dir.path().join("legacy.metrics.jsonl"),
+        )
+        .expect("copy");
+        let run = crate::report::Run::load(&legacy).expect("legacy log");
+        assert_eq!(run.epochs.len(), 1);
         // Two runs of one name in different directories keep apart in reports.
         let mut copies = Vec::new();
         for d in ["a", "b"] {
@@ -1520,14 +1547,6 @@ mod tests {
             let err = cfg.validate().unwrap_err().to_string();
             assert!(err.starts_with(want), "{want}: {err}");
         }
-        let mut cfg = small_cfg();
-        cfg.variant = Variant::Shared;
-        cfg.spec.modulation = Modulation::Projection;
-        let err = cfg.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("--projection") && err.contains("shared"),
-            "{err}"
-        );
         let mut cfg = small_cfg();
         cfg.margin = 0.0;
         cfg.adagrad_initial_accumulator = 0.0;

@@ -146,7 +146,13 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let start = std::time::Instant::now();
     fails_with(
         &["train", "-o", dir.path().to_str().expect("utf8")],
-        "is a directory",
+        "names a directory",
+    );
+    let new_dir = format!("{}/new/", dir.path().display());
+    fails_with(&["train", "-o", &new_dir], "names a directory");
+    fails_with(
+        &["train", "--variant", "shared", "--projection", "-o", out],
+        "--projection",
     );
     assert!(start.elapsed().as_secs() < 20);
     assert!(std::fs::read_dir(dir.path()).expect("dir").next().is_none());
@@ -208,6 +214,22 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
             stderr(&o)
         );
     }
+    // The data a resumed run trains on is what its checkpoint records.
+    let o = modtrain(&[
+        "train",
+        "--resume",
+        c,
+        "--epochs",
+        "3",
+        "--synth-images",
+        "160",
+        "-o",
+        c,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = modkit_models::Checkpoint::load(&ckpt).expect("checkpoint");
+    assert_eq!(resumed.header.train_config["synth_images"], 160);
+    assert_eq!(resumed.header.train_config["epochs"], 3);
 }
 
 #[test]

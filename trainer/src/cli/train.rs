@@ -160,6 +160,11 @@ fn absolute_data(data: &str) -> String {
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
         let variant: Variant = self.variant.parse()?;
+        if self.projection && !variant.is_modulated() {
+            anyhow::bail!(
+                "--projection shapes the modulation; {variant} has none: drop --projection or use --variant modulated or only-mask"
+            );
+        }
         // Only-mask continues another run's network: its spec, data and tasks.
         let source = match (&self.init_from, variant) {
             (Some(path), Variant::OnlyMask) => {
@@ -270,9 +275,16 @@ impl TrainArgs {
 
     pub fn run(self) -> Result<()> {
         let device = super::device(&self.device)?;
-        if self.out.is_dir() {
+        let names_a_directory = self.out.is_dir()
+            || self.out.file_name().is_none()
+            || self
+                .out
+                .as_os_str()
+                .to_string_lossy()
+                .ends_with(std::path::is_separator);
+        if names_a_directory {
             anyhow::bail!(
-                "-o {}: is a directory; name the checkpoint file, e.g. {}",
+                "-o {}: names a directory; name the checkpoint file, e.g. {}",
                 self.out.display(),
                 self.out.join("run.safetensors").display()
             );
@@ -292,6 +304,16 @@ impl TrainArgs {
                 cfg.data = self.data.as_deref().map_or(cfg.data, absolute_data);
                 cfg.synth_images = self.synth_images.unwrap_or(cfg.synth_images);
                 cfg.limit = self.limit.or(cfg.limit);
+                cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
+                // Before the data, which may take minutes to load.
+                let done = ckpt.header.epoch;
+                if cfg.epochs <= done {
+                    anyhow::bail!(
+                        "{} has trained {done} of {} epochs: pass --epochs N above {done} to train more",
+                        path.display(),
+                        cfg.epochs,
+                    );
+                }
                 cfg
             }
             None => self.config()?,
@@ -311,16 +333,12 @@ impl TrainArgs {
         }
         let mut trainer = match &self.resume {
             Some(path) => {
-                let t = Trainer::resume_with(path, &ds, device, self.epochs, self.ucr_every)?;
-                if t.epoch >= t.cfg.epochs {
-                    anyhow::bail!(
-                        "{} has trained {} of its {} epochs: pass --epochs N above {} to train more",
-                        path.display(),
-                        t.epoch,
-                        t.cfg.epochs,
-                        t.epoch
-                    );
-                }
+                let mut t =
+                    Trainer::resume_with(path, &ds, device, Some(cfg.epochs), self.ucr_every)?;
+                // The data it now trains on, as the new checkpoint must record it.
+                t.cfg.data = cfg.data.clone();
+                t.cfg.synth_images = cfg.synth_images;
+                t.cfg.limit = cfg.limit;
                 eprintln!(
                     "resuming {} at epoch {} of {}",
                     path.display(),
