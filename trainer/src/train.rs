@@ -1616,8 +1616,9 @@ mod tests {
         assert!(err.contains("64") && err.contains("48"), "{err}");
     }
 
-    #[test]
-    fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    /// Trains one epoch to a checkpoint, scales variable `name` by `factor`, and
+    /// trains on: the error, and whether the checkpoint is unchanged.
+    fn run_after_poisoning(name: &str, factor: f64) -> (Error, bool) {
         let ds = Dataset::synthetic(120, 48, 4);
         let dir = tempfile::tempdir().expect("tmp");
         let out = dir.path().join("m.safetensors");
@@ -1626,15 +1627,21 @@ mod tests {
         let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
         t.run(&ds, &out).expect("epoch 1");
         let before = std::fs::read(&out).expect("ckpt");
-        // Poison one weight: the next loss is NaN.
         {
             let data = t.varmap.data().lock().expect("lock");
-            let v = &data["fc.weight"];
-            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("nan"))
+            let v = &data[name];
+            v.set(&v.as_tensor().affine(factor, 0.0).expect("scale"))
                 .expect("set");
         }
         t.cfg.epochs = 2;
         let err = t.run(&ds, &out).unwrap_err();
+        (err, std::fs::read(&out).expect("ckpt") == before)
+    }
+
+    #[test]
+    fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+        // A NaN weight: the next loss is NaN.
+        let (err, kept) = run_after_poisoning("fc.weight", f64::NAN);
         assert!(
             matches!(
                 err,
@@ -1651,38 +1658,19 @@ mod tests {
                 .contains("the checkpoint of epoch 1 is kept"),
             "{err}"
         );
-        assert_eq!(
-            std::fs::read(&out).expect("ckpt"),
-            before,
-            "last good checkpoint changed"
-        );
+        assert!(kept, "last good checkpoint changed");
     }
 
     /// An infinite BatchNorm variance leaves the loss finite (the statistics only
     /// serve evaluation); it must not replace the last good checkpoint either.
     #[test]
     fn diverged_statistics_stop_before_the_checkpoint() {
-        let ds = Dataset::synthetic(120, 48, 4);
-        let dir = tempfile::tempdir().expect("tmp");
-        let out = dir.path().join("m.safetensors");
-        let mut cfg = small_cfg();
-        cfg.epochs = 1;
-        let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
-        t.run(&ds, &out).expect("epoch 1");
-        let before = std::fs::read(&out).expect("ckpt");
-        {
-            let data = t.varmap.data().lock().expect("lock");
-            let v = &data["block5.conv.bn.running_var"];
-            v.set(&v.as_tensor().affine(f64::INFINITY, 0.0).expect("inf"))
-                .expect("set");
-        }
-        t.cfg.epochs = 2;
-        let err = t.run(&ds, &out).unwrap_err();
+        let (err, kept) = run_after_poisoning("block5.conv.bn.running_var", f64::INFINITY);
         assert!(
             matches!(&err, Error::Diverged { epoch: 2, tensor } if tensor == "block5.conv.bn.running_var"),
             "{err}"
         );
-        assert_eq!(std::fs::read(&out).expect("ckpt"), before);
+        assert!(kept, "last good checkpoint changed");
         let first = Error::NonFinite {
             epoch: 1,
             step: 3,
