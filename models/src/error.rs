@@ -36,6 +36,9 @@ pub enum Error {
         available: Vec<String>,
     },
 
+    #[error("task {name:?} is asked for twice; list each task once")]
+    DuplicateTask { name: String },
+
     #[error("invalid task name {name:?}: use letters, digits and '_' only")]
     InvalidTaskName { name: String },
 

@@ -38,19 +38,25 @@ pub fn check_name(name: &str) -> Result<()> {
 
 /// Resolves `wanted` (case-insensitive) against `available`, returning indices into
 /// `available` in the order asked, or [`Error::UnknownTask`] listing what exists.
+/// A task asked for twice, in any spelling, is [`Error::DuplicateTask`].
 pub fn select(wanted: &[String], available: &[String]) -> Result<Vec<usize>> {
-    wanted
-        .iter()
-        .map(|w| {
-            available
-                .iter()
-                .position(|a| a.eq_ignore_ascii_case(w))
-                .ok_or_else(|| Error::UnknownTask {
-                    name: w.clone(),
-                    available: available.to_vec(),
-                })
-        })
-        .collect()
+    let mut picked: Vec<usize> = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let i = available
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(w))
+            .ok_or_else(|| Error::UnknownTask {
+                name: w.clone(),
+                available: available.to_vec(),
+            })?;
+        if picked.contains(&i) {
+            return Err(Error::DuplicateTask {
+                name: available[i].clone(),
+            });
+        }
+        picked.push(i);
+    }
+    Ok(picked)
 }
 
 #[cfg(test)]
@@ -67,6 +73,10 @@ mod tests {
             err.contains("\"smile\"") && err.contains("smiling, 5_o_clock_shadow"),
             "{err}"
         );
+        let err = select(&["young".into(), "Young".into()], &avail)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"young\" is asked for twice"), "{err}");
     }
 
     #[test]

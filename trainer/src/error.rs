@@ -75,19 +75,26 @@ pub enum Error {
 
     #[error(
         "loss became {loss} at epoch {epoch}, step {step}; stopped, {}. Lower --lr or check the data",
-        kept(*.epoch)
+        what_is_kept(.kept)
     )]
     NonFinite {
         epoch: usize,
         step: usize,
         loss: f32,
+        /// The run's newest checkpoint on disk: (epoch, path).
+        kept: Option<(usize, PathBuf)>,
     },
 
     #[error(
         "{tensor} holds non-finite values after epoch {epoch} (training diverged); stopped, {}. Lower --lr or check the data",
-        kept(*.epoch)
+        what_is_kept(.kept)
     )]
-    Diverged { epoch: usize, tensor: String },
+    Diverged {
+        epoch: usize,
+        tensor: String,
+        /// The run's newest checkpoint on disk: (epoch, path).
+        kept: Option<(usize, PathBuf)>,
+    },
 
     #[error(
         "image size {found} does not match the spec's input {expected}; load the data at {expected}"
@@ -104,10 +111,14 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
-/// What a run stopped in epoch `epoch` leaves behind.
-fn kept(epoch: usize) -> String {
-    match epoch {
-        0 | 1 => "no checkpoint was written".into(),
-        e => format!("the checkpoint of epoch {} is kept", e - 1),
+/// What a stopped run leaves behind: its newest checkpoint, if any. A resumed
+/// run's may be the one it resumed from, not its `-o`.
+fn what_is_kept(saved: &Option<(usize, PathBuf)>) -> String {
+    match saved {
+        None => "no checkpoint was written".into(),
+        Some((epoch, path)) => format!(
+            "the checkpoint of epoch {epoch} is kept at {}",
+            path.display()
+        ),
     }
 }

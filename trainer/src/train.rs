@@ -328,6 +328,9 @@ pub struct Trainer {
     relations: Vec<[usize; 3]>,
     /// The last epoch's mean relation loss (unweighted), when regularised.
     relation_loss: Option<f64>,
+    /// The newest checkpoint of this run on disk (epoch, path): the one resumed
+    /// from, then each one saved; what a stopped run leaves behind.
+    last_saved: Option<(usize, PathBuf)>,
 }
 
 /// The most triplets per task a run may ask for: past this the triplet lists
@@ -399,13 +402,6 @@ impl Trainer {
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
-        for (i, task) in cfg.tasks.iter().enumerate() {
-            if cfg.tasks[..i].contains(task) {
-                return Err(Error::Config(format!(
-                    "task {task:?} is listed twice (--tasks, or a repeated labels.csv column): name each task once"
-                )));
-            }
-        }
         // The data decides how images are squared; the runtime reads it back.
         cfg.preprocess.fit = ds.fit;
         let test = triplets::sample(
@@ -456,6 +452,7 @@ impl Trainer {
             ucr: None,
             relations,
             relation_loss: None,
+            last_saved: None,
         })
     }
 
@@ -497,6 +494,7 @@ impl Trainer {
         t.epoch = ckpt.header.epoch;
         t.last_metrics = ckpt.header.metrics.clone();
         t.log_lines = logged_epochs(&existing_sibling(path, "metrics.jsonl"), t.epoch);
+        t.last_saved = Some((t.epoch, path.to_path_buf()));
         Ok(t)
     }
 
@@ -678,6 +676,7 @@ impl Trainer {
                         epoch: self.epoch + 1,
                         step: step + 1,
                         loss: value,
+                        kept: self.last_saved.clone(),
                     });
                 }
                 times.forward = since(&mut clock);
@@ -808,6 +807,7 @@ impl Trainer {
                 return Err(Error::Diverged {
                     epoch: self.epoch,
                     tensor: name.clone(),
+                    kept: self.last_saved.clone(),
                 });
             }
         }
@@ -861,6 +861,7 @@ impl Trainer {
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
             self.checkpoint()?.save(out)?;
+            self.last_saved = Some((self.epoch, out.to_path_buf()));
             // The log describes the checkpoint beside it: this run's epochs only.
             self.log_lines.push(self.last_metrics.to_string());
             let mut text = self.log_lines.join("\n");
@@ -1556,7 +1557,7 @@ mod tests {
         let ds = Dataset::synthetic(60, 48, 4);
         cfg.tasks = vec!["smiling".into(), "Smiling".into()];
         let err = Trainer::new(cfg, &ds, Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("\"smiling\" is listed twice"), "{err}");
+        assert!(err.contains("\"smiling\" is asked for twice"), "{err}");
     }
 
     #[test]
@@ -1667,7 +1668,7 @@ mod tests {
     fn diverged_statistics_stop_before_the_checkpoint() {
         let (err, kept) = run_after_poisoning("block5.conv.bn.running_var", f64::INFINITY);
         assert!(
-            matches!(&err, Error::Diverged { epoch: 2, tensor } if tensor == "block5.conv.bn.running_var"),
+            matches!(&err, Error::Diverged { epoch: 2, tensor, .. } if tensor == "block5.conv.bn.running_var"),
             "{err}"
         );
         assert!(kept, "last good checkpoint changed");
@@ -1675,8 +1676,36 @@ mod tests {
             epoch: 1,
             step: 3,
             loss: f32::NAN,
+            kept: None,
         }
         .to_string();
         assert!(first.contains("no checkpoint was written"), "{first}");
+    }
+
+    /// A run resumed to another `-o` that stops before its first save names the
+    /// checkpoint it resumed from, which is what is left.
+    #[test]
+    fn a_resumed_run_that_stops_names_the_checkpoint_it_resumed_from() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = dir.path().join("a.safetensors");
+        let second = dir.path().join("b.safetensors");
+        let mut cfg = small_cfg();
+        cfg.epochs = 1;
+        Trainer::new(cfg, &ds, Device::Cpu)
+            .expect("t")
+            .run(&ds, &first)
+            .expect("epoch 1");
+        let mut t = Trainer::resume(&first, &ds, Device::Cpu, Some(2)).expect("resume");
+        {
+            let data = t.varmap.data().lock().expect("lock");
+            let v = &data["fc.weight"];
+            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("scale"))
+                .expect("set");
+        }
+        let err = t.run(&ds, &second).unwrap_err().to_string();
+        let want = format!("the checkpoint of epoch 1 is kept at {}", first.display());
+        assert!(err.contains(&want), "{err}");
+        assert!(!second.exists());
     }
 }

@@ -135,7 +135,7 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
                 "-o",
                 out,
             ],
-            "listed twice",
+            "asked for twice",
         ),
     ];
     for (args, want) in cases {
