@@ -5,7 +5,7 @@
 //! fc is `Flatten → Gemm`, and the embedding is `e / √(Σe² + 1e-12)`, exactly as
 //! the trainer computes it.
 
-use modkit_models::{NetSpec, Precision, StageShape};
+use modkit_models::{Fit, NetSpec, Precision, Preprocess, StageShape};
 
 use crate::fold_batch_norm::{Affine, PlainNet};
 use crate::graph::{Attr, Dim, GraphBuilder};
@@ -299,16 +299,47 @@ pub fn branch_switch_tail(
     (g.finish(), params)
 }
 
-/// One task as a single standard model: image `[N, 3, S, S]` → embedding `[N, E]`.
+/// One task as a single standard model: image `[N, 3, S, S]` → embedding `[N, E]`,
+/// with `metadata` ([`export_metadata`]) as its `metadata_props`.
 pub fn export_model(
     spec: &NetSpec,
     net: &PlainNet,
     h: Option<&Head>,
     precision: Precision,
+    metadata: &[(&str, String)],
 ) -> Vec<u8> {
     let mut g = GraphBuilder::new("modkit_task", precision);
     let x = trunk_body(&mut g, spec, net);
     tail_body(&mut g, spec, net, x, h);
     g.output(EMBEDDING, &[Dim::Symbol("N"), Dim::Fixed(out_dim(spec, h))]);
-    g.finish()
+    g.finish_with(metadata)
+}
+
+/// What another runtime must know to feed an exported model: the task and how an
+/// image becomes its input (the graph starts after normalisation).
+pub fn export_metadata(
+    spec: &NetSpec,
+    preprocess: &Preprocess,
+    task: &str,
+) -> Vec<(&'static str, String)> {
+    let list = |v: &[f32; 3]| v.map(|x| x.to_string()).join(",");
+    let fit = match preprocess.fit {
+        Fit::Crop => "crop",
+        Fit::Pad => "pad",
+    };
+    vec![
+        ("modkit.task", task.to_string()),
+        ("modkit.input_size", spec.input_size.to_string()),
+        ("modkit.fit", fit.to_string()),
+        ("modkit.mean", list(&preprocess.mean)),
+        ("modkit.std", list(&preprocess.std)),
+        (
+            "modkit.input",
+            format!(
+                "RGB, squared by {} (crop: centre square; pad: centred on white), resized to {s}x{s}, each pixel p in 0..=255 as (p/255 - mean[c]) / std[c], layout [N, 3, {s}, {s}]",
+                fit,
+                s = spec.input_size
+            ),
+        ),
+    ]
 }

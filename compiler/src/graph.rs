@@ -9,8 +9,8 @@ use half::f16;
 use modkit_models::Precision;
 use prost::Message;
 use tract_onnx::pb::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
     tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
@@ -213,7 +213,19 @@ impl GraphBuilder {
 
     /// The encoded model.
     pub fn finish(self) -> Vec<u8> {
+        self.finish_with(&[])
+    }
+
+    /// The encoded model with `metadata` as its `metadata_props` (key, value).
+    pub fn finish_with(self, metadata: &[(&str, String)]) -> Vec<u8> {
         ModelProto {
+            metadata_props: metadata
+                .iter()
+                .map(|(key, value)| StringStringEntryProto {
+                    key: key.to_string(),
+                    value: value.clone(),
+                })
+                .collect(),
             ir_version: 7,
             opset_import: vec![OperatorSetIdProto {
                 domain: String::new(),

@@ -48,6 +48,9 @@ struct CompileArgs {
 }
 
 /// One task as a single standard ONNX model (image → embedding), any runtime runs it.
+/// The graph starts at the normalised input: how to prepare an image (squaring,
+/// size, mean and std) is printed and stored in the model's metadata_props
+/// (modkit.fit, modkit.input_size, modkit.mean, modkit.std, modkit.input).
 ///
 /// Example: modc export-onnx runs/mod.safetensors --task smiling -o smiling.onnx
 #[derive(Debug, Args)]
@@ -130,13 +133,20 @@ impl ExportArgs {
         };
         let base = fold_batch_norm::fold_batch_norm(&ckpt, &prefix)?;
         let (net, head) = task_network(&ckpt, &base, t)?;
-        let bytes = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32);
+        let h = &ckpt.header;
+        let metadata = emit::export_metadata(&h.spec, &h.preprocess, &h.tasks[t]);
+        let bytes = emit::export_model(&h.spec, &net, head.as_ref(), Precision::F32, &metadata);
         modkit_models::write_atomic(&self.out, &bytes)?;
+        let input = metadata
+            .iter()
+            .find(|(k, _)| *k == "modkit.input")
+            .map_or("", |(_, v)| v.as_str());
         eprintln!(
-            "wrote {} (task {}, image [N, 3, {s}, {s}] → embedding)",
+            "wrote {} (task {}, image → embedding; input: {input}, mean {:?}, std {:?}; also in its metadata_props)",
             self.out.display(),
-            ckpt.header.tasks[t],
-            s = ckpt.header.spec.input_size
+            h.tasks[t],
+            h.preprocess.mean,
+            h.preprocess.std,
         );
         Ok(())
     }

@@ -143,6 +143,22 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
             ),
         });
     }
+    // Both sides below are fed the package's input, so the graphs alone cannot
+    // show a package that squares or normalises images otherwise than training did
+    // (a version-1 package, which reads as cropping, of a `zappos:` run).
+    if ckpt.header.preprocess != pkg.preprocess {
+        let show = |p: &modkit_models::Preprocess| {
+            format!("{:?} with mean {:?}, std {:?}", p.fit, p.mean, p.std)
+        };
+        return Err(Error::Graph {
+            graph: "package".into(),
+            msg: format!(
+                "prepares images as {}, the checkpoint trained on {}: compile it again with `modc compile`",
+                show(&pkg.preprocess),
+                show(&ckpt.header.preprocess)
+            ),
+        });
+    }
     let images = sample_images(pkg, n);
     let mut out = Vec::new();
     for (t, name) in pkg.tasks.iter().enumerate() {

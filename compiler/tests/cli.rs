@@ -47,6 +47,19 @@ fn compile_inspect_verify_export() {
         o.status.success() && out.contains("ok: all 2 tasks"),
         "{out}"
     );
+    // A task asked for twice, in any spelling, is refused, not compiled twice.
+    let twice = dir.path().join("twice.modpack");
+    let t = twice.to_str().expect("utf8");
+    for list in [
+        ["--tasks", "smiling,Smiling"],
+        ["--fold-tasks", "young,young"],
+    ] {
+        let o = modc(&["compile", c, "-o", t, list[0], list[1]]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("is asked for twice"), "{err}");
+        assert!(!twice.exists());
+    }
 
     // An f16 package passes with the default tolerance for its precision; no images
     // or a negative tolerance is an error, not a pass.

@@ -214,6 +214,21 @@ fn verify_catches_a_changed_task_vector() {
     assert!(errors[1] > 1e-3, "{errors:?}");
 }
 
+/// The graphs agree but the package would square images otherwise than training
+/// did (a version-1 package reads as cropping whatever it was trained on).
+#[test]
+fn verify_catches_a_package_that_prepares_images_otherwise() {
+    let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let mut pkg = compile(&ckpt, &CompileOptions::default()).expect("compile");
+    verify(&pkg, &ckpt, 1).expect("the same preprocessing passes");
+    pkg.preprocess.fit = modkit_models::Fit::Pad;
+    let err = verify(&pkg, &ckpt, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("prepares images as Pad") && err.contains("trained on Crop"),
+        "{err}"
+    );
+}
+
 #[test]
 fn half_precision_halves_the_weights_and_stays_close() {
     let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
@@ -276,7 +291,29 @@ fn exported_model_runs_in_tract_and_matches_the_package() {
     let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
     let base = fold_batch_norm::fold_batch_norm(&ckpt, "").expect("bn");
     let (net, head) = task_network(&ckpt, &base, 1).expect("task");
-    let onnx = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32);
+    let metadata = emit::export_metadata(&ckpt.header.spec, &ckpt.header.preprocess, TASKS[1]);
+    let onnx = emit::export_model(
+        &ckpt.header.spec,
+        &net,
+        head.as_ref(),
+        Precision::F32,
+        &metadata,
+    );
+    // How to prepare an image travels with the model.
+    let props: std::collections::BTreeMap<String, String> = ModelProto::decode(onnx.as_slice())
+        .expect("onnx")
+        .metadata_props
+        .into_iter()
+        .map(|p| (p.key, p.value))
+        .collect();
+    assert_eq!(props["modkit.task"], TASKS[1]);
+    assert_eq!(props["modkit.fit"], "crop");
+    assert_eq!(props["modkit.mean"], "0.5,0.5,0.5");
+    assert_eq!(props["modkit.std"], "0.25,0.25,0.25");
+    assert_eq!(
+        props["modkit.input_size"],
+        ckpt.header.spec.input_size.to_string()
+    );
     let pkg = compile(&ckpt, &CompileOptions::default()).expect("pkg");
     let images = sample_images(&pkg, 2);
     let (shape, got) = tract_run::run("export", &onnx, std::slice::from_ref(&images)).expect("run");
@@ -312,7 +349,7 @@ fn independent_networks_export_per_task() {
         )
         .expect("bn");
         let (net, head) = task_network(&ckpt, &base, t).expect("task");
-        let onnx = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32);
+        let onnx = emit::export_model(&ckpt.header.spec, &net, head.as_ref(), Precision::F32, &[]);
         let (_, got) = tract_run::run("export", &onnx, std::slice::from_ref(&images)).expect("run");
         let want = candle_net
             .forward_grouped(&x, &[(t, 2)], false)
