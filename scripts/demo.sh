@@ -2,8 +2,9 @@
 # The main job on a fresh machine: generate the built-in synthetic faces, train the
 # modulated network (tiny spec), compile it into a .modpack, check the package
 # against the checkpoint, index a gallery of faces the model never saw, and answer
-# `modrt query --task smiling` with a contact sheet PNG, then score every gallery
-# face as a query (`modrt eval`, precision@5 per task).
+# one query for every task (`modrt query --task smiling,young,...`: the trunk once,
+# a row per task on the contact sheet PNG), then score every gallery face as a
+# query (`modrt eval`, precision@5 per task).
 # Output goes to ${OUT:-out/demo}; N, EPOCHS, TRIPLETS, GALLERY and TASKS scale it.
 # PROFILE=dev uses the debug build `cargo test` already made (CI runs it that way,
 # scaled down; the trainer's kernels are optimized in it too).
@@ -31,12 +32,12 @@ esac
 # A gallery the model never saw: another seed.
 "$bin/modtrain" synth --out "$out/gallery" --n "${GALLERY:-1000}" --size 48 --seed 1
 "$bin/modrt" index "$out/gallery" --model "$out/model.modpack" -o "$out/gallery.modidx"
-"$bin/modrt" query "$out/gallery/img_align_celeba/000001.png" --task smiling \
+"$bin/modrt" query "$out/gallery/img_align_celeba/000001.png" --task "$tasks" \
     --model "$out/model.modpack" --index "$out/gallery.modidx" -k 5 \
-    --sheet "$out/smiling.png"
+    --sheet "$out/query.png"
 # Not one query but all of them: each gallery face queries the other 999, per task.
 "$bin/modrt" eval --index "$out/gallery.modidx" -k 5
 echo "checkpoint: $out/modulated.safetensors"
 echo "package: $out/model.modpack"
-test -s "$out/smiling.png" || { echo "demo.sh: no contact sheet at $out/smiling.png" >&2; exit 1; }
-echo "contact sheet: $out/smiling.png"
+test -s "$out/query.png" || { echo "demo.sh: no contact sheet at $out/query.png" >&2; exit 1; }
+echo "contact sheet: $out/query.png"

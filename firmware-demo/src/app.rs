@@ -119,10 +119,11 @@ impl Demo {
         let names: Vec<String> = if tasks.is_empty() {
             index.tasks.iter().map(|t| t.task.clone()).collect()
         } else {
-            tasks
+            index
+                .select(tasks, index_path)?
                 .iter()
-                .map(|t| index.task(t, index_path).map(|r| r.task.clone()))
-                .collect::<modkit_runtime::Result<_>>()?
+                .map(|r| r.task.clone())
+                .collect()
         };
         let model_tasks = names
             .iter()

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use embedded_graphics::pixelcolor::Rgb888;
 use embedded_graphics::prelude::{OriginDimensions, RgbColor};
-use modkit_firmware_demo::app::{Demo, Folder, QuerySource, Ranked};
+use modkit_firmware_demo::app::{Demo, Folder, Query, QuerySource, Ranked};
 use modkit_firmware_demo::fb::Framebuffer;
 use modkit_firmware_demo::screen::{self, Frame};
 use modkit_runtime::canvas::RgbCanvas;
@@ -215,6 +215,24 @@ fn print_results(query: &str, task: &str, ranked: &[Ranked]) -> std::io::Result<
     Ok(())
 }
 
+/// Query `q` of `n` with its trunk run, or `None` (said on stderr) where its
+/// image cannot be read: one bad file in a folder of queries (a `._IMG.jpg`
+/// that a Mac left on a USB stick) skips that query, not the demo.
+fn try_query(demo: &Demo, source: &mut Folder, q: usize, n: usize) -> Result<Option<Query>> {
+    match source.get(q) {
+        Ok((name, img, path)) => Ok(Some(demo.query(name, img, path.as_deref())?)),
+        Err(e @ (modkit_runtime::Error::Image { .. } | modkit_runtime::Error::Io { .. })) => {
+            eprintln!(
+                "firmware-demo: skipping query {} of {n}: {}",
+                q % n + 1,
+                modkit_models::one_line(&e)
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     if cli.k == 0 {
         bail!("-k 0: ask for at least one result");
@@ -242,8 +260,9 @@ fn run(cli: Cli) -> Result<()> {
         let mut all = Vec::new();
         let mut first = true;
         for q in 0..n {
-            let (name, img, path) = source.get(q)?;
-            let query = demo.query(name, img, path.as_deref())?;
+            let Some(query) = try_query(&demo, &mut source, q, n)? else {
+                continue;
+            };
             for t in 0..demo.tasks.len() {
                 let (frame, ranked) = demo.frame(&query, (q + 1, n), t, show_timings)?;
                 if first || display.writes_every_frame() {
@@ -257,6 +276,12 @@ fn run(cli: Cli) -> Result<()> {
                 all.push(serde_json::json!({"query": query.name, "task": demo.tasks[t], "results": ranked}));
             }
         }
+        if all.is_empty() {
+            bail!(
+                "none of the {n} query images in {} could be read",
+                cli.queries.display()
+            );
+        }
         if cli.json {
             writeln!(
                 std::io::stdout().lock(),
@@ -269,9 +294,25 @@ fn run(cli: Cli) -> Result<()> {
 
     let rx = events(cli.gpio.clone());
     let (mut q, mut t) = (0usize, 0usize);
+    // Unreadable queries are passed over in the direction the user last moved.
+    let (mut forward, mut unreadable) = (true, 0);
     loop {
-        let (name, img, path) = source.get(q)?;
-        let query = demo.query(name, img, path.as_deref())?;
+        let Some(query) = try_query(&demo, &mut source, q, n)? else {
+            unreadable += 1;
+            if unreadable >= n {
+                bail!(
+                    "none of the {n} query images in {} could be read",
+                    cli.queries.display()
+                );
+            }
+            q = if forward {
+                (q + 1) % n
+            } else {
+                (q + n - 1) % n
+            };
+            continue;
+        };
+        unreadable = 0;
         loop {
             let (frame, ranked) = demo.frame(&query, (q % n + 1, n), t, show_timings)?;
             display.show(&frame, &query.name)?;
@@ -282,11 +323,11 @@ fn run(cli: Cli) -> Result<()> {
                 Event::NextTask => t = (t + 1) % tasks,
                 Event::PrevTask => t = (t + tasks - 1) % tasks,
                 Event::NextQuery => {
-                    q = (q + 1) % n;
+                    (q, forward) = ((q + 1) % n, true);
                     break;
                 }
                 Event::PrevQuery => {
-                    q = (q + n - 1) % n;
+                    (q, forward) = ((q + n - 1) % n, false);
                     break;
                 }
                 Event::Quit => return Ok(()),

@@ -19,7 +19,9 @@ fn demo(args: &[&str]) -> Output {
         .expect("run firmware-demo")
 }
 
-/// Four gallery images and two query images, distinct colour patterns.
+/// Four gallery images and two query images, distinct colour patterns, beside a
+/// query file that is no image (the `._q0.jpg` a Mac leaves on a USB stick; it
+/// sorts first).
 fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let gallery = dir.join("gallery");
     let queries = dir.join("queries");
@@ -44,6 +46,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             .save(queries.join(format!("q{i}.png")))
             .expect("png");
     }
+    std::fs::write(queries.join("._q0.jpg"), b"\0\x05\x16\x07 not an image").expect("junk");
     let model = Model::load(&pretrained()).expect("pretrained");
     let tasks = model.select_tasks(&[]).expect("tasks");
     let (idx, _) = index::build(&model, &gallery, &tasks, None, &|_, _| {}).expect("index");
@@ -88,6 +91,11 @@ fn once_draws_every_query_and_task_and_survives_k_and_missing_images() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let screens = v.as_array().expect("array");
     assert_eq!(screens.len(), 4, "2 queries × 2 tasks");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("skipping query 1 of 3") && err.contains("._q0.jpg"),
+        "{err}"
+    );
     for s in screens {
         let results = s["results"].as_array().expect("results");
         assert_eq!(results.len(), 4, "k=10 over a gallery of 4");
@@ -127,7 +135,11 @@ fn bad_arguments_are_one_line_errors() {
     let text = tmp.path().join("text");
     std::fs::write(&text, "hello\n").expect("text");
     let text = text.to_str().expect("p");
-    let cases: [(&[&str], &str); 7] = [
+    let junk = tmp.path().join("junk");
+    std::fs::create_dir_all(&junk).expect("mkdir");
+    std::fs::write(junk.join("a.png"), b"not a png").expect("junk");
+    let junk = junk.to_str().expect("p");
+    let cases: [(&[&str], &str); 8] = [
         (
             &["-m", m, "-i", i, "--queries", q, "--gpio", none],
             "/sys/class/gpio/export",
@@ -149,6 +161,20 @@ fn bad_arguments_are_one_line_errors() {
                 "--once",
             ],
             "smile",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--task",
+                "young,Young",
+                "--once",
+            ],
+            "\"young\" is asked for twice",
         ),
         (
             &[
@@ -194,6 +220,17 @@ fn bad_arguments_are_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // No readable query at all: the skip, then the error.
+    let out = demo(&["-m", m, "-i", i, "--queries", junk, "--once"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.trim().lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].contains("skipping query 1 of 1")
+            && lines[1].contains("none of the 1 query images"),
+        "{err}"
+    );
 }
 
 #[test]

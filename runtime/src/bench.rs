@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::{Input, Model, Result};
+use crate::{Error, Input, Model, Result};
 
 /// Medians in milliseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +82,9 @@ fn random_rows(n: usize, dim: usize) -> Vec<f32> {
     rows
 }
 
+/// The largest random gallery [`run`] builds: 4 GiB of embeddings.
+pub const MAX_GALLERY_BYTES: usize = 4 << 30;
+
 /// Measures `model` on `image` for `tasks` (package indices), `runs` times each,
 /// and a top-5 search over `gallery` random embeddings.
 pub fn run(
@@ -93,6 +96,13 @@ pub fn run(
     gallery: usize,
 ) -> Result<Report> {
     let runs = runs.max(1);
+    let dim = model.embedding_dim();
+    let most = MAX_GALLERY_BYTES / (4 * dim.max(1));
+    if gallery > most {
+        return Err(Error::Invalid(format!(
+            "--gallery {gallery}: the search timing holds at most {most} random embeddings of {dim} numbers (4 GiB); ask for fewer"
+        )));
+    }
     let features = model.trunk(image)?;
     let first = tasks.first().copied().unwrap_or(0);
     let trunk_ms = time(runs, || model.trunk(image).map(drop))?;
@@ -109,7 +119,6 @@ pub fn run(
         }
         Ok(())
     })?;
-    let dim = model.embedding_dim();
     let rows = random_rows(gallery, dim);
     let query = model.embed(&features, first)?;
     let search_ms = time(runs, || {

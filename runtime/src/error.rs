@@ -45,7 +45,7 @@ pub enum Error {
         expected: u64,
     },
 
-    #[error("index {path:?} has no embeddings for task {task:?}; it holds {}; rebuild it with `--tasks {task}` or pick one of those", available.join(", "))]
+    #[error("index {path:?} has no embeddings for task {task:?}; it holds {}; pick one of those, or rebuild it with `--tasks {},{task}` (or without --tasks, for every task)", available.join(", "), available.join(","))]
     TaskNotIndexed {
         path: PathBuf,
         task: String,

@@ -95,21 +95,25 @@ pub struct Gallery {
 impl Gallery {
     /// Lists `dir`. A CelebA-layout folder (`img_align_celeba/` beside
     /// `Anno/list_attr_celeba.txt`), given as the root or as its image folder,
-    /// brings its attribute values along.
+    /// brings its attribute values along. The root is canonical (no `..`, no
+    /// symbolic links), so one folder named two ways is one gallery; a folder
+    /// reached twice through links is listed once.
     pub fn open(dir: &Path) -> Result<Gallery> {
         if !dir.is_dir() {
             return Err(Error::Invalid(format!(
                 "{dir:?} is not a folder; give the folder of gallery images"
             )));
         }
+        let dir = std::fs::canonicalize(dir).map_err(Error::io(dir))?;
         let (root, attr) = if dir.join(IMAGES).is_dir() {
             (dir.join(IMAGES), dir.join(ATTR_FILE))
         } else {
-            let parent = dir.parent().unwrap_or(dir);
-            (dir.to_path_buf(), parent.join(ATTR_FILE))
+            let parent = dir.parent().unwrap_or(&dir);
+            (dir.clone(), parent.join(ATTR_FILE))
         };
         let mut ids = Vec::new();
-        list(&root, &root, &mut ids)?;
+        let mut seen = HashSet::from([root.clone()]);
+        list(&root, &root, &mut seen, &mut ids)?;
         ids.sort();
         if ids.is_empty() {
             return Err(Error::EmptyGallery { path: root });
@@ -149,12 +153,22 @@ impl Gallery {
     }
 }
 
-fn list(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(Error::io(dir))?;
-    for entry in entries {
-        let path = entry.map_err(Error::io(dir))?.path();
+/// Appends the image ids under `dir` to `out`, in name order; `seen` holds the
+/// canonical folders listed so far, so that linked folders are listed once and
+/// a link loop ends.
+fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<String>) -> Result<()> {
+    let mut paths = std::fs::read_dir(dir)
+        .map_err(Error::io(dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<PathBuf>>>()
+        .map_err(Error::io(dir))?;
+    paths.sort();
+    for path in paths {
         if path.is_dir() {
-            list(root, &path, out)?;
+            let real = std::fs::canonicalize(&path).map_err(Error::io(&path))?;
+            if seen.insert(real) {
+                list(root, &path, seen, out)?;
+            }
         } else if path
             .extension()
             .and_then(|e| e.to_str())
@@ -187,9 +201,13 @@ pub fn build(
     let gallery = Gallery::open(dir)?;
     let names: Vec<String> = tasks.iter().map(|&t| model.tasks()[t].clone()).collect();
     let dim = model.embedding_dim();
-    let root = std::path::absolute(&gallery.root).unwrap_or(gallery.root.clone());
+    let root = gallery.root.clone();
     let mut index = match existing {
-        Some(old) => {
+        Some(mut old) => {
+            // Indexes written before roots were canonical: compare like with like.
+            if let Ok(real) = std::fs::canonicalize(&old.root) {
+                old.root = real;
+            }
             if old.fingerprint != model.fingerprint() {
                 return Err(Error::WrongModel {
                     path: old.root.clone(),
@@ -338,6 +356,23 @@ impl GalleryIndex {
                 task: task.to_string(),
                 available: self.tasks.iter().map(|t| t.task.clone()).collect(),
             })
+    }
+
+    /// The rows of each of `names` (case-insensitive, in that order); a task
+    /// asked for twice is an error, as in [`modkit_models::tasks::select`].
+    pub fn select(&self, names: &[String], path: &Path) -> Result<Vec<&TaskRows>> {
+        let mut picked: Vec<&TaskRows> = Vec::with_capacity(names.len());
+        for name in names {
+            let rows = self.task(name, path)?;
+            if picked.iter().any(|p| std::ptr::eq(*p, rows)) {
+                return Err(modkit_models::Error::DuplicateTask {
+                    name: rows.task.clone(),
+                }
+                .into());
+            }
+            picked.push(rows);
+        }
+        Ok(picked)
     }
 
     /// The path of image `row`.

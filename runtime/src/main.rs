@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use modkit_runtime::index::{self, GalleryIndex};
-use modkit_runtime::sheet::{Tile, contact_sheet};
+use modkit_runtime::sheet::{MAX_RESULTS, Row, Tile, contact_sheet};
 use modkit_runtime::{Model, Options, bench, input};
 
 #[global_allocator]
@@ -85,15 +85,21 @@ struct IndexArgs {
     append: bool,
 }
 
-/// Find the gallery images nearest to IMAGE for one task (attribute).
+/// Find the gallery images nearest to IMAGE for one task (attribute), or for
+/// several at once: the trunk runs once, each task searches with its own
+/// embedding, and the contact sheet gets a row per task.
 ///
-/// Example: modrt query q.png --task smiling --model model.modpack --index faces.modidx -k 5 --sheet top5.png
+/// Examples:
+///   modrt query q.png --task smiling --model model.modpack --index faces.modidx -k 5 --sheet top5.png
+///   modrt query q.png --task smiling,young,bangs --model model.modpack --index faces.modidx --sheet sheet.png
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 struct QueryArgs {
     image: PathBuf,
-    /// The task (attribute) to search by, e.g. smiling.
-    #[arg(long, short)]
-    task: String,
+    /// The task (attribute) to search by, e.g. smiling; a comma list searches by
+    /// each (smiling,young).
+    #[arg(long, short, required = true, value_delimiter = ',')]
+    task: Vec<String>,
     #[command(flatten)]
     model: ModelArgs,
     /// The gallery index (`modrt index`).
@@ -105,8 +111,9 @@ struct QueryArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// Write a contact sheet PNG: the query, then the results with rank, distance
-    /// and attribute value.
+    /// Write a contact sheet PNG, a row per task: the query, then the results with
+    /// rank, distance and attribute value (at most 50 per task). It must be a new
+    /// file or an old sheet, not the query, the package, the index or a gallery image.
     #[arg(long)]
     sheet: Option<PathBuf>,
     /// Keep the query image itself in the results when it is in the gallery.
@@ -130,9 +137,10 @@ struct EmbedArgs {
 }
 
 /// Retrieval quality of a labelled gallery, per task: every image with a known
-/// value queries all the others (leave one out), and precision@k is the mean
-/// fraction of its k nearest that share its value, beside what random results
-/// would score. Needs an index of a CelebA-layout folder (attribute values).
+/// value queries the others with known values (leave one out), and precision@k
+/// is the mean fraction of its k nearest that share its value, beside what
+/// random results would score. k is capped at the other labelled images. Needs
+/// an index of a CelebA-layout folder (attribute values).
 ///
 /// Example: modrt eval --index faces.modidx -k 5
 #[derive(Debug, Args)]
@@ -261,6 +269,49 @@ fn yes_no(v: Option<bool>) -> &'static str {
     }
 }
 
+/// What writing `target` would overwrite among `inputs` and the gallery's images.
+fn overwritten(
+    target: &Path,
+    inputs: &[(&PathBuf, &'static str)],
+    index: &GalleryIndex,
+) -> Option<&'static str> {
+    let real = std::fs::canonicalize(target).ok()?;
+    for (path, what) in inputs {
+        if std::fs::canonicalize(path).is_ok_and(|p| p == real) {
+            return Some(what);
+        }
+    }
+    index.find(target).map(|_| "an image of the gallery")
+}
+
+/// One task's answer to a query.
+struct TaskAnswer {
+    task: String,
+    /// The query's own value for the task, when it is in the labelled gallery.
+    query_label: Option<bool>,
+    /// (row, distance, path, value), nearest first.
+    results: Vec<(usize, f32, PathBuf, Option<bool>)>,
+    /// The fraction of results sharing the query's value, when every value is known.
+    precision: Option<f64>,
+}
+
+impl TaskAnswer {
+    fn json(&self, index: &GalleryIndex) -> serde_json::Value {
+        serde_json::json!({
+            "task": self.task,
+            "query_label": self.query_label,
+            "results": self.results.iter().enumerate().map(|(i, (row, d, path, l))| serde_json::json!({
+                "rank": i + 1,
+                "id": index.ids[*row],
+                "path": path,
+                "distance": d,
+                "label": l,
+            })).collect::<Vec<_>>(),
+            "precision": self.precision,
+        })
+    }
+}
+
 impl QueryArgs {
     fn run(self) -> Result<String> {
         let mut out = String::new();
@@ -268,98 +319,142 @@ impl QueryArgs {
             bail!("-k 0: ask for at least one result");
         }
         let model = self.model.load()?;
-        let task = model.task_index(&self.task)?;
-        let task_name = model.tasks()[task].clone();
+        let tasks = model.select_tasks(&self.task)?;
         let index = GalleryIndex::load_for(&self.index, &model)?;
-        let rows = index.task(&task_name, &self.index)?;
+        if let Some(sheet) = &self.sheet {
+            if self.k > MAX_RESULTS {
+                bail!(
+                    "-k {}: a --sheet draws at most {} results per task; lower -k, or drop --sheet and read the list",
+                    self.k,
+                    MAX_RESULTS
+                );
+            }
+            let inputs = [
+                (&self.image, "the query image"),
+                (&self.model.model, "the package"),
+                (&self.index, "the index"),
+            ];
+            if let Some(what) = overwritten(sheet, &inputs, &index) {
+                bail!("--sheet {sheet:?} is {what}; name a new file for the sheet");
+            }
+        }
+        // Every task must be indexed before any image work.
+        let task_rows = tasks
+            .iter()
+            .map(|&t| index.task(&model.tasks()[t], &self.index))
+            .collect::<Result<Vec<_>, _>>()?;
         let img = input::open(&self.image)?;
-        let query = model.embed(&model.trunk(&model.prepare(&img)?)?, task)?;
+        let features = model.trunk(&model.prepare(&img)?)?;
+        let queries = model.embed_all(&features, &tasks)?;
         let own_row = index.find(&self.image);
         let exclude = own_row.filter(|_| !self.include_self);
-        let hits = index.search(rows, &query, self.k, exclude);
-        let query_label = own_row.and_then(|r| label(rows.labels[r]));
-        let results: Vec<(usize, f32, PathBuf, Option<bool>)> = hits
-            .iter()
-            .map(|h| {
-                (
-                    h.row,
-                    h.distance,
-                    index.path(h.row),
-                    label(rows.labels[h.row]),
-                )
-            })
-            .collect();
-        let known: Vec<bool> = results.iter().filter_map(|r| r.3).collect();
-        let precision = query_label
-            .filter(|_| known.len() == results.len() && !known.is_empty())
-            .map(|q| known.iter().filter(|&&v| v == q).count() as f64 / known.len() as f64);
-        if let Some(sheet) = &self.sheet {
-            let tiles: Vec<Tile> = results
+        let mut answers = Vec::with_capacity(tasks.len());
+        for (rows, query) in task_rows.into_iter().zip(&queries) {
+            let task = rows.task.clone();
+            let hits = index.search(rows, query, self.k, exclude);
+            let query_label = own_row.and_then(|r| label(rows.labels[r]));
+            let results: Vec<(usize, f32, PathBuf, Option<bool>)> = hits
                 .iter()
-                .enumerate()
-                .map(|(i, (_, d, path, l))| Tile {
-                    image: input::open(path).ok(),
-                    title: format!("#{} d={d:.3}", i + 1),
-                    label: *l,
+                .map(|h| {
+                    (
+                        h.row,
+                        h.distance,
+                        index.path(h.row),
+                        label(rows.labels[h.row]),
+                    )
                 })
                 .collect();
-            let q = Tile {
-                image: Some(img.clone()),
-                title: "query".to_string(),
-                label: query_label,
-            };
-            let fit = model.preprocess().fit;
-            write_png(sheet, &contact_sheet(&task_name, fit, &q, &tiles))?;
+            let known: Vec<bool> = results.iter().filter_map(|r| r.3).collect();
+            let precision = query_label
+                .filter(|_| known.len() == results.len() && !known.is_empty())
+                .map(|q| known.iter().filter(|&&v| v == q).count() as f64 / known.len() as f64);
+            answers.push(TaskAnswer {
+                task,
+                query_label,
+                results,
+                precision,
+            });
+        }
+        if let Some(sheet) = &self.sheet {
+            let rows: Vec<Row> = answers
+                .iter()
+                .map(|a| Row {
+                    task: a.task.clone(),
+                    query: Tile {
+                        image: Some(img.clone()),
+                        title: "query".to_string(),
+                        label: a.query_label,
+                    },
+                    results: a
+                        .results
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, d, path, l))| Tile {
+                            image: input::open(path).ok(),
+                            title: format!("#{} d={d:.3}", i + 1),
+                            label: *l,
+                        })
+                        .collect(),
+                })
+                .collect();
+            write_png(sheet, &contact_sheet(model.preprocess().fit, &rows))?;
         }
         if self.json {
-            let json = serde_json::json!({
-                "query": self.image,
-                "task": task_name,
-                "query_label": query_label,
-                "gallery_images": index.ids.len(),
-                "results": results.iter().enumerate().map(|(i, (row, d, path, l))| serde_json::json!({
-                    "rank": i + 1,
-                    "id": index.ids[*row],
-                    "path": path,
-                    "distance": d,
-                    "label": l,
-                })).collect::<Vec<_>>(),
-                "precision": precision,
-                "sheet": self.sheet,
-            });
+            // One task keeps the flat form; several list one such object per task.
+            let json = match answers.as_slice() {
+                [one] => {
+                    let mut v = one.json(&index);
+                    v["query"] = serde_json::json!(self.image);
+                    v["gallery_images"] = serde_json::json!(index.ids.len());
+                    v["sheet"] = serde_json::json!(self.sheet);
+                    v
+                }
+                _ => serde_json::json!({
+                    "query": self.image,
+                    "gallery_images": index.ids.len(),
+                    "tasks": answers.iter().map(|a| a.json(&index)).collect::<Vec<_>>(),
+                    "sheet": self.sheet,
+                }),
+            };
             say!(out, "{}", serde_json::to_string_pretty(&json)?);
             return Ok(out);
         }
-        say!(
-            out,
-            "query {} ({task_name}: {}), {} nearest of {} images",
-            self.image.display(),
-            yes_no(query_label),
-            results.len(),
-            index.ids.len()
-        );
-        say!(
-            out,
-            "{:>4}  {:>9}  {:>8}  image",
-            "rank",
-            "distance",
-            "value"
-        );
-        for (i, (_, d, path, l)) in results.iter().enumerate() {
+        for (i, a) in answers.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let task_name = &a.task;
             say!(
                 out,
-                "{:>4}  {d:>9.5}  {:>8}  {}",
-                i + 1,
-                yes_no(*l),
-                path.display()
+                "query {} ({task_name}: {}), {} nearest of {} images",
+                self.image.display(),
+                yes_no(a.query_label),
+                a.results.len(),
+                index.ids.len()
             );
-        }
-        if let Some(p) = precision {
             say!(
                 out,
-                "precision@{}: {p:.2} (results with the query's {task_name} value)",
-                results.len()
+                "{:>4}  {:>9}  {:>8}  image",
+                "rank",
+                "distance",
+                "value"
             );
+            for (i, (_, d, path, l)) in a.results.iter().enumerate() {
+                say!(
+                    out,
+                    "{:>4}  {d:>9.5}  {:>8}  {}",
+                    i + 1,
+                    yes_no(*l),
+                    path.display()
+                );
+            }
+            if let Some(p) = a.precision {
+                say!(
+                    out,
+                    "precision@{}: {p:.2} (results with the query's {task_name} value)",
+                    a.results.len()
+                );
+            }
         }
         if let Some(sheet) = &self.sheet {
             say!(out, "sheet: {}", sheet.display());
@@ -424,10 +519,7 @@ impl EvalArgs {
         let rows: Vec<&index::TaskRows> = if self.tasks.is_empty() {
             index.tasks.iter().collect()
         } else {
-            self.tasks
-                .iter()
-                .map(|t| index.task(t, &self.index))
-                .collect::<std::result::Result<_, _>>()?
+            index.select(&self.tasks, &self.index)?
         };
         let mut results = Vec::new();
         for r in rows {
@@ -455,23 +547,32 @@ impl EvalArgs {
         }
         say!(
             out,
-            "{:<22} {:>8} {:>12} {:>8}",
+            "{:<22} {:>8} {:>4} {:>12} {:>8}",
             "task",
             "queries",
-            format!("precision@{}", self.k),
+            "k",
+            "precision@k",
             "chance"
         );
         for r in &results {
             say!(
                 out,
-                "{:<22} {:>8} {:>12.3} {:>8.3}",
+                "{:<22} {:>8} {:>4} {:>12.3} {:>8.3}",
                 r.task,
                 r.queries,
+                r.k,
                 r.precision,
                 r.chance
             );
         }
-        say!(out, "{:<22} {:>8} {:>12.3}", "mean", "", mean);
+        say!(out, "{:<22} {:>8} {:>4} {:>12.3}", "mean", "", "", mean);
+        if results.iter().any(|r| r.k < self.k) {
+            say!(
+                out,
+                "(-k {} is more than some tasks' other labelled images; their k is capped)",
+                self.k
+            );
+        }
         Ok(out)
     }
 }

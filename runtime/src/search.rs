@@ -66,7 +66,11 @@ pub fn nearest(
     let k = k.min(rows.len() / dim);
     let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
     for (row, r) in rows.chunks_exact(dim).enumerate() {
-        let distance = squared_l2(r, query);
+        // A NaN (a broken embedding) ranks last, whatever its sign bit.
+        let distance = match squared_l2(r, query) {
+            d if d.is_nan() => f32::INFINITY,
+            d => d,
+        };
         if heap.len() == k {
             // `peek` is Some: the heap holds k ≥ 1 entries.
             if let Some(worst) = heap.peek()
@@ -122,6 +126,19 @@ mod tests {
         let hits = nearest(&rows, dim, q, 3, |r| r == 17);
         assert!(hits.iter().all(|h| h.row != 17));
         assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+    }
+
+    #[test]
+    fn nan_distances_rank_last() {
+        let negative_nan = f32::from_bits(0xFFC0_0000);
+        for nan in [f32::NAN, negative_nan] {
+            let rows = [nan, 0.5, 3.0];
+            let hits: Vec<usize> = nearest(&rows, 1, &[0.0], 3, |_| false)
+                .iter()
+                .map(|h| h.row)
+                .collect();
+            assert_eq!(hits, [1, 2, 0]);
+        }
     }
 
     #[test]

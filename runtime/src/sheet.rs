@@ -1,5 +1,5 @@
-//! The contact sheet of `modrt query --sheet`: the query, then the top-k results
-//! with their rank, distance and (where the index knows it) the attribute value,
+//! The contact sheet of `modrt query --sheet`: a row per task, the query, then the
+//! top-k results with their rank, distance and (where the index knows it) the attribute value,
 //! green where it matches the query's and red where it does not.
 
 use embedded_graphics::Drawable;
@@ -14,6 +14,10 @@ use modkit_models::Fit;
 
 use crate::canvas::RgbCanvas;
 use crate::input::square;
+
+/// The most results a row draws (`modrt query -k` with `--sheet`): 50 thumbnails
+/// are a 6,000-pixel-wide image already.
+pub const MAX_RESULTS: usize = 50;
 
 /// Thumbnail side in pixels.
 pub const THUMB: u32 = 112;
@@ -51,40 +55,73 @@ pub fn fit(s: &str, max: usize) -> String {
     format!("{head}~{tail}")
 }
 
-/// Draws the sheet: a header naming the task, the query tile, then `results`,
-/// each image squared as the model saw it.
-pub fn contact_sheet(task: &str, squaring: Fit, query: &Tile, results: &[Tile]) -> RgbImage {
-    let n = 1 + results.len() as u32;
+/// One row of the sheet: a task, the query tile (with the query's value for
+/// that task) and the results for it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub task: String,
+    pub query: Tile,
+    pub results: Vec<Tile>,
+}
+
+/// Height of one row: its header, the thumbnails and their captions.
+const ROW: u32 = HEADER + THUMB + CAPTION;
+
+/// Draws the sheet, a row per task: a header naming the task (and how many
+/// results share the query's value, where the index knows it), the query tile,
+/// then the results, each image squared as the model saw it.
+pub fn contact_sheet(squaring: Fit, rows: &[Row]) -> RgbImage {
+    let n = 1 + rows.iter().map(|r| r.results.len()).max().unwrap_or(0) as u32;
     let width = PAD + n * (THUMB + PAD) + PAD;
-    let height = HEADER + THUMB + CAPTION + PAD;
+    let height = rows.len() as u32 * ROW + PAD;
     let mut canvas = RgbCanvas::new(width, height, BACKGROUND);
-    let header = format!("task: {task}   top {} of the gallery", results.len());
-    let max = (width / 7) as usize;
-    let _ = Text::with_baseline(
-        &fit(&header, max),
-        Point::new(PAD as i32, 6),
-        MonoTextStyle::new(&FONT_7X13_BOLD, TEXT),
-        Baseline::Top,
-    )
-    .draw(&mut canvas);
-    let q = query.label;
-    draw_tile(&mut canvas, (0, squaring), query, task, q, true);
-    for (i, tile) in results.iter().enumerate() {
-        draw_tile(&mut canvas, (i as u32 + 1, squaring), tile, task, q, false);
+    for (i, row) in rows.iter().enumerate() {
+        draw_row(&mut canvas, i as u32 * ROW, squaring, row, width);
     }
     canvas.image
 }
 
+fn draw_row(canvas: &mut RgbCanvas, y: u32, squaring: Fit, row: &Row, width: u32) {
+    let q = row.query.label;
+    let mut header = format!(
+        "task: {}   top {} of the gallery",
+        row.task,
+        row.results.len()
+    );
+    let known: Vec<bool> = row.results.iter().filter_map(|t| t.label).collect();
+    if let Some(q) = q
+        && !known.is_empty()
+    {
+        let same = known.iter().filter(|&&v| v == q).count();
+        header.push_str(&format!(
+            ", {same} of {} share the query's value",
+            known.len()
+        ));
+    }
+    let max = (width / 7) as usize;
+    let _ = Text::with_baseline(
+        &fit(&header, max),
+        Point::new(PAD as i32, (y + 6) as i32),
+        MonoTextStyle::new(&FONT_7X13_BOLD, TEXT),
+        Baseline::Top,
+    )
+    .draw(canvas);
+    let at = |col: u32| (col, y + HEADER, squaring);
+    draw_tile(canvas, at(0), &row.query, &row.task, q, true);
+    for (i, tile) in row.results.iter().enumerate() {
+        draw_tile(canvas, at(i as u32 + 1), tile, &row.task, q, false);
+    }
+}
+
 fn draw_tile(
     c: &mut RgbCanvas,
-    (col, squaring): (u32, Fit),
+    (col, y, squaring): (u32, u32, Fit),
     tile: &Tile,
     task: &str,
     query: Option<bool>,
     is_query: bool,
 ) {
     let x = PAD + col * (THUMB + PAD) + if is_query { 0 } else { PAD };
-    let y = HEADER;
     match &tile.image {
         Some(img) => c.blit(&square(img, THUMB, squaring), x.into(), y.into()),
         None => {
@@ -144,6 +181,7 @@ fn text(c: &mut RgbCanvas, s: &str, x: u32, y: u32, colour: Rgb888) {
 mod tests {
     use super::*;
     use embedded_graphics::pixelcolor::RgbColor;
+    use std::collections::HashSet;
 
     fn tile(label: Option<bool>, image: bool) -> Tile {
         Tile {
@@ -155,44 +193,96 @@ mod tests {
         }
     }
 
+    fn row(task: &str, query: Option<bool>, results: Vec<Tile>) -> Row {
+        Row {
+            task: task.into(),
+            query: tile(query, true),
+            results,
+        }
+    }
+
+    /// The distinct colours in a result's caption value line.
+    fn caption_colours(sheet: &RgbImage, row: u32, col: u32) -> HashSet<[u8; 3]> {
+        let x0 = PAD + col * (THUMB + PAD) + PAD;
+        let y0 = row * ROW + HEADER + THUMB + 16;
+        let mut set = HashSet::new();
+        for y in y0..y0 + 10 {
+            for x in x0..x0 + THUMB {
+                set.insert(sheet.get_pixel(x, y).0);
+            }
+        }
+        set
+    }
+
+    fn rgb(c: Rgb888) -> [u8; 3] {
+        [c.r(), c.g(), c.b()]
+    }
+
     #[test]
     fn lays_out_query_and_results_with_match_colours() {
         let sheet = contact_sheet(
-            "a_very_long_attribute_name_that_does_not_fit_anywhere",
             Fit::Crop,
-            &tile(Some(true), true),
-            &[
-                tile(Some(true), true),
-                tile(Some(false), false),
-                tile(None, true),
-            ],
+            &[row(
+                "a_very_long_attribute_name_that_does_not_fit_anywhere",
+                Some(true),
+                vec![
+                    tile(Some(true), true),
+                    tile(Some(false), false),
+                    tile(None, true),
+                ],
+            )],
         );
         assert_eq!(sheet.width(), PAD + 4 * (THUMB + PAD) + PAD);
         assert_eq!(sheet.height(), HEADER + THUMB + CAPTION + PAD);
         // The query thumbnail sits in the first column, framed in blue.
         assert_eq!(sheet.get_pixel(PAD + 50, HEADER + 50).0, [200, 10, 10]);
-        assert_eq!(
-            sheet.get_pixel(PAD - 2, HEADER + 50).0,
-            [QUERY.r(), QUERY.g(), QUERY.b()]
-        );
+        assert_eq!(sheet.get_pixel(PAD - 2, HEADER + 50).0, rgb(QUERY));
         // The caption colours: the first result matches (green text), the second not (red).
-        let colours_in = |col: u32| {
-            let x0 = PAD + col * (THUMB + PAD) + PAD;
-            let y0 = HEADER + THUMB + 16;
-            let mut set = std::collections::HashSet::new();
-            for y in y0..y0 + 10 {
-                for x in x0..x0 + THUMB {
-                    set.insert(sheet.get_pixel(x, y).0);
-                }
-            }
-            set
-        };
-        assert!(colours_in(1).contains(&[MATCH.r(), MATCH.g(), MATCH.b()]));
-        assert!(colours_in(2).contains(&[MISMATCH.r(), MISMATCH.g(), MISMATCH.b()]));
-        assert!(colours_in(3).contains(&[UNKNOWN.r(), UNKNOWN.g(), UNKNOWN.b()]));
+        assert!(caption_colours(&sheet, 0, 1).contains(&rgb(MATCH)));
+        assert!(caption_colours(&sheet, 0, 2).contains(&rgb(MISMATCH)));
+        assert!(caption_colours(&sheet, 0, 3).contains(&rgb(UNKNOWN)));
         // A missing image is a grey box.
         let x2 = PAD + 2 * (THUMB + PAD) + PAD;
         assert_eq!(sheet.get_pixel(x2 + 2, HEADER + 2).0, [70, 70, 70]);
+    }
+
+    #[test]
+    fn stacks_a_row_per_task_each_coloured_against_its_own_query_value() {
+        // The same results, judged against a query that is "yes" for one task and
+        // "no" for the other: the colours swap between the rows.
+        let results = || vec![tile(Some(true), true), tile(Some(false), true)];
+        let sheet = contact_sheet(
+            Fit::Pad,
+            &[
+                row("smiling", Some(true), results()),
+                row("young", Some(false), vec![tile(Some(true), true)]),
+                row("bald", None, results()),
+            ],
+        );
+        assert_eq!(sheet.width(), PAD + 3 * (THUMB + PAD) + PAD, "widest row");
+        assert_eq!(sheet.height(), 3 * ROW + PAD);
+        for r in 0..3 {
+            assert_eq!(
+                sheet.get_pixel(PAD + 50, r * ROW + HEADER + 50).0,
+                [200, 10, 10]
+            );
+        }
+        assert!(caption_colours(&sheet, 0, 1).contains(&rgb(MATCH)));
+        assert!(caption_colours(&sheet, 0, 2).contains(&rgb(MISMATCH)));
+        assert!(caption_colours(&sheet, 1, 1).contains(&rgb(MISMATCH)));
+        // Unknown query value: the results' values are shown, neither green nor red.
+        for col in 1..3 {
+            let c = caption_colours(&sheet, 2, col);
+            assert!(
+                c.contains(&rgb(TEXT)) && !c.contains(&rgb(MATCH)) && !c.contains(&rgb(MISMATCH))
+            );
+        }
+        // The short second row leaves its third column empty.
+        let x2 = PAD + 2 * (THUMB + PAD) + PAD;
+        assert_eq!(
+            sheet.get_pixel(x2 + 50, ROW + HEADER + 50).0,
+            rgb(BACKGROUND)
+        );
     }
 
     #[test]

@@ -59,56 +59,97 @@ fn gallery(dir: &Path) -> PathBuf {
     images
 }
 
-#[test]
-fn index_query_embed_and_bench_with_the_pretrained_package() {
+/// The pretrained package and [`gallery`], indexed by `modrt index` (with `extra`
+/// arguments) in a fresh temporary folder.
+struct Indexed {
+    tmp: tempfile::TempDir,
+    images: PathBuf,
+    model: String,
+    idx: String,
+    /// What `modrt index` printed.
+    printed: String,
+}
+
+fn indexed(extra: &[&str]) -> Indexed {
     let tmp = tempfile::tempdir().expect("tmp");
     let images = gallery(tmp.path());
-    let model = pretrained();
-    let model = model.to_str().expect("path");
+    let model = pretrained().to_str().expect("path").to_string();
     let idx = tmp.path().join("g.modidx");
-    let idx_s = idx.to_str().expect("path");
-    let out = ok(&[
-        "index",
-        tmp.path().to_str().expect("path"),
-        "--model",
+    let idx = idx.to_str().expect("path").to_string();
+    let dir = tmp.path().to_str().expect("path");
+    let mut args = vec!["index", dir, "-m", &model, "-o", &idx];
+    args.extend_from_slice(extra);
+    let printed = ok(&args);
+    Indexed {
+        tmp,
+        images,
         model,
-        "-o",
-        idx_s,
-    ]);
+        idx,
+        printed,
+    }
+}
+
+impl Indexed {
+    /// The gallery folder.
+    fn dir(&self) -> &str {
+        self.tmp.path().to_str().expect("path")
+    }
+
+    /// The path of gallery image `i`.
+    fn image(&self, i: u32) -> String {
+        let p = self.images.join(format!("{i:06}.png"));
+        p.to_str().expect("path").to_string()
+    }
+
+    /// `modrt query IMAGE --task TASK -k K --json` (and `extra`), parsed.
+    fn query_json(&self, image: &str, task: &str, k: &str, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec![
+            "query",
+            image,
+            "--task",
+            task,
+            "-m",
+            &self.model,
+            "--index",
+            &self.idx,
+            "-k",
+            k,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).expect("json")
+    }
+}
+
+#[test]
+fn index_query_embed_and_bench_with_the_pretrained_package() {
+    let g = indexed(&[]);
     assert!(
-        out.contains("indexed 12 images (12 new, 0 kept, 0 skipped)"),
-        "{out}"
+        g.printed
+            .contains("indexed 12 images (12 new, 0 kept, 0 skipped)"),
+        "{}",
+        g.printed
     );
     // Appending finds nothing new.
     let out = ok(&[
         "index",
-        tmp.path().to_str().expect("path"),
+        g.dir(),
         "--model",
-        model,
+        &g.model,
         "-o",
-        idx_s,
+        &g.idx,
         "--append",
     ]);
     assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
 
-    let query = images.join("000004.png");
-    let sheet = tmp.path().join("sheet.png");
-    let out = ok(&[
-        "query",
-        query.to_str().expect("path"),
-        "--task",
+    let query = g.image(4);
+    let sheet = g.tmp.path().join("sheet.png");
+    let v = g.query_json(
+        &query,
         "Smiling",
-        "--model",
-        model,
-        "--index",
-        idx_s,
-        "-k",
         "3",
-        "--json",
-        "--sheet",
-        sheet.to_str().expect("path"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        &["--sheet", sheet.to_str().expect("path")],
+    );
     assert_eq!(v["task"], "smiling");
     assert_eq!(v["query_label"], true);
     let results = v["results"].as_array().expect("results");
@@ -129,16 +170,7 @@ fn index_query_embed_and_bench_with_the_pretrained_package() {
 
     // The text form ranks the same images.
     let text = ok(&[
-        "query",
-        query.to_str().expect("path"),
-        "--task",
-        "smiling",
-        "--model",
-        model,
-        "--index",
-        idx_s,
-        "-k",
-        "3",
+        "query", &query, "--task", "smiling", "--model", &g.model, "--index", &g.idx, "-k", "3",
     ]);
     assert!(
         text.contains(results[0]["id"].as_str().expect("id")),
@@ -146,13 +178,7 @@ fn index_query_embed_and_bench_with_the_pretrained_package() {
     );
     assert!(text.contains("precision@3"), "{text}");
 
-    let out = ok(&[
-        "embed",
-        query.to_str().expect("path"),
-        "--model",
-        model,
-        "--json",
-    ]);
+    let out = ok(&["embed", &query, "--model", &g.model, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let map = v.as_object().expect("object");
     assert!(map.contains_key("smiling") && map.len() > 1);
@@ -167,7 +193,7 @@ fn index_query_embed_and_bench_with_the_pretrained_package() {
     }
 
     let out = ok(&[
-        "bench", "--model", model, "--runs", "2", "--tasks", "3", "--json",
+        "bench", "--model", &g.model, "--runs", "2", "--tasks", "3", "--json",
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     for key in [
@@ -185,24 +211,9 @@ fn index_query_embed_and_bench_with_the_pretrained_package() {
 
 #[test]
 fn bad_input_is_one_line_with_exit_status_2() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let images = gallery(tmp.path());
-    let model = pretrained();
-    let model = model.to_str().expect("path");
-    let idx = tmp.path().join("g.modidx");
-    let idx_s = idx.to_str().expect("path");
-    let q = images.join("000001.png");
-    let q = q.to_str().expect("path");
-    ok(&[
-        "index",
-        tmp.path().to_str().expect("path"),
-        "-m",
-        model,
-        "-o",
-        idx_s,
-        "--tasks",
-        "young",
-    ]);
+    let g = indexed(&["--tasks", "young"]);
+    let (model, idx_s) = (g.model.as_str(), g.idx.as_str());
+    let q = &g.image(1);
 
     fails(
         &["query", q, "--task", "smile", "-m", model, "--index", idx_s],
@@ -214,6 +225,20 @@ fn bad_input_is_one_line_with_exit_status_2() {
         ],
         "no embeddings for task \"smiling\"",
     );
+    // Several tasks, one not indexed: the advice keeps the indexed ones.
+    fails(
+        &[
+            "query",
+            q,
+            "--task",
+            "young,smiling",
+            "-m",
+            model,
+            "--index",
+            idx_s,
+        ],
+        "--tasks young,smiling",
+    );
     fails(
         &[
             "query", q, "--task", "young", "-m", model, "--index", idx_s, "-k", "0",
@@ -224,7 +249,11 @@ fn bad_input_is_one_line_with_exit_status_2() {
     fails(&["embed", q, "-m", idx_s], "not a modkit package");
     fails(&["embed", q, "-m", model, "--threads", "0"], "--threads 0");
     fails(&["bench", "-m", model, "--tasks", "999"], "--tasks 999");
-    let empty = tmp.path().join("empty.png");
+    fails(
+        &["bench", "-m", model, "--gallery", "18446744073709551615"],
+        "--gallery 18446744073709551615",
+    );
+    let empty = g.tmp.path().join("empty.png");
     std::fs::write(&empty, b"").expect("write");
     fails(
         &["embed", empty.to_str().expect("path"), "-m", model],
@@ -245,18 +274,17 @@ fn bad_input_is_one_line_with_exit_status_2() {
     ] {
         let mut bytes = original.clone();
         bytes[at] = value.unwrap_or(bytes[at] ^ 0x40);
-        let path = tmp.path().join(name);
+        let path = g.tmp.path().join(name);
         std::fs::write(&path, &bytes).expect("write");
         fails(&["embed", q, "-m", path.to_str().expect("path")], want);
     }
-    let folder = tmp.path().to_str().expect("path");
-    let out = modrt(&["embed", q, "-m", folder]);
+    let out = modrt(&["embed", q, "-m", g.dir()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
     // A damaged index is refused, not half-read.
-    let mut bytes = std::fs::read(&idx).expect("read");
+    let mut bytes = std::fs::read(idx_s).expect("read");
     bytes.truncate(bytes.len() - 9);
-    std::fs::write(&idx, &bytes).expect("write");
+    std::fs::write(idx_s, &bytes).expect("write");
     fails(
         &["query", q, "--task", "young", "-m", model, "--index", idx_s],
         "truncated",
@@ -277,20 +305,8 @@ fn bad_input_is_one_line_with_exit_status_2() {
 
 #[test]
 fn eval_scores_the_gallery_as_query_would_one_image_at_a_time() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let images = gallery(tmp.path());
-    let model = pretrained();
-    let model = model.to_str().expect("path");
-    let idx = tmp.path().join("g.modidx");
-    let idx_s = idx.to_str().expect("path");
-    ok(&[
-        "index",
-        tmp.path().to_str().expect("path"),
-        "-m",
-        model,
-        "-o",
-        idx_s,
-    ]);
+    let g = indexed(&[]);
+    let idx_s = g.idx.as_str();
 
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["eval", "--index", idx_s, "-k", "3", "--json"])).expect("json");
@@ -314,21 +330,7 @@ fn eval_scores_the_gallery_as_query_would_one_image_at_a_time() {
     // The same number from `modrt query`, one gallery image at a time.
     let mut matches = 0;
     for i in 0..12 {
-        let q = images.join(format!("{i:06}.png"));
-        let r: serde_json::Value = serde_json::from_str(&ok(&[
-            "query",
-            q.to_str().expect("path"),
-            "--task",
-            "smiling",
-            "-m",
-            model,
-            "--index",
-            idx_s,
-            "-k",
-            "3",
-            "--json",
-        ]))
-        .expect("json");
+        let r = g.query_json(&g.image(i), "smiling", "3", &[]);
         let want = r["query_label"].as_bool().expect("label");
         matches += r["results"]
             .as_array()
@@ -348,4 +350,184 @@ fn eval_scores_the_gallery_as_query_would_one_image_at_a_time() {
         "no attribute values for \"bangs\"",
     );
     fails(&["eval", "--index", idx_s, "-k", "0"], "-k 0");
+    fails(
+        &["eval", "--index", idx_s, "--tasks", "young,YOUNG"],
+        "\"young\" is asked for twice",
+    );
+    // k past the 11 other labelled images is capped, and the table says so.
+    let text = ok(&["eval", "--index", idx_s, "-k", "50"]);
+    let smiling = text
+        .lines()
+        .find(|l| l.starts_with("smiling"))
+        .expect("a smiling row");
+    assert_eq!(smiling.split_whitespace().nth(2), Some("11"), "{text}");
+    assert!(
+        !text.contains("precision@50") && text.contains("capped"),
+        "{text}"
+    );
+}
+
+#[test]
+fn one_query_answers_several_tasks_as_single_task_queries_would() {
+    let g = indexed(&[]);
+    let q = g.image(4);
+    let one_sheet = g.tmp.path().join("smiling.png");
+    let two_sheet = g.tmp.path().join("both.png");
+    let smiling = g.query_json(
+        &q,
+        "smiling",
+        "3",
+        &["--sheet", one_sheet.to_str().expect("path")],
+    );
+    let young = g.query_json(&q, "young", "3", &[]);
+    let both = g.query_json(
+        &q,
+        "smiling,Young",
+        "3",
+        &["--sheet", two_sheet.to_str().expect("path")],
+    );
+    assert_eq!(both["gallery_images"], 12);
+    let tasks = both["tasks"].as_array().expect("a list of tasks");
+    assert_eq!(tasks.len(), 2, "{both}");
+    // The same results as one-task queries; the distances agree to rounding (the
+    // tails ran as a batch of two, not one).
+    for (got, want) in tasks.iter().zip([&smiling, &young]) {
+        for key in ["task", "query_label", "precision"] {
+            assert_eq!(got[key], want[key], "{key}");
+        }
+        let (g, w) = (
+            got["results"].as_array().expect("results"),
+            want["results"].as_array().expect("results"),
+        );
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            for key in ["rank", "id", "path", "label"] {
+                assert_eq!(a[key], b[key], "{key}");
+            }
+            let (da, db) = (a["distance"].as_f64(), b["distance"].as_f64());
+            assert!((da.expect("d") - db.expect("d")).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+    // Each task searched with its own embedding.
+    let distances = |v: &serde_json::Value| -> Vec<f64> {
+        v["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| r["distance"].as_f64().expect("distance"))
+            .collect()
+    };
+    assert_ne!(distances(&smiling), distances(&young));
+
+    // The sheet stacks a row per task; its first row is the one-task sheet.
+    let one = image::open(&one_sheet).expect("PNG").to_rgb8();
+    let two = image::open(&two_sheet).expect("PNG").to_rgb8();
+    assert_eq!(two.width(), one.width());
+    assert!(two.height() > one.height() * 19 / 10, "{}", two.height());
+    let row = one.height() - 8;
+    for y in 0..row {
+        for x in 0..one.width() {
+            assert_eq!(one.get_pixel(x, y), two.get_pixel(x, y), "({x}, {y})");
+        }
+    }
+
+    let text = ok(&[
+        "query",
+        &q,
+        "--task",
+        "smiling,young",
+        "-m",
+        &g.model,
+        "--index",
+        &g.idx,
+    ]);
+    assert!(
+        text.contains("(smiling: yes)") && text.contains("(young: no)"),
+        "{text}"
+    );
+    fails(
+        &[
+            "query",
+            &q,
+            "--task",
+            "smiling,Smiling",
+            "-m",
+            &g.model,
+            "--index",
+            &g.idx,
+        ],
+        "\"smiling\" is asked for twice",
+    );
+}
+
+#[test]
+fn a_sheet_never_overwrites_an_input_and_is_bounded() {
+    let g = indexed(&[]);
+    let q = g.image(4);
+    let before = std::fs::read(&q).expect("read");
+    let other = g.image(5);
+    let query = |sheet: &str, k: &str, want: &str| {
+        fails(
+            &[
+                "query", &q, "--task", "smiling", "-m", &g.model, "--index", &g.idx, "-k", k,
+                "--sheet", sheet,
+            ],
+            want,
+        )
+    };
+    query(&q, "5", "is the query image");
+    query(&other, "5", "is an image of the gallery");
+    query(&g.idx, "5", "is the index");
+    query(&g.model, "5", "is the package");
+    let fresh = g.tmp.path().join("new.png");
+    query(fresh.to_str().expect("path"), "51", "at most 50 results");
+    assert_eq!(std::fs::read(&q).expect("read"), before);
+    assert!(!fresh.exists());
+}
+
+#[test]
+fn one_gallery_named_two_ways_is_indexed_once() {
+    let g = indexed(&[]);
+    // Through `..` and through a symbolic link: the same 12 images.
+    let dotted = format!("{}/img_align_celeba/..", g.dir());
+    let link = g.tmp.path().join("link");
+    std::os::unix::fs::symlink(g.tmp.path(), &link).expect("symlink");
+    for dir in [dotted.as_str(), link.to_str().expect("path")] {
+        let out = ok(&["index", dir, "-m", &g.model, "-o", &g.idx, "--append"]);
+        assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{dir}: {out}");
+    }
+    // A link loop inside the gallery is listed once, not followed forever.
+    std::os::unix::fs::symlink(&g.images, g.images.join("loop")).expect("symlink");
+    let out = ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"]);
+    assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
+
+    // The image folder given as `.` from inside it still finds its attributes.
+    let idx = g.tmp.path().join("dot.modidx");
+    let out = Command::new(env!("CARGO_BIN_EXE_modrt"))
+        .current_dir(&g.images)
+        .args([
+            "index",
+            ".",
+            "-m",
+            &g.model,
+            "-o",
+            idx.to_str().expect("path"),
+        ])
+        .output()
+        .expect("run modrt");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--index",
+        idx.to_str().expect("path"),
+        "--tasks",
+        "smiling",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(v["tasks"][0]["queries"], 12, "{v}");
 }
