@@ -291,6 +291,40 @@ fn odd_images_are_embedded_and_unreadable_ones_skipped() {
     assert!(err.to_string().contains("holds no images"), "{err}");
 }
 
+/// A package whose task vector holds an infinity (made by hand: `modc compile`
+/// refuses a non-finite checkpoint) in its last stage, where no ReLU follows to
+/// absorb it, embeds nothing for that task: indexing and queries stop, naming
+/// the task and image, instead of ranking NaN distances.
+#[test]
+fn a_package_whose_embeddings_are_not_finite_is_refused() {
+    let f = fixture();
+    let c = Checkpoint::load(&f.ckpt).expect("ckpt");
+    let mut pkg = compile(&c, &CompileOptions::default()).expect("compile");
+    let last = pkg.task_vectors[1].len() - 1;
+    pkg.task_vectors[1][last][0] = f32::INFINITY;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("nan.modpack");
+    pkg.save(&path).expect("save");
+    let model = Model::load(&path).expect("loads");
+    let tasks: Vec<usize> = (0..model.tasks().len()).collect();
+    let err = index::build(&model, &f.data, &tasks, None, &|_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{} embedding is not finite", TASKS[1])) && err.contains(".png: "),
+        "{err}"
+    );
+    let image = model
+        .load_image(&f.data.join(celeba::IMAGES).join("000001.png"))
+        .expect("image");
+    let features = model.trunk(&image).expect("trunk");
+    assert!(
+        model.embed(&features, 0).is_ok(),
+        "the other tasks still embed"
+    );
+    assert!(model.embed(&features, 1).is_err());
+}
+
 #[test]
 fn unknown_tasks_are_listed() {
     let f = fixture();

@@ -140,6 +140,16 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
         Some(list) => tasks::select(list, &h.tasks)?,
         None => all,
     };
+    // Sorted, so the message names the same tensor every time.
+    if let Some((name, _)) = ckpt
+        .tensors
+        .iter()
+        .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+    {
+        return Err(Error::Request(format!(
+            "checkpoint tensor {name} holds NaN or infinity (training diverged); compile an earlier checkpoint"
+        )));
+    }
     if h.spec.in_channels != 3 {
         return Err(unsupported(&format!(
             "its network takes {} input channels, and packages take RGB images; train with 3",

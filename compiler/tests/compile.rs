@@ -214,6 +214,21 @@ fn verify_catches_a_changed_task_vector() {
     assert!(errors[1] > 1e-3, "{errors:?}");
 }
 
+/// A diverged checkpoint (a NaN or infinity anywhere) is refused, naming the tensor.
+#[test]
+fn non_finite_checkpoints_are_refused() {
+    let mut ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
+    let name = "fc.weight";
+    ckpt.tensors.get_mut(name).expect("fc").data[3] = f32::INFINITY;
+    let err = compile(&ckpt, &CompileOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("checkpoint tensor fc.weight holds NaN or infinity"),
+        "{err}"
+    );
+}
+
 /// The graphs agree but the package would square images otherwise than training
 /// did (a version-1 package reads as cropping whatever it was trained on).
 #[test]

@@ -273,6 +273,7 @@ pub fn build(
             Err(e @ (Error::Image { .. } | Error::Io { .. })) => {
                 report.skipped.push(((*id).clone(), e.to_string()));
             }
+            Err(Error::Invalid(msg)) => return Err(Error::Invalid(format!("{id}: {msg}"))),
             Err(e) => return Err(e),
         }
     }

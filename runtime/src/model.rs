@@ -283,6 +283,15 @@ impl Model {
                 out[*slot] = e;
             }
         }
+        // A NaN would rank anywhere (or nowhere) in a search: a broken package.
+        for (e, &t) in out.iter().zip(tasks) {
+            if e.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "the package's {} embedding is not finite (NaN or infinity): the package is broken; compile it again, or check it with `modc verify`",
+                    self.tasks[t]
+                )));
+            }
+        }
         Ok(out)
     }
 
