@@ -50,7 +50,7 @@ struct CompileArgs {
 /// One task as a single standard ONNX model (image → embedding), any runtime runs it.
 /// The graph starts at the normalised input: how to prepare an image (squaring,
 /// size, mean and std) is printed and stored in the model's metadata_props
-/// (modkit.fit, modkit.input_size, modkit.mean, modkit.std, modkit.input).
+/// (modkit.task, modkit.fit, modkit.input_size, modkit.mean, modkit.std, modkit.input).
 ///
 /// Example: modc export-onnx runs/mod.safetensors --task smiling -o smiling.onnx
 #[derive(Debug, Args)]

@@ -95,21 +95,30 @@ pub struct Gallery {
 impl Gallery {
     /// Lists `dir`. A CelebA-layout folder (`img_align_celeba/` beside
     /// `Anno/list_attr_celeba.txt`), given as the root or as its image folder,
-    /// brings its attribute values along. The root is canonical (no `..`, no
-    /// symbolic links), so one folder named two ways is one gallery; a folder
-    /// reached twice through links is listed once.
+    /// brings its attribute values along. The image folder is stored by its real
+    /// path (no `..`, no symbolic links), so one folder named two ways is one
+    /// gallery.
     pub fn open(dir: &Path) -> Result<Gallery> {
         if !dir.is_dir() {
             return Err(Error::Invalid(format!(
                 "{dir:?} is not a folder; give the folder of gallery images"
             )));
         }
-        let dir = std::fs::canonicalize(dir).map_err(Error::io(dir))?;
-        let (root, attr) = if dir.join(IMAGES).is_dir() {
-            (dir.join(IMAGES), dir.join(ATTR_FILE))
+        let named = std::path::absolute(dir).map_err(Error::io(dir))?;
+        let (images, attr) = if named.join(IMAGES).is_dir() {
+            (named.join(IMAGES), named.join(ATTR_FILE))
         } else {
-            let parent = dir.parent().unwrap_or(&dir);
-            (dir.clone(), parent.join(ATTR_FILE))
+            (
+                named.clone(),
+                named.parent().unwrap_or(&named).join(ATTR_FILE),
+            )
+        };
+        let root = std::fs::canonicalize(&images).map_err(Error::io(&images))?;
+        // `Anno/` beside the folder as named, else beside the real one (`.`, or
+        // an image folder that is a link into the dataset).
+        let attr = match root.parent().map(|p| p.join(ATTR_FILE)) {
+            Some(real) if !attr.is_file() => real,
+            _ => attr,
         };
         let mut ids = Vec::new();
         let mut seen = HashSet::from([root.clone()]);
@@ -153,9 +162,11 @@ impl Gallery {
     }
 }
 
-/// Appends the image ids under `dir` to `out`, in name order; `seen` holds the
-/// canonical folders listed so far, so that linked folders are listed once and
-/// a link loop ends.
+/// Appends the image ids under `dir` to `out`, in name order. A linked folder
+/// whose real path lies under `root` is passed over (the folder is listed as
+/// itself, so its images keep the ids `find` gives them); `seen` holds the real
+/// folders listed so far, so that other linked folders are listed once and a
+/// link loop ends.
 fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<String>) -> Result<()> {
     let mut paths = std::fs::read_dir(dir)
         .map_err(Error::io(dir))?
@@ -166,7 +177,8 @@ fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Stri
     for path in paths {
         if path.is_dir() {
             let real = std::fs::canonicalize(&path).map_err(Error::io(&path))?;
-            if seen.insert(real) {
+            let link = path.symlink_metadata().is_ok_and(|m| m.is_symlink());
+            if !(link && real.starts_with(root)) && seen.insert(real) {
                 list(root, &path, seen, out)?;
             }
         } else if path

@@ -85,9 +85,10 @@ struct IndexArgs {
     append: bool,
 }
 
-/// Find the gallery images nearest to IMAGE for one task (attribute), or for
-/// several at once: the trunk runs once, each task searches with its own
-/// embedding, and the contact sheet gets a row per task.
+/// Find the gallery images nearest to IMAGE, for one task or several
+///
+/// With several tasks (a comma list) the trunk runs once, each task searches
+/// with its own embedding, and the contact sheet gets a row per task.
 ///
 /// Examples:
 ///   modrt query q.png --task smiling --model model.modpack --index faces.modidx -k 5 --sheet top5.png
@@ -322,7 +323,7 @@ impl QueryArgs {
         let tasks = model.select_tasks(&self.task)?;
         let index = GalleryIndex::load_for(&self.index, &model)?;
         if let Some(sheet) = &self.sheet {
-            if self.k > MAX_RESULTS {
+            if self.k.min(index.ids.len()) > MAX_RESULTS {
                 bail!(
                     "-k {}: a --sheet draws at most {} results per task; lower -k, or drop --sheet and read the list",
                     self.k,

@@ -479,10 +479,54 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
     query(&other, "5", "is an image of the gallery");
     query(&g.idx, "5", "is the index");
     query(&g.model, "5", "is the package");
-    let fresh = g.tmp.path().join("new.png");
-    query(fresh.to_str().expect("path"), "51", "at most 50 results");
     assert_eq!(std::fs::read(&q).expect("read"), before);
-    assert!(!fresh.exists());
+    // More than 50 results a row: refused where the gallery has them (a
+    // 12-image gallery is drawn whole).
+    let fresh = g.tmp.path().join("new.png");
+    let fresh = fresh.to_str().expect("path");
+    g.query_json(&q, "smiling", "100", &["--sheet", fresh]);
+    assert!(std::path::Path::new(fresh).exists());
+    let mut rows = String::from("51\nSmiling\n");
+    let big = g.tmp.path().join("big");
+    let big_images = big.join("img_align_celeba");
+    std::fs::create_dir_all(&big_images).expect("mkdir");
+    std::fs::create_dir_all(big.join("Anno")).expect("mkdir");
+    let img = image::open(&q).expect("png");
+    for i in 0..51 {
+        img.save(big_images.join(format!("{i:03}.png")))
+            .expect("png");
+        rows.push_str(&format!("{i:03}.png 1\n"));
+    }
+    std::fs::write(big.join("Anno/list_attr_celeba.txt"), rows).expect("attr");
+    let big_idx = g.tmp.path().join("big.modidx");
+    let big_idx = big_idx.to_str().expect("path");
+    ok(&[
+        "index",
+        big.to_str().expect("path"),
+        "-m",
+        &g.model,
+        "-o",
+        big_idx,
+    ]);
+    let sheet = g.tmp.path().join("big.png");
+    fails(
+        &[
+            "query",
+            &q,
+            "--task",
+            "smiling",
+            "-m",
+            &g.model,
+            "--index",
+            big_idx,
+            "-k",
+            "51",
+            "--sheet",
+            sheet.to_str().expect("path"),
+        ],
+        "at most 50 results",
+    );
+    assert!(!sheet.exists());
 }
 
 #[test]
@@ -496,10 +540,46 @@ fn one_gallery_named_two_ways_is_indexed_once() {
         let out = ok(&["index", dir, "-m", &g.model, "-o", &g.idx, "--append"]);
         assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{dir}: {out}");
     }
-    // A link loop inside the gallery is listed once, not followed forever.
+    // A link loop inside the gallery is listed once, not followed forever, and
+    // an image reached through it is still the gallery's own (left out of its
+    // results, its value known).
     std::os::unix::fs::symlink(&g.images, g.images.join("loop")).expect("symlink");
     let out = ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"]);
     assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
+    let via_loop = g.images.join("loop/000004.png");
+    let v = g.query_json(via_loop.to_str().expect("path"), "smiling", "11", &[]);
+    assert_eq!(v["query_label"], true, "{v}");
+    let ids: Vec<&str> = v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 11);
+    assert!(!ids.contains(&"000004.png"), "{ids:?}");
+
+    // A dataset whose image folder is a link elsewhere: its `Anno/` is found
+    // beside the link, and appending finds nothing new.
+    let data = g.tmp.path().join("linked");
+    std::fs::create_dir_all(data.join("Anno")).expect("mkdir");
+    std::fs::copy(
+        g.tmp.path().join("Anno/list_attr_celeba.txt"),
+        data.join("Anno/list_attr_celeba.txt"),
+    )
+    .expect("copy");
+    std::os::unix::fs::symlink(&g.images, data.join("img_align_celeba")).expect("symlink");
+    let linked_idx = g.tmp.path().join("linked.modidx");
+    let linked_idx = linked_idx.to_str().expect("path");
+    let data = data.to_str().expect("path");
+    let out = ok(&["index", data, "-m", &g.model, "-o", linked_idx]);
+    assert!(out.contains("(12 new, 0 kept, 0 skipped)"), "{out}");
+    let out = ok(&["index", data, "-m", &g.model, "-o", linked_idx, "--append"]);
+    assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval", "--index", linked_idx, "--tasks", "smiling", "--json",
+    ]))
+    .expect("json");
+    assert_eq!(v["tasks"][0]["queries"], 12, "{v}");
 
     // The image folder given as `.` from inside it still finds its attributes.
     let idx = g.tmp.path().join("dot.modidx");

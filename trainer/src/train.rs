@@ -1672,14 +1672,28 @@ mod tests {
             "{err}"
         );
         assert!(kept, "last good checkpoint changed");
-        let first = Error::NonFinite {
-            epoch: 1,
-            step: 3,
-            loss: f32::NAN,
-            kept: None,
+    }
+
+    /// A fresh run that stops in its first epoch has written nothing, and says so.
+    #[test]
+    fn a_fresh_run_that_stops_in_epoch_1_says_no_checkpoint_was_written() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("m.safetensors");
+        let mut t = Trainer::new(small_cfg(), &ds, Device::Cpu).expect("t");
+        {
+            let data = t.varmap.data().lock().expect("lock");
+            let v = &data["fc.weight"];
+            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("scale"))
+                .expect("set");
         }
-        .to_string();
-        assert!(first.contains("no checkpoint was written"), "{first}");
+        let err = t.run(&ds, &out).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { epoch: 1, .. }), "{err}");
+        assert!(
+            err.to_string().contains("no checkpoint was written"),
+            "{err}"
+        );
+        assert!(!out.exists());
     }
 
     /// A run resumed to another `-o` that stops before its first save names the

@@ -60,8 +60,15 @@ pub(crate) fn parse_labels(text: &str, path: &Path, limit: Option<usize>) -> Res
         ));
     }
     let attributes: Vec<String> = attr_cols.iter().map(|&c| names[c].clone()).collect();
-    for a in &attributes {
+    for (i, a) in attributes.iter().enumerate() {
         modkit_models::tasks::check_name(a).map_err(|e| malformed(path, 1, e.to_string()))?;
+        if attributes[..i].contains(a) {
+            return Err(malformed(
+                path,
+                1,
+                format!("the header names {a:?} twice (in any case); name each attribute once"),
+            ));
+        }
     }
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
@@ -205,6 +212,19 @@ mod tests {
         assert!(ds.label(0, 1) && !ds.label(1, 1));
         assert_eq!(ds.image(2)[..3], [250, 0, 0]);
         assert_eq!(ds.splits[1], Split::Test);
+    }
+
+    #[test]
+    fn a_repeated_column_is_named() {
+        let text = "file,smiling,Smiling\na.png,1,0\n";
+        let Err(err) = parse_labels(text, Path::new("labels.csv"), None) else {
+            panic!("a repeated column parsed");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("labels.csv") && err.contains("names \"smiling\" twice"),
+            "{err}"
+        );
     }
 
     #[test]
