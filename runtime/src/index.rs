@@ -162,11 +162,11 @@ impl Gallery {
     }
 }
 
-/// Appends the image ids under `dir` to `out`, in name order. A linked folder
-/// whose real path lies under `root` is passed over (the folder is listed as
-/// itself, so its images keep the ids `find` gives them); `seen` holds the real
-/// folders listed so far, so that other linked folders are listed once and a
-/// link loop ends.
+/// Appends the image ids under `dir` to `out`, in name order. A link (to a
+/// folder or an image) whose real path lies under `root` is passed over: its
+/// target is listed as itself, so the image keeps the id `find` gives it and is
+/// not embedded twice. `seen` holds the real folders listed so far, so that other
+/// linked folders are listed once and a link loop ends.
 fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<String>) -> Result<()> {
     let mut paths = std::fs::read_dir(dir)
         .map_err(Error::io(dir))?
@@ -175,26 +175,37 @@ fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Stri
         .map_err(Error::io(dir))?;
     paths.sort();
     for path in paths {
+        let link = path.symlink_metadata().is_ok_and(|m| m.is_symlink());
+        let inside = |path: &Path| {
+            std::fs::canonicalize(path)
+                .map_err(Error::io(path))
+                .map(|real| (real.starts_with(root), real))
+        };
         if path.is_dir() {
-            let real = std::fs::canonicalize(&path).map_err(Error::io(&path))?;
-            let link = path.symlink_metadata().is_ok_and(|m| m.is_symlink());
-            if !(link && real.starts_with(root)) && seen.insert(real) {
+            let (inside, real) = inside(&path)?;
+            if !(link && inside) && seen.insert(real) {
                 list(root, &path, seen, out)?;
             }
+        } else if link && inside(&path).is_ok_and(|(inside, _)| inside) {
+            continue;
         } else if path
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
         {
-            let rel = path.strip_prefix(root).unwrap_or(&path);
-            let id: Vec<String> = rel
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect();
-            out.push(id.join("/"));
+            out.push(id_of(path.strip_prefix(root).unwrap_or(&path)));
         }
     }
     Ok(())
+}
+
+/// An image's id: its path below the gallery's folder, `/`-separated.
+fn id_of(rel: &Path) -> String {
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.join("/")
 }
 
 /// Progress callback: `(done, total)`.
@@ -292,10 +303,9 @@ pub fn build(
     // Ids are stored relative to the index's root (an appended folder may differ).
     for id in &added_ids {
         let abs = root.join(id);
-        let rel = abs.strip_prefix(&index.root).map_or_else(
-            |_| abs.to_string_lossy().into_owned(),
-            |p| p.to_string_lossy().replace('\\', "/"),
-        );
+        let rel = abs
+            .strip_prefix(&index.root)
+            .map_or_else(|_| abs.to_string_lossy().into_owned(), id_of);
         index.ids.push(rel);
     }
     for rows in &mut index.tasks {
@@ -393,15 +403,25 @@ impl GalleryIndex {
         self.root.join(&self.ids[row])
     }
 
-    /// The row of an image file, if the index holds it.
+    /// The row of an image file, if the index holds it: by its real path, or,
+    /// for an image reached through a linked folder that the gallery lists under
+    /// the link's name, by the path as given from the gallery's folder down.
     pub fn find(&self, image: &Path) -> Option<usize> {
-        let want = std::fs::canonicalize(image).ok()?;
         let root = std::fs::canonicalize(&self.root).ok()?;
-        let id = match want.strip_prefix(&root) {
-            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
-            Err(_) => want.to_string_lossy().into_owned(),
+        let row = |id: String| self.ids.iter().position(|i| *i == id);
+        let real = std::fs::canonicalize(image).ok()?;
+        let by_real = match real.strip_prefix(&root) {
+            Ok(rel) => row(id_of(rel)),
+            Err(_) => row(real.to_string_lossy().into_owned()),
         };
-        self.ids.iter().position(|i| *i == id)
+        by_real.or_else(|| {
+            let named = std::path::absolute(image).ok()?;
+            named
+                .ancestors()
+                .skip(1)
+                .find(|a| std::fs::canonicalize(a).is_ok_and(|a| a == root))
+                .and_then(|a| row(id_of(named.strip_prefix(a).ok()?)))
+        })
     }
 
     /// [`Retrieval`] of `rows` at `k` (capped at the other labelled images), or

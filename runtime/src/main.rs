@@ -1,6 +1,7 @@
 //! `modrt`: on-device multi-task image retrieval with a compiled `.modpack`.
 //! See `modrt --help`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -340,10 +341,8 @@ impl QueryArgs {
             }
         }
         // Every task must be indexed before any image work.
-        let task_rows = tasks
-            .iter()
-            .map(|&t| index.task(&model.tasks()[t], &self.index))
-            .collect::<Result<Vec<_>, _>>()?;
+        let names: Vec<String> = tasks.iter().map(|&t| model.tasks()[t].clone()).collect();
+        let task_rows = index.select(&names, &self.index)?;
         let img = input::open(&self.image)?;
         let features = model.trunk(&model.prepare(&img)?)?;
         let queries = model.embed_all(&features, &tasks)?;
@@ -377,6 +376,14 @@ impl QueryArgs {
             });
         }
         if let Some(sheet) = &self.sheet {
+            // Rows of several tasks share many results: each image is decoded once.
+            let mut decoded: HashMap<usize, Option<DynamicImage>> = HashMap::new();
+            let mut thumb = |row: usize, path: &Path| {
+                decoded
+                    .entry(row)
+                    .or_insert_with(|| input::open(path).ok())
+                    .clone()
+            };
             let rows: Vec<Row> = answers
                 .iter()
                 .map(|a| Row {
@@ -390,8 +397,8 @@ impl QueryArgs {
                         .results
                         .iter()
                         .enumerate()
-                        .map(|(i, (_, d, path, l))| Tile {
-                            image: input::open(path).ok(),
+                        .map(|(i, (row, d, path, l))| Tile {
+                            image: thumb(*row, path),
                             title: format!("#{} d={d:.3}", i + 1),
                             label: *l,
                         })

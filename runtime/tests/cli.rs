@@ -529,6 +529,41 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
     assert!(!sheet.exists());
 }
 
+/// A linked folder pointing outside the gallery is listed under the link's name,
+/// and a query named through the link is recognised as the gallery's own image.
+#[test]
+fn an_image_in_a_linked_folder_outside_is_found_through_the_link() {
+    let g = indexed(&[]);
+    let outside = g.tmp.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    std::fs::copy(g.image(4), outside.join("z.png")).expect("copy");
+    std::os::unix::fs::symlink(&outside, g.images.join("ext")).expect("symlink");
+    let out = ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"]);
+    assert!(out.contains("(1 new, 12 kept, 0 skipped)"), "{out}");
+    let via_link = g.images.join("ext/z.png");
+    let v = g.query_json(via_link.to_str().expect("path"), "smiling", "12", &[]);
+    let ids: Vec<&str> = v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 12, "{v}");
+    assert!(!ids.contains(&"ext/z.png"), "{ids:?}");
+    // With --include-self it is back, at distance 0 beside the image it copies.
+    let v = g.query_json(
+        via_link.to_str().expect("path"),
+        "smiling",
+        "2",
+        &["--include-self"],
+    );
+    let mut top: Vec<&str> = (0..2)
+        .map(|i| v["results"][i]["id"].as_str().expect("id"))
+        .collect();
+    top.sort();
+    assert_eq!(top, ["000004.png", "ext/z.png"], "{v}");
+}
+
 #[test]
 fn one_gallery_named_two_ways_is_indexed_once() {
     let g = indexed(&[]);
@@ -544,8 +579,18 @@ fn one_gallery_named_two_ways_is_indexed_once() {
     // an image reached through it is still the gallery's own (left out of its
     // results, its value known).
     std::os::unix::fs::symlink(&g.images, g.images.join("loop")).expect("symlink");
+    // So is an image linked under another name inside the gallery.
+    std::os::unix::fs::symlink(g.images.join("000004.png"), g.images.join("alias.png"))
+        .expect("symlink");
     let out = ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"]);
     assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
+    let via_alias = g.query_json(
+        g.images.join("alias.png").to_str().expect("path"),
+        "smiling",
+        "11",
+        &[],
+    );
+    assert_eq!(via_alias["query_label"], true, "{via_alias}");
     let via_loop = g.images.join("loop/000004.png");
     let v = g.query_json(via_loop.to_str().expect("path"), "smiling", "11", &[]);
     assert_eq!(v["query_label"], true, "{v}");

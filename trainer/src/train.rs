@@ -1617,6 +1617,14 @@ mod tests {
         assert!(err.contains("64") && err.contains("48"), "{err}");
     }
 
+    /// Scales the trainer's variable `name` by `factor` (NaN or ∞ to poison it).
+    fn poison(t: &Trainer, name: &str, factor: f64) {
+        let data = t.varmap.data().lock().expect("lock");
+        let v = &data[name];
+        v.set(&v.as_tensor().affine(factor, 0.0).expect("scale"))
+            .expect("set");
+    }
+
     /// Trains one epoch to a checkpoint, scales variable `name` by `factor`, and
     /// trains on: the error, and whether the checkpoint is unchanged.
     fn run_after_poisoning(name: &str, factor: f64) -> (Error, bool) {
@@ -1628,12 +1636,7 @@ mod tests {
         let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
         t.run(&ds, &out).expect("epoch 1");
         let before = std::fs::read(&out).expect("ckpt");
-        {
-            let data = t.varmap.data().lock().expect("lock");
-            let v = &data[name];
-            v.set(&v.as_tensor().affine(factor, 0.0).expect("scale"))
-                .expect("set");
-        }
+        poison(&t, name, factor);
         t.cfg.epochs = 2;
         let err = t.run(&ds, &out).unwrap_err();
         (err, std::fs::read(&out).expect("ckpt") == before)
@@ -1681,12 +1684,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let out = dir.path().join("m.safetensors");
         let mut t = Trainer::new(small_cfg(), &ds, Device::Cpu).expect("t");
-        {
-            let data = t.varmap.data().lock().expect("lock");
-            let v = &data["fc.weight"];
-            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("scale"))
-                .expect("set");
-        }
+        poison(&t, "fc.weight", f64::NAN);
         let err = t.run(&ds, &out).unwrap_err();
         assert!(matches!(err, Error::NonFinite { epoch: 1, .. }), "{err}");
         assert!(
@@ -1711,12 +1709,7 @@ mod tests {
             .run(&ds, &first)
             .expect("epoch 1");
         let mut t = Trainer::resume(&first, &ds, Device::Cpu, Some(2)).expect("resume");
-        {
-            let data = t.varmap.data().lock().expect("lock");
-            let v = &data["fc.weight"];
-            v.set(&v.as_tensor().affine(f64::NAN, 0.0).expect("scale"))
-                .expect("set");
-        }
+        poison(&t, "fc.weight", f64::NAN);
         let err = t.run(&ds, &second).unwrap_err().to_string();
         let want = format!("the checkpoint of epoch 1 is kept at {}", first.display());
         assert!(err.contains(&want), "{err}");
