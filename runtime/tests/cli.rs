@@ -529,6 +529,16 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
     assert!(!sheet.exists());
 }
 
+/// The ids of a `query --json` answer's results, in rank order.
+fn result_ids(v: &serde_json::Value) -> Vec<&str> {
+    v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect()
+}
+
 /// A linked folder pointing outside the gallery is listed under the link's name,
 /// and a query named through the link is recognised as the gallery's own image.
 #[test]
@@ -542,12 +552,7 @@ fn an_image_in_a_linked_folder_outside_is_found_through_the_link() {
     assert!(out.contains("(1 new, 12 kept, 0 skipped)"), "{out}");
     let via_link = g.images.join("ext/z.png");
     let v = g.query_json(via_link.to_str().expect("path"), "smiling", "12", &[]);
-    let ids: Vec<&str> = v["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|r| r["id"].as_str().expect("id"))
-        .collect();
+    let ids = result_ids(&v);
     assert_eq!(ids.len(), 12, "{v}");
     assert!(!ids.contains(&"ext/z.png"), "{ids:?}");
     // With --include-self it is back, at distance 0 beside the image it copies.
@@ -557,9 +562,7 @@ fn an_image_in_a_linked_folder_outside_is_found_through_the_link() {
         "2",
         &["--include-self"],
     );
-    let mut top: Vec<&str> = (0..2)
-        .map(|i| v["results"][i]["id"].as_str().expect("id"))
-        .collect();
+    let mut top = result_ids(&v);
     top.sort();
     assert_eq!(top, ["000004.png", "ext/z.png"], "{v}");
 }
@@ -594,12 +597,7 @@ fn one_gallery_named_two_ways_is_indexed_once() {
     let via_loop = g.images.join("loop/000004.png");
     let v = g.query_json(via_loop.to_str().expect("path"), "smiling", "11", &[]);
     assert_eq!(v["query_label"], true, "{v}");
-    let ids: Vec<&str> = v["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|r| r["id"].as_str().expect("id"))
-        .collect();
+    let ids = result_ids(&v);
     assert_eq!(ids.len(), 11);
     assert!(!ids.contains(&"000004.png"), "{ids:?}");
 
