@@ -64,10 +64,9 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
     if attributes.is_empty() {
         return Err(malformed(path, 2, "the attribute-name header is empty"));
     }
-    for a in &attributes {
-        crate::tasks::check_name(a).map_err(|e| malformed(path, 2, e.to_string()))?;
-    }
-    let mut rows = Vec::with_capacity(count);
+    crate::tasks::check_header(&attributes).map_err(|msg| malformed(path, 2, msg))?;
+    // Not `count` rows up front: the header's count is checked against the rows.
+    let mut rows = Vec::new();
     for (no, line) in lines {
         let mut fields = line.split_whitespace();
         let Some(file) = fields.next() else { continue };
@@ -146,6 +145,12 @@ mod tests {
             ("1\nA B\na.jpg 1 2\n", "line 3"),
             ("2\nA B\na.jpg 1 1\n", "says 2 images"),
             ("1\nA b-c\na.jpg 1 1\n", "line 2"),
+            ("1\nA a\na.jpg 1 1\n", "names \"a\" twice"),
+            // A count no file could hold: an error, not an allocation.
+            (
+                "999999999999999999\nA\na.jpg 1\n",
+                "says 999999999999999999 images",
+            ),
         ];
         for (text, want) in cases {
             let err = parse_attributes(text, Path::new("attr.txt"))

@@ -29,6 +29,7 @@ mod error;
 pub mod names;
 pub mod package;
 mod params;
+pub mod pixels;
 mod preprocess;
 mod spec;
 pub mod tasks;

@@ -122,6 +122,22 @@ impl NetSpec {
                 self.widths, self.embedding, self.in_channels
             )));
         }
+        let bounds = [
+            ("input size", self.input_size, Self::MAX_INPUT),
+            ("embedding", self.embedding, Self::MAX_EMBEDDING),
+            (
+                "width",
+                self.widths.into_iter().max().unwrap_or(0),
+                Self::MAX_WIDTH,
+            ),
+        ];
+        for (what, value, max) in bounds {
+            if value > max {
+                return Err(Error::InvalidSpec(format!(
+                    "{what} {value} is over the {max} a network may have; use a smaller one"
+                )));
+            }
+        }
         let mut size = self.input_size as i64 - 2;
         let mut stage = "conv1";
         if size >= 1 {
@@ -142,8 +158,28 @@ impl NetSpec {
                 minimum: Self::MIN_INPUT,
             });
         }
+        let params = crate::ParamCount::base_network(self);
+        if params > Self::MAX_PARAMS {
+            return Err(Error::InvalidSpec(format!(
+                "widths {:?}, embedding {} at {}×{} make {params} parameters, over the {} a network may have; use smaller widths, embedding or input size",
+                self.widths,
+                self.embedding,
+                self.input_size,
+                self.input_size,
+                Self::MAX_PARAMS
+            )));
+        }
         Ok(())
     }
+
+    /// The largest input side (the paper's is 150).
+    pub const MAX_INPUT: usize = 1024;
+    /// The most channels of a layer (the paper's widest is 128).
+    pub const MAX_WIDTH: usize = 4096;
+    /// The largest embedding (the paper's is 256); also bounds `branch:K`.
+    pub const MAX_EMBEDDING: usize = 16384;
+    /// The most parameters of one network (1 GB of f32; the paper's has 2.9M).
+    pub const MAX_PARAMS: usize = 250_000_000;
 
     /// The smallest input side for which block5 still has one pixel.
     pub const MIN_INPUT: usize = 48;
@@ -249,6 +285,38 @@ mod tests {
         let (trunk, tail) = NetSpec::paper().macs();
         assert_eq!(trunk / 10_000_000, 177, "trunk {trunk}");
         assert_eq!(tail / 1_000_000, 44, "tail {tail}");
+    }
+
+    /// Sizes past any real network are refused before anything is allocated
+    /// (they used to abort on allocation, or overflow).
+    #[test]
+    fn oversized_networks_are_refused() {
+        type Change = fn(&mut NetSpec);
+        let cases: [(Change, &str); 5] = [
+            (
+                |s| s.input_size = usize::MAX,
+                "input size 18446744073709551615",
+            ),
+            (|s| s.embedding = 100_000_000_000, "embedding 100000000000"),
+            (|s| s.widths[1] = 100_000_000, "width 100000000"),
+            (|s| s.widths = [4096; 5], "parameters"),
+            (
+                |s| {
+                    s.input_size = 1024;
+                    s.embedding = 16384;
+                },
+                "parameters",
+            ),
+        ];
+        for (change, want) in cases {
+            let mut s = NetSpec::tiny();
+            change(&mut s);
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let mut s = NetSpec::paper();
+        s.input_size = NetSpec::MAX_INPUT;
+        s.validate().expect("the largest input");
     }
 
     #[test]

@@ -36,6 +36,21 @@ pub fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the attribute names of a label file's header: each a valid task name
+/// ([`check_name`]) and none twice in any case. The error is the message for the
+/// file's header line.
+pub fn check_header(names: &[String]) -> std::result::Result<(), String> {
+    for (i, a) in names.iter().enumerate() {
+        check_name(a).map_err(|e| e.to_string())?;
+        if names[..i].iter().any(|b| b.eq_ignore_ascii_case(a)) {
+            return Err(format!(
+                "the header names {a:?} twice (in any case); name each attribute once"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Resolves `wanted` (case-insensitive) against `available`, returning indices into
 /// `available` in the order asked, or [`Error::UnknownTask`] listing what exists.
 /// A task asked for twice, in any spelling, is [`Error::DuplicateTask`].
@@ -81,6 +96,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_header(&names(&["smiling", "young"])).is_ok());
+        let err = check_header(&names(&["smiling", "Smiling"])).unwrap_err();
+        assert!(err.contains("names \"Smiling\" twice"), "{err}");
+        let err = check_header(&names(&["mat.erial"])).unwrap_err();
+        assert!(err.contains("invalid task name \"mat.erial\""), "{err}");
         assert!(check_name("no_beard").is_ok());
         assert!(check_name("heel height").is_err());
         assert!(check_name("").is_err());

@@ -96,6 +96,10 @@ impl FromStr for Variant {
                     .or_else(|| other.strip_prefix("ib-"))
                     .ok_or_else(unknown)?;
                 match k.parse::<usize>() {
+                    Ok(k) if k > crate::NetSpec::MAX_EMBEDDING => Err(Error::InvalidSpec(format!(
+                        "{s}: a branch of {k} dimensions is over the {} an embedding may have; use a smaller K",
+                        crate::NetSpec::MAX_EMBEDDING
+                    ))),
                     Ok(k) if k > 0 => Ok(Variant::Branch { k }),
                     _ => Err(unknown()),
                 }
@@ -145,5 +149,11 @@ mod tests {
             let err = bad.parse::<Variant>().unwrap_err().to_string();
             assert!(err.contains(bad) && err.contains("modulated"), "{err}");
         }
+        let err = "branch:99999999999999"
+            .parse::<Variant>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over the 16384"), "{err}");
+        assert!("branch:16384".parse::<Variant>().is_ok());
     }
 }

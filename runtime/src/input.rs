@@ -6,9 +6,8 @@
 
 use std::path::Path;
 
-use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
-use modkit_models::{Fit, Preprocess};
+use modkit_models::{Fit, Preprocess, pixels};
 use tract_onnx::prelude::Tensor;
 
 use crate::{Error, Result};
@@ -27,42 +26,20 @@ impl Input {
     }
 }
 
-/// Decodes `path`; a zero-byte or non-image file is an [`Error::Image`].
+/// Decodes `path` ([`modkit_models::pixels::decode`]); a zero-byte, non-image or
+/// too large file is an [`Error::Image`].
 pub fn open(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    image::load_from_memory(&bytes).map_err(|source| Error::Image {
+    pixels::decode(&bytes).map_err(|source| Error::Image {
         path: path.into(),
         source,
     })
 }
 
-/// Squares `img` by `fit` and resizes it to `side` pixels, as RGB: the same
-/// pixels as the trainer's loader (`modkit_trainer::data::load_image_fit`).
+/// Squares `img` by `fit` and resizes it to `side` pixels, as RGB: the trainer's
+/// pixels ([`modkit_models::pixels::square`]).
 pub fn square(img: &DynamicImage, side: u32, fit: Fit) -> RgbImage {
-    let (w, h) = (img.width(), img.height());
-    let squared = match fit {
-        Fit::Pad if w != h => {
-            let s = w.max(h);
-            let mut sq = RgbImage::from_pixel(s, s, image::Rgb([255, 255, 255]));
-            image::imageops::overlay(
-                &mut sq,
-                &img.to_rgb8(),
-                ((s - w) / 2).into(),
-                ((s - h) / 2).into(),
-            );
-            DynamicImage::ImageRgb8(sq)
-        }
-        _ => {
-            let s = w.min(h).max(1);
-            img.crop_imm((w - s.min(w)) / 2, (h - s.min(h)) / 2, s, s)
-        }
-    };
-    let resized = if squared.width() == side {
-        squared
-    } else {
-        squared.resize_exact(side, side, FilterType::Triangle)
-    };
-    resized.to_rgb8()
+    pixels::square(img, side, fit)
 }
 
 /// `img` as network input of `side` pixels.
@@ -107,21 +84,9 @@ mod tests {
     }
 
     #[test]
-    fn crops_the_centre_square() {
-        // A 3-wide image whose middle column is white: the crop keeps only it.
-        let mut img = RgbImage::new(3, 1);
-        img.put_pixel(1, 0, image::Rgb([255, 255, 255]));
-        let sq = square(&DynamicImage::ImageRgb8(img), 1, Fit::Crop);
-        assert_eq!(sq.get_pixel(0, 0).0, [255, 255, 255]);
-    }
-
-    #[test]
-    fn pads_onto_a_white_square() {
+    fn prepares_by_the_packages_fit() {
         // A black 4×2 image: padded, it sits in the middle rows of a white 4×4.
         let img = DynamicImage::ImageRgb8(RgbImage::new(4, 2));
-        let sq = square(&img, 4, Fit::Pad);
-        let rows: Vec<[u8; 3]> = (0..4).map(|y| sq.get_pixel(0, y).0).collect();
-        assert_eq!(rows, [[255; 3], [0; 3], [0; 3], [255; 3]]);
         let pre = Preprocess {
             fit: Fit::Pad,
             ..Preprocess::default()

@@ -184,6 +184,8 @@ pub fn bench_step(
     cfg.epochs = 1;
     cfg.triplets_per_task = triplets;
     cfg.test_triplets_per_task = 1;
+    let what = format!("--images {}", cfg.synth_images);
+    Dataset::check_fits(cfg.synth_images, cfg.spec.input_size, &what)?;
     let ds = Dataset::synthetic(cfg.synth_images, cfg.spec.input_size, cfg.seed);
     // 1024³ saturates a CPU's cores; a GPU needs a larger product to reach its peak.
     let gemm_size = if device.is_cpu() { 1024 } else { 8192 };

@@ -31,7 +31,7 @@ pub enum Error {
     },
 
     /// The image file was read but is not an image the `image` crate decodes.
-    #[error("{path:?}: cannot decode image: {source}")]
+    #[error("{path:?}: cannot decode image ({source}); modtrain reads PNG and JPEG files")]
     Image {
         path: PathBuf,
         #[source]

@@ -118,9 +118,17 @@ impl Run {
         } else {
             crate::train::existing_sibling(path, METRICS_SUFFIX)
         };
-        let text = std::fs::read_to_string(&log).map_err(|source| Error::Io {
-            path: log.clone(),
-            source,
+        let text = std::fs::read_to_string(&log).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound && log != path {
+                Error::Config(format!(
+                    "{path:?} has no training log ({log:?} is missing): name a checkpoint `modtrain train` wrote, its .{METRICS_SUFFIX}, or their folder"
+                ))
+            } else {
+                Error::Io {
+                    path: log.clone(),
+                    source,
+                }
+            }
         })?;
         let mut epochs = Vec::new();
         for (i, line) in text
@@ -345,6 +353,11 @@ fn write_task_matrix(
 /// `ucr.png` (its mean per epoch) and one `ucr-NAME.png` heatmap per run, into
 /// `dir` (each file atomically); returns their paths.
 pub fn write_report(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.is_file() {
+        return Err(Error::Config(format!(
+            "-o {dir:?} is a file; the report is a folder (report.md and the plots): name a folder"
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.into(),
         source,
@@ -481,6 +494,8 @@ fn curves(runs: &[Run], name: &str, value: impl Fn(&EpochLog) -> f64) -> image::
         .clone()
         .map(|&(_, v)| v)
         .filter(|v| v.is_finite())
+        // So that `hi - lo` stays finite (a diverged run's loss near f64::MAX).
+        .map(|v| v.clamp(-1e300, 1e300))
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
             (a.min(v), b.max(v))
         });
@@ -496,9 +511,14 @@ fn curves(runs: &[Run], name: &str, value: impl Fn(&EpochLog) -> f64) -> image::
     let last_epoch = all.map(|&(x, _)| x).fold(1.0, f64::max);
     let (first_epoch, span) = (1.0, (last_epoch - 1.0).max(1.0));
     let px = |x: f64| left + ((x - first_epoch) / span * (right - left) as f64).round() as i32;
-    let py = |y: f64| bottom - ((y - lo) / (hi - lo) * (bottom - top) as f64).round() as i32;
+    // Values past the axis (the clamped extremes above) sit on its edge.
+    let py = |y: f64| {
+        let at = (y.clamp(lo, hi) - lo) / (hi - lo) * (bottom - top) as f64;
+        bottom - at.round() as i32
+    };
     let thin = |c| PrimitiveStyle::with_stroke(c, 1);
-    let rows = ((hi - lo) / step).round() as usize;
+    // About five grid lines; never more than a plot can show.
+    let rows = (((hi - lo) / step).round() as usize).min(50);
     for i in 0..=rows {
         let y = lo + step * i as f64;
         let _ = Line::new(Point::new(left, py(y)), Point::new(right, py(y)))
@@ -762,6 +782,47 @@ mod tests {
         assert_eq!(nice_step(0.031), 0.05);
         assert_eq!(nice_step(20.0), 20.0);
         assert_eq!(nice_step(0.0), 1.0);
+    }
+
+    /// A diverged run's loss near ±f64::MAX: a plot with a few grid lines, not
+    /// an endless loop over `usize::MAX` of them.
+    #[test]
+    fn extreme_losses_still_plot() {
+        let epoch = |epoch: usize, loss: f64| EpochLog {
+            epoch,
+            loss,
+            train_accuracy: 0.5,
+            test_accuracy: [("smiling".to_string(), 50.0)].into(),
+            mean_accuracy: 50.0,
+            lr: 0.01,
+            seconds: 1.0,
+            images_per_second: 1.0,
+            step_seconds: Default::default(),
+            ucr: None,
+            relation_loss: None,
+        };
+        let run = Run {
+            name: "r".into(),
+            path: PathBuf::from("r.metrics.jsonl"),
+            variant: None,
+            epochs: vec![epoch(1, -1.7e308), epoch(2, 1.7e308), epoch(3, f64::NAN)],
+            vectors: None,
+        };
+        let img = curves(&[run], "loss", |e| e.loss);
+        assert_eq!(img.dimensions(), (720, 420));
+    }
+
+    #[test]
+    fn a_missing_log_and_a_file_for_the_folder_are_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("a.safetensors");
+        std::fs::write(&file, "x").expect("file");
+        let err = write_report(&[], &file).expect_err("a file").to_string();
+        assert!(err.contains("is a file"), "{err}");
+        let err = load_runs(&[dir.path().join("nosuch")])
+            .expect_err("no log")
+            .to_string();
+        assert!(err.contains("has no training log"), "{err}");
     }
 
     #[test]

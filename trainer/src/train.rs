@@ -350,6 +350,18 @@ pub fn sibling(ckpt: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The other checkpoint name with the same [`sibling`]s: `run` for
+/// `run.safetensors`, `run.safetensors` for `run` (and `run.v1`): two runs saved
+/// under those names would write one log.
+pub fn sibling_partner(ckpt: &Path) -> PathBuf {
+    if ckpt.extension().is_some_and(|e| e == "safetensors") {
+        return ckpt.with_extension("");
+    }
+    let mut name = ckpt.as_os_str().to_owned();
+    name.push(".safetensors");
+    PathBuf::from(name)
+}
+
 /// [`sibling`] where it exists, else the name runs before session 23 gave a
 /// checkpoint not named `.safetensors` (`run.v1` → `run.metrics.jsonl`), if that
 /// exists: for reading old runs' logs.
@@ -823,7 +835,6 @@ impl Trainer {
         progress: &mut dyn FnMut(usize, usize, f32),
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<Report> {
-        self.write_test_triplets(ds, out)?;
         let mut logs = Vec::new();
         let images_per_epoch = (self.cfg.triplets_per_task * 3 * self.attrs.len()) as f64;
         while self.epoch < self.cfg.epochs {
@@ -861,6 +872,11 @@ impl Trainer {
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
             self.checkpoint()?.save(out)?;
+            if logs.is_empty() {
+                // With the run's first checkpoint, not before: a run that stops in
+                // its first epoch leaves an old run's files at `out` as they were.
+                self.write_test_triplets(ds, out)?;
+            }
             self.last_saved = Some((self.epoch, out.to_path_buf()));
             // The log describes the checkpoint beside it: this run's epochs only.
             self.log_lines.push(self.last_metrics.to_string());
@@ -1692,6 +1708,29 @@ mod tests {
             "{err}"
         );
         assert!(!out.exists());
+    }
+
+    /// A fresh run that stops in its first epoch leaves an earlier run's files at
+    /// its `-o` as they were: the checkpoint, its log and its test triplets.
+    #[test]
+    fn a_run_that_stops_in_epoch_1_leaves_an_old_runs_files_alone() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("m.safetensors");
+        let mut cfg = small_cfg();
+        cfg.epochs = 1;
+        Trainer::new(cfg.clone(), &ds, Device::Cpu)
+            .expect("t")
+            .run(&ds, &out)
+            .expect("the old run");
+        let files = ["safetensors", "metrics.jsonl", "triplets.json"].map(|s| sibling(&out, s));
+        let read = || files.each_ref().map(|f| std::fs::read(f).expect("file"));
+        let before = read();
+        cfg.tasks.push("young".into());
+        let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
+        poison(&t, "fc.weight", f64::NAN);
+        t.run(&ds, &out).unwrap_err();
+        assert!(before == read(), "an old run's file changed");
     }
 
     /// A run resumed to another `-o` that stops before its first save names the

@@ -89,7 +89,8 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("m.safetensors");
     let out = out.to_str().expect("utf8");
-    let cases: [(&[&str], &str); 13] = [
+    let synth = format!("{}/synth", dir.path().display());
+    let cases: [(&[&str], &str); 18] = [
         (&["train", "--input-size", "40", "-o", out], "at least 48"),
         (
             &[
@@ -136,6 +137,27 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
                 out,
             ],
             "asked for twice",
+        ),
+        // Sizes past any real run: one-line errors, not allocation failures.
+        (
+            &["train", "--synth-images", "18446744073709551615", "-o", out],
+            "would take",
+        ),
+        (
+            &["bench-step", "--images", "18446744073709551615"],
+            "would take",
+        ),
+        (
+            &["synth", "--out", &synth, "--n", "2", "--size", "100000"],
+            "at most 1024 pixels",
+        ),
+        (
+            &["train", "--variant", "branch:99999999999999", "-o", out],
+            "over the 16384",
+        ),
+        (
+            &["train", "--widths", "100000000,8,8,8,8", "-o", out],
+            "width 100000000",
         ),
     ];
     for (args, want) in cases {
@@ -704,7 +726,36 @@ fn only_mask_continues_a_branch_run_from_the_command_line() {
             ],
             "/nonexistent.safetensors",
         ),
+        (
+            vec![
+                "train",
+                "--variant",
+                "only-mask",
+                "--init-from",
+                b,
+                "--spec",
+                "paper",
+                "-o",
+                m,
+            ],
+            "--spec paper: --init-from",
+        ),
+        (
+            vec!["train", "--variant", "only-mask", "--init-from", b, "-o", b],
+            "is the --init-from checkpoint",
+        ),
+        // `ib` would share `ib.safetensors`'s log and test triplets.
+        (
+            vec!["train", "-o", b.strip_suffix(".safetensors").expect("name")],
+            "are those of the checkpoint",
+        ),
+        (
+            vec!["train", "-o", &format!("{b}/x.safetensors")],
+            "is a file, not a folder",
+        ),
     ] {
         fails_with(&args, want);
     }
+    let ckpt = modkit_models::Checkpoint::load(&branch).expect("the branch run is kept");
+    assert_eq!(ckpt.header.train_config["variant"], "branch:4");
 }

@@ -63,6 +63,11 @@ fn load_data(
     let start = Instant::now();
     let ds = match &source {
         DataSource::Synth => {
+            Dataset::check_fits(
+                synth_images,
+                size,
+                &format!("--synth-images {synth_images}"),
+            )?;
             eprintln!("generating {synth_images} synthetic faces at {size}×{size} (seed {seed})…");
             Dataset::synthetic(synth_images, size, seed)
         }

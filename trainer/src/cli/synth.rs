@@ -2,7 +2,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use modkit_models::NetSpec;
 use modkit_trainer::data::celeba;
+
+/// The most images `synth` writes: 50 × CelebA's 202,599.
+const MAX_FILES: usize = 10_000_000;
 
 /// Write the built-in synthetic face dataset in CelebA's file layout
 /// (img_align_celeba/, Anno/list_attr_celeba.txt, Eval/list_eval_partition.txt).
@@ -31,6 +35,14 @@ impl SynthArgs {
                 "--n {} --size {}: need at least one image of at least 16 pixels",
                 self.n,
                 self.size
+            );
+        }
+        if self.size > NetSpec::MAX_INPUT || self.n > MAX_FILES {
+            bail!(
+                "--n {} --size {}: at most {MAX_FILES} images of at most {} pixels",
+                self.n,
+                self.size,
+                NetSpec::MAX_INPUT
             );
         }
         let start = std::time::Instant::now();

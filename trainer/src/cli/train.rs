@@ -1,12 +1,12 @@
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use modkit_models::{Modulation, NetSpec, Variant};
 use modkit_trainer::data::{DataSource, zappos};
 use modkit_trainer::optim::OptimizerKind;
-use modkit_trainer::train::{TrainConfig, Trainer};
+use modkit_trainer::train::{TrainConfig, Trainer, sibling, sibling_partner};
 
 /// Train a network on triplets from every task (paper sections 3.3, 4.1).
 ///
@@ -40,9 +40,11 @@ pub struct TrainArgs {
     /// --first-modulated and --projection still choose the modulation.
     #[arg(long, value_name = "CKPT")]
     init_from: Option<PathBuf>,
-    /// Network preset: tiny (48×48, trains on a CPU in minutes) or paper (Table 2, 150×150).
-    #[arg(long, default_value = "tiny")]
-    spec: String,
+    /// Network preset: tiny (48×48, trains on a CPU in minutes) or paper (Table 2,
+    /// 150×150) [default: tiny; with --init-from: that run's network, which --spec
+    /// may only repeat].
+    #[arg(long)]
+    spec: Option<String>,
     /// First modulated block N (2..=5); default: the preset's (4).
     #[arg(long)]
     first_modulated: Option<usize>,
@@ -177,9 +179,22 @@ impl TrainArgs {
             }
             _ => None,
         };
-        let mut spec = match &source {
-            Some(cfg) => cfg.spec.clone(),
-            None => NetSpec::preset(&self.spec)?,
+        let mut spec = match (&source, &self.spec) {
+            (Some(cfg), Some(name)) => {
+                // The fixed weights are of the source's network: no other preset.
+                let preset = NetSpec::preset(name)?.name;
+                let theirs = cfg.spec.name.split(['@', '-']).next().unwrap_or_default();
+                if theirs != preset {
+                    anyhow::bail!(
+                        "--spec {name}: --init-from {} holds a {} network, whose weights only-mask keeps; drop --spec",
+                        self.init_from.as_deref().unwrap_or(Path::new("")).display(),
+                        cfg.spec.name,
+                    );
+                }
+                cfg.spec.clone()
+            }
+            (Some(cfg), None) => cfg.spec.clone(),
+            (None, name) => NetSpec::preset(name.as_deref().unwrap_or("tiny"))?,
         };
         if let Some(n) = self.first_modulated {
             spec.first_modulated = n;
@@ -289,7 +304,31 @@ impl TrainArgs {
                 self.out.join("run.safetensors").display()
             );
         }
+        if let Some(init) = &self.init_from
+            && same_file(init, &self.out)
+        {
+            anyhow::bail!(
+                "-o {}: is the --init-from checkpoint, which the run would replace; name a new file for the only-mask run",
+                self.out.display()
+            );
+        }
+        let partner = sibling_partner(&self.out);
+        if partner.is_file() {
+            anyhow::bail!(
+                "-o {}: its log and test triplets ({}) are those of the checkpoint {} beside it; name the checkpoint otherwise",
+                self.out.display(),
+                sibling(&self.out, "metrics.jsonl").display(),
+                partner.display()
+            );
+        }
         if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+                anyhow::bail!(
+                    "-o {}: {} is a file, not a folder; name the checkpoint in a folder",
+                    self.out.display(),
+                    file.display()
+                );
+            }
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         // The config comes from the checkpoint when resuming, so the data is loaded
@@ -438,5 +477,13 @@ impl TrainArgs {
         }
         eprintln!("checkpoint: {}", self.out.display());
         Ok(())
+    }
+}
+
+/// Whether `a` and `b` name one existing file (through links or `..` too).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! DIR/
-//! ├─ img_align_celeba/000001.jpg …   (any format the `image` crate reads)
+//! ├─ img_align_celeba/000001.jpg …   (PNG or JPEG)
 //! ├─ Anno/list_attr_celeba.txt       line 1: image count
 //! │                                  line 2: attribute names
 //! │                                  then:   "000001.jpg -1  1 …" (±1 per attribute)
@@ -52,7 +52,14 @@ pub fn parse_partition(text: &str, path: &Path) -> Result<HashMap<String, Split>
                 return Err(malformed(
                     path,
                     i + 1,
-                    format!("partition {other:?} is not 0, 1 or 2"),
+                    match other {
+                        Some(code) => format!(
+                            "partition {code:?} of {file:?} is not 0 (train), 1 (val) or 2 (test)"
+                        ),
+                        None => format!(
+                            "{file:?} has no partition: write `{file} 0` (train), 1 (val) or 2 (test)"
+                        ),
+                    },
                 ));
             }
         };
@@ -198,6 +205,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2") && err.contains("\"7\""), "{err}");
+        assert!(!err.contains("Some("), "{err}");
+        let err = parse_partition("a.jpg 0\nb.jpg\n", Path::new("p.txt"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && err.contains("`b.jpg 0`"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! DIR/
 //! ├─ labels.csv        file,<attribute>,…[,split]
 //! │                    shoes/001.jpg,boots,women,,train
-//! └─ shoes/001.jpg …   (paths relative to DIR; any format the `image` crate reads)
+//! └─ shoes/001.jpg …   (paths relative to DIR; PNG or JPEG)
 //! ```
 //!
 //! * Each attribute column is a task. Its values are any text: two that spell a
@@ -60,16 +60,7 @@ pub(crate) fn parse_labels(text: &str, path: &Path, limit: Option<usize>) -> Res
         ));
     }
     let attributes: Vec<String> = attr_cols.iter().map(|&c| names[c].clone()).collect();
-    for (i, a) in attributes.iter().enumerate() {
-        modkit_models::tasks::check_name(a).map_err(|e| malformed(path, 1, e.to_string()))?;
-        if attributes[..i].contains(a) {
-            return Err(malformed(
-                path,
-                1,
-                format!("the header names {a:?} twice (in any case); name each attribute once"),
-            ));
-        }
-    }
+    modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(path, 1, msg))?;
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
         if limit.is_some_and(|n| rows.len() >= n) {
@@ -116,6 +107,7 @@ pub(crate) fn assemble(
     progress: Progress,
 ) -> Result<Dataset> {
     let n = table.rows.len();
+    Dataset::check_fits(n, size, &labels_path.display().to_string())?;
     let mut labels = vec![0u16; n * table.attributes.len()];
     let mut classes = Vec::new();
     for (a, name) in table.attributes.iter().enumerate() {

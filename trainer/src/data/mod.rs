@@ -77,6 +77,9 @@ pub struct Dataset {
     pub pixels: Vec<u8>,
 }
 
+/// The most memory the images of one dataset may take (3 bytes a pixel).
+pub const MAX_PIXEL_BYTES: u64 = 16 << 30;
+
 impl Dataset {
     /// Number of images.
     pub fn len(&self) -> usize {
@@ -114,6 +117,21 @@ impl Dataset {
     /// Indices into [`Dataset::attributes`] of the named tasks (case-insensitive).
     pub fn task_indices(&self, tasks: &[String]) -> Result<Vec<usize>> {
         Ok(modkit_models::tasks::select(tasks, &self.attributes)?)
+    }
+
+    /// Checks that `n` images of `size`×`size` fit in [`MAX_PIXEL_BYTES`] before
+    /// they are generated or decoded; `what` names what asked for them (an option,
+    /// or a label file) in the error.
+    pub fn check_fits(n: usize, size: usize, what: &str) -> Result<()> {
+        let bytes = n as u128 * (size as u128).pow(2) * 3;
+        if bytes > u128::from(MAX_PIXEL_BYTES) {
+            return Err(Error::Config(format!(
+                "{what}: {n} images of {size}×{size} would take {:.1} GB of memory, over the {} GB a dataset may; use fewer or smaller images (--limit, --input-size)",
+                bytes as f64 / 1e9,
+                MAX_PIXEL_BYTES >> 30
+            )));
+        }
+        Ok(())
     }
 
     /// The built-in synthetic set: `n` faces of `size` pixels from `seed`, split
@@ -196,60 +214,18 @@ pub(crate) fn encode_column(
 
 pub use modkit_models::Fit;
 
-/// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes.
+/// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes,
+/// the runtime's pixels ([`modkit_models::pixels`]).
 pub fn load_image_fit(path: &std::path::Path, size: usize, fit: Fit) -> Result<Vec<u8>> {
-    use image::imageops::FilterType;
-    let read_error = |source| Error::ImageRead {
+    let bytes = std::fs::read(path).map_err(|source| Error::ImageRead {
         path: path.into(),
         source,
-    };
-    // The format comes from the bytes, not the file name (a PNG saved as `.jpg`
-    // decodes), as in the runtime's loader.
-    let img = image::ImageReader::open(path)
-        .map_err(read_error)?
-        .with_guessed_format()
-        .map_err(read_error)?
-        .decode()
-        .map_err(|source| match source {
-            // A read that fails midway; a file that ends early is a decode error.
-            image::ImageError::IoError(source)
-                if source.kind() != std::io::ErrorKind::UnexpectedEof =>
-            {
-                Error::ImageRead {
-                    path: path.into(),
-                    source,
-                }
-            }
-            source => Error::Image {
-                path: path.into(),
-                source,
-            },
-        })?;
-    let (w, h) = (img.width(), img.height());
-    let img = match fit {
-        Fit::Crop => {
-            let side = w.min(h);
-            img.crop_imm((w - side) / 2, (h - side) / 2, side, side)
-        }
-        Fit::Pad if w != h => {
-            let side = w.max(h);
-            let mut sq = image::RgbImage::from_pixel(side, side, image::Rgb([255, 255, 255]));
-            image::imageops::overlay(
-                &mut sq,
-                &img.to_rgb8(),
-                ((side - w) / 2).into(),
-                ((side - h) / 2).into(),
-            );
-            image::DynamicImage::ImageRgb8(sq)
-        }
-        Fit::Pad => img,
-    };
-    let img = if img.width() as usize == size {
-        img
-    } else {
-        img.resize_exact(size as u32, size as u32, FilterType::Triangle)
-    };
-    Ok(img.to_rgb8().into_raw())
+    })?;
+    let img = modkit_models::pixels::decode(&bytes).map_err(|source| Error::Image {
+        path: path.into(),
+        source,
+    })?;
+    Ok(modkit_models::pixels::square(&img, size as u32, fit).into_raw())
 }
 
 /// Called as a loader decodes images, from rayon's threads, with the number

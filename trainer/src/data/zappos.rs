@@ -119,6 +119,7 @@ pub fn load_with_progress(
         ));
     }
     let attributes: Vec<String> = header.iter().skip(1).map(snake).collect();
+    modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(1, msg))?;
     let mut rows = Vec::new();
     let mut without_image = 0;
     for (i, record) in reader.records().enumerate() {
@@ -167,6 +168,29 @@ pub fn load_with_progress(
 mod tests {
     use super::*;
     use crate::data::MISSING;
+
+    /// Header names become task names: each must be one, and none twice.
+    #[test]
+    fn a_header_that_names_no_valid_task_is_refused() {
+        for (header, want) in [
+            ("CID,Mat.erial,Gender", "invalid task name \"mat.erial\""),
+            ("CID,HeelHeight,heel_height", "names \"heel_height\" twice"),
+        ] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let shoes = dir.path().join("ut-zap50k-images/Boots");
+            std::fs::create_dir_all(&shoes).expect("dirs");
+            std::fs::create_dir_all(dir.path().join("ut-zap50k-data")).expect("dirs");
+            image::RgbImage::new(4, 4)
+                .save(shoes.join("100.1.jpg"))
+                .expect("jpg");
+            std::fs::write(dir.path().join(META), format!("{header}\n100-1,a,b\n")).expect("meta");
+            let err = load(dir.path(), 12, None).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("line 1"),
+                "{header}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn names_are_snake_case() {
