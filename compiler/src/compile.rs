@@ -135,21 +135,18 @@ pub fn compile(ckpt: &Checkpoint, opts: &CompileOptions) -> Result<Package> {
             "it has one trunk per task, and a package shares one trunk; export single tasks with `modc export-onnx`",
         ));
     }
+    // Loaded checkpoints are checked as they load; this one may have been built
+    // in memory.
+    if let Some(name) = ckpt.non_finite() {
+        return Err(Error::Request(format!(
+            "checkpoint tensor {name} holds NaN or infinity (training diverged); compile an earlier checkpoint"
+        )));
+    }
     let all: Vec<usize> = (0..h.tasks.len()).collect();
     let keep = match &opts.tasks {
         Some(list) => tasks::select(list, &h.tasks)?,
         None => all,
     };
-    // Sorted, so the message names the same tensor every time.
-    if let Some((name, _)) = ckpt
-        .tensors
-        .iter()
-        .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
-    {
-        return Err(Error::Request(format!(
-            "checkpoint tensor {name} holds NaN or infinity (training diverged); compile an earlier checkpoint"
-        )));
-    }
     if h.spec.in_channels != 3 {
         return Err(unsupported(&format!(
             "its network takes {} input channels, and packages take RGB images; train with 3",

@@ -28,7 +28,14 @@ pub fn run(graph: &str, onnx: &[u8], inputs: &[Array]) -> Result<Array> {
         let view = out[0].to_plain_array_view::<f32>()?;
         Ok((view.shape().to_vec(), view.iter().copied().collect()))
     };
-    run().map_err(err)
+    guarded(run).map_err(err)
+}
+
+/// `f`, with a tract panic (some malformed graphs index out of bounds instead of
+/// failing) as an error like tract's own.
+fn guarded<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+    modkit_models::guard::catch_panic(f)
+        .unwrap_or_else(|msg| Err(anyhow::anyhow!("tract failed on a malformed graph ({msg})")))
 }
 
 /// Multiply-adds one run of `onnx` costs at the given input shapes, by tract's own
@@ -56,7 +63,7 @@ pub fn fmas(graph: &str, onnx: &[u8], shapes: &[Vec<usize>]) -> Result<u64> {
         }
         Ok(total)
     };
-    count().map_err(|source| Error::Tract {
+    guarded(count).map_err(|source| Error::Tract {
         graph: graph.into(),
         source,
     })

@@ -138,8 +138,9 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
         return Err(Error::Graph {
             graph: "package".into(),
             msg: format!(
-                "was compiled from another network ({} {}) than the checkpoint ({} {})",
-                pkg.spec.name, pkg.variant, ckpt.header.spec.name, ckpt.header.variant
+                "was compiled from another network than the checkpoint: {} against {}",
+                describe(&pkg.spec, &pkg.variant),
+                describe(&ckpt.header.spec, &ckpt.header.variant)
             ),
         });
     }
@@ -193,4 +194,26 @@ pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskChec
         });
     }
     Ok(out)
+}
+
+/// A network in one line, every field that tells two apart: `tiny modulated,
+/// 3×48×48, widths [8, 16, 32, 32, 32], embedding 32, modulated from block 4
+/// (vector), BatchNorm`.
+fn describe(spec: &modkit_models::NetSpec, variant: &modkit_models::Variant) -> String {
+    format!(
+        "{} {variant}, {}×{}×{}, widths {:?}, embedding {}, modulated from block {} ({}), {}",
+        spec.name,
+        spec.in_channels,
+        spec.input_size,
+        spec.input_size,
+        spec.widths,
+        spec.embedding,
+        spec.first_modulated,
+        format!("{:?}", spec.modulation).to_lowercase(),
+        if spec.batch_norm {
+            "BatchNorm"
+        } else {
+            "no BatchNorm"
+        }
+    )
 }

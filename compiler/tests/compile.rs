@@ -236,6 +236,13 @@ fn verify_catches_a_package_that_prepares_images_otherwise() {
     let ckpt = checkpoint(&small(), Variant::Modulated, &TASKS);
     let mut pkg = compile(&ckpt, &CompileOptions::default()).expect("compile");
     verify(&pkg, &ckpt, 1).expect("the same preprocessing passes");
+    // Another network that prints the same name: the message shows the field.
+    let mut other = pkg.clone();
+    other.spec.input_size += 16;
+    let err = verify(&other, &ckpt, 1).unwrap_err().to_string();
+    let side = ckpt.header.spec.input_size;
+    let (theirs, ours) = (format!("3×{0}×{0}", side + 16), format!("3×{side}×{side}"));
+    assert!(err.contains(&theirs) && err.contains(&ours), "{err}");
     pkg.preprocess.fit = modkit_models::Fit::Pad;
     let err = verify(&pkg, &ckpt, 1).unwrap_err().to_string();
     assert!(

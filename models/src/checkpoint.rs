@@ -153,13 +153,23 @@ impl Checkpoint {
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(st_err)?;
         let st = SafeTensors::deserialize(bytes).map_err(st_err)?;
         let meta = meta.metadata().clone().unwrap_or_default();
+        let not_ours = |detail: String| Error::NotACheckpoint {
+            path: path.into(),
+            detail,
+        };
         if meta.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
-            return Err(Error::NotACheckpoint { path: path.into() });
+            return Err(not_ours(format!(
+                "no `{FORMAT_KEY}` = \"{FORMAT}\" metadata"
+            )));
         }
-        let found: u32 = meta
-            .get(VERSION_KEY)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Error::NotACheckpoint { path: path.into() })?;
+        let found: u32 = match meta.get(VERSION_KEY) {
+            Some(v) => v.parse().ok().filter(|&v| v > 0).ok_or_else(|| {
+                not_ours(format!(
+                    "its `{VERSION_KEY}` is {v:?}, not a format version"
+                ))
+            })?,
+            None => return Err(not_ours(format!("no `{VERSION_KEY}` metadata"))),
+        };
         if found > VERSION {
             return Err(Error::VersionMismatch {
                 path: path.into(),
@@ -169,7 +179,7 @@ impl Checkpoint {
         }
         let header_json = meta
             .get(HEADER_KEY)
-            .ok_or_else(|| Error::NotACheckpoint { path: path.into() })?;
+            .ok_or_else(|| not_ours(format!("no `{HEADER_KEY}` metadata")))?;
         let header: CheckpointHeader =
             serde_json::from_str(header_json).map_err(|source| Error::Header {
                 path: path.into(),
@@ -205,9 +215,8 @@ impl Checkpoint {
     /// Checks the header's spec and that every schema tensor is present with its shape.
     pub fn validate(&self, path: &Path) -> Result<()> {
         self.header.spec.validate()?;
-        for task in &self.header.tasks {
-            crate::tasks::check_name(task)?;
-        }
+        crate::tasks::check_list(&self.header.tasks)?;
+        self.header.preprocess.check()?;
         let h = &self.header;
         for e in names::schema(&h.spec, &h.variant, &h.tasks) {
             let t = self
@@ -225,7 +234,22 @@ impl Checkpoint {
                 });
             }
         }
+        if let Some(name) = self.non_finite() {
+            return Err(Error::NonFinite {
+                path: path.into(),
+                name: name.to_string(),
+            });
+        }
         Ok(())
+    }
+
+    /// The first tensor (by name, so the same every time) holding a NaN or an
+    /// infinity: a diverged run's.
+    pub fn non_finite(&self) -> Option<&str> {
+        self.tensors
+            .iter()
+            .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+            .map(|(name, _)| name.as_str())
     }
 
     /// A tensor by name.
@@ -271,6 +295,41 @@ mod tests {
                 metrics: serde_json::json!({"mean_accuracy": 0.9}),
             },
             tensors,
+        }
+    }
+
+    /// What a damaged or hand-made header or a diverged run would hand every
+    /// consumer is refused where the checkpoint loads, naming what is wrong.
+    #[test]
+    fn bad_headers_and_diverged_tensors_are_refused() {
+        type Damage = fn(&mut Checkpoint);
+        let cases: [(Damage, &str); 5] = [
+            (
+                |c| c.header.tasks[1] = "Smiling".into(),
+                "\"Smiling\" is asked for twice",
+            ),
+            (|c| c.header.tasks[0] = "a".repeat(65), "at most 64"),
+            (
+                |c| c.header.preprocess.std[1] = 0.0,
+                "standard deviations positive",
+            ),
+            (
+                |c| c.header.preprocess.mean[0] = f32::NAN,
+                "means must be finite",
+            ),
+            (
+                |c| c.tensors.get_mut("fc.weight").expect("fc").data[2] = f32::NEG_INFINITY,
+                "tensor fc.weight holds NaN or infinity",
+            ),
+        ];
+        sample()
+            .validate(Path::new("c"))
+            .expect("the sample is valid");
+        for (damage, want) in cases {
+            let mut c = sample();
+            damage(&mut c);
+            let err = c.validate(Path::new("c")).expect_err(want).to_string();
+            assert!(err.contains(want), "{err}");
         }
     }
 
@@ -343,6 +402,14 @@ mod tests {
         let bytes = rewrite_meta(&sample(), FORMAT_KEY, None);
         let err = Checkpoint::from_bytes(&bytes, Path::new("x.safetensors")).unwrap_err();
         assert!(matches!(err, Error::NotACheckpoint { .. }), "{err}");
+        assert!(err.to_string().contains("no `modkit.format`"), "{err}");
+        // A version that is no number names itself, not a missing format key.
+        for v in ["-1", "0"] {
+            let bytes = rewrite_meta(&sample(), VERSION_KEY, Some(v));
+            let err = Checkpoint::from_bytes(&bytes, Path::new("x.safetensors")).unwrap_err();
+            let want = format!("`modkit.version` is \"{v}\", not a format version");
+            assert!(err.to_string().contains(&want), "{err}");
+        }
     }
 
     #[test]

@@ -65,6 +65,15 @@ pub fn unframe<'a>(kind: &Kind, bytes: &'a [u8], path: &Path) -> Result<(&'a [u8
         return Err(truncated(HEADER_LEN as u64));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version == 0 {
+        return Err(Error::Damaged {
+            path: path.into(),
+            detail: format!(
+                "its header says version 0; {} versions start at 1",
+                kind.what
+            ),
+        });
+    }
     if version > kind.version {
         return Err(Error::FutureVersion {
             path: path.into(),
@@ -81,6 +90,15 @@ pub fn unframe<'a>(kind: &Kind, bytes: &'a [u8], path: &Path) -> Result<(&'a [u8
         .saturating_add(TRAILER_LEN as u64);
     if (bytes.len() as u64) < total {
         return Err(truncated(total));
+    }
+    if bytes.len() as u64 > total {
+        return Err(Error::Damaged {
+            path: path.into(),
+            detail: match bytes.len() as u64 - total {
+                1 => format!("1 byte follows the end its header gives ({total} bytes)"),
+                n => format!("{n} bytes follow the end its header gives ({total} bytes)"),
+            },
+        });
     }
     let end = HEADER_LEN + n as usize;
     let payload = &bytes[HEADER_LEN..end];
@@ -153,6 +171,20 @@ mod tests {
             let err = unframe(&KIND, &framed[..cut], Path::new("t")).unwrap_err();
             assert!(matches!(err, Error::Truncated { .. }), "cut {cut}: {err}");
         }
+    }
+
+    /// Bytes after the checksum (a file appended to, or two files run together)
+    /// and version 0 (which no build wrote) are damage, not ignored.
+    #[test]
+    fn rejects_trailing_bytes_and_version_0() {
+        let mut framed = frame(&KIND, b"hello world");
+        framed.push(0);
+        let err = unframe(&KIND, &framed, Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("1 byte follows the end"), "{err}");
+        let mut framed = frame(&KIND, b"hello world");
+        framed[8] = 0;
+        let err = unframe(&KIND, &framed, Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("version 0"), "{err}");
     }
 
     #[test]

@@ -39,13 +39,11 @@ pub enum Error {
     #[error("task {name:?} is asked for twice; list each task once")]
     DuplicateTask { name: String },
 
-    #[error("invalid task name {name:?}: use letters, digits and '_' only")]
+    #[error("invalid task name {name:?}: use letters, digits and '_' only, at most 64 of them")]
     InvalidTaskName { name: String },
 
-    #[error(
-        "{path:?} is not a modkit checkpoint (no `modkit.format` metadata); train one with `modtrain train`"
-    )]
-    NotACheckpoint { path: PathBuf },
+    #[error("{path:?} is not a modkit checkpoint ({detail}); train one with `modtrain train`")]
+    NotACheckpoint { path: PathBuf, detail: String },
 
     #[error(
         "{path:?} is checkpoint format version {found}, newer than this build supports ({supported}); upgrade modkit"
@@ -108,6 +106,14 @@ pub enum Error {
         expected: u64,
         found: u64,
     },
+
+    #[error(
+        "{path:?}: tensor {name} holds NaN or infinity (training diverged); use an earlier checkpoint"
+    )]
+    NonFinite { path: PathBuf, name: String },
+
+    #[error("{path:?} is damaged: {detail}; write it again")]
+    Damaged { path: PathBuf, detail: String },
 
     #[error("{path:?} is corrupt (checksum {found:016x}, stored {stored:016x}); write it again")]
     BadChecksum {

@@ -26,6 +26,7 @@ pub mod celeba;
 pub mod checkpoint;
 pub mod container;
 mod error;
+pub mod guard;
 pub mod names;
 pub mod package;
 mod params;

@@ -112,6 +112,8 @@ impl Package {
             postcard::from_bytes(payload).map_err(decode)?
         };
         pkg.spec.validate()?;
+        crate::tasks::check_list(&pkg.tasks)?;
+        pkg.preprocess.check()?;
         // The switch tail's inputs: per task, one vector (or matrix) per stage.
         // Folded-only packages need none (CSN's had none before they could switch).
         let want = pkg.variant.task_numbers(&pkg.spec);

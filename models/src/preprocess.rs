@@ -29,6 +29,22 @@ pub struct Preprocess {
     pub fit: Fit,
 }
 
+impl Preprocess {
+    /// Checks that the normalisation is a number for every pixel: finite means,
+    /// finite positive standard deviations.
+    pub fn check(&self) -> crate::Result<()> {
+        if self.mean.iter().all(|m| m.is_finite())
+            && self.std.iter().all(|s| s.is_finite() && *s > 0.0)
+        {
+            return Ok(());
+        }
+        Err(crate::Error::InvalidSpec(format!(
+            "preprocessing mean {:?}, std {:?}: means must be finite and standard deviations positive",
+            self.mean, self.std
+        )))
+    }
+}
+
 impl Default for Preprocess {
     fn default() -> Self {
         Preprocess {

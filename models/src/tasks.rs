@@ -27,10 +27,16 @@ pub const CELEBA_20: [&str; 20] = [
     "mouth_slightly_open",
 ];
 
-/// Checks a task name: non-empty ASCII letters, digits and `_` (it becomes part of
-/// tensor names and file names).
+/// The longest task name (CelebA's longest is 19 characters).
+pub const MAX_NAME: usize = 64;
+
+/// Checks a task name: 1 to [`MAX_NAME`] ASCII letters, digits and `_` (it
+/// becomes part of tensor names and file names).
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
         return Err(Error::InvalidTaskName { name: name.into() });
     }
     Ok(())
@@ -40,12 +46,21 @@ pub fn check_name(name: &str) -> Result<()> {
 /// ([`check_name`]) and none twice in any case. The error is the message for the
 /// file's header line.
 pub fn check_header(names: &[String]) -> std::result::Result<(), String> {
-    for (i, a) in names.iter().enumerate() {
-        check_name(a).map_err(|e| e.to_string())?;
-        if names[..i].iter().any(|b| b.eq_ignore_ascii_case(a)) {
-            return Err(format!(
-                "the header names {a:?} twice (in any case); name each attribute once"
-            ));
+    check_list(names).map_err(|e| match e {
+        Error::DuplicateTask { name } => {
+            format!("the header names {name:?} twice (in any case); name each attribute once")
+        }
+        e => e.to_string(),
+    })
+}
+
+/// Checks the task list a checkpoint or package carries: valid names, none
+/// twice in any case.
+pub fn check_list(tasks: &[String]) -> Result<()> {
+    for (i, t) in tasks.iter().enumerate() {
+        check_name(t)?;
+        if tasks[..i].iter().any(|u| u.eq_ignore_ascii_case(t)) {
+            return Err(Error::DuplicateTask { name: t.clone() });
         }
     }
     Ok(())

@@ -341,8 +341,15 @@ impl GalleryIndex {
                 source,
             })?;
         let n = index.ids.len();
+        if index.tasks.is_empty() || index.dim == 0 {
+            return Err(Error::Invalid(format!(
+                "{path:?}: holds {} tasks of dimension {}, nothing to search; rebuild the index",
+                index.tasks.len(),
+                index.dim
+            )));
+        }
         for t in &index.tasks {
-            if t.rows.len() != n * index.dim || t.labels.len() != n {
+            if n.checked_mul(index.dim) != Some(t.rows.len()) || t.labels.len() != n {
                 return Err(Error::Invalid(format!(
                     "{path:?}: task {:?} holds {} numbers and {} labels for {n} images of dimension {}; rebuild the index",
                     t.task,
@@ -364,6 +371,13 @@ impl GalleryIndex {
                 found: index.fingerprint,
                 expected: model.fingerprint(),
             });
+        }
+        if index.dim != model.embedding_dim() {
+            return Err(Error::Invalid(format!(
+                "{path:?}: its embeddings have {} numbers, the package's {}; rebuild the index with this package",
+                index.dim,
+                model.embedding_dim()
+            )));
         }
         Ok(index)
     }
@@ -478,6 +492,40 @@ impl GalleryIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Indexes that would index out of their rows are refused when loaded: a
+    /// dimension whose product with the image count wraps, and no task at all.
+    #[test]
+    fn inconsistent_indexes_are_refused_on_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x.modidx");
+        let index = |dim: usize, tasks: Vec<TaskRows>| GalleryIndex {
+            fingerprint: 0,
+            root: PathBuf::new(),
+            dim,
+            ids: vec!["a.png".into(), "b.png".into()],
+            tasks,
+        };
+        let rows = |rows: Vec<f32>| TaskRows {
+            task: "smiling".into(),
+            rows,
+            labels: vec![1, -1],
+        };
+        let cases = [
+            (index(1 << 63, vec![rows(Vec::new())]), "holds 0 numbers"),
+            (index(2, Vec::new()), "holds 0 tasks"),
+            (index(0, vec![rows(Vec::new())]), "of dimension 0"),
+        ];
+        for (bad, want) in cases {
+            bad.save(&path).expect("save");
+            let err = GalleryIndex::load(&path).expect_err("refused").to_string();
+            assert!(err.contains(want) && err.contains("rebuild"), "{err}");
+        }
+        index(1, vec![rows(vec![0.0, 1.0])])
+            .save(&path)
+            .expect("save");
+        GalleryIndex::load(&path).expect("a good one loads");
+    }
 
     #[test]
     fn retrieval_is_leave_one_out_precision_among_known_values() {

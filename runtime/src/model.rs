@@ -378,6 +378,13 @@ fn tract_err(graph: &str) -> impl FnOnce(anyhow::Error) -> Error + '_ {
     }
 }
 
+/// `f`, with a tract panic (some malformed graphs index out of bounds instead of
+/// failing) as an error like tract's own.
+fn guarded<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+    modkit_models::guard::catch_panic(f)
+        .unwrap_or_else(|msg| Err(anyhow::anyhow!("tract failed on a malformed graph ({msg})")))
+}
+
 /// Reads ONNX bytes and plans them for fixed input shapes.
 fn plan(graph: &str, onnx: &[u8], shapes: &[Vec<usize>], options: &RunOptions) -> Result<Plan> {
     let build = || -> TractResult<Plan> {
@@ -387,7 +394,7 @@ fn plan(graph: &str, onnx: &[u8], shapes: &[Vec<usize>], options: &RunOptions) -
         }
         model.into_optimized()?.into_runnable_with_options(options)
     };
-    build().map_err(tract_err(graph))
+    guarded(build).map_err(tract_err(graph))
 }
 
 fn output_shape(graph: &str, plan: &Plan) -> Result<Vec<usize>> {
@@ -402,7 +409,7 @@ fn output_shape(graph: &str, plan: &Plan) -> Result<Vec<usize>> {
 }
 
 fn run(graph: &str, plan: &Plan, inputs: TVec<TValue>) -> Result<TValue> {
-    let mut out = plan.run(inputs).map_err(tract_err(graph))?;
+    let mut out = guarded(|| plan.run(inputs)).map_err(tract_err(graph))?;
     Ok(out.remove(0))
 }
 

@@ -278,9 +278,57 @@ fn bad_input_is_one_line_with_exit_status_2() {
         std::fs::write(&path, &bytes).expect("write");
         fails(&["embed", q, "-m", path.to_str().expect("path")], want);
     }
+    // A package whose checksum is right but whose graph makes tract panic (a
+    // Conv's `pads` ints turned into floats): one line, not a panic.
+    let kind = modkit_models::package::KIND;
+    let (payload, version, _) =
+        modkit_models::container::unframe(&kind, &original, Path::new("p")).expect("unframe");
+    let mut payload = payload.to_vec();
+    let at = payload
+        .windows(7)
+        .position(|w| w == b"\n\x04padsB")
+        .expect("a Conv's pads")
+        + 6;
+    payload[at] = 0x3a;
+    let bad_graph = g.tmp.path().join("bad-graph.modpack");
+    std::fs::write(
+        &bad_graph,
+        // At the pretrained package's own version, whose layout the payload has.
+        modkit_models::container::frame(
+            &modkit_models::container::Kind { version, ..kind },
+            &payload,
+        ),
+    )
+    .expect("write");
+    fails(
+        &["embed", q, "-m", bad_graph.to_str().expect("path")],
+        "malformed graph",
+    );
     let out = modrt(&["embed", q, "-m", g.dir()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+    // An index of another embedding size (its fingerprint right) is refused,
+    // not searched for nothing.
+    let mut other = modkit_runtime::index::GalleryIndex::load(Path::new(idx_s)).expect("load");
+    other.dim /= 2;
+    for t in &mut other.tasks {
+        t.rows.truncate(other.ids.len() * other.dim);
+    }
+    let other_s = g.tmp.path().join("other.modidx");
+    other.save(&other_s).expect("save");
+    fails(
+        &[
+            "query",
+            q,
+            "--task",
+            "young",
+            "-m",
+            model,
+            "--index",
+            other_s.to_str().expect("path"),
+        ],
+        "rebuild the index with this package",
+    );
     // A damaged index is refused, not half-read.
     let mut bytes = std::fs::read(idx_s).expect("read");
     bytes.truncate(bytes.len() - 9);

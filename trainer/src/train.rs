@@ -204,6 +204,18 @@ impl TrainConfig {
                 )));
             }
         }
+        // All tasks' lists together (an empty task list is filled from the data,
+        // and checked again then).
+        let tasks = self.tasks.len().max(1);
+        let per_task = self.triplets_per_task + self.test_triplets_per_task;
+        if per_task.saturating_mul(tasks) > MAX_TRIPLETS {
+            return Err(Error::Config(format!(
+                "--triplets-per-task {} and --test-triplets {} for {tasks} tasks are {} triplets, over the {MAX_TRIPLETS} that fit in memory: ask for fewer",
+                self.triplets_per_task,
+                self.test_triplets_per_task,
+                per_task.saturating_mul(tasks)
+            )));
+        }
         if self.test_triplets_per_task == 0 {
             return Err(Error::Config(
                 "--test-triplets 0 leaves nothing to evaluate each epoch on: give 1 or more (500 is the default)".into(),
@@ -333,8 +345,8 @@ pub struct Trainer {
     last_saved: Option<(usize, PathBuf)>,
 }
 
-/// The most triplets per task a run may ask for: past this the triplet lists
-/// alone would not fit in memory.
+/// The most triplets a run may ask for, per task and over all tasks' training
+/// and test lists: past this the lists alone would not fit in memory.
 pub const MAX_TRIPLETS: usize = 100_000_000;
 
 /// `OUT.suffix` next to the checkpoint `OUT.safetensors`; a checkpoint named
@@ -505,7 +517,7 @@ impl Trainer {
         t.load_tensors(&ckpt)?;
         t.epoch = ckpt.header.epoch;
         t.last_metrics = ckpt.header.metrics.clone();
-        t.log_lines = logged_epochs(&existing_sibling(path, "metrics.jsonl"), t.epoch);
+        t.log_lines = logged_epochs(&existing_sibling(path, "metrics.jsonl"), t.epoch)?;
         t.last_saved = Some((t.epoch, path.to_path_buf()));
         Ok(t)
     }
@@ -979,24 +991,44 @@ fn variables(
 }
 
 /// The lines of the log at `path` for epochs 1..=`epoch`, in order; none when it
-/// is missing. Lines past `epoch` (a run that went on after the checkpoint, or a
-/// line cut short by a crash) are dropped.
-fn logged_epochs(path: &Path, epoch: usize) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
+/// is missing. Lines past `epoch` (a run that went on after the checkpoint) and
+/// a last line cut short by a crash are dropped. A log that cannot be read, or a
+/// line before the last that is no log entry, is an error: resuming rewrites
+/// the log, and would lose what it holds.
+fn logged_epochs(path: &Path, epoch: usize) -> Result<Vec<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::Config(format!(
+                "{path:?}: cannot read the run's log ({e}); resuming rewrites it: repair it, or move it away to start a new one"
+            )));
+        }
     };
     // The last line of each epoch: logs appended to by earlier versions can hold
     // an older run's epochs before this one's.
     let mut by_epoch = BTreeMap::new();
-    for line in text.lines() {
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
         let e = serde_json::from_str::<serde_json::Value>(line)
             .ok()
             .and_then(|v| v.get("epoch")?.as_u64());
-        if let Some(e) = e.filter(|e| (1..=epoch as u64).contains(e)) {
-            by_epoch.insert(e, line.to_string());
+        match e {
+            Some(e) if (1..=epoch as u64).contains(&e) => {
+                by_epoch.insert(e, line.to_string());
+            }
+            Some(_) => {}
+            None if i + 1 == lines.len() || line.trim().is_empty() => {}
+            None => {
+                return Err(Error::Malformed {
+                    path: path.into(),
+                    line: i + 1,
+                    msg: "not an epoch's log entry; resuming rewrites the log: repair the line, or move the log away to start a new one".into(),
+                });
+            }
         }
     }
-    by_epoch.into_values().collect()
+    Ok(by_epoch.into_values().collect())
 }
 
 #[cfg(test)]
@@ -1456,6 +1488,21 @@ mod tests {
             !resumed.contains("\"loss\": 9.0"),
             "an older epoch 1 was kept"
         );
+        // A damaged line before the last, or bytes that are no text: the resume
+        // is refused and the log left as it was.
+        for damaged in [
+            format!("{{\"epo\n{resumed}").into_bytes(),
+            [resumed.as_bytes(), b"\xff\n"].concat(),
+        ] {
+            std::fs::write(&log, &damaged).expect("write");
+            let err = Trainer::resume(&out, &ds, Device::Cpu, Some(4))
+                .map(|_| ())
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("resuming rewrites"), "{err}");
+            assert_eq!(std::fs::read(&log).expect("log"), damaged);
+        }
+        std::fs::write(&log, &resumed).expect("write");
         cfg.epochs = 1;
         Trainer::new(cfg.clone(), &ds, Device::Cpu)
             .expect("b")
@@ -1541,7 +1588,7 @@ mod tests {
     #[test]
     fn options_that_cannot_train_are_refused_before_the_data() {
         type Edit = fn(&mut TrainConfig);
-        let cases: [(Edit, &str); 9] = [
+        let cases: [(Edit, &str); 10] = [
             (
                 |c| c.triplets_per_task = usize::MAX / 2,
                 "--triplets-per-task 9",
@@ -1557,6 +1604,11 @@ mod tests {
             (|c| c.epochs = 0, "--epochs 0"),
             (|c| c.test_triplets_per_task = 0, "--test-triplets 0"),
             (|c| c.margin = f64::INFINITY, "--margin inf"),
+            // Each list allowed alone, too many over the two tasks.
+            (
+                |c| c.test_triplets_per_task = MAX_TRIPLETS,
+                "--triplets-per-task 16 and --test-triplets",
+            ),
         ];
         for (set, want) in cases {
             let mut cfg = small_cfg();
