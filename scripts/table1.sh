@@ -4,7 +4,7 @@
 # networks (ITN), by the modulated network, and by the modulated network with the
 # task-relation regulariser of eq. 8 (smiling is closer to mouth_slightly_open than
 # to young); UCR measured on every minibatch for the runs with shared weights.
-# Ends with `modtrain report` of the four (tables on stdout, plots in OUT/report).
+# Ends with `modtrain report` of the four (tables on stdout, plots in OUT/runs/report).
 # Usage: scripts/table1.sh [OUT_DIR] [extra modtrain train flags…]
 set -euo pipefail
 cd "$(dirname "$0")/.."

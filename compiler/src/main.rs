@@ -27,7 +27,8 @@ enum Command {
 }
 
 /// Checkpoint → .modpack: the shared trunk once, then per task a folded tail or the
-/// runtime switch (one shared tail plus ~512 numbers per task).
+/// runtime switch (one shared tail plus the task's modulation vectors: 512 numbers
+/// per task at the paper spec, 96 at the tiny one).
 ///
 /// Example: modc compile runs/mod.safetensors -o model.modpack --fold-tasks smiling,young
 #[derive(Debug, Args)]
@@ -35,8 +36,8 @@ struct CompileArgs {
     checkpoint: PathBuf,
     #[arg(long, short)]
     out: PathBuf,
-    /// Fold these tasks' vectors into their own tail weights (`all`, or a comma list);
-    /// the others use the runtime switch.
+    /// Fold these tasks' vectors into their own tail weights (`all`, or a comma list;
+    /// a bare --fold-tasks is `all`); the others use the runtime switch.
     #[arg(long, num_args = 0..=1, default_missing_value = "all")]
     fold_tasks: Option<String>,
     /// Keep only these tasks (comma list).

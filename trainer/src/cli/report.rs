@@ -18,7 +18,7 @@ pub use modkit_trainer::report::write_ucr_table;
 /// Example: modtrain report runs/ (every run `modtrain train -o runs/NAME.safetensors` wrote)
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// Runs: checkpoints (OUT.safetensors), their logs (OUT.metrics.jsonl), or
+    /// Runs: checkpoints (NAME.safetensors), their logs (NAME.metrics.jsonl), or
     /// directories holding logs.
     #[arg(required = true, value_name = "RUN")]
     runs: Vec<PathBuf>,

@@ -10,9 +10,10 @@ use modkit_trainer::train::{TrainConfig, Trainer, sibling, sibling_partner};
 
 /// Train a network on triplets from every task (paper sections 3.3, 4.1).
 ///
-/// Writes OUT (safetensors checkpoint, updated atomically after every epoch),
-/// OUT.metrics.jsonl (one line per epoch) and OUT.triplets.json (the fixed test
-/// triplets).
+/// Writes OUT (safetensors checkpoint, updated atomically after every epoch) and
+/// beside it, named after OUT without its `.safetensors`, NAME.metrics.jsonl (one
+/// line per epoch) and NAME.triplets.json (the fixed test triplets, with the first
+/// checkpoint).
 ///
 /// Example: modtrain train --data synth --variant modulated --spec tiny -o runs/mod.safetensors
 #[derive(Debug, Args)]
@@ -108,7 +109,7 @@ pub struct TrainArgs {
     /// shared parameters agree in sign) on every N-th minibatch; 1 measures all of
     /// them, as the paper does. Each measured minibatch costs one extra backward
     /// pass per task; training itself is unchanged. Logged per epoch in
-    /// OUT.metrics.jsonl, printed at the end, drawn by `modtrain report`.
+    /// NAME.metrics.jsonl, printed at the end, drawn by `modtrain report`.
     #[arg(long, value_name = "N")]
     ucr_every: Option<usize>,
     /// Prior knowledge for the task-relation regulariser (paper eq. 8): `i,j,k`
