@@ -34,7 +34,7 @@ pub fn run(graph: &str, onnx: &[u8], inputs: &[Array]) -> Result<Array> {
 /// `f`, with a tract panic (some malformed graphs index out of bounds instead of
 /// failing) as an error like tract's own.
 fn guarded<T>(f: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
-    modkit_models::guard::catch_panic(f)
+    modkit_models::guard::catch_panic("/tract-", f)
         .unwrap_or_else(|msg| Err(anyhow::anyhow!("tract failed on a malformed graph ({msg})")))
 }
 

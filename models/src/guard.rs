@@ -2,33 +2,37 @@
 //! malformed graphs instead of returning an error, and a package or model file
 //! is user input.
 
-use std::cell::Cell;
-use std::panic::AssertUnwindSafe;
-use std::sync::Once;
+use std::panic::{AssertUnwindSafe, PanicHookInfo};
+use std::sync::{Mutex, Once};
 
-thread_local! {
-    /// Set while this thread runs inside [`catch_panic`]: its panics are caught,
-    /// so the panic hook stays quiet for them.
-    static CATCHING: Cell<bool> = const { Cell::new(false) };
-}
+/// The dependencies whose panics a running [`catch_panic`] catches (one entry
+/// per running call): the panic hook stays quiet for panics in their source,
+/// on any thread (tract's own pool threads included), and only for those.
+static CATCHING: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
 static QUIET_HOOK: Once = Once::new();
 
-/// Runs `f`; a panic inside it comes back as `Err(its message)` instead of
-/// unwinding further, and is not printed (other threads' panics still are).
-/// For code this project does not own; its own code returns errors.
-pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+/// Runs `f`, which calls into the dependency whose source files' paths contain
+/// `dependency` (`"/tract-"`); a panic comes back as `Err(its message)` instead
+/// of unwinding further. While it runs, that dependency's panics are not
+/// printed; every other panic still is. For code this project does not own: its
+/// own code returns errors.
+pub fn catch_panic<T>(dependency: &'static str, f: impl FnOnce() -> T) -> Result<T, String> {
     QUIET_HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !CATCHING.with(Cell::get) {
+            if !caught(info) {
                 previous(info);
             }
         }));
     });
-    let outer = CATCHING.with(|c| c.replace(true));
+    catching().push(dependency);
     let result = std::panic::catch_unwind(AssertUnwindSafe(f));
-    CATCHING.with(|c| c.set(outer));
+    let mut active = catching();
+    if let Some(i) = active.iter().position(|d| *d == dependency) {
+        active.swap_remove(i);
+    }
+    drop(active);
     result.map_err(|payload| {
         payload
             .downcast_ref::<&str>()
@@ -38,25 +42,48 @@ pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
+fn catching() -> std::sync::MutexGuard<'static, Vec<&'static str>> {
+    CATCHING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether a running [`catch_panic`] catches a panic at `info`'s location.
+fn caught(info: &PanicHookInfo) -> bool {
+    info.location().is_some_and(|l| quiet(l.file()))
+}
+
+/// Whether a panic in source file `file` is a guarded dependency's.
+fn quiet(file: &str) -> bool {
+    catching().iter().any(|d| file.contains(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_panic_becomes_its_message_and_values_pass_through() {
-        assert_eq!(catch_panic(|| 7), Ok(7));
+        assert_eq!(catch_panic("/none-", || 7), Ok(7));
         let v: Vec<u8> = Vec::new();
-        let err = catch_panic(|| v[3]).expect_err("out of bounds");
+        let err = catch_panic("/none-", || v[3]).expect_err("out of bounds");
         assert!(err.contains("index out of bounds"), "{err}");
         #[allow(clippy::panic)]
-        let err = catch_panic(|| -> u8 { panic!("graph {} is bad", 2) }).expect_err("formatted");
+        let err = catch_panic("/none-", || -> u8 { panic!("graph {} is bad", 2) })
+            .expect_err("formatted");
         assert_eq!(err, "graph 2 is bad");
-        // Nested: the inner catch leaves the outer one catching.
-        let err = catch_panic(|| {
-            let _ = catch_panic(|| v[1]);
-            v[2]
-        })
-        .expect_err("outer");
-        assert!(err.contains("index out of bounds"), "{err}");
+    }
+
+    /// Quiet for the guarded dependency's files while a guard runs (a nested
+    /// one included), for nothing else, and not after.
+    #[test]
+    fn only_the_guarded_dependencys_panics_are_quiet() {
+        let tract = "/root/.cargo/registry/src/x/tract-core-0.23.9/src/ops/cnn/padding.rs";
+        let ours = "runtime/src/model.rs";
+        let inside = catch_panic("/tract-", || {
+            let nested = catch_panic("/tract-", || quiet(tract)).expect("nested");
+            (nested, quiet(tract), quiet(ours))
+        });
+        assert_eq!(inside, Ok((true, true, false)));
+        // Other tests may guard "/none-" meanwhile, never "/tract-".
+        assert!(!quiet(tract));
     }
 }

@@ -162,10 +162,10 @@ impl Gallery {
     }
 }
 
-/// Appends the image ids under `dir` to `out`, in name order. A link (to a
-/// folder or an image) whose real path lies under `root` is passed over: its
-/// target is listed as itself, so the image keeps the id `find` gives it and is
-/// not embedded twice. `seen` holds the real folders listed so far, so that other
+/// Appends the image ids under `dir` to `out`, in name order. A link whose real
+/// path lies under `root` (a folder, or a file named as an image) is passed over:
+/// its target is listed as itself, so the image keeps the id `find` gives it and
+/// is not embedded twice. `seen` holds the real folders listed so far, so that other
 /// linked folders are listed once and a link loop ends.
 fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<String>) -> Result<()> {
     let mut paths = std::fs::read_dir(dir)
@@ -186,17 +186,23 @@ fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Stri
             if !(link && inside) && seen.insert(real) {
                 list(root, &path, seen, out)?;
             }
-        } else if link && inside(&path).is_ok_and(|(inside, _)| inside) {
-            continue;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        {
-            out.push(id_of(path.strip_prefix(root).unwrap_or(&path)));
+        } else if is_image(&path) {
+            // A link to an image the walk lists itself (under the root, named as
+            // an image) is that image; a link to anything else is listed.
+            let listed = |(inside, real): (bool, PathBuf)| inside && is_image(&real);
+            if !(link && inside(&path).is_ok_and(listed)) {
+                out.push(id_of(path.strip_prefix(root).unwrap_or(&path)));
+            }
         }
     }
     Ok(())
+}
+
+/// Whether `path` is named as an image the index reads (`.jpg`, `.jpeg`, `.png`).
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// An image's id: its path below the gallery's folder, `/`-separated.

@@ -114,7 +114,8 @@ struct QueryArgs {
     #[arg(long)]
     json: bool,
     /// Write a contact sheet PNG, a row per task: the query, then the results with
-    /// rank, distance and attribute value (-k above 50 is refused). It must be a new
+    /// rank, distance and attribute value: at most 50 per row, so a larger -k is
+    /// refused where the gallery has more than 50 images. It must be a new
     /// file or an old sheet, not the query, the package, the index or a gallery image.
     #[arg(long)]
     sheet: Option<PathBuf>,

@@ -630,11 +630,17 @@ fn one_gallery_named_two_ways_is_indexed_once() {
     // an image reached through it is still the gallery's own (left out of its
     // results, its value known).
     std::os::unix::fs::symlink(&g.images, g.images.join("loop")).expect("symlink");
-    // So is an image linked under another name inside the gallery.
+    // So is an image linked under another name inside the gallery; a link to a
+    // file the walk does not list (content-addressed storage names files by
+    // hash, with no extension) is the image.
     std::os::unix::fs::symlink(g.images.join("000004.png"), g.images.join("alias.png"))
         .expect("symlink");
+    std::fs::create_dir(g.images.join(".cache")).expect("mkdir");
+    std::fs::copy(g.image(5), g.images.join(".cache/ab12")).expect("copy");
+    std::os::unix::fs::symlink(g.images.join(".cache/ab12"), g.images.join("stored.png"))
+        .expect("symlink");
     let out = ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"]);
-    assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
+    assert!(out.contains("(1 new, 12 kept, 0 skipped)"), "{out}");
     let via_alias = g.query_json(
         g.images.join("alias.png").to_str().expect("path"),
         "smiling",
@@ -662,10 +668,11 @@ fn one_gallery_named_two_ways_is_indexed_once() {
     let linked_idx = g.tmp.path().join("linked.modidx");
     let linked_idx = linked_idx.to_str().expect("path");
     let data = data.to_str().expect("path");
+    // The 12 and `stored.png`, which has no attribute values.
     let out = ok(&["index", data, "-m", &g.model, "-o", linked_idx]);
-    assert!(out.contains("(12 new, 0 kept, 0 skipped)"), "{out}");
+    assert!(out.contains("(13 new, 0 kept, 0 skipped)"), "{out}");
     let out = ok(&["index", data, "-m", &g.model, "-o", linked_idx, "--append"]);
-    assert!(out.contains("(0 new, 12 kept, 0 skipped)"), "{out}");
+    assert!(out.contains("(0 new, 13 kept, 0 skipped)"), "{out}");
     let v: serde_json::Value = serde_json::from_str(&ok(&[
         "eval", "--index", linked_idx, "--tasks", "smiling", "--json",
     ]))

@@ -31,7 +31,9 @@ pub enum Error {
     },
 
     /// The image file was read but is not an image the `image` crate decodes.
-    #[error("{path:?}: cannot decode image ({source}); modtrain reads PNG and JPEG files")]
+    #[error(
+        "{path:?}: cannot decode image ({source}); modtrain reads PNG and JPEG files of up to 256 MiB decoded"
+    )]
     Image {
         path: PathBuf,
         #[source]

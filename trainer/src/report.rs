@@ -119,9 +119,16 @@ impl Run {
             crate::train::existing_sibling(path, METRICS_SUFFIX)
         };
         let text = std::fs::read_to_string(&log).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound && log != path {
+            let what = if !path.exists() {
+                Some("does not exist")
+            } else if log != path {
+                Some("has no training log beside it")
+            } else {
+                None
+            };
+            if let (std::io::ErrorKind::NotFound, Some(what)) = (source.kind(), what) {
                 Error::Config(format!(
-                    "{path:?} has no training log ({log:?} is missing): name a checkpoint `modtrain train` wrote, its .{METRICS_SUFFIX}, or their folder"
+                    "{path:?} {what} ({log:?}): name a checkpoint `modtrain train` wrote, its .{METRICS_SUFFIX}, or their folder"
                 ))
             } else {
                 Error::Io {
@@ -820,9 +827,11 @@ mod tests {
         let err = write_report(&[], &file).expect_err("a file").to_string();
         assert!(err.contains("is a file"), "{err}");
         let err = load_runs(&[dir.path().join("nosuch")])
-            .expect_err("no log")
+            .expect_err("no such run")
             .to_string();
-        assert!(err.contains("has no training log"), "{err}");
+        assert!(err.contains("nosuch\" does not exist"), "{err}");
+        let err = load_runs(&[file]).expect_err("no log").to_string();
+        assert!(err.contains("has no training log beside it"), "{err}");
     }
 
     #[test]

@@ -813,29 +813,20 @@ impl Trainer {
         })
     }
 
-    /// Fails if a variable (weights, task vectors, BatchNorm statistics) holds a
-    /// NaN or infinity after epoch `self.epoch`, before it replaces the last good
-    /// checkpoint: the loss can stay finite while BatchNorm's running variance
-    /// overflows.
+    /// Fails if a tensor of the checkpoint (weights, task vectors, BatchNorm
+    /// statistics, the optimizer's state) holds a NaN or infinity after epoch
+    /// `self.epoch`, before it replaces the last good checkpoint: the loss can stay
+    /// finite while BatchNorm's running variance, or Adam's second moment,
+    /// overflows, and a checkpoint holding one does not load.
     fn check_finite(&self) -> Result<()> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Config("poisoned VarMap".into()))?;
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        for name in names {
-            let values = data[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            if !values.iter().all(|v| v.is_finite()) {
-                return Err(Error::Diverged {
-                    epoch: self.epoch,
-                    tensor: name.clone(),
-                    kept: self.last_saved.clone(),
-                });
-            }
+        match self.checkpoint()?.non_finite() {
+            Some(name) => Err(Error::Diverged {
+                epoch: self.epoch,
+                tensor: name.to_string(),
+                kept: self.last_saved.clone(),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Trains the remaining epochs, evaluating, logging and checkpointing to `out`
@@ -883,12 +874,12 @@ impl Trainer {
             };
             self.last_metrics =
                 serde_json::to_value(&log).map_err(|e| Error::Config(e.to_string()))?;
-            self.checkpoint()?.save(out)?;
             if logs.is_empty() {
                 // With the run's first checkpoint, not before: a run that stops in
                 // its first epoch leaves an old run's files at `out` as they were.
                 self.write_test_triplets(ds, out)?;
             }
+            self.checkpoint()?.save(out)?;
             self.last_saved = Some((self.epoch, out.to_path_buf()));
             // The log describes the checkpoint beside it: this run's epochs only.
             self.log_lines.push(self.last_metrics.to_string());
@@ -1696,6 +1687,12 @@ mod tests {
     /// Trains one epoch to a checkpoint, scales variable `name` by `factor`, and
     /// trains on: the error, and whether the checkpoint is unchanged.
     fn run_after_poisoning(name: &str, factor: f64) -> (Error, bool) {
+        run_after(|t| poison(t, name, factor))
+    }
+
+    /// Trains one epoch to a checkpoint, applies `damage`, and trains on: the
+    /// error, and whether the checkpoint is unchanged.
+    fn run_after(damage: impl FnOnce(&mut Trainer)) -> (Error, bool) {
         let ds = Dataset::synthetic(120, 48, 4);
         let dir = tempfile::tempdir().expect("tmp");
         let out = dir.path().join("m.safetensors");
@@ -1704,7 +1701,7 @@ mod tests {
         let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("t");
         t.run(&ds, &out).expect("epoch 1");
         let before = std::fs::read(&out).expect("ckpt");
-        poison(&t, name, factor);
+        damage(&mut t);
         t.cfg.epochs = 2;
         let err = t.run(&ds, &out).unwrap_err();
         (err, std::fs::read(&out).expect("ckpt") == before)
@@ -1740,6 +1737,23 @@ mod tests {
         let (err, kept) = run_after_poisoning("block5.conv.bn.running_var", f64::INFINITY);
         assert!(
             matches!(&err, Error::Diverged { epoch: 2, tensor, .. } if tensor == "block5.conv.bn.running_var"),
+            "{err}"
+        );
+        assert!(kept, "last good checkpoint changed");
+    }
+
+    /// An optimizer state that overflowed (Adagrad's accumulator at infinity: the
+    /// weights stay finite, their steps become 0) stops the run too; a checkpoint
+    /// holding it would not load.
+    #[test]
+    fn diverged_optimizer_state_stops_before_the_checkpoint() {
+        let (err, kept) = run_after(|t| {
+            let (name, acc) = t.opt.state().expect("state").remove(0);
+            let inf = (acc.ones_like().expect("ones") * f64::INFINITY).expect("inf");
+            assert!(t.opt.load_state(&name, &inf).expect("load"), "{name}");
+        });
+        assert!(
+            matches!(&err, Error::Diverged { epoch: 2, tensor, .. } if tensor.starts_with("optimizer.")),
             "{err}"
         );
         assert!(kept, "last good checkpoint changed");

@@ -252,6 +252,15 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
     let resumed = modkit_models::Checkpoint::load(&ckpt).expect("checkpoint");
     assert_eq!(resumed.header.train_config["synth_images"], 160);
     assert_eq!(resumed.header.train_config["epochs"], 3);
+    // A run saved as `m` (no extension) resumed into `m.safetensors`: the two
+    // share a log, which is this run's, so the rename is allowed.
+    let bare = dir.path().join("m");
+    std::fs::rename(&ckpt, &bare).expect("rename");
+    let b = bare.to_str().expect("utf8");
+    let o = modtrain(&["train", "--resume", b, "--epochs", "4", "-o", c]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(dir.path().join("m.metrics.jsonl")).expect("log");
+    assert_eq!(log.lines().count(), 4, "{log}");
 }
 
 #[test]

@@ -313,8 +313,13 @@ impl TrainArgs {
                 self.out.display()
             );
         }
+        // Resuming `run` into `run.safetensors` renames a run: its log is the one.
         let partner = sibling_partner(&self.out);
-        if partner.is_file() {
+        let renamed = self
+            .resume
+            .as_deref()
+            .is_some_and(|r| same_file(r, &partner));
+        if partner.is_file() && !renamed {
             anyhow::bail!(
                 "-o {}: its log and test triplets ({}) are those of the checkpoint {} beside it; name the checkpoint otherwise",
                 self.out.display(),

@@ -88,6 +88,7 @@ pub fn load_with_progress(
     if let Some(n) = limit {
         table.rows.truncate(n);
     }
+    Dataset::check_fits(table.rows.len(), size, &attr_path.display().to_string())?;
     let splits = table
         .rows
         .iter()
@@ -210,6 +211,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2") && err.contains("`b.jpg 0`"), "{err}");
+    }
+
+    /// 6,000 images at 1024² would take 17.6 GiB: refused from the attribute
+    /// file, before an image is read (none exists here).
+    #[test]
+    fn a_set_too_large_to_decode_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = 6000;
+        let (mut attr, mut part) = (format!("{n}\nSmiling\n"), String::new());
+        for i in 1..=n {
+            attr.push_str(&format!("{i:06}.png 1\n"));
+            part.push_str(&format!("{i:06}.png 0\n"));
+        }
+        for (file, text) in [(ATTR_FILE, attr), (PARTITION_FILE, part)] {
+            let path = dir.path().join(file);
+            std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+        let err = load(dir.path(), 1024, None).unwrap_err().to_string();
+        assert!(
+            err.contains("list_attr_celeba.txt: 6000 images of 1024×1024"),
+            "{err}"
+        );
+        assert!(err.contains("over the 16 GiB"), "{err}");
     }
 
     #[test]

@@ -126,8 +126,8 @@ impl Dataset {
         let bytes = n as u128 * (size as u128).pow(2) * 3;
         if bytes > u128::from(MAX_PIXEL_BYTES) {
             return Err(Error::Config(format!(
-                "{what}: {n} images of {size}×{size} would take {:.1} GB of memory, over the {} GB a dataset may; use fewer or smaller images (--limit, --input-size)",
-                bytes as f64 / 1e9,
+                "{what}: {n} images of {size}×{size} would take {:.1} GiB of memory, over the {} GiB a dataset may; use fewer or smaller images (--limit, --input-size)",
+                bytes as f64 / f64::from(1u32 << 30),
                 MAX_PIXEL_BYTES >> 30
             )));
         }
