@@ -21,7 +21,9 @@ pub enum Error {
         source: anyhow::Error,
     },
 
-    #[error("{path:?}: not a readable image ({source}); use a JPEG or PNG file")]
+    #[error(
+        "{path:?}: not a readable image ({source}); use a JPEG or PNG file of up to 256 MiB decoded"
+    )]
     Image {
         path: PathBuf,
         #[source]
