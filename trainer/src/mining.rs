@@ -64,6 +64,9 @@ pub struct BatchLoss {
     /// The hinge terms, task first: `loss = scale · Σ hinge`.
     hinge: Tensor,
     scale: f64,
+    /// `[T]`: each task's own normaliser, `1 / k` for the sampled triplets and
+    /// `1 / #{violating}` within the task for the others.
+    task_scale: Vec<f32>,
 }
 
 impl BatchLoss {
@@ -78,6 +81,17 @@ impl BatchLoss {
             .flatten_from(1)?
             .sum(1)?
             .affine(self.scale, 0.0)?)
+    }
+
+    /// Σₜ of task `t`'s loss as if its triplets were the whole minibatch: the
+    /// objective of `T` networks trained apart (`--variant independent`), each
+    /// getting the gradient its task alone gives it. [`BatchLoss::loss`] would
+    /// give each a `1/T` share, which Adagrad, not invariant to the gradient's
+    /// scale, turns into steps up to `T` times shorter.
+    pub fn tasks_apart(&self) -> Result<Tensor> {
+        let sums = self.hinge.flatten_from(1)?.sum(1)?;
+        let scale = Tensor::from_slice(&self.task_scale, sums.shape(), sums.device())?;
+        Ok((sums * scale)?.sum_all()?)
     }
 }
 
@@ -101,6 +115,7 @@ pub fn sampled_loss(emb: &Tensor, tasks: usize, k: usize, margin: f64) -> Result
         satisfied: ok / (tasks * k) as f64,
         hinge,
         scale: 1.0 / (tasks * k) as f64,
+        task_scale: vec![1.0 / k as f32; tasks],
     })
 }
 
@@ -187,11 +202,13 @@ fn all_valid(dist: &Tensor, anchors: &[usize], labels: &[u16], margin: f64) -> R
     let valid: f64 = mask.iter().map(|&m| m as f64).sum();
     let mask = Tensor::from_vec(mask, (tasks, na, n, n), dist.device())?;
     let hinge = ((&diff + margin)?.relu()? * &mask)?;
-    let violating = hinge
+    let per_task: Vec<f32> = hinge
         .gt(0.0)?
         .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as f64;
+        .flatten_from(1)?
+        .sum(1)?
+        .to_vec1()?;
+    let violating = per_task.iter().map(|&v| v as f64).sum::<f64>();
     let loss = (hinge.sum_all()? / violating.max(1.0))?;
     let ok = (diff.lt(0.0)?.to_dtype(DType::F32)? * &mask)?
         .sum_all()?
@@ -201,6 +218,7 @@ fn all_valid(dist: &Tensor, anchors: &[usize], labels: &[u16], margin: f64) -> R
         satisfied: ok / valid.max(1.0),
         hinge,
         scale: 1.0 / violating.max(1.0),
+        task_scale: per_task.iter().map(|&v| 1.0 / v.max(1.0)).collect(),
     })
 }
 
@@ -243,6 +261,13 @@ mod tests {
             (parts[0] - 1.1).abs() < 1e-6 && parts[1] == 0.0,
             "{parts:?}"
         );
+        // Apart, task 0's one triplet is its whole loss.
+        let apart = l
+            .tasks_apart()
+            .expect("apart")
+            .to_scalar::<f32>()
+            .expect("s");
+        assert!((apart - 2.2).abs() < 1e-6, "{apart}");
     }
 
     #[test]
@@ -267,9 +292,12 @@ mod tests {
         assert_eq!(l.satisfied, 1.0);
     }
 
-    /// The loss, the fraction satisfied and each task's part of the loss, by
-    /// explicit loops: task `t`'s anchors are `anchors(t)`, its candidates rows
-    /// `t·n .. (t+1)·n` of `e`.
+    /// What the brute force finds: the loss, the fraction satisfied, each task's
+    /// part of the loss, and the sum of each task's loss alone.
+    type Expected = (f64, f64, Vec<f64>, f64);
+
+    /// [`Expected`] by explicit loops: task `t`'s anchors are `anchors(t)`, its
+    /// candidates rows `t·n .. (t+1)·n` of `e`.
     fn brute_force(
         e: &[Vec<f32>],
         labels: &[u16],
@@ -277,7 +305,7 @@ mod tests {
         n: usize,
         anchors: impl Fn(usize) -> Vec<usize>,
         margin: f64,
-    ) -> (f64, f64, Vec<f64>) {
+    ) -> Expected {
         let d = |i: usize, j: usize| -> f64 {
             e[i].iter()
                 .zip(&e[j])
@@ -285,6 +313,7 @@ mod tests {
                 .sum()
         };
         let (mut sums, mut violating, mut valid, mut ok) = (vec![0.0; tasks], 0, 0, 0);
+        let mut task_violating = vec![0usize; tasks];
         for t in 0..tasks {
             let y = |i: usize| labels[t * n + i];
             for a in anchors(t).into_iter().filter(|&a| y(a) != MISSING) {
@@ -297,6 +326,7 @@ mod tests {
                         if h > 0.0 {
                             sums[t] += h;
                             violating += 1;
+                            task_violating[t] += 1;
                         }
                     }
                 }
@@ -304,7 +334,12 @@ mod tests {
         }
         let scale = 1.0 / violating.max(1) as f64;
         let parts: Vec<f64> = sums.iter().map(|s| s * scale).collect();
-        (parts.iter().sum(), ok as f64 / valid as f64, parts)
+        let apart = sums
+            .iter()
+            .zip(&task_violating)
+            .map(|(s, &v)| s / v.max(1) as f64)
+            .sum();
+        (parts.iter().sum(), ok as f64 / valid as f64, parts, apart)
     }
 
     #[test]
@@ -323,7 +358,16 @@ mod tests {
                 }
             })
             .collect();
-        let check = |l: BatchLoss, (want, want_ok, want_parts): (f64, f64, Vec<f64>)| {
+        let check = |l: BatchLoss, (want, want_ok, want_parts, want_apart): Expected| {
+            let apart = l
+                .tasks_apart()
+                .expect("apart")
+                .to_scalar::<f32>()
+                .expect("s") as f64;
+            assert!(
+                (apart - want_apart).abs() < 1e-5,
+                "apart {apart}, want {want_apart}"
+            );
             let loss = l.loss.to_scalar::<f32>().expect("s") as f64;
             assert!((loss - want).abs() < 1e-5, "loss {loss}, want {want}");
             let ok = l.satisfied;

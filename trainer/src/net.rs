@@ -467,6 +467,17 @@ impl Network {
         Ok(x)
     }
 
+    /// CSN's mask penalty, `mean over tasks of ‖ReLU(mask)‖₁` (the mean over a
+    /// minibatch's triplets, whose tasks are balanced), as its authors' training
+    /// adds it with weight [`CSN_MASK_PENALTY`]; `None` for other variants.
+    pub fn csn_mask_norm(&self) -> Result<Option<Tensor>> {
+        let Some(masks) = &self.csn else {
+            return Ok(None);
+        };
+        let t = masks.dim(0)? as f64;
+        Ok(Some(masks.relu()?.sum_all()?.affine(1.0 / t, 0.0)?))
+    }
+
     /// `[T, P]`: each task's modulation as the network applies it (vectors after
     /// their ReLU, projection matrices as they are), every modulated layer's
     /// concatenated; `None` for variants without modulation.
@@ -594,10 +605,33 @@ pub fn l2_normalize(e: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&norm)?)
 }
 
+/// The weight of CSN's mask penalty ([`Network::csn_mask_norm`]): the default of
+/// its authors' code (`--mask_loss 5e-4`). Their embedding-norm penalty has no
+/// counterpart: the embedding here is L2-normalised.
+pub const CSN_MASK_PENALTY: f64 = 5e-4;
+
+/// CSN's masks `[T, E]` as its authors' code starts learned ones (paper §4.3:
+/// "manually initializes the 1-dimensional mask for each attribute to be
+/// non-overlapping"): 1 on task `t`'s own block of `E / T` numbers, 0.1 elsewhere.
+/// The trainer refuses more tasks than numbers, where a block would be empty.
+pub fn csn_masks(tasks: usize, e: usize) -> Vec<f32> {
+    let block = e / tasks.max(1);
+    (0..tasks * e)
+        .map(|i| {
+            let (t, j) = (i / e, i % e);
+            if j / block.max(1) == t && block > 0 {
+                1.0
+            } else {
+                0.1
+            }
+        })
+        .collect()
+}
+
 /// Creates every variable of the schema with a deterministic initialisation from
 /// `seed`: He-normal convs, LeCun-normal fc and branches, BN scale 1 / shift 0,
-/// running mean 0 / variance 1, modulation vectors and CSN masks 1 (paper 4.1),
-/// projection matrices the identity.
+/// running mean 0 / variance 1, modulation vectors 1 (paper 4.1), projection
+/// matrices the identity, CSN masks disjoint ([`csn_masks`]).
 pub fn init_varmap(
     spec: &NetSpec,
     variant: Variant,
@@ -625,8 +659,9 @@ pub fn init_varmap(
                     }
                 })
                 .collect()
+        } else if name == names::CSN_MASKS {
+            csn_masks(shape[0], shape[1])
         } else if name.starts_with("modulation.")
-            || name == names::CSN_MASKS
             || name.ends_with("running_var")
             || name.ends_with("bn.weight")
         {

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::adagrad::Adagrad;
 use crate::data::{Dataset, Split};
 use crate::eval::{batch_images, triplet_accuracy};
-use crate::mining::{Mining, batch_all_loss, pooled_loss, sampled_loss};
-use crate::net::{Network, init_varmap};
+use crate::mining::{BatchLoss, Mining, batch_all_loss, pooled_loss, sampled_loss};
+use crate::net::{CSN_MASK_PENALTY, Network, init_varmap};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::relations::{self, relation_loss};
 use crate::triplets::{self, TEST_STREAM, Triplet};
@@ -49,7 +49,8 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Training triplets per task per epoch (re-sampled every epoch).
     pub triplets_per_task: usize,
-    /// Triplets per task in one minibatch (paper: 9 for 20 tasks).
+    /// Triplets per task in one minibatch (paper §4.2: 180 images for 20 tasks,
+    /// 3 triplets each; 168 for 7 tasks, 8 each).
     pub batch_per_task: usize,
     /// Fixed test triplets per task.
     pub test_triplets_per_task: usize,
@@ -422,6 +423,14 @@ impl Trainer {
                 "--mining pooled shares one trunk between the tasks; with --variant independent use batch-all or sampled".into(),
             ));
         }
+        if cfg.variant == Variant::Csn && cfg.tasks.len() > cfg.spec.embedding {
+            return Err(Error::Config(format!(
+                "--variant csn starts each task on its own block of the {}-number embedding; {} tasks need at least {}: train fewer tasks or give --spec a larger embedding",
+                cfg.spec.embedding,
+                cfg.tasks.len(),
+                cfg.tasks.len()
+            )));
+        }
         let attrs = ds.task_indices(&cfg.tasks)?;
         // Canonical names: as the data spells them.
         let mut cfg = cfg;
@@ -608,6 +617,44 @@ impl Trainer {
         &self.test
     }
 
+    /// What a step minimises, from its triplet loss: the loss itself, or for
+    /// `independent` each network's own task's loss (their sum, so that each
+    /// network's gradient is its task's alone, [`BatchLoss::tasks_apart`]); plus
+    /// eq. 8's relation term when asked for, and CSN's mask penalty. Also the
+    /// value logged (for `independent`, the mean of the tasks' losses, comparable
+    /// with the other variants') and the relation term's value.
+    fn objective(&self, batch: &BatchLoss) -> Result<(Tensor, f32, f64)> {
+        let cfg = &self.cfg;
+        let (mut loss, mut shown) = match cfg.variant {
+            Variant::Independent => {
+                let apart = batch.tasks_apart()?;
+                let mean = apart.to_scalar::<f32>()? / self.attrs.len() as f32;
+                (apart, mean)
+            }
+            _ => (batch.loss.clone(), batch.loss.to_scalar::<f32>()?),
+        };
+        let mut relation = 0.0;
+        // Eq. 8 on the modulation, when asked for (`validate` made sure there is
+        // modulation).
+        let vectors = match self.relations.is_empty() {
+            true => None,
+            false => self.net.task_vectors()?,
+        };
+        if let Some(w) = vectors {
+            let r = relation_loss(&w, &self.relations, cfg.relation_margin)?;
+            relation = r.to_scalar::<f32>()? as f64;
+            let term = (r * cfg.relation_weight)?;
+            shown += term.to_scalar::<f32>()?;
+            loss = (loss + term)?;
+        }
+        if let Some(norm) = self.net.csn_mask_norm()? {
+            let term = (norm * CSN_MASK_PENALTY)?;
+            shown += term.to_scalar::<f32>()?;
+            loss = (loss + term)?;
+        }
+        Ok((loss, shown, relation))
+    }
+
     /// Trains one epoch; `progress(step, steps, loss)` is called after every step.
     pub fn train_epoch(
         &mut self,
@@ -677,21 +724,7 @@ impl Trainer {
                     }
                 };
                 let ok = batch.satisfied;
-                // Eq. 8 on the modulation, when asked for (`validate` made sure
-                // there is modulation).
-                let vectors = match self.relations.is_empty() {
-                    true => None,
-                    false => self.net.task_vectors()?,
-                };
-                let (loss, relation) = match vectors {
-                    Some(w) => {
-                        let r = relation_loss(&w, &self.relations, cfg.relation_margin)?;
-                        let rv = r.to_scalar::<f32>()? as f64;
-                        ((&batch.loss + (r * cfg.relation_weight)?)?, rv)
-                    }
-                    None => (batch.loss.clone(), 0.0),
-                };
-                let value = loss.to_scalar::<f32>()?;
+                let (loss, value, relation) = self.objective(&batch)?;
                 // ReLU maps NaN to 0, so the loss alone can hide a NaN embedding.
                 let probe = emb.sum_all()?.to_scalar::<f32>()?;
                 if !value.is_finite() || !probe.is_finite() {
@@ -813,19 +846,20 @@ impl Trainer {
         })
     }
 
-    /// Fails if a tensor of the checkpoint (weights, task vectors, BatchNorm
-    /// statistics, the optimizer's state) holds a NaN or infinity after epoch
-    /// `self.epoch`, before it replaces the last good checkpoint: the loss can stay
-    /// finite while BatchNorm's running variance, or Adam's second moment,
-    /// overflows, and a checkpoint holding one does not load.
-    fn check_finite(&self) -> Result<()> {
-        match self.checkpoint()?.non_finite() {
+    /// The checkpoint of the current state, or an error if one of its tensors
+    /// (weights, task vectors, BatchNorm statistics, the optimizer's state) holds a
+    /// NaN or infinity after epoch `self.epoch`, before it replaces the last good
+    /// checkpoint: the loss can stay finite while BatchNorm's running variance, or
+    /// Adam's second moment, overflows, and a checkpoint holding one does not load.
+    fn finite_checkpoint(&self) -> Result<Checkpoint> {
+        let ckpt = self.checkpoint()?;
+        match ckpt.non_finite() {
             Some(name) => Err(Error::Diverged {
                 epoch: self.epoch,
                 tensor: name.to_string(),
                 kept: self.last_saved.clone(),
             }),
-            None => Ok(()),
+            None => Ok(ckpt),
         }
     }
 
@@ -839,11 +873,13 @@ impl Trainer {
         on_epoch: &mut dyn FnMut(&EpochLog),
     ) -> Result<Report> {
         let mut logs = Vec::new();
+        let mut last_accuracy = None;
         let images_per_epoch = (self.cfg.triplets_per_task * 3 * self.attrs.len()) as f64;
         while self.epoch < self.cfg.epochs {
             let start = Instant::now();
             let (loss, train_accuracy) = self.train_epoch(ds, progress)?;
-            self.check_finite()?;
+            // Built once, checked before evaluating, saved with the metrics after.
+            let mut ckpt = self.finite_checkpoint()?;
             let seconds = start.elapsed().as_secs_f64();
             let acc = self.evaluate(ds)?;
             let mean = acc.iter().sum::<f64>() / acc.len() as f64;
@@ -879,7 +915,8 @@ impl Trainer {
                 // its first epoch leaves an old run's files at `out` as they were.
                 self.write_test_triplets(ds, out)?;
             }
-            self.checkpoint()?.save(out)?;
+            ckpt.header.metrics = self.last_metrics.clone();
+            ckpt.save(out)?;
             self.last_saved = Some((self.epoch, out.to_path_buf()));
             // The log describes the checkpoint beside it: this run's epochs only.
             self.log_lines.push(self.last_metrics.to_string());
@@ -888,8 +925,14 @@ impl Trainer {
             modkit_models::write_atomic(&sibling(out, "metrics.jsonl"), text.as_bytes())?;
             on_epoch(&log);
             logs.push(log);
+            last_accuracy = Some(acc);
         }
-        let accuracy = self.evaluate(ds)?;
+        // The last epoch's evaluation is the final one: nothing changed since. A run
+        // resumed with no epochs left evaluates here.
+        let accuracy = match last_accuracy {
+            Some(acc) => acc,
+            None => self.evaluate(ds)?,
+        };
         let mean_accuracy = accuracy.iter().sum::<f64>() / accuracy.len() as f64;
         Ok(Report {
             epochs: logs,
@@ -1215,6 +1258,136 @@ mod tests {
     }
 
     #[test]
+    fn independent_networks_each_get_their_own_tasks_gradient() {
+        // Trained in one graph, each network's gradient is what its task's triplets
+        // alone give it, not a 1/T share (Adagrad is not scale-invariant).
+        let ds = Dataset::synthetic(120, 48, 4);
+        for mining in [Mining::Sampled, Mining::BatchAll] {
+            let cfg = TrainConfig {
+                variant: Variant::Independent,
+                mining,
+                batch_per_task: 8,
+                ..small_cfg()
+            };
+            let t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+            let idx = one_batch(&ds, &t);
+            let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+            let emb = t
+                .net
+                .forward_grouped(&x, &[(0, 24), (1, 24)], true)
+                .expect("fwd");
+            let labels: Vec<u16> = (0..48).map(|i| ds.class(idx[i], t.attrs[i / 24])).collect();
+            let loss = |tasks: usize| match mining {
+                Mining::Sampled => sampled_loss(&emb.narrow(0, 0, 24 * tasks)?, tasks, 8, 0.2),
+                _ => batch_all_loss(
+                    &emb.narrow(0, 0, 24 * tasks)?,
+                    &labels[..24 * tasks],
+                    tasks,
+                    24,
+                    0.2,
+                ),
+            };
+            let (both, alone) = (loss(2).expect("both"), loss(1).expect("alone"));
+            let (objective, shown, _) = t.objective(&both).expect("objective");
+            let mean = (both.per_task().expect("parts").sum_all().expect("sum"))
+                .to_scalar::<f32>()
+                .expect("s");
+            assert!(shown > 0.0 && shown.is_finite(), "{mining}: {shown}");
+            // The mean loss is still what a shared run would log, give or take the
+            // per-task normalisation of batch-all.
+            if mining == Mining::Sampled {
+                assert!((shown - mean).abs() < 1e-6, "{shown} vs {mean}");
+            }
+            let (g, ga) = (
+                objective.backward().expect("bwd"),
+                alone.loss.backward().expect("bwd alone"),
+            );
+            let prefix = names::independent_prefix(&t.cfg.tasks[0]);
+            let mut compared = 0;
+            for (name, var) in trainable(&t.varmap, &t.cfg).expect("vars") {
+                if !name.starts_with(&prefix) {
+                    continue;
+                }
+                let (a, b) = (g.get(&var), ga.get(&var));
+                let (a, b) = (a.expect("grad"), b.expect("grad alone"));
+                let err = (a - b)
+                    .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                    .expect("err");
+                let scale = b
+                    .abs()
+                    .and_then(|d| d.max_all()?.to_scalar::<f32>())
+                    .expect("scale");
+                assert!(
+                    err <= 1e-5 * scale.max(1e-6),
+                    "{mining} {name}: max |∇ − ∇alone| = {err}, max |∇alone| = {scale}"
+                );
+                compared += 1;
+            }
+            assert!(compared > 10, "{compared} tensors of the first network");
+        }
+    }
+
+    #[test]
+    fn csn_starts_disjoint_and_pays_for_its_masks() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let cfg = TrainConfig {
+            variant: Variant::Csn,
+            batch_per_task: 8,
+            ..small_cfg()
+        };
+        let t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+        // Embedding 8, two tasks: 1 on its own 4 numbers, 0.1 on the other's.
+        let ckpt = t.checkpoint().expect("ckpt");
+        let masks = &ckpt.tensors[names::CSN_MASKS];
+        assert_eq!(masks.shape, [2, 8]);
+        let want: Vec<f32> = [[1.0; 4], [0.1; 4], [0.1; 4], [1.0; 4]].concat();
+        assert_eq!(masks.data, want);
+        // The step's objective adds 5e-4 · mean ‖ReLU(mask)‖₁ = 5e-4 · 4.4 to the
+        // triplet loss, and the penalty's gradient reaches the masks.
+        let x = batch_images(&ds, &one_batch(&ds, &t), &t.cfg.preprocess, &Device::Cpu).expect("x");
+        let emb = t
+            .net
+            .forward_grouped(&x, &[(0, 24), (1, 24)], true)
+            .expect("fwd");
+        let batch = sampled_loss(&emb, 2, 8, 0.2).expect("loss");
+        let (objective, shown, _) = t.objective(&batch).expect("objective");
+        let plain = batch.loss.to_scalar::<f32>().expect("s");
+        let total = objective.to_scalar::<f32>().expect("s");
+        assert!(
+            (total - plain - 5e-4 * 4.4).abs() < 1e-6,
+            "{total} − {plain}"
+        );
+        assert_eq!(shown, total);
+        let masks = trainable(&t.varmap, &t.cfg)
+            .expect("vars")
+            .into_iter()
+            .find(|(n, _)| n == names::CSN_MASKS)
+            .expect("masks")
+            .1;
+        let g = objective.backward().expect("bwd");
+        let g0 = batch.loss.backward().expect("bwd plain");
+        let extra = (g.get(&masks).expect("grad") - g0.get(&masks).expect("grad plain"))
+            .and_then(|d| d.flatten_all()?.to_vec1::<f32>())
+            .expect("diff");
+        // ∂/∂m of 5e-4 · Σ ReLU(m) / T, for positive m: 2.5e-4 everywhere.
+        assert!(extra.iter().all(|d| (d - 2.5e-4).abs() < 1e-7), "{extra:?}");
+        // More tasks than numbers in the embedding: refused, not all-0.1 masks.
+        let cfg = TrainConfig {
+            variant: Variant::Csn,
+            tasks: ["smiling", "bangs", "young"].map(String::from).to_vec(),
+            spec: NetSpec {
+                embedding: 2,
+                ..small_cfg().spec
+            },
+            ..small_cfg()
+        };
+        let err = Trainer::new(cfg, &ds, Device::Cpu)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("csn") && err.contains("3 tasks"), "{err}");
+    }
+
+    #[test]
     fn task_gradients_sum_to_the_step_gradient() {
         // Each task's part of the loss has its share of the step's gradient: the
         // rows UCR compares add up to what the optimizer gets, for every variant
@@ -1306,6 +1479,35 @@ mod tests {
                     && !names.iter().any(|n| n.contains("modulation"))
             );
         }
+    }
+
+    #[test]
+    fn the_report_and_the_saved_checkpoint_hold_the_last_evaluation() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("r.safetensors");
+        let cfg = TrainConfig {
+            epochs: 2,
+            ..small_cfg()
+        };
+        let mut t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+        let report = t.run(&ds, &out).expect("run");
+        // In task order, as evaluating the final weights again gives them.
+        let again = t.evaluate(&ds).expect("evaluate");
+        let tasks = t.cfg.tasks.clone();
+        let expected: Vec<(String, f64)> = tasks.into_iter().zip(again).collect();
+        assert_eq!(report.accuracy, expected);
+        let last = report.epochs.last().expect("epochs");
+        assert_eq!(
+            last.test_accuracy,
+            report.accuracy.iter().cloned().collect()
+        );
+        // The checkpoint written is the state trained, with the epoch's metrics.
+        let saved = Checkpoint::load(&out).expect("load");
+        let now = t.checkpoint().expect("ckpt");
+        assert_eq!(saved.tensors, now.tensors);
+        assert_eq!(saved.header.metrics, now.header.metrics);
+        assert_eq!(saved.header.metrics["epoch"], 2);
     }
 
     #[test]

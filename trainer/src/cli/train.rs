@@ -77,7 +77,8 @@ pub struct TrainArgs {
     /// Training triplets per task per epoch (re-sampled every epoch).
     #[arg(long, default_value_t = 400)]
     triplets_per_task: usize,
-    /// Triplets per task in each minibatch (paper: 9 for 20 tasks).
+    /// Triplets per task in each minibatch (paper §4.2: 3 for 20 tasks, i.e. 180
+    /// images; 8 for 7 tasks, 168).
     #[arg(long, default_value_t = 4)]
     batch_per_task: usize,
     /// Fixed test triplets per task.
