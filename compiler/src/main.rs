@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use modkit_compiler::compile::{CompileOptions, FoldTasks, compile, task_network};
 use modkit_compiler::{emit, fold_batch_norm, inspect, verify};
-use modkit_models::{Checkpoint, Package, Precision, tasks};
+use modkit_models::output::{self, Output};
+use modkit_models::{Checkpoint, Package, Precision, package, tasks};
 
 /// Compile a trained checkpoint into a compact package for the modkit runtime.
 #[derive(Debug, Parser)]
@@ -33,7 +34,9 @@ enum Command {
 /// Example: modc compile runs/mod.safetensors -o model.modpack --fold-tasks smiling,young
 #[derive(Debug, Args)]
 struct CompileArgs {
+    /// The trained checkpoint (`modtrain train -o`).
     checkpoint: PathBuf,
+    /// The package to write: a new file, or an old package to replace.
     #[arg(long, short)]
     out: PathBuf,
     /// Fold these tasks' vectors into their own tail weights (`all`, or a comma list;
@@ -56,9 +59,12 @@ struct CompileArgs {
 /// Example: modc export-onnx runs/mod.safetensors --task smiling -o smiling.onnx
 #[derive(Debug, Args)]
 struct ExportArgs {
+    /// The trained checkpoint (`modtrain train -o`).
     checkpoint: PathBuf,
+    /// The task whose network to export.
     #[arg(long)]
     task: String,
+    /// The ONNX model to write: a new file, or an old ONNX model to replace.
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -98,6 +104,11 @@ fn precision(s: &str) -> Result<Precision> {
 impl CompileArgs {
     fn run(self) -> Result<()> {
         let precision = precision(&self.precision)?;
+        output::check(
+            &self.out,
+            Output::Container(&package::KIND),
+            &[(&self.checkpoint, "the checkpoint")],
+        )?;
         let ckpt = Checkpoint::load(&self.checkpoint)?;
         let fold = match self.fold_tasks.as_deref() {
             None => FoldTasks::None,
@@ -124,6 +135,11 @@ impl CompileArgs {
 
 impl ExportArgs {
     fn run(self) -> Result<()> {
+        output::check(
+            &self.out,
+            Output::Onnx,
+            &[(&self.checkpoint, "the checkpoint")],
+        )?;
         let ckpt = Checkpoint::load(&self.checkpoint)?;
         let t = tasks::select(std::slice::from_ref(&self.task), &ckpt.header.tasks)?[0];
         let prefix = match ckpt.header.variant {

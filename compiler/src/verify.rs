@@ -127,12 +127,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         })
 }
 
+/// The most images [`verify`] compares on: it runs every graph on all of them in one
+/// batch, ~0.7 MB per image at the tiny spec, far more at the paper's.
+pub const MAX_IMAGES: usize = 64;
+
 /// Compares every task of `pkg` with `ckpt` on `n` images.
 pub fn verify(pkg: &Package, ckpt: &Checkpoint, n: usize) -> Result<Vec<TaskCheck>> {
     if n == 0 {
         return Err(Error::Request(
             "no images to compare on: pass --images 1 or more".into(),
         ));
+    }
+    if n > MAX_IMAGES {
+        return Err(Error::Request(format!(
+            "--images {n}: every graph runs on all of them at once, so at most {MAX_IMAGES} (a handful already shows a wrong fold)"
+        )));
     }
     if ckpt.header.spec != pkg.spec || ckpt.header.variant != pkg.variant {
         return Err(Error::Graph {

@@ -72,6 +72,7 @@ fn compile_inspect_verify_export() {
     assert!(o.status.success() && out.contains("within 2.0e-2"), "{out}");
     for (arg, want) in [
         ("--images=0", "--images 1"),
+        ("--images=18446744073709551615", "at most 64"),
         ("--tolerance=-1", "non-negative"),
     ] {
         let o = modc(&["verify", p, "--against", c, arg]);
@@ -128,13 +129,20 @@ fn bad_input_gets_one_line_errors() {
     let junk = dir.path().join("junk.modpack");
     std::fs::write(&junk, b"not a package at all").expect("write");
     let j = junk.to_str().expect("utf8");
-    let cases: [(&[&str], &str); 3] = [
+    let fresh = dir.path().join("fresh.modpack");
+    let f = fresh.to_str().expect("utf8");
+    let cases: [(&[&str], &str); 4] = [
         (&["inspect", j], "not a modkit package"),
         (
-            &["compile", "/nonexistent.safetensors", "-o", j],
+            &["compile", "/nonexistent.safetensors", "-o", f],
             "/nonexistent.safetensors",
         ),
         (&["compile", j, "-o", j, "--precision", "int4"], "int4"),
+        // A package handed over as the checkpoint says so.
+        (
+            &["compile", j, "-o", f],
+            "not a modkit checkpoint (not a safetensors file)",
+        ),
     ];
     for (args, want) in cases {
         let o = modc(args);
@@ -143,6 +151,72 @@ fn bad_input_gets_one_line_errors() {
         assert!(
             err.trim().lines().count() == 1 && err.contains(want),
             "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn outputs_never_replace_an_input_or_another_kind_of_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let ckpt = dir.path().join("m.safetensors");
+    common::checkpoint(&common::small(), Variant::Modulated, &["smiling", "young"])
+        .save(&ckpt)
+        .expect("save");
+    let before = std::fs::read(&ckpt).expect("read");
+    let c = ckpt.to_str().expect("utf8");
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).expect("sub");
+    let image = dir.path().join("face.png");
+    std::fs::write(&image, b"\x89PNG\r\n\x1a\n and the rest").expect("png");
+    let other_spelling = sub.join("../m.safetensors");
+    let o = |p: &std::path::Path| p.to_str().expect("utf8").to_string();
+    let (again, img, folder) = (o(&other_spelling), o(&image), o(&sub));
+    let cases: [(&[&str], &str); 7] = [
+        (&["compile", c, "-o", c], "is the checkpoint, an input"),
+        (&["compile", c, "-o", &again], "is the checkpoint, an input"),
+        (
+            &["export-onnx", c, "--task", "smiling", "-o", c],
+            "is the checkpoint",
+        ),
+        (
+            &["compile", c, "-o", &img],
+            "exists and is not a modkit package",
+        ),
+        (
+            &["export-onnx", c, "--task", "smiling", "-o", &img],
+            "is not an ONNX model",
+        ),
+        (&["compile", c, "-o", &folder], "is a folder"),
+        (
+            &["compile", c, "-o", "/nonexistent/dir/m.modpack"],
+            "does not exist",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = modc(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.trim().lines().count() == 1 && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read(&ckpt).expect("read"), before);
+    // An old package and an old export are replaced: that is how a rerun updates them.
+    let pkg = dir.path().join("m.modpack");
+    let onnx = dir.path().join("m.onnx");
+    for _ in 0..2 {
+        let out = modc(&["compile", c, "-o", &o(&pkg)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = modc(&["export-onnx", c, "--task", "young", "-o", &o(&onnx)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 }

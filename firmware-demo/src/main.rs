@@ -13,6 +13,7 @@ use embedded_graphics::prelude::{OriginDimensions, RgbColor};
 use modkit_firmware_demo::app::{Demo, Folder, Query, QuerySource, Ranked};
 use modkit_firmware_demo::fb::Framebuffer;
 use modkit_firmware_demo::screen::{self, Frame};
+use modkit_models::output::{self, Output};
 use modkit_runtime::canvas::RgbCanvas;
 use modkit_runtime::{GalleryIndex, Model, Options};
 
@@ -78,12 +79,17 @@ struct Cli {
 
 /// Where frames go.
 enum Display {
-    Png { path: String, canvas: RgbCanvas },
+    Png {
+        path: String,
+        canvas: RgbCanvas,
+        /// Files a frame must not replace: `(path, "the package")`.
+        inputs: Vec<(PathBuf, &'static str)>,
+    },
     Fb(Framebuffer),
 }
 
 impl Display {
-    fn open(spec: &str, size: &str) -> Result<Display> {
+    fn open(spec: &str, size: &str, inputs: Vec<(PathBuf, &'static str)>) -> Result<Display> {
         if let Some(path) = spec.strip_prefix("png:") {
             let (w, h) = size
                 .split_once('x')
@@ -94,9 +100,15 @@ impl Display {
                 .with_context(|| {
                     format!("--size {size:?}: use WIDTHxHEIGHT, at least 160x120, e.g. 480x320")
                 })?;
+            if !path.contains("{}") {
+                // One file for every frame: checked before any work.
+                let named: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
+                output::check(Path::new(path), Output::Png, &named)?;
+            }
             return Ok(Display::Png {
                 path: path.to_string(),
                 canvas: RgbCanvas::new(w, h, Rgb888::BLACK),
+                inputs,
             });
         }
         if let Some(dev) = spec.strip_prefix("fb:") {
@@ -109,7 +121,11 @@ impl Display {
     /// Draws and shows `frame`; returns where it went.
     fn show(&mut self, frame: &Frame, query: &str) -> Result<String> {
         match self {
-            Display::Png { path, canvas } => {
+            Display::Png {
+                path,
+                canvas,
+                inputs,
+            } => {
                 let _ = screen::draw(canvas, frame);
                 let stem = Path::new(query)
                     .file_stem()
@@ -120,6 +136,8 @@ impl Display {
                     .image
                     .write_to(&mut bytes, image::ImageFormat::Png)
                     .context("encoding the frame")?;
+                let inputs: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
+                output::check(Path::new(&file), Output::Png, &inputs)?;
                 modkit_models::write_atomic(Path::new(&file), bytes.get_ref())?;
                 Ok(file)
             }
@@ -240,7 +258,12 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(path) = &cli.gpio {
         check_gpio(path)?;
     }
-    let mut display = Display::open(&cli.display, &cli.size)?;
+    let inputs = vec![
+        (cli.model.clone(), "the package"),
+        (cli.index.clone(), "the index"),
+        (cli.queries.clone(), "a query image"),
+    ];
+    let mut display = Display::open(&cli.display, &cli.size, inputs)?;
     let model = Model::load_with(
         &cli.model,
         &Options {

@@ -139,7 +139,8 @@ fn bad_arguments_are_one_line_errors() {
     std::fs::create_dir_all(&junk).expect("mkdir");
     std::fs::write(junk.join("a.png"), b"not a png").expect("junk");
     let junk = junk.to_str().expect("p");
-    let cases: [(&[&str], &str); 8] = [
+    let onto_index = format!("png:{i}");
+    let cases: [(&[&str], &str); 9] = [
         (
             &["-m", m, "-i", i, "--queries", q, "--gpio", none],
             "/sys/class/gpio/export",
@@ -211,6 +212,21 @@ fn bad_arguments_are_one_line_errors() {
         (
             &["-m", m, "-i", q, "--queries", q, "--once"],
             "Is a directory",
+        ),
+        // A frame never replaces an input.
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                &onto_index,
+                "--once",
+            ],
+            "is the index, an input",
         ),
     ];
     for (args, want) in cases {

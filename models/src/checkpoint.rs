@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use safetensors::SafeTensorError;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +112,24 @@ impl CheckpointHeader {
     }
 }
 
+/// What the file is when its first bytes name another kind that users hand to a
+/// command wanting a checkpoint: a package, an index, an image.
+fn other_kind(bytes: &[u8]) -> Option<&'static str> {
+    const KINDS: [(&[u8], &str); 4] = [
+        (
+            b"MODPACK\0",
+            "a modkit package, which `modc compile` makes from a checkpoint",
+        ),
+        (b"MODIDX\0\0", "a modkit gallery index"),
+        (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+        (b"\xff\xd8\xff", "a JPEG image"),
+    ];
+    KINDS
+        .iter()
+        .find(|(magic, _)| bytes.starts_with(magic))
+        .map(|&(_, what)| what)
+}
+
 impl Checkpoint {
     /// Serializes to safetensors bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -150,13 +169,20 @@ impl Checkpoint {
             path: path.into(),
             source,
         };
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(st_err)?;
-        let st = SafeTensors::deserialize(bytes).map_err(st_err)?;
-        let meta = meta.metadata().clone().unwrap_or_default();
         let not_ours = |detail: String| Error::NotACheckpoint {
             path: path.into(),
             detail,
         };
+        if let Some(kind) = other_kind(bytes) {
+            return Err(not_ours(format!("it is {kind}")));
+        }
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
+            // The first 8 bytes, read as the header's length, ask for over 100 MB.
+            SafeTensorError::HeaderTooLarge => not_ours("not a safetensors file".into()),
+            e => st_err(e),
+        })?;
+        let st = SafeTensors::deserialize(bytes).map_err(st_err)?;
+        let meta = meta.metadata().clone().unwrap_or_default();
         if meta.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
             return Err(not_ours(format!(
                 "no `{FORMAT_KEY}` = \"{FORMAT}\" metadata"
@@ -409,6 +435,25 @@ mod tests {
             let err = Checkpoint::from_bytes(&bytes, Path::new("x.safetensors")).unwrap_err();
             let want = format!("`modkit.version` is \"{v}\", not a format version");
             assert!(err.to_string().contains(&want), "{err}");
+        }
+    }
+
+    #[test]
+    fn other_kinds_of_file_are_named() {
+        let package = crate::container::frame(&crate::package::KIND, b"payload");
+        let cases: [(&[u8], &str); 4] = [
+            (&package, "it is a modkit package"),
+            (b"MODIDX\0\0\x01\0\0\0", "it is a modkit gallery index"),
+            (b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR", "it is a PNG image"),
+            (
+                b"some text that is no checkpoint at all",
+                "not a safetensors file",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let err = Checkpoint::from_bytes(bytes, Path::new("x")).unwrap_err();
+            assert!(matches!(err, Error::NotACheckpoint { .. }), "{err}");
+            assert!(err.to_string().contains(want), "{err}");
         }
     }
 

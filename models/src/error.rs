@@ -112,6 +112,9 @@ pub enum Error {
     )]
     NonFinite { path: PathBuf, name: String },
 
+    #[error("output {path:?} {reason}")]
+    Output { path: PathBuf, reason: String },
+
     #[error("{path:?} is damaged: {detail}; write it again")]
     Damaged { path: PathBuf, detail: String },
 

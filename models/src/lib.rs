@@ -28,6 +28,7 @@ pub mod container;
 mod error;
 pub mod guard;
 pub mod names;
+pub mod output;
 pub mod package;
 mod params;
 pub mod pixels;

@@ -54,16 +54,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Milliseconds of each of `runs` calls of `f`, after one warm-up call.
-fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut out = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let t = Instant::now();
+/// The most timed calls per measurement `--runs` may ask for.
+pub const MAX_RUNS: usize = 100_000;
+
+/// Median milliseconds of each of `fs` over `runs` rounds, after one warm-up call
+/// each. Every round calls each of them once, in turn, so a slow stretch of a
+/// noisy machine falls on all of them alike and their ratios hold.
+fn time_interleaved<const N: usize>(
+    runs: usize,
+    mut fs: [&mut dyn FnMut() -> Result<()>; N],
+) -> Result<[f64; N]> {
+    for f in fs.iter_mut() {
         f()?;
-        out.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(median(out))
+    let mut out: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(runs));
+    for _ in 0..runs {
+        for (f, times) in fs.iter_mut().zip(&mut out) {
+            let t = Instant::now();
+            f()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(out.map(median))
 }
 
 /// `n` pseudo-random unit rows of `dim` numbers (a fixed LCG: the same every run).
@@ -95,36 +107,53 @@ pub fn run(
     threads: usize,
     gallery: usize,
 ) -> Result<Report> {
-    let runs = runs.max(1);
+    if !(1..=MAX_RUNS).contains(&runs) {
+        return Err(Error::Invalid(format!(
+            "--runs {runs}: time 1 to {MAX_RUNS} calls per measurement (10 is the default)"
+        )));
+    }
     let dim = model.embedding_dim();
     let most = MAX_GALLERY_BYTES / (4 * dim.max(1));
-    if gallery > most {
+    if gallery == 0 || gallery > most {
         return Err(Error::Invalid(format!(
-            "--gallery {gallery}: the search timing holds at most {most} random embeddings of {dim} numbers (4 GiB); ask for fewer"
+            "--gallery {gallery}: the search timing needs 1 to {most} random embeddings of {dim} numbers (4 GiB); 100000 is the default"
         )));
     }
     let features = model.trunk(image)?;
     let first = tasks.first().copied().unwrap_or(0);
-    let trunk_ms = time(runs, || model.trunk(image).map(drop))?;
-    let one_tail_ms = time(runs, || model.embed(&features, first).map(drop))?;
-    let all_tails_ms = time(runs, || model.embed_all(&features, tasks).map(drop))?;
-    let one_task_ms = time(runs, || model.embed_image(image, first).map(drop))?;
-    let all_tasks_ms = time(runs, || {
-        let f = model.trunk(image)?;
-        model.embed_all(&f, tasks).map(drop)
-    })?;
-    let naive_ms = time(runs, || {
-        for &t in tasks {
-            model.embed_image(image, t)?;
-        }
-        Ok(())
-    })?;
     let rows = random_rows(gallery, dim);
     let query = model.embed(&features, first)?;
-    let search_ms = time(runs, || {
-        std::hint::black_box(crate::search::nearest(&rows, dim, &query, 5, |_| false));
-        Ok(())
-    })?;
+    let [
+        trunk_ms,
+        one_tail_ms,
+        all_tails_ms,
+        one_task_ms,
+        all_tasks_ms,
+        naive_ms,
+        search_ms,
+    ] = time_interleaved(
+        runs,
+        [
+            &mut || model.trunk(image).map(drop),
+            &mut || model.embed(&features, first).map(drop),
+            &mut || model.embed_all(&features, tasks).map(drop),
+            &mut || model.embed_image(image, first).map(drop),
+            &mut || {
+                let f = model.trunk(image)?;
+                model.embed_all(&f, tasks).map(drop)
+            },
+            &mut || {
+                for &t in tasks {
+                    model.embed_image(image, t)?;
+                }
+                Ok(())
+            },
+            &mut || {
+                std::hint::black_box(crate::search::nearest(&rows, dim, &query, 5, |_| false));
+                Ok(())
+            },
+        ],
+    )?;
     Ok(Report {
         tasks: tasks.len(),
         runs,

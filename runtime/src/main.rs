@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
+use modkit_models::output::{self, Output};
 use modkit_runtime::index::{self, GalleryIndex};
 use modkit_runtime::sheet::{MAX_RESULTS, Row, Tile, contact_sheet};
 use modkit_runtime::{Model, Options, bench, input};
@@ -75,7 +76,8 @@ struct IndexArgs {
     dir: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
-    /// The index to write.
+    /// The index to write: a new file, or an old index to replace (or extend,
+    /// `--append`).
     #[arg(long, short)]
     out: PathBuf,
     /// Index only these tasks (comma list); default: all of the package's.
@@ -214,6 +216,11 @@ fn bar(len: usize, prefix: &str) -> ProgressBar {
 impl IndexArgs {
     fn run(self) -> Result<String> {
         let mut out = String::new();
+        output::check(
+            &self.out,
+            Output::Container(&index::KIND),
+            &[(&self.model.model, "the package")],
+        )?;
         let model = self.model.load()?;
         let tasks = model.select_tasks(&self.tasks)?;
         let existing = if self.append && self.out.exists() {
@@ -272,21 +279,6 @@ fn yes_no(v: Option<bool>) -> &'static str {
     }
 }
 
-/// What writing `target` would overwrite among `inputs` and the gallery's images.
-fn overwritten(
-    target: &Path,
-    inputs: &[(&PathBuf, &'static str)],
-    index: &GalleryIndex,
-) -> Option<&'static str> {
-    let real = std::fs::canonicalize(target).ok()?;
-    for (path, what) in inputs {
-        if std::fs::canonicalize(path).is_ok_and(|p| p == real) {
-            return Some(what);
-        }
-    }
-    index.find(target).map(|_| "an image of the gallery")
-}
-
 /// One task's answer to a query.
 struct TaskAnswer {
     task: String,
@@ -333,12 +325,16 @@ impl QueryArgs {
                 );
             }
             let inputs = [
-                (&self.image, "the query image"),
+                (self.image.as_path(), "the query image"),
                 (&self.model.model, "the package"),
                 (&self.index, "the index"),
             ];
-            if let Some(what) = overwritten(sheet, &inputs, &index) {
-                bail!("--sheet {sheet:?} is {what}; name a new file for the sheet");
+            output::check(sheet, Output::Png, &inputs)?;
+            // An old sheet may be replaced, a PNG of the gallery not.
+            if index.find(sheet).is_some() {
+                bail!(
+                    "--sheet {sheet:?} is an image of the gallery; name a new file for the sheet"
+                );
             }
         }
         // Every task must be indexed before any image work.

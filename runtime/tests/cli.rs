@@ -253,6 +253,13 @@ fn bad_input_is_one_line_with_exit_status_2() {
         &["bench", "-m", model, "--gallery", "18446744073709551615"],
         "--gallery 18446744073709551615",
     );
+    fails(&["bench", "-m", model, "--gallery", "0"], "--gallery 0");
+    for runs in ["0", "18446744073709551615"] {
+        fails(
+            &["bench", "-m", model, "--runs", runs],
+            "calls per measurement",
+        );
+    }
     let empty = g.tmp.path().join("empty.png");
     std::fs::write(&empty, b"").expect("write");
     fails(
@@ -527,6 +534,16 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
     query(&other, "5", "is an image of the gallery");
     query(&g.idx, "5", "is the index");
     query(&g.model, "5", "is the package");
+    // Nor a file of another kind, nor a folder.
+    let labels = g.tmp.path().join("Anno/list_attr_celeba.txt");
+    let labels_before = std::fs::read(&labels).expect("labels");
+    query(
+        labels.to_str().expect("path"),
+        "5",
+        "exists and is not a PNG image",
+    );
+    assert_eq!(std::fs::read(&labels).expect("labels"), labels_before);
+    query(g.dir(), "5", "is a folder");
     assert_eq!(std::fs::read(&q).expect("read"), before);
     // More than 50 results a row: refused where the gallery has them (a
     // 12-image gallery is drawn whole).
@@ -708,4 +725,25 @@ fn one_gallery_named_two_ways_is_indexed_once() {
     ]))
     .expect("json");
     assert_eq!(v["tasks"][0]["queries"], 12, "{v}");
+}
+
+#[test]
+fn an_index_never_replaces_the_package_an_image_or_a_label_list() {
+    let g = indexed(&[]);
+    let labels = g.tmp.path().join("Anno/list_attr_celeba.txt");
+    let labels = labels.to_str().expect("path");
+    let image = g.image(3);
+    let keep = [&g.model, labels, &image].map(|p| std::fs::read(p).expect("read"));
+    let index = |out: &str, want: &str| fails(&["index", g.dir(), "-m", &g.model, "-o", out], want);
+    index(&g.model, "is the package, an input");
+    index(&image, "exists and is not a modkit gallery index");
+    index(labels, "exists and is not a modkit gallery index");
+    index(g.dir(), "is a folder");
+    let nowhere = g.tmp.path().join("nowhere/g.modidx");
+    index(nowhere.to_str().expect("path"), "does not exist");
+    for (p, bytes) in [&g.model, labels, &image].iter().zip(&keep) {
+        assert_eq!(&std::fs::read(p).expect("read"), bytes, "{p} changed");
+    }
+    // The old index is rebuilt in place.
+    ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx]);
 }

@@ -1,0 +1,182 @@
+//! Where a command may write its output, checked before any work: a slip in `-o`
+//! costs an error, not a file.
+//!
+//! A command may replace a file of the kind it writes (an old package, index or
+//! sheet: that is how a rerun updates one) or an empty file. It refuses a folder,
+//! a folder that does not exist, one of its own inputs under any spelling of the
+//! path (`./x`, `../d/x`, absolute, a link), and an existing file of another kind
+//! (a checkpoint, a gallery image, a label list).
+//!
+//! ```
+//! use modkit_models::output::{self, Output};
+//! use modkit_models::package;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let ckpt = dir.path().join("run.safetensors");
+//! std::fs::write(&ckpt, b"\x10\0\0\0\0\0\0\0{}")?;
+//! let pkg = Output::Container(&package::KIND);
+//! // A new file is fine; the checkpoint itself is refused.
+//! output::check(&dir.path().join("model.modpack"), pkg, &[(&ckpt, "the checkpoint")])?;
+//! let err = output::check(&ckpt, pkg, &[(&ckpt, "the checkpoint")]).unwrap_err();
+//! assert!(err.to_string().contains("is the checkpoint"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::container::Kind;
+use crate::{Error, Result};
+
+/// The kind of file a command writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Output<'a> {
+    /// A framed modkit file (`.modpack`, `.modidx`), known by its magic bytes.
+    Container(&'a Kind),
+    /// A PNG image.
+    Png,
+    /// An ONNX model: a protobuf `ModelProto`, whose first field (`ir_version`,
+    /// field 1, a varint) every exporter writes first: the byte `0x08`.
+    Onnx,
+}
+
+impl Output<'_> {
+    /// `"modkit package"`, `"PNG image"`, …
+    pub fn what(&self) -> &'static str {
+        match self {
+            Output::Container(kind) => kind.what,
+            Output::Png => "PNG image",
+            Output::Onnx => "ONNX model",
+        }
+    }
+
+    /// Whether a file starting with `head` is of this kind.
+    fn recognises(&self, head: &[u8]) -> bool {
+        match self {
+            Output::Container(kind) => head.starts_with(&kind.magic),
+            Output::Png => head.starts_with(b"\x89PNG\r\n\x1a\n"),
+            Output::Onnx => head.first() == Some(&0x08),
+        }
+    }
+}
+
+/// "a" or "an" before `word`, by its first letter.
+fn article(word: &str) -> &'static str {
+    match word.chars().next() {
+        Some(c) if "aeiouAEIOU".contains(c) => "an",
+        _ => "a",
+    }
+}
+
+/// Fails if writing `kind` to `path` would replace a folder, one of `inputs`
+/// (`(path, "the checkpoint")`), or an existing non-empty file of another kind, or
+/// if `path`'s folder does not exist.
+pub fn check(path: &Path, kind: Output, inputs: &[(&Path, &str)]) -> Result<()> {
+    let refuse = |reason: String| Error::Output {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = path.as_os_str().to_string_lossy();
+    if path.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
+        return Err(refuse(format!(
+            "is a folder; name a file in it for the {}",
+            kind.what()
+        )));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(refuse(format!(
+            "its folder {dir:?} does not exist; create it first"
+        )));
+    }
+    let Ok(real) = std::fs::canonicalize(path) else {
+        // A new file (or a dangling link, which writing replaces).
+        return Ok(());
+    };
+    for (input, what) in inputs {
+        if std::fs::canonicalize(input).is_ok_and(|p| p == real) {
+            return Err(refuse(format!(
+                "is {what}, an input of this command; name another file for the {}",
+                kind.what()
+            )));
+        }
+    }
+    let mut head = Vec::with_capacity(8);
+    let read = std::fs::File::open(&real).and_then(|f| f.take(8).read_to_end(&mut head));
+    match read {
+        Ok(0) => Ok(()),
+        Ok(_) if kind.recognises(&head) => Ok(()),
+        Ok(_) => Err(refuse(format!(
+            "exists and is not {} {}; name a new file, or delete this one first to replace it",
+            article(kind.what()),
+            kind.what()
+        ))),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::package;
+
+    #[test]
+    fn refuses_folders_inputs_and_other_kinds() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let pkg = Output::Container(&package::KIND);
+        let ckpt = d.join("run.safetensors");
+        std::fs::write(&ckpt, b"\x10\0\0\0\0\0\0\0{\"a\":1}").expect("ckpt");
+        let inputs = [(ckpt.as_path(), "the checkpoint")];
+        let err =
+            |p: &Path, kind: Output| check(p, kind, &inputs).expect_err("refused").to_string();
+        // Fine: a new file, an old package, an empty file.
+        check(&d.join("new.modpack"), pkg, &inputs).expect("new");
+        let old = d.join("old.modpack");
+        std::fs::write(&old, crate::container::frame(&package::KIND, b"x")).expect("old");
+        check(&old, pkg, &inputs).expect("old package");
+        let empty = d.join("empty");
+        std::fs::write(&empty, b"").expect("empty");
+        check(&empty, pkg, &inputs).expect("empty file");
+        // The input under other spellings.
+        let sub = d.join("sub");
+        std::fs::create_dir(&sub).expect("sub");
+        for spelling in [
+            ckpt.clone(),
+            sub.join("../run.safetensors"),
+            d.join("./run.safetensors"),
+        ] {
+            let e = err(&spelling, pkg);
+            assert!(
+                e.contains("is the checkpoint") && e.contains("another file"),
+                "{e}"
+            );
+        }
+        // A folder, however named.
+        for folder in [sub.clone(), d.join("sub/"), d.to_path_buf()] {
+            let e = err(&folder, pkg);
+            assert!(e.contains("is a folder"), "{e}");
+        }
+        // A folder that is not there.
+        let e = err(&d.join("nowhere/model.modpack"), pkg);
+        assert!(e.contains("does not exist"), "{e}");
+        // Other kinds: a PNG is not a package, a package not a PNG or ONNX model.
+        let png = d.join("face.png");
+        std::fs::write(&png, b"\x89PNG\r\n\x1a\nrest").expect("png");
+        let e = err(&png, pkg);
+        assert!(
+            e.contains("not a modkit package") && e.contains("delete"),
+            "{e}"
+        );
+        check(&png, Output::Png, &inputs).expect("an old sheet");
+        assert!(err(&old, Output::Png).contains("not a PNG image"));
+        assert!(err(&old, Output::Onnx).contains("not an ONNX model"));
+        let onnx = d.join("m.onnx");
+        std::fs::write(&onnx, b"\x08\x09\x12\x06modkit").expect("onnx");
+        check(&onnx, Output::Onnx, &inputs).expect("an old export");
+    }
+}
