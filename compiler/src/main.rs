@@ -125,9 +125,10 @@ impl CompileArgs {
         pkg.save(&self.out)?;
         let size = std::fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0);
         eprintln!(
-            "wrote {} ({} tasks, {size} bytes)",
+            "wrote {} ({} task{}, {size} bytes)",
             self.out.display(),
-            pkg.tasks.len()
+            pkg.tasks.len(),
+            if pkg.tasks.len() == 1 { "" } else { "s" }
         );
         Ok(())
     }

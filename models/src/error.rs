@@ -36,6 +36,11 @@ pub enum Error {
         available: Vec<String>,
     },
 
+    #[error(
+        "an empty task name in the task list (a stray comma or space?); list tasks as smiling,young"
+    )]
+    EmptyTask,
+
     #[error("task {name:?} is asked for twice; list each task once")]
     DuplicateTask { name: String },
 

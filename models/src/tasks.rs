@@ -66,17 +66,28 @@ pub fn check_list(tasks: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Resolves `wanted` (case-insensitive) against `available`, returning indices into
-/// `available` in the order asked, or [`Error::UnknownTask`] listing what exists.
-/// A task asked for twice, in any spelling, is [`Error::DuplicateTask`].
+/// A task name as asked for on a command line, spaces around it dropped
+/// (`--task "smiling, young"`); an empty one (`smiling,`) is [`Error::EmptyTask`].
+pub fn asked(name: &str) -> Result<&str> {
+    match name.trim() {
+        "" => Err(Error::EmptyTask),
+        name => Ok(name),
+    }
+}
+
+/// Resolves `wanted` (case-insensitive, spaces around a name dropped) against
+/// `available`, returning indices into `available` in the order asked, or
+/// [`Error::UnknownTask`] listing what exists. A task asked for twice, in any
+/// spelling, is [`Error::DuplicateTask`]; an empty name, [`Error::EmptyTask`].
 pub fn select(wanted: &[String], available: &[String]) -> Result<Vec<usize>> {
     let mut picked: Vec<usize> = Vec::with_capacity(wanted.len());
     for w in wanted {
+        let w = asked(w)?;
         let i = available
             .iter()
             .position(|a| a.eq_ignore_ascii_case(w))
             .ok_or_else(|| Error::UnknownTask {
-                name: w.clone(),
+                name: w.to_string(),
                 available: available.to_vec(),
             })?;
         if picked.contains(&i) {
@@ -107,6 +118,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"young\" is asked for twice"), "{err}");
+        // Spaces around a name are dropped; an empty name is named as such.
+        let idx = select(&["smiling".into(), " young ".into()], &avail).expect("spaces");
+        assert_eq!(idx, vec![0, 17]);
+        let err = select(&["smiling".into(), "".into()], &avail)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("empty task name") && err.contains("comma"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -247,7 +247,7 @@ pub fn build(
             let old_names: Vec<&str> = old.tasks.iter().map(|t| t.task.as_str()).collect();
             if old_names != names.iter().map(String::as_str).collect::<Vec<_>>() {
                 return Err(Error::Invalid(format!(
-                    "the index holds tasks {} but this run asks for {}; append with the same --tasks",
+                    "the index holds tasks {} but this run asks for {}; append with the same tasks (or leave out --tasks), or build a new index",
                     old_names.join(","),
                     names.join(",")
                 )));
@@ -390,6 +390,7 @@ impl GalleryIndex {
 
     /// The rows of `task` (case-insensitive); `path` names the index in errors.
     pub fn task(&self, task: &str, path: &Path) -> Result<&TaskRows> {
+        let task = modkit_models::tasks::asked(task)?;
         let want = task.to_lowercase();
         self.tasks
             .iter()

@@ -66,7 +66,9 @@ impl ModelArgs {
 /// and write a gallery index. Each image's trunk runs once; all tasks' tails run
 /// in one batched call. Unreadable images are reported and skipped. A CelebA-layout
 /// folder (img_align_celeba/ + Anno/list_attr_celeba.txt, as `modtrain synth`
-/// writes) also records each image's attribute values, shown by `query`.
+/// writes) is its img_align_celeba/ folder: those images are indexed (images
+/// elsewhere in the folder are not), with each one's attribute values, shown by
+/// `query` and scored by `eval`.
 /// Images are embedded in parallel on all cores (RAYON_NUM_THREADS limits it).
 ///
 /// Example: modrt index faces/ --model model.modpack -o faces.modidx
@@ -228,6 +230,26 @@ impl IndexArgs {
         } else {
             None
         };
+        // Appending keeps the index's tasks: without --tasks, or with them in
+        // another order (another set is refused when building).
+        let tasks = match &existing {
+            Some(old) => {
+                let held: Vec<String> = old.tasks.iter().map(|t| t.task.clone()).collect();
+                let held = model.select_tasks(&held)?;
+                let same_set = {
+                    let (mut a, mut b) = (tasks.clone(), held.clone());
+                    a.sort_unstable();
+                    b.sort_unstable();
+                    a == b
+                };
+                if self.tasks.is_empty() || same_set {
+                    held
+                } else {
+                    tasks
+                }
+            }
+            None => tasks,
+        };
         let pb = bar(0, "embedding");
         let progress = |done: usize, total: usize| {
             pb.set_length(total as u64);
@@ -286,8 +308,11 @@ struct TaskAnswer {
     query_label: Option<bool>,
     /// (row, distance, path, value), nearest first.
     results: Vec<(usize, f32, PathBuf, Option<bool>)>,
-    /// The fraction of results sharing the query's value, when every value is known.
+    /// The fraction of the results with a known value that share the query's,
+    /// when the query's is known and any result's is.
     precision: Option<f64>,
+    /// Results whose value is known: what `precision` is over.
+    labelled: usize,
 }
 
 impl TaskAnswer {
@@ -303,6 +328,7 @@ impl TaskAnswer {
                 "label": l,
             })).collect::<Vec<_>>(),
             "precision": self.precision,
+            "labelled": self.labelled,
         })
     }
 }
@@ -363,13 +389,14 @@ impl QueryArgs {
                 .collect();
             let known: Vec<bool> = results.iter().filter_map(|r| r.3).collect();
             let precision = query_label
-                .filter(|_| known.len() == results.len() && !known.is_empty())
+                .filter(|_| !known.is_empty())
                 .map(|q| known.iter().filter(|&&v| v == q).count() as f64 / known.len() as f64);
             answers.push(TaskAnswer {
                 task,
                 query_label,
                 results,
                 precision,
+                labelled: known.len(),
             });
         }
         if let Some(sheet) = &self.sheet {
@@ -431,11 +458,16 @@ impl QueryArgs {
             let task_name = &a.task;
             say!(
                 out,
-                "query {} ({task_name}: {}), {} nearest of {} images",
+                "query {} ({task_name}: {}), {} nearest of {} images{}",
                 self.image.display(),
                 yes_no(a.query_label),
                 a.results.len(),
-                index.ids.len()
+                index.ids.len() - usize::from(exclude.is_some()),
+                if exclude.is_some() {
+                    " (itself left out)"
+                } else {
+                    ""
+                }
             );
             say!(
                 out,
@@ -453,12 +485,28 @@ impl QueryArgs {
                     path.display()
                 );
             }
-            if let Some(p) = a.precision {
-                say!(
+            match a.precision {
+                Some(p) if a.labelled == a.results.len() => say!(
                     out,
                     "precision@{}: {p:.2} (results with the query's {task_name} value)",
                     a.results.len()
-                );
+                ),
+                Some(p) => say!(
+                    out,
+                    "precision: {p:.2} over the {} of {} results whose {task_name} value is known",
+                    a.labelled,
+                    a.results.len()
+                ),
+                None if a.query_label.is_none() => {
+                    say!(
+                        out,
+                        "(no precision: the query's {task_name} value is unknown)"
+                    )
+                }
+                None => say!(
+                    out,
+                    "(no precision: no result's {task_name} value is known)"
+                ),
             }
         }
         if let Some(sheet) = &self.sheet {
@@ -614,10 +662,24 @@ impl BenchArgs {
             say!(out, "{}", serde_json::to_string_pretty(&v)?);
             return Ok(out);
         }
-        let route = model.route(0).name();
+        let folded = tasks
+            .iter()
+            .filter(|&&t| model.route(t) == modkit_runtime::Route::Folded)
+            .count();
+        let (route, tails) = match folded {
+            0 => ("switch tails".to_string(), "all tasks' tails, batched"),
+            f if f == n => (
+                "folded tails".to_string(),
+                "all tasks' tails, one call each",
+            ),
+            f => (
+                format!("{f} folded tails, {} switch", n - f),
+                "all tasks' tails (switch batched)",
+            ),
+        };
         say!(
             out,
-            "{} spec {}x{}, {} of {all} tasks ({route} tails), {} thread(s), median of {} runs",
+            "{} spec {}x{}, {} of {all} tasks ({route}), {} thread(s), median of {} interleaved runs",
             model.spec().name,
             model.input_size(),
             model.input_size(),
@@ -628,7 +690,7 @@ impl BenchArgs {
         let rows = [
             ("trunk (once per image)", r.trunk_ms),
             ("one task's tail", r.one_tail_ms),
-            ("all tasks' tails, batched", r.all_tails_ms),
+            (tails, r.all_tails_ms),
             ("one task: trunk + tail", r.one_task_ms),
             ("all tasks: trunk + batched tails", r.all_tasks_ms),
             ("naive: a full pass per task", r.naive_ms),

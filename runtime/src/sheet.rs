@@ -93,8 +93,13 @@ fn draw_row(canvas: &mut RgbCanvas, y: u32, squaring: Fit, row: &Row, width: u32
         && !known.is_empty()
     {
         let same = known.iter().filter(|&&v| v == q).count();
+        let labelled = if known.len() < row.results.len() {
+            " labelled"
+        } else {
+            ""
+        };
         header.push_str(&format!(
-            ", {same} of {} share the query's value",
+            ", {same} of {}{labelled} share the query's value",
             known.len()
         ));
     }

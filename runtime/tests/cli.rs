@@ -207,6 +207,13 @@ fn index_query_embed_and_bench_with_the_pretrained_package() {
         assert!(v[key].as_f64().expect(key) > 0.0, "{key}: {v}");
     }
     assert_eq!(v["tasks"], 3);
+    let text = ok(&["bench", "--model", &g.model, "--runs", "1", "--tasks", "2"]);
+    assert!(
+        text.contains("2 of ")
+            && text.contains("(switch tails)")
+            && text.contains("all tasks' tails, batched"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -746,4 +753,92 @@ fn an_index_never_replaces_the_package_an_image_or_a_label_list() {
     }
     // The old index is rebuilt in place.
     ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx]);
+}
+
+#[test]
+fn appending_keeps_the_indexs_tasks_and_takes_task_lists_as_typed() {
+    let g = indexed(&["--tasks", "young,smiling"]);
+    let append = |extra: &[&str]| {
+        let mut args = vec!["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    // Without --tasks, or with the same tasks in another order or spacing.
+    for extra in [
+        &[][..],
+        &["--tasks", "smiling, young"],
+        &["--tasks", "Young,Smiling"],
+    ] {
+        let out = append(extra);
+        assert!(
+            out.contains("(0 new, 12 kept, 0 skipped) x 2 tasks"),
+            "{extra:?}: {out}"
+        );
+    }
+    // Another set is refused, saying what to do.
+    fails(
+        &[
+            "index",
+            g.dir(),
+            "-m",
+            &g.model,
+            "-o",
+            &g.idx,
+            "--append",
+            "--tasks",
+            "smiling",
+        ],
+        "leave out --tasks",
+    );
+    // A stray comma is named as such, everywhere a task list is read.
+    let q = g.image(2);
+    fails(
+        &["eval", "--index", &g.idx, "--tasks", "smiling,"],
+        "empty task name",
+    );
+    fails(
+        &[
+            "query", &q, "--task", "smiling,", "-m", &g.model, "--index", &g.idx,
+        ],
+        "empty task name",
+    );
+    let v = g.query_json(&q, " smiling , young", "3", &[]);
+    assert_eq!(v["tasks"].as_array().map(Vec::len), Some(2), "{v}");
+}
+
+#[test]
+fn precision_is_over_the_results_whose_value_is_known() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let images = gallery(tmp.path());
+    // An image the label list does not know.
+    std::fs::copy(images.join("000001.png"), images.join("000099.png")).expect("copy");
+    let model = pretrained();
+    let m = model.to_str().expect("path");
+    let idx = tmp.path().join("g.modidx");
+    let i = idx.to_str().expect("path");
+    ok(&[
+        "index",
+        tmp.path().to_str().expect("path"),
+        "-m",
+        m,
+        "-o",
+        i,
+    ]);
+    let q = images.join("000004.png");
+    let q = q.to_str().expect("path");
+    let args = [
+        "query", q, "--task", "smiling", "-m", m, "--index", i, "-k", "12",
+    ];
+    let text = ok(&args);
+    assert!(
+        text.contains("12 nearest of 12 images (itself left out)")
+            && text.contains("over the 11 of 12 results whose smiling value is known"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&[&args[..], &["--json"]].concat())).expect("json");
+    assert_eq!(v["labelled"], 11);
+    // Besides the query, 5 labelled images smile and 6 do not: 5 of 11.
+    let p = v["precision"].as_f64().expect("precision");
+    assert!((p - 5.0 / 11.0).abs() < 1e-9, "{p}");
 }
