@@ -13,6 +13,17 @@ fn modc(args: &[&str]) -> Output {
         .expect("runs modc")
 }
 
+/// Exit status 2 and one line on stderr that contains `want`.
+fn fails(args: &[&str], want: &str) {
+    let out = modc(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains(want),
+        "{args:?}: {err}"
+    );
+}
+
 #[test]
 fn compile_inspect_verify_export() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -145,13 +156,7 @@ fn bad_input_gets_one_line_errors() {
         ),
     ];
     for (args, want) in cases {
-        let o = modc(args);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert!(
-            err.trim().lines().count() == 1 && err.contains(want),
-            "{args:?}: {err}"
-        );
+        fails(args, want);
     }
 }
 
@@ -193,13 +198,7 @@ fn outputs_never_replace_an_input_or_another_kind_of_file() {
         ),
     ];
     for (args, want) in cases {
-        let out = modc(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(
-            err.trim().lines().count() == 1 && err.contains(want),
-            "{args:?}: {err}"
-        );
+        fails(args, want);
     }
     assert_eq!(std::fs::read(&ckpt).expect("read"), before);
     // An old package and an old export are replaced: that is how a rerun updates them.

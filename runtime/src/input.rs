@@ -1,13 +1,13 @@
 //! Images → network input, exactly as the trainer feeds them: decode (JPEG or PNG,
-//! grey, RGB or RGBA, any size), square by the package's [`Fit`] (centre-crop, or
+//! grey, RGB or RGBA, any size), square by the package's [`Fit`](modkit_models::Fit) (centre-crop, or
 //! centre on white), resize to the spec's input side (triangle filter), then
 //! normalise per channel with the package's [`Preprocess`] into a planar
 //! `[1, 3, S, S]` tensor.
 
 use std::path::Path;
 
-use image::{DynamicImage, RgbImage};
-use modkit_models::{Fit, Preprocess, pixels};
+use image::DynamicImage;
+use modkit_models::{Preprocess, pixels};
 use tract_onnx::prelude::Tensor;
 
 use crate::{Error, Result};
@@ -36,11 +36,8 @@ pub fn open(path: &Path) -> Result<DynamicImage> {
     })
 }
 
-/// Squares `img` by `fit` and resizes it to `side` pixels, as RGB: the trainer's
-/// pixels ([`modkit_models::pixels::square`]).
-pub fn square(img: &DynamicImage, side: u32, fit: Fit) -> RgbImage {
-    pixels::square(img, side, fit)
-}
+/// Squares an image and resizes it, as the trainer does: one implementation.
+pub use modkit_models::pixels::square;
 
 /// `img` as network input of `side` pixels.
 pub fn prepare(img: &DynamicImage, side: usize, pre: &Preprocess) -> Result<Input> {

@@ -1160,6 +1160,25 @@ mod tests {
             .collect()
     }
 
+    /// A trainer of [`small_cfg`] with `variant`, `mining` and 8 triplets per task,
+    /// and its first minibatch: dataset indices and images.
+    fn with_one_batch(
+        ds: &Dataset,
+        variant: Variant,
+        mining: Mining,
+    ) -> (Trainer, Vec<usize>, Tensor) {
+        let cfg = TrainConfig {
+            variant,
+            mining,
+            batch_per_task: 8,
+            ..small_cfg()
+        };
+        let t = Trainer::new(cfg, ds, Device::Cpu).expect("trainer");
+        let idx = one_batch(ds, &t);
+        let x = batch_images(ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+        (t, idx, x)
+    }
+
     type StepGrads = (f32, Vec<(String, Option<Vec<f32>>)>);
 
     /// Loss and gradients of one training step from the seed, on `device`.
@@ -1263,15 +1282,7 @@ mod tests {
         // alone give it, not a 1/T share (Adagrad is not scale-invariant).
         let ds = Dataset::synthetic(120, 48, 4);
         for mining in [Mining::Sampled, Mining::BatchAll] {
-            let cfg = TrainConfig {
-                variant: Variant::Independent,
-                mining,
-                batch_per_task: 8,
-                ..small_cfg()
-            };
-            let t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
-            let idx = one_batch(&ds, &t);
-            let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+            let (t, idx, x) = with_one_batch(&ds, Variant::Independent, mining);
             let emb = t
                 .net
                 .forward_grouped(&x, &[(0, 24), (1, 24)], true)
@@ -1330,12 +1341,7 @@ mod tests {
     #[test]
     fn csn_starts_disjoint_and_pays_for_its_masks() {
         let ds = Dataset::synthetic(120, 48, 4);
-        let cfg = TrainConfig {
-            variant: Variant::Csn,
-            batch_per_task: 8,
-            ..small_cfg()
-        };
-        let t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
+        let (t, _, x) = with_one_batch(&ds, Variant::Csn, Mining::Sampled);
         // Embedding 8, two tasks: 1 on its own 4 numbers, 0.1 on the other's.
         let ckpt = t.checkpoint().expect("ckpt");
         let masks = &ckpt.tensors[names::CSN_MASKS];
@@ -1344,7 +1350,6 @@ mod tests {
         assert_eq!(masks.data, want);
         // The step's objective adds 5e-4 · mean ‖ReLU(mask)‖₁ = 5e-4 · 4.4 to the
         // triplet loss, and the penalty's gradient reaches the masks.
-        let x = batch_images(&ds, &one_batch(&ds, &t), &t.cfg.preprocess, &Device::Cpu).expect("x");
         let emb = t
             .net
             .forward_grouped(&x, &[(0, 24), (1, 24)], true)
@@ -1402,15 +1407,7 @@ mod tests {
             (Variant::Modulated, Mining::Pooled),
         ];
         for (variant, mining) in cases {
-            let cfg = TrainConfig {
-                variant,
-                mining,
-                batch_per_task: 8,
-                ..small_cfg()
-            };
-            let t = Trainer::new(cfg, &ds, Device::Cpu).expect("trainer");
-            let idx = one_batch(&ds, &t);
-            let x = batch_images(&ds, &idx, &t.cfg.preprocess, &Device::Cpu).expect("x");
+            let (t, idx, x) = with_one_batch(&ds, variant, mining);
             let (ds, idx) = (&ds, &idx);
             let labels = |per: &dyn Fn(usize) -> Vec<usize>| -> Vec<u16> {
                 t.attrs
