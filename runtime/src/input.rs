@@ -59,6 +59,9 @@ pub fn prepare(img: &DynamicImage, side: usize, pre: &Preprocess) -> Result<Inpu
 
 #[cfg(test)]
 mod tests {
+    use image::RgbImage;
+    use modkit_models::Fit;
+
     use super::*;
     use image::{GrayImage, Luma, Rgba, RgbaImage};
 
