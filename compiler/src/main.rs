@@ -84,7 +84,7 @@ struct VerifyArgs {
     package: PathBuf,
     #[arg(long)]
     against: PathBuf,
-    /// Images to compare on.
+    /// Images to compare on, 1 to 64 (each graph runs on all of them at once).
     #[arg(long, default_value_t = 4)]
     images: usize,
     /// Largest acceptable absolute difference per embedding value [default: 1e-4

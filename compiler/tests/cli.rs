@@ -149,7 +149,7 @@ fn bad_input_gets_one_line_errors() {
             "/nonexistent.safetensors",
         ),
         (&["compile", j, "-o", j, "--precision", "int4"], "int4"),
-        // A package handed over as the checkpoint says so.
+        // Junk handed over as the checkpoint: no safetensors file.
         (
             &["compile", j, "-o", f],
             "not a modkit checkpoint (not a safetensors file)",

@@ -27,6 +27,11 @@ pub struct Folder {
 }
 
 impl Folder {
+    /// The query images, in the order shown.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
     pub fn open(path: &Path) -> Result<Folder, String> {
         if path.is_file() {
             return Ok(Folder {

@@ -100,6 +100,13 @@ impl Display {
                 .with_context(|| {
                     format!("--size {size:?}: use WIDTHxHEIGHT, at least 160x120, e.g. 480x320")
                 })?;
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                && !dir.is_dir()
+            {
+                bail!("--display png:{path}: the folder {dir:?} does not exist; create it first");
+            }
             if !path.contains("{}") {
                 // One file for every frame: checked before any work.
                 let named: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
@@ -119,7 +126,8 @@ impl Display {
     }
 
     /// Draws and shows `frame`; returns where it went.
-    fn show(&mut self, frame: &Frame, query: &str) -> Result<String> {
+    /// `gallery`'s images are never replaced by a frame.
+    fn show(&mut self, frame: &Frame, query: &str, gallery: &GalleryIndex) -> Result<String> {
         match self {
             Display::Png {
                 path,
@@ -138,6 +146,11 @@ impl Display {
                     .context("encoding the frame")?;
                 let inputs: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
                 output::check(Path::new(&file), Output::Png, &inputs)?;
+                if gallery.find(Path::new(&file)).is_some() {
+                    bail!(
+                        "--display {file:?} is an image of the gallery; name a new file for the frames"
+                    );
+                }
                 modkit_models::write_atomic(Path::new(&file), bytes.get_ref())?;
                 Ok(file)
             }
@@ -258,11 +271,12 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(path) = &cli.gpio {
         check_gpio(path)?;
     }
-    let inputs = vec![
+    let mut source = Folder::open(&cli.queries).map_err(anyhow::Error::msg)?;
+    let mut inputs = vec![
         (cli.model.clone(), "the package"),
         (cli.index.clone(), "the index"),
-        (cli.queries.clone(), "a query image"),
     ];
+    inputs.extend(source.paths().iter().map(|p| (p.clone(), "a query image")));
     let mut display = Display::open(&cli.display, &cli.size, inputs)?;
     let model = Model::load_with(
         &cli.model,
@@ -275,7 +289,6 @@ fn run(cli: Cli) -> Result<()> {
         index.root = root.clone();
     }
     let demo = Demo::new(model, index, &cli.index, &cli.task, cli.k)?;
-    let mut source = Folder::open(&cli.queries).map_err(anyhow::Error::msg)?;
     let n = source.count().unwrap_or(1);
     let show_timings = !cli.no_timings;
 
@@ -289,7 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             for t in 0..demo.tasks.len() {
                 let (frame, ranked) = demo.frame(&query, (q + 1, n), t, show_timings)?;
                 if first || display.writes_every_frame() {
-                    let to = display.show(&frame, &query.name)?;
+                    let to = display.show(&frame, &query.name, &demo.index)?;
                     eprintln!("frame: {to}");
                     first = false;
                 }
@@ -338,7 +351,7 @@ fn run(cli: Cli) -> Result<()> {
         unreadable = 0;
         loop {
             let (frame, ranked) = demo.frame(&query, (q % n + 1, n), t, show_timings)?;
-            display.show(&frame, &query.name)?;
+            display.show(&frame, &query.name, &demo.index)?;
             // The screen is the product: a closed stdout does not stop it.
             let _ = print_results(&query.name, &demo.tasks[t], &ranked);
             let tasks = demo.tasks.len();

@@ -125,7 +125,7 @@ fn once_draws_every_query_and_task_and_survives_k_and_missing_images() {
 #[test]
 fn bad_arguments_are_one_line_errors() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (_, queries, idx) = setup(tmp.path());
+    let (gallery, queries, idx) = setup(tmp.path());
     let model = pretrained();
     let m = model.to_str().expect("p");
     let i = idx.to_str().expect("p");
@@ -140,7 +140,9 @@ fn bad_arguments_are_one_line_errors() {
     std::fs::write(junk.join("a.png"), b"not a png").expect("junk");
     let junk = junk.to_str().expect("p");
     let onto_index = format!("png:{i}");
-    let cases: [(&[&str], &str); 9] = [
+    let onto_query = format!("png:{}", queries.join("q1.png").display());
+    let nowhere = format!("png:{}/nowhere/{{}}.png", tmp.path().display());
+    let cases: [(&[&str], &str); 11] = [
         (
             &["-m", m, "-i", i, "--queries", q, "--gpio", none],
             "/sys/class/gpio/export",
@@ -228,6 +230,34 @@ fn bad_arguments_are_one_line_errors() {
             ],
             "is the index, an input",
         ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                &onto_query,
+                "--once",
+            ],
+            "is a query image, an input",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                &nowhere,
+                "--once",
+            ],
+            "does not exist",
+        ),
     ];
     for (args, want) in cases {
         let out = demo(args);
@@ -236,6 +266,25 @@ fn bad_arguments_are_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // Nor an image of the gallery (found when the frame is written).
+    let image = gallery.join("g2.png");
+    let before = std::fs::read(&image).expect("read");
+    let onto = format!("png:{}", image.display());
+    let out = demo(&[
+        "-m",
+        m,
+        "-i",
+        i,
+        "--queries",
+        q,
+        "--display",
+        &onto,
+        "--once",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is an image of the gallery"), "{err}");
+    assert_eq!(std::fs::read(&image).expect("read"), before);
     // No readable query at all: the skip, then the error.
     let out = demo(&["-m", m, "-i", i, "--queries", junk, "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -36,7 +36,8 @@ pub enum Output<'a> {
     /// A PNG image.
     Png,
     /// An ONNX model: a protobuf `ModelProto`, whose first field (`ir_version`,
-    /// field 1, a varint) every exporter writes first: the byte `0x08`.
+    /// field 1, a small varint) every exporter writes first: the bytes `0x08`,
+    /// `1..=0x7f`, then another field's tag (never 0).
     Onnx,
 }
 
@@ -55,7 +56,11 @@ impl Output<'_> {
         match self {
             Output::Container(kind) => head.starts_with(&kind.magic),
             Output::Png => head.starts_with(b"\x89PNG\r\n\x1a\n"),
-            Output::Onnx => head.first() == Some(&0x08),
+            // A safetensors file (a checkpoint) starts with its header's length,
+            // a little-endian u64: `08 01 00 …` for 264 bytes, then `{`.
+            Output::Onnx => {
+                matches!(head, [0x08, 1..=0x7f, tag, ..] if *tag != 0) && head.get(8) != Some(&b'{')
+            }
         }
     }
 }
@@ -86,9 +91,10 @@ pub fn check(path: &Path, kind: Output, inputs: &[(&Path, &str)]) -> Result<()> 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
-        return Err(refuse(format!(
-            "its folder {dir:?} does not exist; create it first"
-        )));
+        return Err(refuse(match dir.exists() {
+            true => format!("is under {dir:?}, which is a file, not a folder"),
+            false => format!("its folder {dir:?} does not exist; create it first"),
+        }));
     }
     let Ok(real) = std::fs::canonicalize(path) else {
         // A new file (or a dangling link, which writing replaces).
@@ -102,8 +108,12 @@ pub fn check(path: &Path, kind: Output, inputs: &[(&Path, &str)]) -> Result<()> 
             )));
         }
     }
-    let mut head = Vec::with_capacity(8);
-    let read = std::fs::File::open(&real).and_then(|f| f.take(8).read_to_end(&mut head));
+    if !real.is_file() {
+        // A device or a pipe (`/dev/null`, `/dev/stdout`): written to, not replaced.
+        return Ok(());
+    }
+    let mut head = Vec::with_capacity(9);
+    let read = std::fs::File::open(&real).and_then(|f| f.take(9).read_to_end(&mut head));
     match read {
         Ok(0) => Ok(()),
         Ok(_) if kind.recognises(&head) => Ok(()),
@@ -164,6 +174,14 @@ mod tests {
         // A folder that is not there.
         let e = err(&d.join("nowhere/model.modpack"), pkg);
         assert!(e.contains("does not exist"), "{e}");
+        let e = err(&ckpt.join("model.modpack"), pkg);
+        assert!(e.contains("which is a file, not a folder"), "{e}");
+        // A checkpoint whose header is 264 bytes starts `08 01 00 …`: no ONNX model.
+        let long = d.join("long.safetensors");
+        let mut bytes = 264u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{\"__metadata__\":{}}");
+        std::fs::write(&long, bytes).expect("long");
+        assert!(err(&long, Output::Onnx).contains("not an ONNX model"));
         // Other kinds: a PNG is not a package, a package not a PNG or ONNX model.
         let png = d.join("face.png");
         std::fs::write(&png, b"\x89PNG\r\n\x1a\nrest").expect("png");

@@ -176,7 +176,8 @@ struct BenchArgs {
     /// Use the package's first N tasks; default: all.
     #[arg(long)]
     tasks: Option<usize>,
-    /// Timed calls per measurement (after one warm-up).
+    /// Timed calls per measurement, 1 to 100000 (after one warm-up; the model's
+    /// six measurements take turns, round by round).
     #[arg(long, default_value_t = 10)]
     runs: usize,
     /// Gallery size for the search timing (random embeddings).
@@ -692,7 +693,7 @@ impl BenchArgs {
             ("one task's tail", r.one_tail_ms),
             (tails, r.all_tails_ms),
             ("one task: trunk + tail", r.one_task_ms),
-            ("all tasks: trunk + batched tails", r.all_tasks_ms),
+            ("all tasks: trunk + all tails", r.all_tasks_ms),
             ("naive: a full pass per task", r.naive_ms),
         ];
         for (what, ms) in rows {

@@ -425,10 +425,10 @@ impl Trainer {
         }
         if cfg.variant == Variant::Csn && cfg.tasks.len() > cfg.spec.embedding {
             return Err(Error::Config(format!(
-                "--variant csn starts each task on its own block of the {}-number embedding; {} tasks need at least {}: train fewer tasks or give --spec a larger embedding",
-                cfg.spec.embedding,
+                "--variant csn starts each task on its own block of the embedding, so {} tasks need --embedding {} or more (it is {}); or train fewer tasks",
                 cfg.tasks.len(),
-                cfg.tasks.len()
+                cfg.tasks.len(),
+                cfg.spec.embedding
             )));
         }
         let attrs = ds.task_indices(&cfg.tasks)?;
@@ -1389,7 +1389,10 @@ mod tests {
         let err = Trainer::new(cfg, &ds, Device::Cpu)
             .expect_err("refused")
             .to_string();
-        assert!(err.contains("csn") && err.contains("3 tasks"), "{err}");
+        assert!(
+            err.contains("csn") && err.contains("3 tasks need --embedding 3"),
+            "{err}"
+        );
     }
 
     #[test]
