@@ -90,6 +90,19 @@ pub struct TrainConfig {
     /// Its weight λ beside the triplet loss.
     #[serde(default = "default_relation_weight")]
     pub relation_weight: f64,
+    /// The loss's version ([`OBJECTIVE`]); runs from before it was recorded read
+    /// as 1.
+    #[serde(default = "objective_v1")]
+    pub objective: u32,
+}
+
+/// The loss's version: 2 since `independent` networks train on their own task's
+/// loss and `csn` starts from disjoint masks and pays for them. A run begun under
+/// another version of its variant's loss cannot be continued exactly.
+pub const OBJECTIVE: u32 = 2;
+
+fn objective_v1() -> u32 {
+    1
 }
 
 impl Default for TrainConfig {
@@ -121,6 +134,7 @@ impl Default for TrainConfig {
             relations: Vec::new(),
             relation_margin: relations::DEFAULT_MARGIN,
             relation_weight: relations::DEFAULT_WEIGHT,
+            objective: OBJECTIVE,
         }
     }
 }
@@ -520,6 +534,16 @@ impl Trainer {
         }
         if let Some(n) = ucr_every {
             cfg.ucr_every = n;
+        }
+        if cfg.objective != OBJECTIVE {
+            if matches!(cfg.variant, Variant::Csn | Variant::Independent) {
+                return Err(Error::Config(format!(
+                    "{path:?}: this {} run began under the loss of an earlier modkit (version {}; this build trains version {OBJECTIVE}), so resuming would not continue it: train it again, or resume it with the build that began it",
+                    cfg.variant, cfg.objective
+                )));
+            }
+            // The other variants' loss did not change.
+            cfg.objective = OBJECTIVE;
         }
         // Every weight comes from the checkpoint, so `init_from` is not read again.
         let mut t = Self::fresh(cfg, ds, device)?;
@@ -1508,6 +1532,45 @@ mod tests {
         assert_eq!(saved.tensors, now.tensors);
         assert_eq!(saved.header.metrics, now.header.metrics);
         assert_eq!(saved.header.metrics["epoch"], 2);
+    }
+
+    #[test]
+    fn runs_begun_under_an_earlier_loss_resume_only_where_it_is_unchanged() {
+        let ds = Dataset::synthetic(120, 48, 4);
+        let dir = tempfile::tempdir().expect("tmp");
+        for variant in [Variant::Csn, Variant::Independent, Variant::Modulated] {
+            let out = dir.path().join(format!("{variant}.safetensors"));
+            let cfg = TrainConfig {
+                variant,
+                epochs: 1,
+                ..small_cfg()
+            };
+            Trainer::new(cfg, &ds, Device::Cpu)
+                .expect("trainer")
+                .run(&ds, &out)
+                .expect("run");
+            // As an earlier build wrote it: no `objective`.
+            let mut ckpt = Checkpoint::load(&out).expect("load");
+            let config = ckpt.header.train_config.as_object_mut().expect("object");
+            assert_eq!(config.remove("objective"), Some(OBJECTIVE.into()));
+            ckpt.save(&out).expect("save");
+            let resumed = Trainer::resume(&out, &ds, Device::Cpu, Some(2));
+            match variant {
+                Variant::Modulated => {
+                    let t = resumed.expect("an unchanged loss resumes");
+                    assert_eq!(t.cfg.objective, OBJECTIVE);
+                }
+                _ => {
+                    let err = resumed.expect_err("refused").to_string();
+                    assert!(
+                        err.contains(&format!(
+                            "this {variant} run began under the loss of an earlier modkit"
+                        )),
+                        "{err}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -287,6 +287,7 @@ impl TrainArgs {
                 .collect::<Result<_>>()?,
             relation_margin: self.relation_margin,
             relation_weight: self.relation_weight,
+            objective: defaults.objective,
         })
     }
 
