@@ -24,13 +24,20 @@ fn fails(args: &[&str], want: &str) {
     );
 }
 
-#[test]
-fn compile_inspect_verify_export() {
+/// A small modulated checkpoint over smiling and young, `m.safetensors` in a
+/// fresh folder.
+fn checkpoint_file() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tmp");
     let ckpt = dir.path().join("m.safetensors");
     common::checkpoint(&common::small(), Variant::Modulated, &["smiling", "young"])
         .save(&ckpt)
         .expect("save");
+    (dir, ckpt)
+}
+
+#[test]
+fn compile_inspect_verify_export() {
+    let (dir, ckpt) = checkpoint_file();
     let c = ckpt.to_str().expect("utf8");
     let pkg = dir.path().join("m.modpack");
     let p = pkg.to_str().expect("utf8");
@@ -162,11 +169,7 @@ fn bad_input_gets_one_line_errors() {
 
 #[test]
 fn outputs_never_replace_an_input_or_another_kind_of_file() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let ckpt = dir.path().join("m.safetensors");
-    common::checkpoint(&common::small(), Variant::Modulated, &["smiling", "young"])
-        .save(&ckpt)
-        .expect("save");
+    let (dir, ckpt) = checkpoint_file();
     let before = std::fs::read(&ckpt).expect("read");
     let c = ckpt.to_str().expect("utf8");
     let sub = dir.path().join("sub");

@@ -649,13 +649,10 @@ impl Trainer {
     /// with the other variants') and the relation term's value.
     fn objective(&self, batch: &BatchLoss) -> Result<(Tensor, f32, f64)> {
         let cfg = &self.cfg;
-        let (mut loss, mut shown) = match cfg.variant {
-            Variant::Independent => {
-                let apart = batch.tasks_apart()?;
-                let mean = apart.to_scalar::<f32>()? / self.attrs.len() as f32;
-                (apart, mean)
-            }
-            _ => (batch.loss.clone(), batch.loss.to_scalar::<f32>()?),
+        let independent = cfg.variant == Variant::Independent;
+        let mut loss = match independent {
+            true => batch.tasks_apart()?,
+            false => batch.loss.clone(),
         };
         let mut relation = 0.0;
         // Eq. 8 on the modulation, when asked for (`validate` made sure there is
@@ -667,14 +664,15 @@ impl Trainer {
         if let Some(w) = vectors {
             let r = relation_loss(&w, &self.relations, cfg.relation_margin)?;
             relation = r.to_scalar::<f32>()? as f64;
-            let term = (r * cfg.relation_weight)?;
-            shown += term.to_scalar::<f32>()?;
-            loss = (loss + term)?;
+            loss = (loss + (r * cfg.relation_weight)?)?;
         }
         if let Some(norm) = self.net.csn_mask_norm()? {
-            let term = (norm * CSN_MASK_PENALTY)?;
-            shown += term.to_scalar::<f32>()?;
-            loss = (loss + term)?;
+            loss = (loss + (norm * CSN_MASK_PENALTY)?)?;
+        }
+        // One read of the total (a sync on CUDA); `independent` has no other term.
+        let mut shown = loss.to_scalar::<f32>()?;
+        if independent {
+            shown /= self.attrs.len() as f32;
         }
         Ok((loss, shown, relation))
     }
