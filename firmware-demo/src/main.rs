@@ -129,28 +129,16 @@ impl Display {
     /// `gallery`'s images are never replaced by a frame.
     fn show(&mut self, frame: &Frame, query: &str, gallery: &GalleryIndex) -> Result<String> {
         match self {
-            Display::Png {
-                path,
-                canvas,
-                inputs,
-            } => {
+            Display::Png { canvas, .. } => {
                 let _ = screen::draw(canvas, frame);
-                let stem = Path::new(query)
-                    .file_stem()
-                    .map_or("query".into(), |s| s.to_string_lossy());
-                let file = path.replace("{}", &format!("{stem}-{}", frame.task));
                 let mut bytes = std::io::Cursor::new(Vec::new());
                 canvas
                     .image
                     .write_to(&mut bytes, image::ImageFormat::Png)
                     .context("encoding the frame")?;
-                let inputs: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
-                output::check(Path::new(&file), Output::Png, &inputs)?;
-                if gallery.find(Path::new(&file)).is_some() {
-                    bail!(
-                        "--display {file:?} is an image of the gallery; name a new file for the frames"
-                    );
-                }
+                let file = self.frame_file(query, &frame.task).unwrap_or_default();
+                // Checked again: a file may have appeared since the start.
+                self.check_frame(&file, gallery)?;
                 modkit_models::write_atomic(Path::new(&file), bytes.get_ref())?;
                 Ok(file)
             }
@@ -161,6 +149,52 @@ impl Display {
                 Ok(format!("framebuffer {}x{}", size.width, size.height))
             }
         }
+    }
+
+    /// The file `task`'s frame of `query` goes to (`None`: not a PNG display).
+    fn frame_file(&self, query: &str, task: &str) -> Option<String> {
+        let Display::Png { path, .. } = self else {
+            return None;
+        };
+        let stem = Path::new(query)
+            .file_stem()
+            .map_or("query".into(), |s| s.to_string_lossy());
+        Some(path.replace("{}", &format!("{stem}-{task}")))
+    }
+
+    /// Refuses a frame file that is an input, another kind of file or an image of
+    /// `gallery`.
+    fn check_frame(&self, file: &str, gallery: &GalleryIndex) -> Result<()> {
+        let Display::Png { inputs, .. } = self else {
+            return Ok(());
+        };
+        let inputs: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
+        output::check(Path::new(file), Output::Png, &inputs)?;
+        if gallery.find(Path::new(file)).is_some() {
+            bail!("--display {file:?} is an image of the gallery; name a new file for the frames");
+        }
+        Ok(())
+    }
+
+    /// Checks, before any work, every file the frames of `queries` × `tasks` will go to.
+    fn check_frames(
+        &self,
+        queries: &[PathBuf],
+        tasks: &[String],
+        gallery: &GalleryIndex,
+    ) -> Result<()> {
+        for query in queries {
+            let name = query.file_name().unwrap_or_default().to_string_lossy();
+            for task in tasks {
+                if let Some(file) = self.frame_file(&name, task) {
+                    self.check_frame(&file, gallery)?;
+                }
+                if !self.writes_every_frame() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn writes_every_frame(&self) -> bool {
@@ -289,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
         index.root = root.clone();
     }
     let demo = Demo::new(model, index, &cli.index, &cli.task, cli.k)?;
+    display.check_frames(source.paths(), &demo.tasks, &demo.index)?;
     let n = source.count().unwrap_or(1);
     let show_timings = !cli.no_timings;
 

@@ -266,7 +266,7 @@ fn bad_arguments_are_one_line_errors() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
-    // Nor an image of the gallery (found when the frame is written).
+    // Nor an image of the gallery.
     let image = gallery.join("g2.png");
     let before = std::fs::read(&image).expect("read");
     let onto = format!("png:{}", image.display());
@@ -285,6 +285,43 @@ fn bad_arguments_are_one_line_errors() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is an image of the gallery"), "{err}");
     assert_eq!(std::fs::read(&image).expect("read"), before);
+    // Found before any work where only a later frame would land on one: q1's
+    // frame is an image of this gallery, q0's (drawn first) is not.
+    let shelf = tmp.path().join("shelf");
+    std::fs::create_dir_all(&shelf).expect("mkdir");
+    std::fs::copy(gallery.join("g0.png"), shelf.join("q1-smiling.png")).expect("copy");
+    std::fs::copy(gallery.join("g1.png"), shelf.join("other.png")).expect("copy");
+    let loaded = Model::load(&model).expect("pretrained");
+    let tasks = loaded.select_tasks(&[]).expect("tasks");
+    let (shelf_idx, _) = index::build(&loaded, &shelf, &tasks, None, &|_, _| {}).expect("index");
+    let shelf_i = tmp.path().join("shelf.modidx");
+    shelf_idx.save(&shelf_i).expect("save");
+    let into = format!("png:{}/{{}}.png", shelf.display());
+    let out = demo(&[
+        "-m",
+        m,
+        "-i",
+        shelf_i.to_str().expect("p"),
+        "--queries",
+        q,
+        "--task",
+        "smiling",
+        "--display",
+        &into,
+        "--once",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("q1-smiling.png\" is an image of the gallery"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&shelf).expect("ls").count(),
+        2,
+        "no frame written"
+    );
     // No readable query at all: the skip, then the error.
     let out = demo(&["-m", m, "-i", i, "--queries", junk, "--once"]);
     let err = String::from_utf8_lossy(&out.stderr);
