@@ -3,7 +3,7 @@
 
 use std::io::Cursor;
 
-use image::imageops::FilterType;
+use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageError, ImageReader, Limits, Rgb, RgbImage};
 
 use crate::Fit;
@@ -27,16 +27,18 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
 /// RGB. [`Fit::Crop`] keeps the centred square of the shorter side;
 /// [`Fit::Pad`] resizes the whole image to fit `side` (its longer side becomes
 /// `side`) and centres it on white, so that memory stays `side²` whatever the
-/// image's shape.
+/// image's shape. Resampling reads `img` in place, in its own pixel type: no
+/// copy of a large photo is made (the crop is a view), so a decoded image costs
+/// its own memory and little more.
 pub fn square(img: &DynamicImage, side: u32, fit: Fit) -> RgbImage {
     let (w, h) = (img.width().max(1), img.height().max(1));
-    let squared = match fit {
+    match fit {
         Fit::Pad if w != h => {
             let long = u64::from(w.max(h));
             // Rounded, at least one pixel: a 1 × 40000 line stays one pixel wide.
             let fit = |v: u32| ((u64::from(v) * u64::from(side) + long / 2) / long).max(1) as u32;
             let (fw, fh) = (fit(w), fit(h));
-            let small = resized(img.clone(), fw, fh).to_rgb8();
+            let small = resized(img, fw, fh);
             let mut sq = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
             image::imageops::overlay(
                 &mut sq,
@@ -44,24 +46,48 @@ pub fn square(img: &DynamicImage, side: u32, fit: Fit) -> RgbImage {
                 ((side - fw) / 2).into(),
                 ((side - fh) / 2).into(),
             );
-            return sq;
+            sq
         }
-        Fit::Pad => img.clone(),
+        Fit::Pad => resized(img, side, side),
         Fit::Crop => {
             let s = w.min(h);
-            img.crop_imm((w - s) / 2, (h - s) / 2, s, s)
+            cropped(img, ((w - s) / 2, (h - s) / 2, s), side)
         }
-    };
-    resized(squared, side, side).to_rgb8()
+    }
 }
 
-/// `img` at `w × h`, untouched where it already is that size.
-fn resized(img: DynamicImage, w: u32, h: u32) -> DynamicImage {
-    if (img.width(), img.height()) == (w, h) {
-        img
-    } else {
-        img.resize_exact(w, h, FilterType::Triangle)
-    }
+/// Runs `$body` with `$p` bound to `$img`'s pixel buffer, whatever its pixel
+/// type, and converts the buffer it returns to RGB.
+macro_rules! per_pixel_type {
+    ($img:expr, $p:ident => $body:expr) => {
+        match $img {
+            DynamicImage::ImageLuma8($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageLumaA8($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageRgb8($p) => $body,
+            DynamicImage::ImageRgba8($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageLuma16($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageLumaA16($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageRgb16($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageRgba16($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageRgb32F($p) => DynamicImage::from($body).to_rgb8(),
+            DynamicImage::ImageRgba32F($p) => DynamicImage::from($body).to_rgb8(),
+            // A pixel type added to `image` later: through a copy in RGB.
+            other => {
+                let $p = &other.to_rgb8();
+                $body
+            }
+        }
+    };
+}
+
+/// `img` resized to `w × h` (a copy where it already is that size), as RGB.
+fn resized(img: &DynamicImage, w: u32, h: u32) -> RgbImage {
+    per_pixel_type!(img, p => imageops::resize(p, w, h, FilterType::Triangle))
+}
+
+/// The `s × s` square of `img` at `(x, y)`, resized to `side`, as RGB.
+fn cropped(img: &DynamicImage, (x, y, s): (u32, u32, u32), side: u32) -> RgbImage {
+    per_pixel_type!(img, p => imageops::resize(&*imageops::crop_imm(p, x, y, s, s), side, side, FilterType::Triangle))
 }
 
 #[cfg(test)]
@@ -87,6 +113,81 @@ mod tests {
         // Shrunk first: 8×4 to 4 is the same picture.
         let img = DynamicImage::ImageRgb8(RgbImage::new(8, 4));
         assert_eq!(square(&img, 4, Fit::Pad), sq);
+    }
+
+    /// The squaring of the `image` crate's whole-image methods, which copy the
+    /// photo for the crop (and for the padding) before resizing it.
+    fn square_by_copies(img: &DynamicImage, side: u32, fit: Fit) -> RgbImage {
+        let (w, h) = (img.width().max(1), img.height().max(1));
+        let squared = match fit {
+            Fit::Pad if w != h => {
+                let long = u64::from(w.max(h));
+                let fit =
+                    |v: u32| ((u64::from(v) * u64::from(side) + long / 2) / long).max(1) as u32;
+                let (fw, fh) = (fit(w), fit(h));
+                let small = img.resize_exact(fw, fh, FilterType::Triangle).to_rgb8();
+                let mut sq = RgbImage::from_pixel(side, side, Rgb([255, 255, 255]));
+                imageops::overlay(
+                    &mut sq,
+                    &small,
+                    ((side - fw) / 2).into(),
+                    ((side - fh) / 2).into(),
+                );
+                return sq;
+            }
+            Fit::Pad => img.clone(),
+            Fit::Crop => {
+                let s = w.min(h);
+                img.crop_imm((w - s) / 2, (h - s) / 2, s, s)
+            }
+        };
+        if (squared.width(), squared.height()) == (side, side) {
+            squared.to_rgb8()
+        } else {
+            squared
+                .resize_exact(side, side, FilterType::Triangle)
+                .to_rgb8()
+        }
+    }
+
+    /// Every pixel type, shapes wide, tall, square and already `side`, both fits:
+    /// the same pixels as resizing a copy.
+    #[test]
+    fn squares_in_place_as_through_copies() {
+        let rgb = |w: u32, h: u32| {
+            RgbImage::from_fn(w, h, |x, y| {
+                Rgb([
+                    (x * 37 + y * 11) as u8,
+                    (x * y + 3 * y) as u8,
+                    (x ^ (y * 5)) as u8,
+                ])
+            })
+        };
+        for (w, h) in [(37, 23), (23, 37), (30, 30), (16, 16), (16, 40), (1, 9)] {
+            let base = DynamicImage::ImageRgb8(rgb(w, h));
+            let kinds = [
+                DynamicImage::ImageLuma8(base.to_luma8()),
+                DynamicImage::ImageLumaA8(base.to_luma_alpha8()),
+                base.clone(),
+                DynamicImage::ImageRgba8(base.to_rgba8()),
+                DynamicImage::ImageLuma16(base.to_luma16()),
+                DynamicImage::ImageLumaA16(base.to_luma_alpha16()),
+                DynamicImage::ImageRgb16(base.to_rgb16()),
+                DynamicImage::ImageRgba16(base.to_rgba16()),
+                DynamicImage::ImageRgb32F(base.to_rgb32f()),
+                DynamicImage::ImageRgba32F(base.to_rgba32f()),
+            ];
+            for img in &kinds {
+                for fit in [Fit::Crop, Fit::Pad] {
+                    assert_eq!(
+                        square(img, 16, fit),
+                        square_by_copies(img, 16, fit),
+                        "{w}x{h} {:?} {fit:?}",
+                        img.color()
+                    );
+                }
+            }
+        }
     }
 
     /// A one-pixel line 300,000 long: padded without a 300,000² canvas (which
