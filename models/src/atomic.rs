@@ -7,12 +7,20 @@ use crate::{Error, Result};
 
 /// Writes `bytes` to `path` so that a crash never leaves a half-written file:
 /// the data goes to a temporary file in the same directory, is synced, and is then
-/// renamed over `path` (atomic on POSIX file systems).
+/// renamed over `path` (atomic on POSIX file systems). A device or a pipe
+/// (`/dev/null`, `/dev/stdout`, a FIFO) is written to, never replaced by a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(io);
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -47,6 +55,37 @@ mod tests {
         assert_eq!(std::fs::read(&p).expect("read"), b"second");
         let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").collect();
         assert_eq!(entries.len(), 1, "temporary file left behind");
+    }
+
+    /// A FIFO stays a FIFO: the bytes go through it (as they would into
+    /// `/dev/null`, which a rename by root would have replaced with a file).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_pipe_is_written_to_not_replaced() {
+        use std::io::Read;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        const O_NONBLOCK: i32 = 0o4000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: no mkfifo");
+            return;
+        }
+        // Opened without waiting for a writer, so nothing blocks if the pipe is
+        // replaced instead of written.
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&fifo)
+            .expect("open the pipe");
+        write_atomic(&fifo, b"through").expect("write");
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"through");
+        let kind = std::fs::symlink_metadata(&fifo).expect("stat").file_type();
+        assert!(kind.is_fifo(), "replaced by {kind:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
     }
 
     #[test]

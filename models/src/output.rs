@@ -39,6 +39,15 @@ pub enum Output<'a> {
     /// field 1, a small varint) every exporter writes first: the bytes `0x08`,
     /// `1..=0x7f`, then another field's tag (never 0).
     Onnx,
+    /// A modkit checkpoint: safetensors, whose header (after its 8-byte length)
+    /// opens with the metadata modkit writes first.
+    Checkpoint,
+    /// A text file modkit writes, known by how it starts (a training log's
+    /// `{"epoch":`).
+    Text {
+        what: &'static str,
+        starts: &'static str,
+    },
 }
 
 impl Output<'_> {
@@ -48,6 +57,8 @@ impl Output<'_> {
             Output::Container(kind) => kind.what,
             Output::Png => "PNG image",
             Output::Onnx => "ONNX model",
+            Output::Checkpoint => "modkit checkpoint",
+            Output::Text { what, .. } => what,
         }
     }
 
@@ -61,9 +72,16 @@ impl Output<'_> {
             Output::Onnx => {
                 matches!(head, [0x08, 1..=0x7f, tag, ..] if *tag != 0) && head.get(8) != Some(&b'{')
             }
+            Output::Checkpoint => head
+                .get(8..)
+                .is_some_and(|h| h.starts_with(b"{\"__metadata__\"")),
+            Output::Text { starts, .. } => head.starts_with(starts.as_bytes()),
         }
     }
 }
+
+/// The bytes of an existing file its kind is recognised by.
+const HEAD: usize = 32;
 
 /// "a" or "an" before `word`, by its first letter.
 fn article(word: &str) -> &'static str {
@@ -112,8 +130,8 @@ pub fn check(path: &Path, kind: Output, inputs: &[(&Path, &str)]) -> Result<()> 
         // A device or a pipe (`/dev/null`, `/dev/stdout`): written to, not replaced.
         return Ok(());
     }
-    let mut head = Vec::with_capacity(9);
-    let read = std::fs::File::open(&real).and_then(|f| f.take(9).read_to_end(&mut head));
+    let mut head = Vec::with_capacity(HEAD);
+    let read = std::fs::File::open(&real).and_then(|f| f.take(HEAD as u64).read_to_end(&mut head));
     match read {
         Ok(0) => Ok(()),
         Ok(_) if kind.recognises(&head) => Ok(()),
@@ -196,5 +214,20 @@ mod tests {
         let onnx = d.join("m.onnx");
         std::fs::write(&onnx, b"\x08\x09\x12\x06modkit").expect("onnx");
         check(&onnx, Output::Onnx, &inputs).expect("an old export");
+        // A checkpoint replaces a checkpoint only; a log a log only.
+        check(&long, Output::Checkpoint, &inputs).expect("an old checkpoint");
+        let notes = d.join("list_attr_celeba.txt");
+        std::fs::write(&notes, b"202599\n5_o_Clock_Shadow Arched_Eyebrows\n").expect("txt");
+        assert!(err(&notes, Output::Checkpoint).contains("not a modkit checkpoint"));
+        assert!(err(&png, Output::Checkpoint).contains("not a modkit checkpoint"));
+        let log = Output::Text {
+            what: "training log",
+            starts: "{\"epoch\":",
+        };
+        let metrics = d.join("run.metrics.jsonl");
+        std::fs::write(&metrics, b"{\"epoch\":1,\"loss\":0.5}\n").expect("log");
+        check(&metrics, log, &inputs).expect("an old log");
+        assert!(err(&notes, log).contains("not a training log"));
+        assert!(err(&metrics, Output::Checkpoint).contains("not a modkit checkpoint"));
     }
 }
