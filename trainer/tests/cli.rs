@@ -252,15 +252,106 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
     let resumed = modkit_models::Checkpoint::load(&ckpt).expect("checkpoint");
     assert_eq!(resumed.header.train_config["synth_images"], 160);
     assert_eq!(resumed.header.train_config["epochs"], 3);
-    // A run saved as `m` (no extension) resumed into `m.safetensors`: the two
-    // share a log, which is this run's, so the rename is allowed.
+    // Resumed into `m`, beside it: two checkpoints would share one log.
     let bare = dir.path().join("m");
-    std::fs::rename(&ckpt, &bare).expect("rename");
     let b = bare.to_str().expect("utf8");
-    let o = modtrain(&["train", "--resume", b, "--epochs", "4", "-o", c]);
+    fails_with(
+        &["train", "--resume", c, "--epochs", "4", "-o", b],
+        "resume into that checkpoint itself",
+    );
+    assert!(!bare.exists());
+    // A run saved as `m` (no extension) resumes in place.
+    std::fs::rename(&ckpt, &bare).expect("rename");
+    let o = modtrain(&["train", "--resume", b, "--epochs", "4", "-o", b]);
     assert!(o.status.success(), "{}", stderr(&o));
     let log = std::fs::read_to_string(dir.path().join("m.metrics.jsonl")).expect("log");
     assert_eq!(log.lines().count(), 4, "{log}");
+}
+
+/// `-o` never replaces a dataset's file, another run's log or a folder, and a
+/// folder the run cannot write in fails before the data is loaded.
+#[test]
+fn train_outputs_never_replace_data_or_logs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let data = d.join("data");
+    let o = modtrain(&["synth", "--out", data.to_str().expect("utf8"), "--n", "60"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let src = format!("celeba:{}", data.display());
+    let run = d.join("m.safetensors");
+    let train = |out: &Path| {
+        modtrain(&[
+            "train",
+            "--data",
+            &src,
+            "--tasks",
+            "smiling",
+            "--epochs",
+            "1",
+            "--triplets-per-task",
+            "8",
+            "--batch-per-task",
+            "4",
+            "--test-triplets",
+            "10",
+            "-o",
+            out.to_str().expect("utf8"),
+        ])
+    };
+    let o = train(&run);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let inputs = [
+        data.join("Anno/list_attr_celeba.txt"),
+        data.join("Eval/list_eval_partition.txt"),
+        data.join("img_align_celeba/000001.png"),
+        d.join("m.metrics.jsonl"),
+        d.join("m.triplets.json"),
+    ];
+    let before: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(|p| std::fs::read(p).expect("read"))
+        .collect();
+    for input in &inputs {
+        let o = train(input);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{input:?}: {err}");
+        assert!(err.contains("is not a modkit checkpoint"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // The log or test triplets it would write: a folder, a text file.
+    std::fs::create_dir(d.join("x.metrics.jsonl")).expect("mkdir");
+    let o = train(&d.join("x.safetensors"));
+    assert!(
+        stderr(&o).contains("x.metrics.jsonl\" is a folder"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(d.join("y.triplets.json"), "my notes\n").expect("notes");
+    let o = train(&d.join("y.safetensors"));
+    assert!(
+        stderr(&o).contains("is not a test-triplet list"),
+        "{}",
+        stderr(&o)
+    );
+    if cfg!(target_os = "linux") {
+        let o = train(Path::new("/proc/modkit-test.safetensors"));
+        assert!(
+            stderr(&o).contains("cannot write in /proc"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    for (input, bytes) in inputs.iter().zip(&before) {
+        assert_eq!(
+            &std::fs::read(input).expect("read"),
+            bytes,
+            "{input:?} changed"
+        );
+    }
+    assert!(!d.join("x.safetensors").exists() && !d.join("y.safetensors").exists());
+    // An old checkpoint of its own name is replaced: that is how a rerun updates it.
+    let o = train(&run);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
@@ -761,6 +852,11 @@ fn only_mask_continues_a_branch_run_from_the_command_line() {
         (
             vec!["train", "-o", &format!("{b}/x.safetensors")],
             "is a file, not a folder",
+        ),
+        // Resumed, the only-mask run's -o may not be its --init-from either.
+        (
+            vec!["train", "--resume", m, "--epochs", "2", "-o", b],
+            "is the --init-from checkpoint",
         ),
     ] {
         fails_with(&args, want);

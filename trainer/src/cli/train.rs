@@ -3,10 +3,23 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use modkit_models::output::{self, Output};
 use modkit_models::{Modulation, NetSpec, Variant};
 use modkit_trainer::data::{DataSource, zappos};
 use modkit_trainer::optim::OptimizerKind;
 use modkit_trainer::train::{TrainConfig, Trainer, sibling, sibling_partner};
+
+/// What a training log starts with: its first line's first field.
+const LOG: Output = Output::Text {
+    what: "training log",
+    starts: "{\"epoch\":",
+};
+
+/// What a run's test-triplet list starts with.
+const TEST_TRIPLETS: Output = Output::Text {
+    what: "test-triplet list",
+    starts: "{\"seed\":",
+};
 
 /// Train a network on triplets from every task (paper sections 3.3, 4.1).
 ///
@@ -291,54 +304,86 @@ impl TrainArgs {
         })
     }
 
-    pub fn run(self) -> Result<()> {
-        let device = super::device(&self.device)?;
-        let names_a_directory = self.out.is_dir()
-            || self.out.file_name().is_none()
-            || self
-                .out
+    /// Refuses, before any work, an `-o` under which the run would replace
+    /// anything but a checkpoint and its own log and test triplets (a dataset's
+    /// files, another run's log, the `--init-from` checkpoint, a device), or
+    /// whose folder it cannot write in.
+    fn check_outputs(&self, init_from: Option<&Path>) -> Result<()> {
+        let out = &self.out;
+        let names_a_directory = out.is_dir()
+            || out.file_name().is_none()
+            || out
                 .as_os_str()
                 .to_string_lossy()
                 .ends_with(std::path::is_separator);
         if names_a_directory {
             anyhow::bail!(
                 "-o {}: names a directory; name the checkpoint file, e.g. {}",
-                self.out.display(),
-                self.out.join("run.safetensors").display()
+                out.display(),
+                out.join("run.safetensors").display()
             );
         }
-        if let Some(init) = &self.init_from
-            && same_file(init, &self.out)
+        if let Some(init) = init_from
+            && same_file(init, out)
         {
             anyhow::bail!(
                 "-o {}: is the --init-from checkpoint, which the run would replace; name a new file for the only-mask run",
-                self.out.display()
+                out.display()
             );
         }
-        // Resuming `run` into `run.safetensors` renames a run: its log is the one.
-        let partner = sibling_partner(&self.out);
-        let renamed = self
-            .resume
-            .as_deref()
-            .is_some_and(|r| same_file(r, &partner));
-        if partner.is_file() && !renamed {
+        // `run` and `run.safetensors` would write one log.
+        let partner = sibling_partner(out);
+        if partner.is_file() {
+            let resumed = self
+                .resume
+                .as_deref()
+                .is_some_and(|r| same_file(r, &partner));
             anyhow::bail!(
-                "-o {}: its log and test triplets ({}) are those of the checkpoint {} beside it; name the checkpoint otherwise",
-                self.out.display(),
-                sibling(&self.out, "metrics.jsonl").display(),
-                partner.display()
+                "-o {}: its log and test triplets ({}) are those of the checkpoint {} beside it; {}",
+                out.display(),
+                sibling(out, "metrics.jsonl").display(),
+                partner.display(),
+                if resumed {
+                    "resume into that checkpoint itself (-o the same file)"
+                } else {
+                    "name the checkpoint otherwise"
+                }
             );
         }
-        if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = dir {
             if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
                 anyhow::bail!(
                     "-o {}: {} is a file, not a folder; name the checkpoint in a folder",
-                    self.out.display(),
+                    out.display(),
                     file.display()
                 );
             }
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        let inputs: Vec<(&Path, &str)> = init_from
+            .map(|p| (p, "the --init-from checkpoint"))
+            .into_iter()
+            .collect();
+        output::check(out, Output::Checkpoint, &inputs)?;
+        output::check(&sibling(out, "metrics.jsonl"), LOG, &inputs)?;
+        output::check(&sibling(out, "triplets.json"), TEST_TRIPLETS, &inputs)?;
+        // A folder the run cannot write in fails now, not after the first epoch.
+        let dir = dir.unwrap_or(Path::new("."));
+        let probe = dir.join(format!(".modtrain-probe{}", std::process::id()));
+        std::fs::File::create_new(&probe).map_err(|e| {
+            anyhow::anyhow!(
+                "-o {}: cannot write in {}: {e}; name a checkpoint in a folder you can write to",
+                out.display(),
+                dir.display()
+            )
+        })?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
+    pub fn run(self) -> Result<()> {
+        let device = super::device(&self.device)?;
         // The config comes from the checkpoint when resuming, so the data is loaded
         // at the size it was trained at.
         let cfg = match &self.resume {
@@ -366,6 +411,7 @@ impl TrainArgs {
             None => self.config()?,
         };
         // Before the data, which may take a while to load.
+        self.check_outputs(cfg.init_from.as_deref())?;
         cfg.validate()?;
         let mut cfg = cfg;
         let ds = super::load_data(
