@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use modkit_models::NetSpec;
 use modkit_trainer::data::celeba;
@@ -14,7 +14,8 @@ const MAX_FILES: usize = 10_000_000;
 /// Example: modtrain synth --out data/synth --n 20000 --size 48
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// Output directory (created if missing).
+    /// Output directory: new, empty, or an earlier `modtrain synth` set, which
+    /// is replaced whole; a folder holding anything else is refused.
     #[arg(long, short)]
     out: PathBuf,
     /// Number of images.
@@ -49,8 +50,7 @@ impl SynthArgs {
         let pb = super::bar(self.n as u64, "synth".into());
         celeba::write_synthetic(&self.out, self.n, self.size, self.seed, &|done| {
             pb.set_position(done as u64)
-        })
-        .with_context(|| format!("writing {}", self.out.display()))?;
+        })?;
         pb.finish_and_clear();
         eprintln!(
             "wrote {} faces of {}×{} to {} in {:.1} s",

@@ -126,8 +126,73 @@ pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
     super::load_image_fit(path, size, super::Fit::Crop)
 }
 
+/// A file name `write_synthetic` gives an image: `000001.png` → `Some(1)`.
+fn synthetic_number(name: &str) -> Option<usize> {
+    let digits = name.strip_suffix(".png")?;
+    (digits.len() >= 6 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// The images of an earlier synthetic set in `dir` (their numbers), or `None`
+/// where `dir` is missing or empty; an error where it holds anything else, which
+/// writing a set there would mix with or replace.
+fn earlier_synthetic(dir: &Path) -> Result<Option<Vec<usize>>> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let refuse = |what: String| {
+        Error::Config(format!(
+            "--out {}: {what}, not an earlier `modtrain synth` set, which the new one would mix with or replace; name a new or empty folder",
+            dir.display()
+        ))
+    };
+    let mut names: Vec<String> = Vec::new();
+    for entry in entries {
+        names.push(
+            entry
+                .map_err(io(dir))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    if let Some(other) = names
+        .iter()
+        .find(|n| !["Anno", "Eval", IMAGES].contains(&n.as_str()))
+    {
+        return Err(refuse(format!("holds {other:?}")));
+    }
+    let header = std::fs::read_to_string(dir.join(ATTR_FILE)).unwrap_or_default();
+    if header.lines().nth(1) != Some(synth::CELEBA_HEADER_NAMES.join(" ").as_str()) {
+        return Err(refuse(format!("holds {ATTR_FILE} of other attributes")));
+    }
+    let mut numbers = Vec::new();
+    if let Ok(images) = std::fs::read_dir(dir.join(IMAGES)) {
+        for entry in images {
+            let name = entry.map_err(io(&dir.join(IMAGES)))?.file_name();
+            let name = name.to_string_lossy();
+            match synthetic_number(&name) {
+                Some(i) => numbers.push(i),
+                None => return Err(refuse(format!("holds the image {IMAGES}/{name}"))),
+            }
+        }
+    }
+    Ok(Some(numbers))
+}
+
 /// Writes the synthetic set (`n` faces of `size` pixels from `seed`) in CelebA's
-/// layout, as PNG; calls `progress(done)` as images are written.
+/// layout, as PNG; calls `progress(done)` as images are written. `dir` must be
+/// missing, empty, or hold an earlier synthetic set, which is replaced whole
+/// (its images past the new `n` are removed); anything else is refused before
+/// a file is written.
 pub fn write_synthetic(
     dir: &Path,
     n: usize,
@@ -135,6 +200,7 @@ pub fn write_synthetic(
     seed: u64,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<()> {
+    let earlier = earlier_synthetic(dir)?;
     let io = |path: PathBuf| move |source| Error::Io { path, source };
     for sub in [IMAGES, "Anno", "Eval"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io(dir.join(sub)))?;
@@ -164,6 +230,11 @@ pub fn write_synthetic(
     }
     modkit_models::write_atomic(&dir.join(ATTR_FILE), attr.as_bytes())?;
     modkit_models::write_atomic(&dir.join(PARTITION_FILE), part.as_bytes())?;
+    // The earlier set's images the new lists no longer name.
+    for i in earlier.unwrap_or_default().into_iter().filter(|&i| i > n) {
+        let path = dir.join(IMAGES).join(format!("{i:06}.png"));
+        std::fs::remove_file(&path).map_err(io(path))?;
+    }
     Ok(())
 }
 
@@ -183,6 +254,47 @@ fn encode_png(rgb: &[u8], size: usize) -> image::ImageResult<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An earlier synthetic set is replaced whole (no image of it left over);
+    /// a folder holding anything else is refused before a file is written.
+    #[test]
+    fn synthetic_sets_replace_only_earlier_synthetic_sets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("set");
+        write_synthetic(&d, 30, 16, 1, &|_| {}).expect("first");
+        write_synthetic(&d, 10, 16, 2, &|_| {}).expect("smaller");
+        assert_eq!(std::fs::read_dir(d.join(IMAGES)).expect("ls").count(), 10);
+        assert_eq!(load(&d, 16, None).expect("load").len(), 10);
+        // Another set's files: refused, untouched.
+        let refused = |d: &Path, want: &str| {
+            let err = write_synthetic(d, 5, 16, 3, &|_| {}).expect_err("refused");
+            let err = err.to_string();
+            assert!(
+                err.contains(want) && err.contains("new or empty folder"),
+                "{err}"
+            );
+        };
+        std::fs::write(d.join(IMAGES).join("000001.jpg"), b"mine").expect("jpg");
+        refused(&d, "holds the image img_align_celeba/000001.jpg");
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(other.join("Anno")).expect("mkdir");
+        std::fs::write(other.join(ATTR_FILE), "1\nMy_Attribute\nx.png 1\n").expect("attr");
+        refused(&other, "of other attributes");
+        assert_eq!(
+            std::fs::read_to_string(other.join(ATTR_FILE)).expect("attr"),
+            "1\nMy_Attribute\nx.png 1\n"
+        );
+        assert!(!other.join(IMAGES).exists() && !other.join("Eval").exists());
+        let notes = dir.path().join("notes");
+        std::fs::create_dir_all(&notes).expect("mkdir");
+        std::fs::write(notes.join("todo.txt"), "x").expect("todo");
+        refused(&notes, "holds \"todo.txt\"");
+        assert_eq!(std::fs::read_dir(&notes).expect("ls").count(), 1);
+        // An empty folder is fine.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir_all(&empty).expect("mkdir");
+        write_synthetic(&empty, 3, 16, 0, &|_| {}).expect("empty folder");
+    }
 
     #[test]
     fn synthetic_layout_round_trips_through_the_loader() {
