@@ -122,6 +122,11 @@ impl NetSpec {
                 self.widths, self.embedding, self.in_channels
             )));
         }
+        if self.embedding == 1 {
+            return Err(Error::InvalidSpec(
+                "embedding 1: one number, L2-normalised, is always ±1 and ranks nothing; use at least 2".into(),
+            ));
+        }
         let bounds = [
             ("input size", self.input_size, Self::MAX_INPUT),
             ("embedding", self.embedding, Self::MAX_EMBEDDING),
@@ -292,12 +297,13 @@ mod tests {
     #[test]
     fn oversized_networks_are_refused() {
         type Change = fn(&mut NetSpec);
-        let cases: [(Change, &str); 5] = [
+        let cases: [(Change, &str); 6] = [
             (
                 |s| s.input_size = usize::MAX,
                 "input size 18446744073709551615",
             ),
             (|s| s.embedding = 100_000_000_000, "embedding 100000000000"),
+            (|s| s.embedding = 1, "embedding 1: one number"),
             (|s| s.widths[1] = 100_000_000, "width 100000000"),
             (|s| s.widths = [4096; 5], "parameters"),
             (

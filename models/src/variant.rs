@@ -100,6 +100,9 @@ impl FromStr for Variant {
                         "{s}: a branch of {k} dimensions is over the {} an embedding may have; use a smaller K",
                         crate::NetSpec::MAX_EMBEDDING
                     ))),
+                    Ok(1) => Err(Error::InvalidSpec(format!(
+                        "{s}: a one-number branch, L2-normalised, is always ±1 and ranks nothing; use K of at least 2"
+                    ))),
                     Ok(k) if k > 0 => Ok(Variant::Branch { k }),
                     _ => Err(unknown()),
                 }
@@ -155,5 +158,11 @@ mod tests {
             .to_string();
         assert!(err.contains("over the 16384"), "{err}");
         assert!("branch:16384".parse::<Variant>().is_ok());
+        let err = "branch:1".parse::<Variant>().unwrap_err().to_string();
+        assert!(
+            err.contains("always ±1") && err.contains("at least 2"),
+            "{err}"
+        );
+        assert!("branch:2".parse::<Variant>().is_ok());
     }
 }
