@@ -185,7 +185,7 @@ pub fn bench_step(
     cfg.triplets_per_task = triplets;
     cfg.test_triplets_per_task = 1;
     let what = format!("--images {}", cfg.synth_images);
-    Dataset::check_fits(cfg.synth_images, cfg.spec.input_size, &what)?;
+    Dataset::check_fits(cfg.synth_images, cfg.spec.input_size, &what, "--images")?;
     let ds = Dataset::synthetic(cfg.synth_images, cfg.spec.input_size, cfg.seed);
     // 1024³ saturates a CPU's cores; a GPU needs a larger product to reach its peak.
     let gemm_size = if device.is_cpu() { 1024 } else { 8192 };
@@ -257,7 +257,11 @@ pub fn bench_step(
         warmup,
         images_per_step: images,
         threads: rayon::current_num_threads(),
-        device: format!("{device:?}"),
+        device: match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        },
         steps: timed,
         median: med,
         flops_per_step: flops,

@@ -42,6 +42,8 @@ pub struct Run {
     /// The tasks' learned vectors compared, from the checkpoint, for variants
     /// that have them.
     pub vectors: Option<VectorDistances>,
+    /// Why the checkpoint beside the log was not used, if it was not.
+    pub note: Option<String>,
 }
 
 /// Mean and variance of `|w_i − w_j|` over the elements of the task vectors
@@ -138,17 +140,42 @@ impl Run {
             }
         })?;
         let mut epochs = Vec::new();
+        let mut last_line = "";
         for (i, line) in text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            let e: EpochLog = serde_json::from_str(line).map_err(|e| Error::Malformed {
+            let malformed = |msg: String| Error::Malformed {
                 path: log.clone(),
                 line: i + 1,
-                msg: format!("not an epoch log entry ({e}); is this a modtrain metrics file?"),
+                msg,
+            };
+            let e: EpochLog = serde_json::from_str(line).map_err(|e| {
+                malformed(format!(
+                    "not an epoch log entry ({e}); is this a modtrain metrics file?"
+                ))
             })?;
+            // One run's log counts its epochs from 1, over the same tasks.
+            let first: Option<&EpochLog> = epochs.first();
+            if e.epoch != epochs.len() + 1 {
+                return Err(malformed(format!(
+                    "epoch {} where epoch {} belongs: the file holds more than one run's lines, or was edited; report each run's own log",
+                    e.epoch,
+                    epochs.len() + 1
+                )));
+            }
+            if let Some(first) = first
+                && !first.test_accuracy.keys().eq(e.test_accuracy.keys())
+            {
+                return Err(malformed(format!(
+                    "tasks {:?}, not epoch 1's {:?}: the file holds more than one run's lines; report each run's own log",
+                    e.test_accuracy.keys().collect::<Vec<_>>(),
+                    first.test_accuracy.keys().collect::<Vec<_>>()
+                )));
+            }
             epochs.push(e);
+            last_line = line;
         }
         if epochs.is_empty() {
             return Err(Error::Config(format!(
@@ -169,13 +196,40 @@ impl Run {
         let name = Path::new(stem.trim_end_matches('.'))
             .file_name()
             .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
-        let ckpt = modkit_models::Checkpoint::load(&ckpt).ok();
+        let found = modkit_models::Checkpoint::load(&ckpt).ok();
+        // The checkpoint beside the log is this run's only if it holds the log's
+        // last line as its metrics (a run stopped between writing the two, or a
+        // file copied in from elsewhere, does not); one from before checkpoints
+        // held them must be at the log's last epoch, over its tasks.
+        let last = &epochs[epochs.len() - 1];
+        let last_line: serde_json::Value = serde_json::from_str(last_line).unwrap_or_default();
+        let mut note = None;
+        let ckpt = found.filter(|c| {
+            let mut tasks = c.header.tasks.clone();
+            tasks.sort();
+            let same = match &c.header.metrics {
+                serde_json::Value::Null => {
+                    c.header.epoch == last.epoch && last.test_accuracy.keys().eq(tasks.iter())
+                }
+                metrics => *metrics == last_line,
+            };
+            if !same {
+                note = Some(format!(
+                    "{ckpt:?} (epoch {}, tasks {:?}) is not the run its log {log:?} describes (epoch {}); its variant and task vectors are left out",
+                    c.header.epoch,
+                    c.header.tasks,
+                    last.epoch
+                ));
+            }
+            same
+        });
         Ok(Run {
             name,
             path: log,
             variant: ckpt.as_ref().map(|c| c.header.variant.to_string()),
             vectors: ckpt.as_ref().and_then(VectorDistances::of),
             epochs,
+            note,
         })
     }
 
@@ -224,7 +278,18 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
             files.push(p.clone());
         }
     }
-    let mut runs: Vec<Run> = files.iter().map(|f| Run::load(f)).collect::<Result<_>>()?;
+    // A run named twice (its checkpoint and its log, or a folder and a file in
+    // it) is reported once.
+    let mut seen = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
+    for f in &files {
+        let run = Run::load(f)?;
+        let log = std::fs::canonicalize(&run.path).unwrap_or_else(|_| run.path.clone());
+        if !seen.contains(&log) {
+            seen.push(log);
+            runs.push(run);
+        }
+    }
     // Runs of one name in different directories (`a/mod`, `b/mod`) get their
     // directory's name too, so that the tables tell them apart and their
     // heatmaps (`ucr-NAME.png`) do not overwrite each other.
@@ -814,6 +879,7 @@ mod tests {
             variant: None,
             epochs: vec![epoch(1, -1.7e308), epoch(2, 1.7e308), epoch(3, f64::NAN)],
             vectors: None,
+            note: None,
         };
         let img = curves(&[run], "loss", |e| e.loss);
         assert_eq!(img.dimensions(), (720, 420));

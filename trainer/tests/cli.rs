@@ -90,7 +90,36 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
     let out = dir.path().join("m.safetensors");
     let out = out.to_str().expect("utf8");
     let synth = format!("{}/synth", dir.path().display());
-    let cases: [(&[&str], &str); 18] = [
+    let cases: [(&[&str], &str); 21] = [
+        // Options that would be ignored are refused.
+        (
+            &[
+                "train",
+                "--data",
+                "celeba:/x",
+                "--synth-images",
+                "50",
+                "-o",
+                out,
+            ],
+            "--synth-images 50: is for --data synth",
+        ),
+        (
+            &["train", "--limit", "10", "-o", out],
+            "--limit 10: is for celeba:",
+        ),
+        (
+            &[
+                "train",
+                "--optimizer",
+                "adam",
+                "--adagrad-init",
+                "0.5",
+                "-o",
+                out,
+            ],
+            "is for --optimizer adagrad",
+        ),
         (&["train", "--input-size", "40", "-o", out], "at least 48"),
         (
             &[
@@ -141,7 +170,7 @@ fn bad_input_gets_one_line_errors_and_exit_2() {
         // Sizes past any real run: one-line errors, not allocation failures.
         (
             &["train", "--synth-images", "18446744073709551615", "-o", out],
-            "would take",
+            "(--synth-images, --input-size)",
         ),
         (
             &["bench-step", "--images", "18446744073709551615"],
@@ -224,6 +253,10 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
     // Without --epochs a resumed run keeps its own total (it used to fall back to
     // 4); at that total nothing is left to train.
     fails_with(&["train", "--resume", c, "-o", c], "--epochs N above 2");
+    fails_with(
+        &["train", "--resume", c, "--epochs", "0", "-o", c],
+        "--epochs 0 trains nothing",
+    );
     // Options the checkpoint fixes are refused, not silently ignored.
     for flag in [["--lr", "0.5"], ["--variant", "shared"], ["--seed", "9"]] {
         let o = modtrain(&[
@@ -446,6 +479,7 @@ fn bench_step_reports_phases_and_the_gemm_peak() {
         }
     }
     assert_eq!(b["images_per_step"], 12);
+    assert_eq!(b["device"], "cpu");
     assert_eq!(b["steps"].as_array().map(Vec::len), Some(2));
     assert_eq!(b["net"]["widths"], serde_json::json!([8, 16, 32, 32, 32]));
     for phase in ["forward", "backward", "update"] {
@@ -594,6 +628,57 @@ fn ucr_is_measured_logged_and_reported() {
     }
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     assert_eq!(md, text, "report.md holds the printed tables");
+
+    // One run named twice, by its checkpoint and its log: one column.
+    let path = |p: &Path| p.to_str().expect("utf8").to_string();
+    let (fsn_ckpt, fsn_log) = (runs.join("fsn.safetensors"), runs.join("fsn.metrics.jsonl"));
+    let twice = dir.path().join("twice");
+    let o = modtrain(&[
+        "report",
+        &path(&fsn_ckpt),
+        &path(&fsn_log),
+        "-o",
+        &path(&twice),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("| fsn (shared) |").count(), 1, "{text}");
+    // Two runs' lines in one log: refused, naming the line.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    let mut both = std::fs::read_to_string(&fsn_log).expect("log");
+    both += &std::fs::read_to_string(runs.join("mod.metrics.jsonl")).expect("log");
+    std::fs::write(other.join("cat.metrics.jsonl"), both).expect("cat");
+    fails_with(
+        &["report", &path(&other.join("cat.metrics.jsonl"))],
+        "line 3: epoch 1 where epoch 3 belongs",
+    );
+    // Another run's checkpoint beside a log: left out, and said.
+    std::fs::copy(&fsn_ckpt, other.join("x.safetensors")).expect("copy");
+    std::fs::copy(
+        runs.join("mod.metrics.jsonl"),
+        other.join("x.metrics.jsonl"),
+    )
+    .expect("copy");
+    let x = path(&other.join("x.safetensors"));
+    let o = modtrain(&["report", &x, "-o", &path(&other.join("rep"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not the run its log"),
+        "{}",
+        stderr(&o)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("| x | 2 |") && !text.contains("(shared)"),
+        "{text}"
+    );
+    // The default report folder is a file: refused before any table.
+    std::fs::write(other.join("x.report"), "notes").expect("file");
+    let o = modtrain(&["report", &x]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("x.report is a file") && stderr(&o).contains("-o DIR"));
+    assert!(o.stdout.is_empty(), "tables printed before the error");
 
     for (args, want) in [
         (

@@ -67,6 +67,7 @@ fn load_data(
                 synth_images,
                 size,
                 &format!("--synth-images {synth_images}"),
+                "--synth-images",
             )?;
             eprintln!("generating {synth_images} synthetic faces at {size}×{size} (seed {seed})…");
             Dataset::synthetic(synth_images, size, seed)

@@ -40,6 +40,19 @@ impl ReportArgs {
                 PathBuf::from(format!("{stem}report"))
             }
         };
+        if out.is_file() {
+            anyhow::bail!(
+                "{} is a file; the report is a folder (report.md and the plots): {}",
+                out.display(),
+                match self.out {
+                    Some(_) => "name a folder with -o",
+                    None => "name a folder for it with -o DIR",
+                }
+            );
+        }
+        for note in runs.iter().filter_map(|r| r.note.as_deref()) {
+            eprintln!("modtrain: warning: {note}");
+        }
         report::write_summary(&mut std::io::stdout().lock(), &runs)?;
         for path in report::write_report(&runs, &out)? {
             eprintln!("wrote {}", path.display());

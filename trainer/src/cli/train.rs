@@ -34,8 +34,8 @@ pub struct TrainArgs {
     /// Data: `synth` (generated in memory, the default), `celeba:DIR` (CelebA layout,
     /// e.g. from `modtrain synth`), `zappos:DIR` (UT-Zappos50K as unpacked: its
     /// images directory and ut-zap50k-data/meta-data.csv) or `folder:DIR` (images
-    /// with DIR/labels.csv: `file,<attribute>,…[,split]`, any class values). With
-    /// --resume: the checkpoint's.
+    /// with DIR/labels.csv: `file,<attribute>,…[,split]`, any class values)
+    /// [default with --resume: the data the checkpoint was trained on].
     #[arg(long)]
     data: Option<String>,
     /// Images to generate for `--data synth` [default: 6000; with --resume: the checkpoint's].
@@ -115,9 +115,10 @@ pub struct TrainArgs {
     /// tasks; learns the synthetic set fastest).
     #[arg(long, default_value = "sampled")]
     mining: String,
-    /// Adagrad's starting accumulator (TensorFlow's 0.1; PyTorch's 0 takes larger first steps).
-    #[arg(long, default_value_t = 0.1)]
-    adagrad_init: f64,
+    /// Adagrad's starting accumulator (TensorFlow's 0.1; PyTorch's 0 takes larger
+    /// first steps) [default: 0.1]. Only with --optimizer adagrad.
+    #[arg(long)]
+    adagrad_init: Option<f64>,
     /// Measure the Update Compliance Ratio between every pair of tasks (paper
     /// section 3.1: the fraction of minibatches whose per-task gradients on the
     /// shared parameters agree in sign) on every N-th minibatch; 1 measures all of
@@ -252,6 +253,13 @@ impl TrainArgs {
             .as_deref()
             .map_or(defaults.data.clone(), absolute_data);
         let source: DataSource = data.parse()?;
+        if let Some(init) = self.adagrad_init
+            && optimizer != OptimizerKind::Adagrad
+        {
+            anyhow::bail!(
+                "--adagrad-init {init}: is for --optimizer adagrad, not {optimizer}; leave it out"
+            );
+        }
         Ok(TrainConfig {
             spec,
             variant,
@@ -276,7 +284,9 @@ impl TrainArgs {
             margin: self.margin,
             mining: self.mining.parse()?,
             optimizer,
-            adagrad_initial_accumulator: self.adagrad_init,
+            adagrad_initial_accumulator: self
+                .adagrad_init
+                .unwrap_or(TrainConfig::default().adagrad_initial_accumulator),
             seed: self.seed,
             preprocess: defaults.preprocess,
             ucr_every: self.ucr_every.unwrap_or(0),
@@ -384,6 +394,9 @@ impl TrainArgs {
 
     pub fn run(self) -> Result<()> {
         let device = super::device(&self.device)?;
+        if self.epochs == Some(0) {
+            anyhow::bail!("--epochs 0 trains nothing and writes no checkpoint: give 1 or more");
+        }
         // The config comes from the checkpoint when resuming, so the data is loaded
         // at the size it was trained at.
         let cfg = match &self.resume {
@@ -411,6 +424,22 @@ impl TrainArgs {
             None => self.config()?,
         };
         // Before the data, which may take a while to load.
+        let generated = matches!(cfg.data.parse::<DataSource>()?, DataSource::Synth);
+        if let Some(n) = self.synth_images
+            && !generated
+        {
+            anyhow::bail!(
+                "--synth-images {n}: is for --data synth, and {} is read from files; leave it out (--limit N loads fewer of them)",
+                cfg.data
+            );
+        }
+        if let Some(n) = self.limit
+            && generated
+        {
+            anyhow::bail!(
+                "--limit {n}: is for celeba:, zappos: and folder: data; --data synth generates --synth-images faces instead"
+            );
+        }
         self.check_outputs(cfg.init_from.as_deref())?;
         cfg.validate()?;
         let mut cfg = cfg;

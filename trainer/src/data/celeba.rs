@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::{Dataset, Progress, Split, synth};
+use super::{Dataset, Progress, Split, read_text, synth};
 use crate::{Error, Result};
 
 pub use modkit_models::celeba::{ATTR_FILE, AttrTable, IMAGES, PARTITION_FILE, parse_attributes};
@@ -29,13 +29,6 @@ fn malformed(path: &Path, line: usize, msg: impl Into<String>) -> Error {
         line,
         msg: msg.into(),
     }
-}
-
-fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })
 }
 
 /// Parses `list_eval_partition.txt` text.
@@ -88,7 +81,12 @@ pub fn load_with_progress(
     if let Some(n) = limit {
         table.rows.truncate(n);
     }
-    Dataset::check_fits(table.rows.len(), size, &attr_path.display().to_string())?;
+    Dataset::check_fits(
+        table.rows.len(),
+        size,
+        &attr_path.display().to_string(),
+        "--limit",
+    )?;
     let splits = table
         .rows
         .iter()

@@ -107,7 +107,7 @@ pub(crate) fn assemble(
     progress: Progress,
 ) -> Result<Dataset> {
     let n = table.rows.len();
-    Dataset::check_fits(n, size, &labels_path.display().to_string())?;
+    Dataset::check_fits(n, size, &labels_path.display().to_string(), "--limit")?;
     let mut labels = vec![0u16; n * table.attributes.len()];
     let mut classes = Vec::new();
     for (a, name) in table.attributes.iter().enumerate() {
@@ -154,10 +154,7 @@ pub fn load_with_progress(
     progress: Progress,
 ) -> Result<Dataset> {
     let path = dir.join(LABELS);
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = super::read_text(&path)?;
     let table = parse_labels(&text, &path, limit)?;
     assemble(table, dir, size, Fit::Crop, (80, 10), &path, progress)
 }

@@ -121,12 +121,12 @@ impl Dataset {
 
     /// Checks that `n` images of `size`×`size` fit in [`MAX_PIXEL_BYTES`] before
     /// they are generated or decoded; `what` names what asked for them (an option,
-    /// or a label file) in the error.
-    pub fn check_fits(n: usize, size: usize, what: &str) -> Result<()> {
+    /// or a label file) in the error, `fewer` the option that asks for fewer.
+    pub fn check_fits(n: usize, size: usize, what: &str, fewer: &str) -> Result<()> {
         let bytes = n as u128 * (size as u128).pow(2) * 3;
         if bytes > u128::from(MAX_PIXEL_BYTES) {
             return Err(Error::Config(format!(
-                "{what}: {n} images of {size}×{size} would take {:.1} GiB of memory, over the {} GiB a dataset may; use fewer or smaller images (--limit, --input-size)",
+                "{what}: {n} images of {size}×{size} would take {:.1} GiB of memory, over the {} GiB a dataset may; use fewer or smaller images ({fewer}, --input-size)",
                 bytes as f64 / f64::from(1u32 << 30),
                 MAX_PIXEL_BYTES >> 30
             )));
@@ -213,6 +213,24 @@ pub(crate) fn encode_column(
 }
 
 pub use modkit_models::Fit;
+
+/// A label or annotation file's text; bytes that are not UTF-8 are an error
+/// naming their line, not "stream did not contain valid UTF-8".
+pub(crate) fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::Malformed {
+            path: path.into(),
+            line,
+            msg: "is not UTF-8 text; save the file as UTF-8".into(),
+        }
+    })
+}
 
 /// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes,
 /// the runtime's pixels ([`modkit_models::pixels`]).
@@ -303,6 +321,18 @@ mod tests {
     use super::synth::ATTRIBUTES;
     use super::synth::attr::*;
     use super::*;
+
+    /// A file saved in Latin-1 names the line of its first non-UTF-8 byte.
+    #[test]
+    fn text_that_is_not_utf8_names_its_line() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("list_attr_celeba.txt");
+        std::fs::write(&path, b"2\nSmiling\ncaf\xe9.png 1\n").expect("write");
+        let err = read_text(&path).expect_err("latin-1").to_string();
+        assert!(err.contains("line 3: is not UTF-8 text"), "{err}");
+        std::fs::write(&path, "2\nSmiling\ncafé.png 1\n").expect("write");
+        assert!(read_text(&path).expect("utf-8").contains("café"));
+    }
 
     #[test]
     fn synthetic_set_has_the_designed_correlations() {

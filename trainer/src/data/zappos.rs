@@ -84,10 +84,7 @@ pub fn load_with_progress(
     progress: Progress,
 ) -> Result<Dataset> {
     let meta = dir.join(META);
-    let text = std::fs::read_to_string(&meta).map_err(|source| Error::Io {
-        path: meta.clone(),
-        source,
-    })?;
+    let text = super::read_text(&meta)?;
     let Some(images) = IMAGE_DIRS.iter().map(|d| dir.join(d)).find(|d| d.is_dir()) else {
         return Err(Error::Config(format!(
             "{dir:?} has neither {} nor {}: unpack ut-zap50k-images-square.zip there",
