@@ -113,7 +113,9 @@ pub struct Demo {
 }
 
 impl Demo {
-    /// Checks that `tasks` (default: all the index holds) exist in both.
+    /// Checks that `tasks` (default: all the index holds) exist in both, the
+    /// package first: a task it lacks is [`modkit_models::Error::UnknownTask`],
+    /// not an index to rebuild with a task it cannot embed.
     pub fn new(
         model: Model,
         index: GalleryIndex,
@@ -124,6 +126,7 @@ impl Demo {
         let names: Vec<String> = if tasks.is_empty() {
             index.tasks.iter().map(|t| t.task.clone()).collect()
         } else {
+            model.select_tasks(tasks)?;
             index
                 .select(tasks, index_path)?
                 .iter()

@@ -13,6 +13,7 @@ use embedded_graphics::prelude::{OriginDimensions, RgbColor};
 use modkit_firmware_demo::app::{Demo, Folder, Query, QuerySource, Ranked};
 use modkit_firmware_demo::fb::Framebuffer;
 use modkit_firmware_demo::screen::{self, Frame};
+use modkit_models::celeba::IMAGES;
 use modkit_models::output::{self, Output};
 use modkit_runtime::canvas::RgbCanvas;
 use modkit_runtime::{GalleryIndex, Model, Options};
@@ -40,7 +41,8 @@ struct Cli {
     #[arg(long, short)]
     index: PathBuf,
     /// Where the gallery images are now, if not where they were indexed (the
-    /// index stores paths relative to this folder).
+    /// index stores paths relative to this folder): the folder given to
+    /// `modrt index`, or a CelebA-layout folder holding img_align_celeba/.
     #[arg(long)]
     gallery: Option<PathBuf>,
     /// A query image, or a folder of them (.jpg/.png, in name order).
@@ -56,14 +58,14 @@ struct Cli {
     /// `fb:/dev/fb0` (the Linux framebuffer, RGB565 or XRGB8888).
     #[arg(long, default_value = "png:frame.png")]
     display: String,
-    /// Screen size for PNG output, WIDTHxHEIGHT.
+    /// Screen size for PNG output, WIDTHxHEIGHT (160x120 to 4096x4096).
     #[arg(long, default_value = "480x320")]
     size: String,
     /// Draw every query × task once, print the results and exit.
     #[arg(long)]
     once: bool,
     /// With --once: print the results as JSON.
-    #[arg(long)]
+    #[arg(long, requires = "once")]
     json: bool,
     /// Draw "-- ms" instead of timings, so frames are reproducible (golden images).
     #[arg(long)]
@@ -72,8 +74,12 @@ struct Cli {
     /// /sys/class/gpio/gpio17/value after exporting the pin as an input.
     #[arg(long)]
     gpio: Option<PathBuf>,
-    /// Threads for tract's matrix products.
-    #[arg(long, default_value_t = 1)]
+    /// Threads for tract's matrix products (1 to 64).
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64)
+    )]
     threads: usize,
 }
 
@@ -98,8 +104,13 @@ impl Display {
                     (160..=4096).contains(&w) && (120..=4096).contains(&h)
                 })
                 .with_context(|| {
-                    format!("--size {size:?}: use WIDTHxHEIGHT, at least 160x120, e.g. 480x320")
+                    format!(
+                        "--size {size:?}: use WIDTHxHEIGHT from 160x120 to 4096x4096, e.g. 480x320"
+                    )
                 })?;
+            if path.is_empty() {
+                bail!("--display {spec:?} names no file; give a path, e.g. png:frame.png");
+            }
             if let Some(dir) = Path::new(path)
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
@@ -119,7 +130,15 @@ impl Display {
             });
         }
         if let Some(dev) = spec.strip_prefix("fb:") {
-            let fb = Framebuffer::open(Path::new(dev)).map_err(anyhow::Error::msg)?;
+            let fb = Framebuffer::open(Path::new(dev)).map_err(|e| {
+                if Path::new(dev).exists() {
+                    anyhow::anyhow!("--display {spec}: {e}")
+                } else {
+                    anyhow::anyhow!(
+                        "--display {spec}: no such framebuffer; name one that `ls /dev/fb*` lists, or draw to a file with png:PATH"
+                    )
+                }
+            })?;
             return Ok(Display::Fb(fb));
         }
         bail!("--display {spec:?}: use png:PATH or fb:/dev/fb0")
@@ -176,18 +195,27 @@ impl Display {
         Ok(())
     }
 
-    /// Checks, before any work, every file the frames of `queries` × `tasks` will go to.
+    /// Checks, before any work, every file the frames of `queries` × `tasks` will
+    /// go to, and that no two queries' frames go to one file (`a.png`, `a.jpg`).
     fn check_frames(
         &self,
         queries: &[PathBuf],
         tasks: &[String],
         gallery: &GalleryIndex,
     ) -> Result<()> {
+        let mut taken = std::collections::HashMap::new();
         for query in queries {
             let name = query.file_name().unwrap_or_default().to_string_lossy();
             for task in tasks {
                 if let Some(file) = self.frame_file(&name, task) {
                     self.check_frame(&file, gallery)?;
+                    if self.writes_every_frame()
+                        && let Some(other) = taken.insert(file.clone(), name.clone())
+                    {
+                        bail!(
+                            "the frames of queries {other:?} and {name:?} would both be written to {file:?}; rename one of them, or give them one at a time"
+                        );
+                    }
                 }
                 if !self.writes_every_frame() {
                     return Ok(());
@@ -240,11 +268,24 @@ fn events(gpio: Option<PathBuf>) -> mpsc::Receiver<Event> {
     if let Some(path) = gpio {
         std::thread::spawn(move || {
             // A button to ground with a pull-up reads 1 until pressed.
-            let mut last = true;
+            let (mut last, mut failing) = (true, false);
             loop {
-                let high = std::fs::read_to_string(&path)
-                    .map(|v| v.trim() != "0")
-                    .unwrap_or(true);
+                let high = match std::fs::read_to_string(&path) {
+                    Ok(v) => {
+                        failing = false;
+                        v.trim() != "0"
+                    }
+                    Err(e) => {
+                        // Said once, not every 30 ms, until it reads again.
+                        if !failing {
+                            eprintln!(
+                                "firmware-demo: --gpio {path:?}: {e}; the button does nothing until the file reads again"
+                            );
+                        }
+                        failing = true;
+                        true
+                    }
+                };
                 if last && !high && tx.send(Event::NextTask).is_err() {
                     return;
                 }
@@ -269,6 +310,51 @@ fn check_gpio(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The gallery folder `--gallery` names: `dir`, or its `img_align_celeba/` where
+/// it is a CelebA-layout folder (as `modrt index` takes it).
+fn gallery_root(dir: &Path) -> Result<PathBuf> {
+    if dir.is_file() {
+        bail!("--gallery {dir:?} is a file; give the folder the index was built from");
+    }
+    if !dir.is_dir() {
+        bail!("--gallery {dir:?}: no such folder; give the folder the index was built from");
+    }
+    let images = dir.join(IMAGES);
+    Ok(if images.is_dir() {
+        images
+    } else {
+        dir.to_path_buf()
+    })
+}
+
+/// Says once, on stderr, that result images of a drawn frame are not where the
+/// index says (drawn as "missing" boxes). `warned` remembers that it was said.
+fn warn_missing(index: &GalleryIndex, ranked: &[Ranked], warned: &mut bool) {
+    if *warned {
+        return;
+    }
+    let missing = ranked
+        .iter()
+        .filter(|r| !index.path(r.row).exists())
+        .count();
+    if missing == 0 {
+        return;
+    }
+    *warned = true;
+    let what = format!(
+        "{missing} of {} result images are not under {:?}",
+        ranked.len(),
+        index.root
+    );
+    if missing == ranked.len() {
+        eprintln!("firmware-demo: {what}; pass --gallery with the folder the index was built from");
+    } else {
+        eprintln!(
+            "firmware-demo: {what} (removed since indexing?); they are drawn as missing until the index is rebuilt"
+        );
+    }
 }
 
 fn print_results(query: &str, task: &str, ranked: &[Ranked]) -> std::io::Result<()> {
@@ -319,13 +405,23 @@ fn run(cli: Cli) -> Result<()> {
         },
     )?;
     let mut index = GalleryIndex::load_for(&cli.index, &model)?;
-    if let Some(root) = &cli.gallery {
-        index.root = root.clone();
+    if let Some(dir) = &cli.gallery {
+        index.root = gallery_root(dir)?;
     }
-    let demo = Demo::new(model, index, &cli.index, &cli.task, cli.k)?;
+    let demo = Demo::new(model, index, &cli.index, &cli.task, cli.k).map_err(|e| match e {
+        modkit_runtime::Error::Models(modkit_models::Error::UnknownTask { name, available }) => {
+            anyhow::anyhow!(
+                "--task {name:?}: the package {:?} has no such task; pick one of its tasks: {}",
+                cli.model,
+                available.join(", ")
+            )
+        }
+        e => e.into(),
+    })?;
     display.check_frames(source.paths(), &demo.tasks, &demo.index)?;
     let n = source.count().unwrap_or(1);
     let show_timings = !cli.no_timings;
+    let mut warned = false;
 
     if cli.once {
         let mut all = Vec::new();
@@ -339,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
                 if first || display.writes_every_frame() {
                     let to = display.show(&frame, &query.name, &demo.index)?;
                     eprintln!("frame: {to}");
+                    warn_missing(&demo.index, &ranked, &mut warned);
                     first = false;
                 }
                 if !cli.json {
@@ -387,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
         loop {
             let (frame, ranked) = demo.frame(&query, (q % n + 1, n), t, show_timings)?;
             display.show(&frame, &query.name, &demo.index)?;
+            warn_missing(&demo.index, &ranked, &mut warned);
             // The screen is the product: a closed stdout does not stop it.
             let _ = print_results(&query.name, &demo.tasks[t], &ranked);
             let tasks = demo.tasks.len();

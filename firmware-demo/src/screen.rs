@@ -186,6 +186,24 @@ fn yes_no(v: Option<bool>) -> &'static str {
     }
 }
 
+/// A result's caption in `room` characters: its rank whole, then its distance
+/// with as many decimals as fit, `0.12` shortened to `.12` where that is what
+/// fits (no distance where the rank takes the room).
+fn caption(rank: usize, distance: f32, room: usize) -> String {
+    let rank = format!("#{rank}");
+    (1..=3)
+        .rev()
+        .flat_map(|decimals| {
+            let d = format!("{distance:.decimals$}");
+            let short = d.strip_prefix('0').map(str::to_string);
+            [Some(d), short]
+        })
+        .flatten()
+        .map(|d| format!("{rank} {d}"))
+        .find(|c| c.len() <= room)
+        .unwrap_or_else(|| fit(&rank, room))
+}
+
 /// Draws `frame` on `d`, filling the whole target.
 pub fn draw<D: DrawTarget<Color = Rgb888>>(d: &mut D, frame: &Frame) -> Result<Layout, D::Error> {
     let l = Layout::new(d.bounding_box().size, frame.k);
@@ -256,10 +274,9 @@ pub fn draw<D: DrawTarget<Color = Rgb888>>(d: &mut D, frame: &Frame) -> Result<L
             (Some(_), Some(_)) => MISMATCH,
             _ => TEXT,
         };
-        let caption = format!("#{} {:.3}", i + 1, tile.distance);
         text(
             d,
-            &fit(&caption, chars(l.thumb, 6)),
+            &caption(i + 1, tile.distance, chars(l.thumb, 6)),
             at + Point::new(0, l.thumb as i32 + 1),
             colour,
         )?;
@@ -449,6 +466,25 @@ mod tests {
         let (img, l) = render(&frame("smiling", 0, 5), 480, 320);
         let p0 = l.tile(0);
         assert!(colours(&img, p0.x as u32, p0.y as u32 + 4, 60, 10).contains(&rgb(DIM)));
+    }
+
+    #[test]
+    fn two_digit_ranks_are_drawn_whole() {
+        // k = 14 makes the thumbnails narrow: 5 characters of caption.
+        let f = frame("smiling", 14, 14);
+        let (img, l) = render(&f, 480, 320);
+        assert!(l.capacity() >= 14 && l.thumb / 6 <= 6, "{l:?}");
+        // Rank 10 (tile 9; its value differs from the query's) reads "#10 ", as
+        // drawn alone: not "#1~13".
+        let at = l.tile(9) + Point::new(0, l.thumb as i32 + 1);
+        let (w, h) = (4 * 6, 10);
+        let mut want = RgbCanvas::new(w, h, BACKGROUND);
+        text(&mut want, "#10 ", Point::zero(), MISMATCH).expect("infallible");
+        let got = image::imageops::crop_imm(&img, at.x as u32, at.y as u32, w, h).to_image();
+        assert!(got == want.image, "rank 10's caption is not \"#10\"");
+        assert_eq!(caption(10, 0.1234, 5), "#10");
+        assert_eq!(caption(1, 0.1234, 5), "#1 .1");
+        assert_eq!(caption(1, 0.1234, 8), "#1 0.123");
     }
 
     #[test]

@@ -96,6 +96,13 @@ fn once_draws_every_query_and_task_and_survives_k_and_missing_images() {
         err.contains("skipping query 1 of 3") && err.contains("._q0.jpg"),
         "{err}"
     );
+    // g2.png is in every ranking of 4: said once, as gone since indexing.
+    assert_eq!(
+        err.matches("1 of 4 result images are not under").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("removed since indexing?"), "{err}");
     for s in screens {
         let results = s["results"].as_array().expect("results");
         assert_eq!(results.len(), 4, "k=10 over a gallery of 4");
@@ -142,7 +149,8 @@ fn bad_arguments_are_one_line_errors() {
     let onto_index = format!("png:{i}");
     let onto_query = format!("png:{}", queries.join("q1.png").display());
     let nowhere = format!("png:{}/nowhere/{{}}.png", tmp.path().display());
-    let cases: [(&[&str], &str); 11] = [
+    let no_fb = format!("fb:{}", tmp.path().join("fb9").display());
+    let cases: [(&[&str], &str); 16] = [
         (
             &["-m", m, "-i", i, "--queries", q, "--gpio", none],
             "/sys/class/gpio/export",
@@ -163,7 +171,7 @@ fn bad_arguments_are_one_line_errors() {
                 "smile",
                 "--once",
             ],
-            "smile",
+            "--task \"smile\": the package",
         ),
         (
             &[
@@ -206,6 +214,76 @@ fn bad_arguments_are_one_line_errors() {
                 "--once",
             ],
             "--size",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--size",
+                "8192x8192",
+                "--once",
+            ],
+            "from 160x120 to 4096x4096",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                "png:",
+                "--once",
+            ],
+            "names no file; give a path",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                &no_fb,
+                "--once",
+            ],
+            "fb9: no such framebuffer; name one that `ls /dev/fb*` lists",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--gallery",
+                none,
+                "--once",
+            ],
+            "none\": no such folder; give the folder the index was built from",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--gallery",
+                text,
+                "--once",
+            ],
+            "text\" is a file; give the folder the index was built from",
         ),
         (
             &["-m", m, "-i", i, "--queries", none, "--once"],
@@ -264,6 +342,46 @@ fn bad_arguments_are_one_line_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // Options that would be ignored are refused by the parser.
+    let frame = format!("png:{}", tmp.path().join("frame.png").display());
+    let ignored: [(&[&str], &str); 2] = [
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                &frame,
+                "--json",
+            ],
+            "--once",
+        ),
+        (
+            &[
+                "-m",
+                m,
+                "-i",
+                i,
+                "--queries",
+                q,
+                "--display",
+                &frame,
+                "--threads",
+                "1000",
+                "--once",
+            ],
+            "1000 is not in 1..=64",
+        ),
+    ];
+    for (args, want) in ignored {
+        let out = demo(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
     // Nor an image of the gallery.
@@ -336,6 +454,143 @@ fn bad_arguments_are_one_line_errors() {
 }
 
 #[test]
+fn gallery_moved_is_found_through_gallery_and_missing_images_are_said_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (gallery, queries, idx) = setup(tmp.path());
+    // The indexed folder, moved into a CelebA layout (as `modtrain synth` writes).
+    let moved = tmp.path().join("moved");
+    std::fs::create_dir_all(&moved).expect("mkdir");
+    std::fs::rename(&gallery, moved.join("img_align_celeba")).expect("mv");
+    let model = pretrained();
+    let frames = format!("png:{}", tmp.path().join("f-{}.png").display());
+    let run = |gallery: Option<&Path>| {
+        let mut args = vec![
+            "-m",
+            model.to_str().expect("p"),
+            "-i",
+            idx.to_str().expect("p"),
+            "--queries",
+            queries.to_str().expect("p"),
+            "--task",
+            "smiling,young",
+            "--once",
+            "--display",
+            &frames,
+        ];
+        if let Some(g) = gallery {
+            args.extend(["--gallery", g.to_str().expect("p")]);
+        }
+        let out = demo(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{gallery:?}: {err}");
+        err
+    };
+    // Not where indexed: said once for 4 frames, with what to do.
+    let err = run(None);
+    let said: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("result images are not under"))
+        .collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(
+        said[0].contains("4 of 4") && said[0].contains("pass --gallery with the folder"),
+        "{err}"
+    );
+    assert_eq!(err.matches("frame: ").count(), 4, "{err}");
+    // The CelebA-layout root, as `modrt index` takes it, or its image folder.
+    for g in [moved.clone(), moved.join("img_align_celeba")] {
+        let err = run(Some(&g));
+        assert!(!err.contains("not under"), "{g:?}: {err}");
+    }
+}
+
+#[test]
+fn frames_of_two_queries_never_go_to_one_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (gallery, _, idx) = setup(tmp.path());
+    let queries = tmp.path().join("same");
+    std::fs::create_dir_all(&queries).expect("mkdir");
+    let img = image::open(gallery.join("g0.png")).expect("png").to_rgb8();
+    img.save(queries.join("a.png")).expect("png");
+    img.save(queries.join("a.jpg")).expect("jpg");
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let display = format!("png:{}", out_dir.join("dd-{}.png").display());
+    let model = pretrained();
+    let out = demo(&[
+        "-m",
+        model.to_str().expect("p"),
+        "-i",
+        idx.to_str().expect("p"),
+        "--queries",
+        queries.to_str().expect("p"),
+        "--task",
+        "smiling",
+        "--once",
+        "--display",
+        &display,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("queries \"a.jpg\" and \"a.png\" would both be written to")
+            && err.contains("dd-a-smiling.png")
+            && err.contains("rename one of them"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out_dir).expect("ls").count(),
+        0,
+        "no frame written"
+    );
+}
+
+#[test]
+fn a_task_the_package_lacks_is_not_a_task_to_index() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (gallery, queries, _) = setup(tmp.path());
+    // An index of two of the package's tasks.
+    let loaded = Model::load(&pretrained()).expect("pretrained");
+    let tasks = loaded
+        .select_tasks(&["smiling".into(), "young".into()])
+        .expect("tasks");
+    let (sub, _) = index::build(&loaded, &gallery, &tasks, None, &|_, _| {}).expect("index");
+    let sub_i = tmp.path().join("sub.modidx");
+    sub.save(&sub_i).expect("save");
+    let model = pretrained();
+    let run = |task: &str| {
+        let out = demo(&[
+            "-m",
+            model.to_str().expect("p"),
+            "-i",
+            sub_i.to_str().expect("p"),
+            "--queries",
+            queries.to_str().expect("p"),
+            "--task",
+            task,
+            "--once",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{task}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    // Not in the package: no index can hold it; the package's tasks are listed.
+    let err = run("nope");
+    assert!(
+        err.contains("--task \"nope\": the package")
+            && err.contains("has no such task")
+            && err.contains("bald")
+            && !err.contains("rebuild"),
+        "{err}"
+    );
+    // In the package, not in the index: rebuilding the index is the fix.
+    let err = run("bald");
+    assert!(err.contains("`--tasks smiling,young,bald`"), "{err}");
+}
+
+#[test]
 fn a_button_keeps_the_demo_running_without_stdin_and_pipes_may_close() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (_, queries, idx) = setup(tmp.path());
@@ -381,12 +636,20 @@ fn a_button_keeps_the_demo_running_without_stdin_and_pipes_may_close() {
     let running = child.try_wait().expect("try_wait").is_none();
     std::fs::write(&gpio, "0\n").expect("press");
     let pressed = wait_for("frame-q0-young.png");
+    // The value file gone (the pin unexported): said once, not every poll.
+    std::fs::remove_file(&gpio).expect("rm");
+    std::thread::sleep(Duration::from_millis(300));
     let _ = child.kill();
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         first && running && pressed,
         "first {first}, running {running}, pressed {pressed}: {err}"
+    );
+    assert_eq!(err.matches("--gpio").count(), 1, "{err}");
+    assert!(
+        err.contains("the button does nothing until the file reads again"),
+        "{err}"
     );
 
     // Without a button, the end of stdin quits (exit 0).
