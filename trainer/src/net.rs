@@ -38,6 +38,10 @@ struct Norm {
     inner: BatchNorm,
     running_mean: Var,
     running_var: Var,
+    /// Part of a fixed network (`only-mask`): outside batch statistics, one
+    /// constant affine map per channel, through which gradients reach the input
+    /// only.
+    frozen: bool,
 }
 
 impl Norm {
@@ -50,7 +54,37 @@ impl Norm {
             inner,
             running_mean,
             running_var,
+            frozen: false,
         })
+    }
+
+    /// The running statistics and affine parameters as one map per channel,
+    /// `x · scale + shift`, detached, shaped to broadcast over `x` along `axis`.
+    fn frozen_affine(&self, x: &Tensor, axis: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((gamma, beta)) = self.inner.weight_and_bias() else {
+            return Ok(None);
+        };
+        let var = self.running_var.as_tensor().detach();
+        let mean = self.running_mean.as_tensor().detach();
+        let scale = (gamma.detach() / (var + self.inner.eps())?.sqrt()?)?;
+        let shift = (beta.detach() - (mean * &scale)?)?;
+        let mut shape = vec![1; x.rank()];
+        shape[axis] = x.dim(axis)?;
+        Ok(Some((scale.reshape(shape.clone())?, shift.reshape(shape)?)))
+    }
+
+    /// [`Norm::frozen_affine`] applied to `x` along `axis`, where this BatchNorm
+    /// is part of a frozen network and runs on its running statistics. candle-nn's
+    /// evaluation form would also differentiate the statistics and parameters and
+    /// made only-mask's backward ~6× the modulated network's.
+    fn frozen_forward(&self, x: &Tensor, axis: usize, train: bool) -> Result<Option<Tensor>> {
+        if train || !self.frozen {
+            return Ok(None);
+        }
+        let Some((scale, shift)) = self.frozen_affine(x, axis)? else {
+            return Ok(None);
+        };
+        Ok(Some(x.broadcast_mul(&scale)?.broadcast_add(&shift)?))
     }
 
     /// `BN(x) (+ skip) (→ ReLU when relu)` of channel-major `xc: [C, B, …]`; the
@@ -62,6 +96,9 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if let Some(y) = self.frozen_forward(xc, 0, train)? {
+            return skip_relu(y.transpose(0, 1)?, relu, skip);
+        }
         let Some((gamma, beta)) = self.fused_affine(xc, train) else {
             return self.forward_batch_major(&xc.transpose(0, 1)?, train, relu, skip);
         };
@@ -80,9 +117,12 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let y = match self.gpu_forward(x, train)? {
+        let y = match self.frozen_forward(x, 1, train)? {
             Some(y) => y,
-            None => self.inner.forward_t(x, train)?,
+            None => match self.gpu_forward(x, train)? {
+                Some(y) => y,
+                None => self.inner.forward_t(x, train)?,
+            },
         };
         skip_relu(y, relu, skip)
     }
@@ -344,6 +384,20 @@ impl Backbone {
         })
     }
 
+    /// Fixes the network: BatchNorm always on its running statistics.
+    fn freeze(&mut self) {
+        self.frozen = true;
+        let convs = std::iter::once(&mut self.conv1).chain(
+            self.blocks
+                .iter_mut()
+                .flat_map(|b| [&mut b.conv, &mut b.res1, &mut b.res2]),
+        );
+        let norms = convs.filter_map(|c| c.bn.as_mut()).chain(self.fc_bn.as_mut());
+        for norm in norms {
+            norm.frozen = true;
+        }
+    }
+
     /// Whether BatchNorm normalises with the batch's statistics (and updates the
     /// running ones): in training, unless the network is frozen.
     fn batch_statistics(&self, train: bool) -> bool {
@@ -408,7 +462,9 @@ impl Network {
         } else {
             let mut net = Backbone::new(spec, vb.clone())?;
             // Only-mask learns the modulation on a fixed network, statistics included.
-            net.frozen = variant == Variant::OnlyMask;
+            if variant == Variant::OnlyMask {
+                net.freeze();
+            }
             vec![net]
         };
         let modulation = if variant.is_modulated() {
@@ -714,6 +770,42 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    /// A frozen network's BatchNorm is candle-nn's evaluation form, as one affine
+    /// map per channel in either layout, and differentiates the input only.
+    #[test]
+    fn frozen_batch_norm_is_the_evaluation_form_for_the_input_only() {
+        use crate::ops::test_util::{grads_of, rand, rel_diff};
+        let mut varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let mut norm = Norm::new(3, vb).expect("norm");
+        let mut set = |name: &str, t: Tensor| varmap.set_one(name, t).expect(name);
+        set("weight", (rand(&[3], 1) + 1.0).expect("gamma"));
+        set("bias", rand(&[3], 2));
+        set("running_mean", rand(&[3], 3));
+        set("running_var", (rand(&[3], 4) + 1.0).expect("var"));
+        let x = Var::from_tensor(&rand(&[2, 3, 4, 5], 5)).expect("x");
+        let reference = norm.inner.forward_t(x.as_tensor(), false).expect("eval");
+        norm.frozen = true;
+        let batch_major = norm
+            .forward_batch_major(x.as_tensor(), false, false, None)
+            .expect("batch-major");
+        let xc = x.as_tensor().transpose(0, 1).and_then(|t| t.contiguous()).expect("xc");
+        let channel_major = norm.forward(&xc, false, false, None).expect("channel-major");
+        assert!(rel_diff(&batch_major, &reference) < 1e-6);
+        assert!(rel_diff(&channel_major, &reference) < 1e-6);
+        // ∂/∂x = γ / √(var + ε) per channel; nothing for the statistics or γ, β.
+        let up = rand(&[2, 3, 4, 5], 6);
+        let grads = grads_of(&batch_major, &up);
+        let (scale, _) = norm.frozen_affine(x.as_tensor(), 1).expect("affine").expect("γ");
+        let ones = scale.ones_like().expect("ones");
+        assert!(rel_diff(&scale, &ones) > 0.05, "the statistics set above apply");
+        let want = up.broadcast_mul(&scale).expect("want");
+        assert!(rel_diff(grads.get(x.as_tensor()).expect("∂x"), &want) < 1e-6);
+        let (gamma, _) = norm.inner.weight_and_bias().expect("affine");
+        assert!(grads.get(gamma).is_none());
+        assert!(grads.get(norm.running_var.as_tensor()).is_none());
+    }
 
     fn small_spec() -> NetSpec {
         let mut s = NetSpec::tiny();
