@@ -66,7 +66,11 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
     }
     crate::tasks::check_header(&attributes).map_err(|msg| malformed(path, 2, msg))?;
     // Not `count` rows up front: the header's count is checked against the rows.
-    let mut rows = Vec::new();
+    let mut rows: Vec<(String, Vec<bool>)> = Vec::new();
+    let mut listed = 0;
+    // Each file's line: a file listed twice alike is one image; listed with
+    // other values, the file is ambiguous.
+    let mut seen: std::collections::HashMap<String, (usize, usize)> = Default::default();
     for (no, line) in lines {
         let mut fields = line.split_whitespace();
         let Some(file) = fields.next() else { continue };
@@ -88,16 +92,27 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
                 ),
             ));
         }
+        listed += 1;
+        if let Some(&(first, row)) = seen.get(file) {
+            if rows[row].1 != labels {
+                return Err(malformed(
+                    path,
+                    no,
+                    format!(
+                        "{file:?} is listed again, with other values than on line {first}; keep one row per image"
+                    ),
+                ));
+            }
+            continue;
+        }
+        seen.insert(file.to_string(), (no, rows.len()));
         rows.push((file.to_string(), labels));
     }
-    if rows.len() != count {
+    if listed != count {
         return Err(malformed(
             path,
             1,
-            format!(
-                "the header says {count} images, the file lists {}",
-                rows.len()
-            ),
+            format!("the header says {count} images, the file lists {listed}"),
         ));
     }
     Ok(AttrTable { attributes, rows })
@@ -136,6 +151,16 @@ mod tests {
     }
 
     #[test]
+    fn a_row_listed_twice_alike_is_one_image() {
+        let t = parse_attributes("3\nA\na.jpg 1\nb.jpg -1\na.jpg 1\n", Path::new("attr.txt"))
+            .expect("parse");
+        assert_eq!(
+            t.rows,
+            [("a.jpg".into(), vec![true]), ("b.jpg".into(), vec![false])]
+        );
+    }
+
+    #[test]
     fn rejects_malformed_files_with_line_numbers() {
         let cases = [
             ("", "line 1"),
@@ -146,6 +171,10 @@ mod tests {
             ("2\nA B\na.jpg 1 1\n", "says 2 images"),
             ("1\nA b-c\na.jpg 1 1\n", "line 2"),
             ("1\nA a\na.jpg 1 1\n", "names \"a\" twice"),
+            (
+                "2\nA\na.jpg 1\na.jpg -1\n",
+                "line 4: \"a.jpg\" is listed again, with other values than on line 3",
+            ),
             // A count no file could hold: an error, not an allocation.
             (
                 "999999999999999999\nA\na.jpg 1\n",

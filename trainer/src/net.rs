@@ -392,7 +392,9 @@ impl Backbone {
                 .iter_mut()
                 .flat_map(|b| [&mut b.conv, &mut b.res1, &mut b.res2]),
         );
-        let norms = convs.filter_map(|c| c.bn.as_mut()).chain(self.fc_bn.as_mut());
+        let norms = convs
+            .filter_map(|c| c.bn.as_mut())
+            .chain(self.fc_bn.as_mut());
         for norm in norms {
             norm.frozen = true;
         }
@@ -790,16 +792,28 @@ mod tests {
         let batch_major = norm
             .forward_batch_major(x.as_tensor(), false, false, None)
             .expect("batch-major");
-        let xc = x.as_tensor().transpose(0, 1).and_then(|t| t.contiguous()).expect("xc");
-        let channel_major = norm.forward(&xc, false, false, None).expect("channel-major");
+        let xc = x
+            .as_tensor()
+            .transpose(0, 1)
+            .and_then(|t| t.contiguous())
+            .expect("xc");
+        let channel_major = norm
+            .forward(&xc, false, false, None)
+            .expect("channel-major");
         assert!(rel_diff(&batch_major, &reference) < 1e-6);
         assert!(rel_diff(&channel_major, &reference) < 1e-6);
         // ∂/∂x = γ / √(var + ε) per channel; nothing for the statistics or γ, β.
         let up = rand(&[2, 3, 4, 5], 6);
         let grads = grads_of(&batch_major, &up);
-        let (scale, _) = norm.frozen_affine(x.as_tensor(), 1).expect("affine").expect("γ");
+        let (scale, _) = norm
+            .frozen_affine(x.as_tensor(), 1)
+            .expect("affine")
+            .expect("γ");
         let ones = scale.ones_like().expect("ones");
-        assert!(rel_diff(&scale, &ones) > 0.05, "the statistics set above apply");
+        assert!(
+            rel_diff(&scale, &ones) > 0.05,
+            "the statistics set above apply"
+        );
         let want = up.broadcast_mul(&scale).expect("want");
         assert!(rel_diff(grads.get(x.as_tensor()).expect("∂x"), &want) < 1e-6);
         let (gamma, _) = norm.inner.weight_and_bias().expect("affine");

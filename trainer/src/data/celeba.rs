@@ -56,7 +56,25 @@ pub fn parse_partition(text: &str, path: &Path) -> Result<HashMap<String, Split>
                 ));
             }
         };
-        out.insert(file.to_string(), split);
+        if let Some(extra) = fields.next() {
+            return Err(malformed(
+                path,
+                i + 1,
+                format!(
+                    "{extra:?} after {file:?}'s partition: write one file and one code per line"
+                ),
+            ));
+        }
+        if out
+            .insert(file.to_string(), split)
+            .is_some_and(|s| s != split)
+        {
+            return Err(malformed(
+                path,
+                i + 1,
+                format!("{file:?} is listed again, in another partition; keep one line per image"),
+            ));
+        }
     }
     Ok(out)
 }
@@ -321,6 +339,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2") && err.contains("`b.jpg 0`"), "{err}");
+        // A file in two partitions, or a third field: refused; listed twice alike: one.
+        for (text, want) in [
+            (
+                "a.jpg 0\nb.jpg 1\na.jpg 2\n",
+                "line 3: \"a.jpg\" is listed again, in another partition",
+            ),
+            ("a.jpg 0 x\n", "line 1: \"x\" after \"a.jpg\"'s partition"),
+        ] {
+            let err = parse_partition(text, Path::new("p.txt"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let p = parse_partition("a.jpg 0\na.jpg 0\n", Path::new("p.txt")).expect("alike");
+        assert_eq!(p.len(), 1);
     }
 
     /// 6,000 images at 1024² would take 17.6 GiB: refused from the attribute

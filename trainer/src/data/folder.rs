@@ -36,7 +36,33 @@ fn malformed(path: &Path, line: usize, msg: impl Into<String>) -> Error {
 /// (`None`: empty) and its split, if given.
 pub(crate) struct Table {
     pub attributes: Vec<String>,
-    pub rows: Vec<(String, Vec<Option<String>>, Option<Split>)>,
+    pub rows: Vec<Row>,
+}
+
+/// A file, its attributes' values (`None`: unknown) and its split, if given.
+pub(crate) type Row = (String, Vec<Option<String>>, Option<Split>);
+
+/// Adds `row` (from line `line`) to `rows` unless its file is there already:
+/// listed again alike, it is one image; with other values or split, it is
+/// ambiguous and comes back as the error's message. `seen` maps each file to its
+/// line and row.
+pub(crate) fn duplicate(
+    seen: &mut std::collections::HashMap<String, (usize, usize)>,
+    rows: &mut Vec<Row>,
+    row: Row,
+    line: usize,
+) -> Option<String> {
+    if let Some(&(first, i)) = seen.get(&row.0) {
+        return (rows[i] != row).then(|| {
+            format!(
+                "{:?} is listed again, with other values than on line {first}; keep one row per image",
+                row.0
+            )
+        });
+    }
+    seen.insert(row.0.clone(), (line, rows.len()));
+    rows.push(row);
+    None
 }
 
 /// Reads `labels.csv` text: a header whose first column names the files and an
@@ -61,7 +87,8 @@ pub(crate) fn parse_labels(text: &str, path: &Path, limit: Option<usize>) -> Res
     }
     let attributes: Vec<String> = attr_cols.iter().map(|&c| names[c].clone()).collect();
     modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(path, 1, msg))?;
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut seen = std::collections::HashMap::new();
     for (i, record) in reader.records().enumerate() {
         if limit.is_some_and(|n| rows.len() >= n) {
             break;
@@ -89,7 +116,10 @@ pub(crate) fn parse_labels(text: &str, path: &Path, limit: Option<usize>) -> Res
                 ));
             }
         };
-        rows.push((file.to_string(), values, split));
+        let row = (file.to_string(), values, split);
+        if let Some(dup) = duplicate(&mut seen, &mut rows, row, line) {
+            return Err(malformed(path, line, dup));
+        }
     }
     Ok(Table { attributes, rows })
 }
@@ -174,6 +204,19 @@ mod tests {
         assert_eq!(t.rows[2].2, None);
         let t = parse_labels(text, Path::new("labels.csv"), Some(2)).expect("limit");
         assert_eq!(t.rows.len(), 2);
+        // A file listed twice: alike, one image; otherwise refused with its line.
+        let twice = format!("{text}a.png,boots,1,train\n");
+        let t = parse_labels(&twice, Path::new("labels.csv"), None).expect("alike");
+        assert_eq!(t.rows.len(), 3);
+        let other = format!("{text}a.png,boots,-1,train\n");
+        let Err(err) = parse_labels(&other, Path::new("labels.csv"), None) else {
+            panic!("refused")
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("line 5: \"a.png\" is listed again, with other values than on line 2"),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().expect("tmp");
         for (f, shade) in [("a.png", 10u8), ("b.png", 120), ("c.png", 250)] {

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::folder::{Table, assemble};
+use super::folder::{Table, assemble, duplicate};
 use super::{Dataset, Fit, Progress};
 use crate::{Error, Result};
 
@@ -118,6 +118,7 @@ pub fn load_with_progress(
     let attributes: Vec<String> = header.iter().skip(1).map(snake).collect();
     modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(1, msg))?;
     let mut rows = Vec::new();
+    let mut seen = HashMap::new();
     let mut without_image = 0;
     for (i, record) in reader.records().enumerate() {
         if limit.is_some_and(|n| rows.len() >= n) {
@@ -142,7 +143,12 @@ pub fn load_with_progress(
                     .map(str::to_string)
             })
             .collect();
-        rows.push((file, values, None));
+        if let Some(dup) = duplicate(&mut seen, &mut rows, (file, values, None), i + 2) {
+            return Err(malformed(
+                i + 2,
+                dup.replace(" row per image", " row per shoe"),
+            ));
+        }
     }
     if rows.is_empty() {
         return Err(Error::Config(format!(
@@ -253,6 +259,18 @@ mod tests {
             img[6 * 12 * 3]
         );
         assert_eq!(load(dir.path(), 12, Some(1)).expect("limit").len(), 1);
+        // A shoe listed again with another gender: refused, naming the line.
+        let meta = std::fs::read_to_string(dir.path().join(META)).expect("meta");
+        std::fs::write(
+            dir.path().join(META),
+            format!("{meta}100-1,Boots,High heel,Zipper,Men\n"),
+        )
+        .expect("meta");
+        let err = load(dir.path(), 12, None).unwrap_err().to_string();
+        assert!(
+            err.contains("line 6") && err.contains("one row per shoe"),
+            "{err}"
+        );
 
         std::fs::write(dir.path().join(META), "id,Category\n1-1,Boots\n").expect("meta");
         let err = load(dir.path(), 12, None)
