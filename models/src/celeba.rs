@@ -78,7 +78,11 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
             .map(|v| match v {
                 "1" => Ok(true),
                 "-1" | "0" => Ok(false),
-                _ => Err(malformed(path, no, format!("value {v:?} is not 1 or -1"))),
+                _ => Err(malformed(
+                    path,
+                    no,
+                    format!("value {v:?} is not 1 (with) or -1 (without; 0 is read as -1 too)"),
+                )),
             })
             .collect::<Result<Vec<bool>>>()?;
         if labels.len() != attributes.len() {

@@ -304,10 +304,13 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
     Ok(runs)
 }
 
+/// The first line of a report's tables (and of report.md).
+const SUMMARY_HEADER: &str = "| run | epochs | loss | train acc | test acc | UCR |";
+
 /// The runs side by side as Markdown: a summary row per run, then each task's
 /// test accuracy per run, then each run's UCR table.
 pub fn write_summary(out: &mut dyn Write, runs: &[Run]) -> std::io::Result<()> {
-    writeln!(out, "| run | epochs | loss | train acc | test acc | UCR |")?;
+    writeln!(out, "{SUMMARY_HEADER}")?;
     writeln!(out, "|---|---|---|---|---|---|")?;
     for r in runs {
         let e = r.last();
@@ -428,6 +431,16 @@ pub fn write_report(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
     if dir.is_file() {
         return Err(Error::Config(format!(
             "-o {dir:?} is a file; the report is a folder (report.md and the plots): name a folder"
+        )));
+    }
+    // A folder of other files (a dataset's `loss.png`) is not overwritten; an
+    // earlier report, known by its report.md, is.
+    let holds_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    let earlier = std::fs::read_to_string(dir.join("report.md"))
+        .is_ok_and(|md| md.starts_with(SUMMARY_HEADER));
+    if holds_files && !earlier {
+        return Err(Error::Config(format!(
+            "-o {dir:?} holds files and no earlier report (report.md) whose plots the report would replace: name a new or empty folder"
         )));
     }
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
@@ -892,6 +905,18 @@ mod tests {
         std::fs::write(&file, "x").expect("file");
         let err = write_report(&[], &file).expect_err("a file").to_string();
         assert!(err.contains("is a file"), "{err}");
+        // A folder of other files: refused, untouched.
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).expect("mkdir");
+        std::fs::write(images.join("loss.png"), b"a face").expect("png");
+        let err = write_report(&[], &images)
+            .expect_err("other files")
+            .to_string();
+        assert!(err.contains("no earlier report"), "{err}");
+        assert_eq!(
+            std::fs::read(images.join("loss.png")).expect("png"),
+            b"a face"
+        );
         let err = load_runs(&[dir.path().join("nosuch")])
             .expect_err("no such run")
             .to_string();

@@ -628,6 +628,9 @@ fn ucr_is_measured_logged_and_reported() {
     }
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     assert_eq!(md, text, "report.md holds the printed tables");
+    // Run again, the report replaces the earlier one.
+    let o = modtrain(&["report", runs.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
 
     // One run named twice, by its checkpoint and its log: one column.
     let path = |p: &Path| p.to_str().expect("utf8").to_string();
