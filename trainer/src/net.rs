@@ -38,9 +38,8 @@ struct Norm {
     inner: BatchNorm,
     running_mean: Var,
     running_var: Var,
-    /// Part of a fixed network (`only-mask`): outside batch statistics, one
-    /// constant affine map per channel, through which gradients reach the input
-    /// only.
+    /// Part of a fixed network (`only-mask`): outside batch statistics, an
+    /// affine map per channel on constant statistics ([`Norm::frozen_affine`]).
     frozen: bool,
 }
 
@@ -58,33 +57,36 @@ impl Norm {
         })
     }
 
-    /// The running statistics and affine parameters as one map per channel,
-    /// `x · scale + shift`, detached, shaped to broadcast over `x` along `axis`.
-    fn frozen_affine(&self, x: &Tensor, axis: usize) -> Result<Option<(Tensor, Tensor)>> {
+    /// `(x − mean) · γ/√(var + ε) + β` on the running statistics, which are
+    /// constants here, broadcast over `x` along `axis`; `None` without γ and β.
+    /// Gradients reach `x`, γ and β (whose products the UCR compares), not the
+    /// statistics.
+    fn frozen_affine(&self, x: &Tensor, axis: usize) -> Result<Option<Tensor>> {
         let Some((gamma, beta)) = self.inner.weight_and_bias() else {
             return Ok(None);
         };
-        let var = self.running_var.as_tensor().detach();
-        let mean = self.running_mean.as_tensor().detach();
-        let scale = (gamma.detach() / (var + self.inner.eps())?.sqrt()?)?;
-        let shift = (beta.detach() - (mean * &scale)?)?;
         let mut shape = vec![1; x.rank()];
         shape[axis] = x.dim(axis)?;
-        Ok(Some((scale.reshape(shape.clone())?, shift.reshape(shape)?)))
+        let var = self.running_var.as_tensor().detach();
+        let mean = self
+            .running_mean
+            .as_tensor()
+            .detach()
+            .reshape(shape.clone())?;
+        let scale = (gamma / (var + self.inner.eps())?.sqrt()?)?.reshape(shape.clone())?;
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&scale)?;
+        Ok(Some(y.broadcast_add(&beta.reshape(shape)?)?))
     }
 
-    /// [`Norm::frozen_affine`] applied to `x` along `axis`, where this BatchNorm
-    /// is part of a frozen network and runs on its running statistics. candle-nn's
-    /// evaluation form would also differentiate the statistics and parameters and
-    /// made only-mask's backward ~6× the modulated network's.
+    /// [`Norm::frozen_affine`] where this BatchNorm is part of a frozen network
+    /// and runs on its running statistics. candle-nn's evaluation form also
+    /// differentiates the statistics, on the transposed layout, and made
+    /// only-mask's backward ~6× the modulated network's.
     fn frozen_forward(&self, x: &Tensor, axis: usize, train: bool) -> Result<Option<Tensor>> {
         if train || !self.frozen {
             return Ok(None);
         }
-        let Some((scale, shift)) = self.frozen_affine(x, axis)? else {
-            return Ok(None);
-        };
-        Ok(Some(x.broadcast_mul(&scale)?.broadcast_add(&shift)?))
+        self.frozen_affine(x, axis)
     }
 
     /// `BN(x) (+ skip) (→ ReLU when relu)` of channel-major `xc: [C, B, …]`; the
@@ -773,10 +775,10 @@ mod tests {
 
     use super::*;
 
-    /// A frozen network's BatchNorm is candle-nn's evaluation form, as one affine
-    /// map per channel in either layout, and differentiates the input only.
+    /// A frozen network's BatchNorm is candle-nn's evaluation form in either
+    /// layout, and differentiates the input, γ and β but not the statistics.
     #[test]
-    fn frozen_batch_norm_is_the_evaluation_form_for_the_input_only() {
+    fn frozen_batch_norm_is_the_evaluation_form_on_fixed_statistics() {
         use crate::ops::test_util::{grads_of, rand, rel_diff};
         let mut varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -802,13 +804,17 @@ mod tests {
             .expect("channel-major");
         assert!(rel_diff(&batch_major, &reference) < 1e-6);
         assert!(rel_diff(&channel_major, &reference) < 1e-6);
-        // ∂/∂x = γ / √(var + ε) per channel; nothing for the statistics or γ, β.
+        // ∂/∂x = γ / √(var + ε) per channel, ∂/∂β = Σ up; nothing for the statistics.
         let up = rand(&[2, 3, 4, 5], 6);
         let grads = grads_of(&batch_major, &up);
-        let (scale, _) = norm
-            .frozen_affine(x.as_tensor(), 1)
-            .expect("affine")
-            .expect("γ");
+        let (gamma, beta) = norm.inner.weight_and_bias().expect("affine");
+        let var = norm.running_var.as_tensor();
+        let scale = (gamma
+            / (var + modkit_models::BATCH_NORM_EPS)
+                .and_then(|v| v.sqrt())
+                .expect("std"))
+        .and_then(|s| s.reshape((1, 3, 1, 1)))
+        .expect("scale");
         let ones = scale.ones_like().expect("ones");
         assert!(
             rel_diff(&scale, &ones) > 0.05,
@@ -816,9 +822,11 @@ mod tests {
         );
         let want = up.broadcast_mul(&scale).expect("want");
         assert!(rel_diff(grads.get(x.as_tensor()).expect("∂x"), &want) < 1e-6);
-        let (gamma, _) = norm.inner.weight_and_bias().expect("affine");
-        assert!(grads.get(gamma).is_none());
+        let want = up.sum((0, 2, 3)).expect("Σ up");
+        assert!(rel_diff(grads.get(beta).expect("∂β"), &want) < 1e-6);
+        assert!(grads.get(gamma).is_some());
         assert!(grads.get(norm.running_var.as_tensor()).is_none());
+        assert!(grads.get(norm.running_mean.as_tensor()).is_none());
     }
 
     fn small_spec() -> NetSpec {
