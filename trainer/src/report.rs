@@ -156,13 +156,16 @@ impl Run {
                     "not an epoch log entry ({e}); is this a modtrain metrics file?"
                 ))
             })?;
-            // One run's log counts its epochs from 1, over the same tasks.
+            // One run's log counts its epochs up one at a time (from 1, or from
+            // the epoch of a checkpoint resumed without its log), over the same
+            // tasks.
             let first: Option<&EpochLog> = epochs.first();
-            if e.epoch != epochs.len() + 1 {
+            if let Some(prev) = epochs.last().map(|p: &EpochLog| p.epoch)
+                && e.epoch != prev + 1
+            {
                 return Err(malformed(format!(
-                    "epoch {} where epoch {} belongs: the file holds more than one run's lines, or was edited; report each run's own log",
-                    e.epoch,
-                    epochs.len() + 1
+                    "epoch {} after epoch {prev}: the file holds more than one run's lines (or was edited); report each run's own log, or cut the other run's lines",
+                    e.epoch
                 )));
             }
             if let Some(first) = first
@@ -896,6 +899,45 @@ mod tests {
         };
         let img = curves(&[run], "loss", |e| e.loss);
         assert_eq!(img.dimensions(), (720, 420));
+    }
+
+    /// A checkpoint resumed without its log starts its new log past epoch 1;
+    /// a log that counts back or skips holds more than one run.
+    #[test]
+    fn a_log_counts_up_one_epoch_at_a_time_from_any_start() {
+        let line = |epoch: usize| {
+            serde_json::to_string(&EpochLog {
+                epoch,
+                loss: 0.5,
+                train_accuracy: 0.5,
+                test_accuracy: [("smiling".to_string(), 0.5)].into(),
+                mean_accuracy: 0.5,
+                lr: 0.01,
+                seconds: 1.0,
+                images_per_second: 1.0,
+                step_seconds: Default::default(),
+                ucr: None,
+                relation_loss: None,
+            })
+            .expect("json")
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = dir.path().join("r.metrics.jsonl");
+        std::fs::write(&log, format!("{}\n{}\n", line(3), line(4))).expect("log");
+        let run = Run::load(&log).expect("from epoch 3");
+        assert_eq!(
+            run.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        for epochs in [[1, 3], [2, 1]] {
+            let text = format!("{}\n{}\n", line(epochs[0]), line(epochs[1]));
+            std::fs::write(&log, text).expect("log");
+            let err = Run::load(&log).expect_err("two runs").to_string();
+            assert!(
+                err.contains("line 2") && err.contains("more than one run"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

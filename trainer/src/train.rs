@@ -551,6 +551,19 @@ impl Trainer {
         t.epoch = ckpt.header.epoch;
         t.last_metrics = ckpt.header.metrics.clone();
         t.log_lines = logged_epochs(&existing_sibling(path, "metrics.jsonl"), t.epoch)?;
+        // A run stopped between writing its checkpoint and its log: the
+        // checkpoint's metrics are its last epoch's line.
+        let logged = |line: &String| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("epoch")?.as_u64())
+        };
+        let last_logged = t.log_lines.last().and_then(logged).unwrap_or(0);
+        if last_logged + 1 == t.epoch as u64
+            && t.last_metrics.get("epoch").and_then(|e| e.as_u64()) == Some(t.epoch as u64)
+        {
+            t.log_lines.push(t.last_metrics.to_string());
+        }
         t.last_saved = Some((t.epoch, path.to_path_buf()));
         Ok(t)
     }
@@ -1741,6 +1754,23 @@ mod tests {
         assert!(
             !resumed.contains("\"loss\": 9.0"),
             "an older epoch 1 was kept"
+        );
+        // Stopped between the checkpoint and its log line: the resumed log takes
+        // the checkpoint's metrics for that epoch, so it has no gap.
+        let lines: Vec<&str> = resumed.lines().collect();
+        std::fs::write(&log, format!("{}\n{}\n", lines[0], lines[1])).expect("cut");
+        let mut r = Trainer::resume(&out, &ds, Device::Cpu, Some(4)).expect("resume");
+        r.run(&ds, &out).expect("resumed");
+        assert_eq!(epochs(&log), [1, 2, 3, 4]);
+        let third = std::fs::read_to_string(&log)
+            .expect("log")
+            .lines()
+            .nth(2)
+            .map(String::from);
+        assert_eq!(
+            third.as_deref(),
+            Some(lines[2]),
+            "epoch 3 from the checkpoint"
         );
         // A damaged line before the last, or bytes that are no text: the resume
         // is refused and the log left as it was.

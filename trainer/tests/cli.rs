@@ -654,7 +654,7 @@ fn ucr_is_measured_logged_and_reported() {
     std::fs::write(other.join("cat.metrics.jsonl"), both).expect("cat");
     fails_with(
         &["report", &path(&other.join("cat.metrics.jsonl"))],
-        "line 3: epoch 1 where epoch 3 belongs",
+        "line 3: epoch 1 after epoch 2",
     );
     // Another run's checkpoint beside a log: left out, and said.
     std::fs::copy(&fsn_ckpt, other.join("x.safetensors")).expect("copy");
