@@ -8,15 +8,22 @@ use crate::{Error, Result};
 /// Writes `bytes` to `path` so that a crash never leaves a half-written file:
 /// the data goes to a temporary file in the same directory, is synced, and is then
 /// renamed over `path` (atomic on POSIX file systems). A device or a pipe
-/// (`/dev/null`, `/dev/stdout`, a FIFO) is written to, never replaced by a file.
+/// (`/dev/null`, a FIFO), and any path under `/dev` or `/proc` (`/dev/stdout`
+/// redirected to a file), is written to, never replaced by a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    // `/dev/stdout` redirected to a file, `/proc/self/fd/3`: links that a
+    // rename would replace (as root) or cannot replace; the file behind them is
+    // written in place.
+    let system =
+        std::path::absolute(path).is_ok_and(|p| p.starts_with("/dev") || p.starts_with("/proc"));
+    if system || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return std::fs::OpenOptions::new()
             .write(true)
+            .truncate(true)
             .open(path)
             .and_then(|mut f| f.write_all(bytes))
             .map_err(io);
@@ -85,6 +92,25 @@ mod tests {
         assert_eq!(got, b"through");
         let kind = std::fs::symlink_metadata(&fifo).expect("stat").file_type();
         assert!(kind.is_fifo(), "replaced by {kind:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+
+    /// `/dev/stdout` redirected to a file is `/proc/self/fd/1`: the file behind
+    /// the link is written (a rename there fails, or as root replaces the link).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_file_behind_proc_self_fd_is_written_in_place() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("redirected");
+        std::fs::write(&file, b"an older, longer content").expect("write");
+        let open = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        let link = std::path::PathBuf::from(format!("/proc/self/fd/{}", open.as_raw_fd()));
+        write_atomic(&link, b"through").expect("write through the link");
+        assert_eq!(std::fs::read(&file).expect("read"), b"through");
         assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
     }
 

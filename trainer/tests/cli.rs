@@ -367,13 +367,20 @@ fn train_outputs_never_replace_data_or_logs() {
         stderr(&o)
     );
     if cfg!(target_os = "linux") {
-        let o = train(Path::new("/proc/modkit-test.safetensors"));
+        let o = train(Path::new("/sys/modkit-test.safetensors"));
         assert!(
-            stderr(&o).contains("cannot write in /proc"),
+            stderr(&o).contains("cannot write in /sys"),
             "{}",
             stderr(&o)
         );
     }
+    for system in ["/proc/modkit-test.safetensors", "/dev/null"] {
+        let o = train(Path::new(system));
+        let err = stderr(&o);
+        assert!(err.contains("name a file in a folder of yours"), "{err}");
+    }
+    let o = train(&d.join("x.safetensors/"));
+    assert!(stderr(&o).contains("names a directory"), "{}", stderr(&o));
     for (input, bytes) in inputs.iter().zip(&before) {
         assert_eq!(
             &std::fs::read(input).expect("read"),

@@ -341,6 +341,12 @@ impl TrainArgs {
                 out.display()
             );
         }
+        if std::path::absolute(out).is_ok_and(|p| p.starts_with("/dev") || p.starts_with("/proc")) {
+            anyhow::bail!(
+                "-o {}: a run writes its log and test triplets beside its checkpoint; name a file in a folder of yours",
+                out.display()
+            );
+        }
         // `run` and `run.safetensors` would write one log.
         let partner = sibling_partner(out);
         if partner.is_file() {
