@@ -145,21 +145,37 @@ pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
 /// A file name `write_synthetic` gives an image: `000001.png` → `Some(1)`.
 fn synthetic_number(name: &str) -> Option<usize> {
     let digits = name.strip_suffix(".png")?;
-    (digits.len() >= 6 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
+    let number: usize = digits.parse().ok()?;
+    (digits.bytes().all(|b| b.is_ascii_digit()) && format!("{number:06}") == digits)
+        .then_some(number)
 }
 
-/// The images of an earlier synthetic set in `dir` (their numbers), or `None`
-/// where `dir` is missing or empty; an error where it holds anything else, which
-/// writing a set there would mix with or replace.
-fn earlier_synthetic(dir: &Path) -> Result<Option<Vec<usize>>> {
+/// A temporary file an interrupted [`modkit_models::write_atomic`] left:
+/// `.000001.png.tmp1234`.
+fn leftover(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The files of an earlier synthetic set in `dir` that a new one of `n` images
+/// would not replace (its images past `n`, leftovers of an interrupted write),
+/// or `None` where `dir` is missing or empty; an error where `dir` holds
+/// anything else, which writing a set there would mix with or replace. A set
+/// interrupted before its lists were written (images only) counts as one.
+fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
+    let names = |d: &Path| -> Result<Vec<String>> {
+        match std::fs::read_dir(d) {
+            Ok(entries) => entries
+                .map(|e| Ok(e.map_err(io(d))?.file_name().to_string_lossy().into_owned()))
+                .collect(),
+            Err(_) => Ok(Vec::new()),
+        }
     };
     let refuse = |what: String| {
         Error::Config(format!(
@@ -167,41 +183,47 @@ fn earlier_synthetic(dir: &Path) -> Result<Option<Vec<usize>>> {
             dir.display()
         ))
     };
-    let mut names: Vec<String> = Vec::new();
-    for entry in entries {
-        names.push(
-            entry
-                .map_err(io(dir))?
-                .file_name()
-                .to_string_lossy()
-                .into_owned(),
-        );
-    }
-    if names.is_empty() {
+    let top = names(dir)?;
+    if top.is_empty() {
         return Ok(None);
     }
-    if let Some(other) = names
+    if let Some(other) = top
         .iter()
         .find(|n| !["Anno", "Eval", IMAGES].contains(&n.as_str()))
     {
         return Err(refuse(format!("holds {other:?}")));
     }
-    let header = std::fs::read_to_string(dir.join(ATTR_FILE)).unwrap_or_default();
-    if header.lines().nth(1) != Some(synth::CELEBA_HEADER_NAMES.join(" ").as_str()) {
-        return Err(refuse(format!("holds {ATTR_FILE} of other attributes")));
-    }
-    let mut numbers = Vec::new();
-    if let Ok(images) = std::fs::read_dir(dir.join(IMAGES)) {
-        for entry in images {
-            let name = entry.map_err(io(&dir.join(IMAGES)))?.file_name();
-            let name = name.to_string_lossy();
-            match synthetic_number(&name) {
-                Some(i) => numbers.push(i),
-                None => return Err(refuse(format!("holds the image {IMAGES}/{name}"))),
-            }
+    // The lists, if written yet, are the synthetic set's.
+    for (sub, file) in [("Anno", ATTR_FILE), ("Eval", PARTITION_FILE)] {
+        let written = file.rsplit('/').next().unwrap_or(file);
+        if let Some(other) = names(&dir.join(sub))?
+            .iter()
+            .find(|n| n.as_str() != written && !leftover(n))
+        {
+            return Err(refuse(format!("holds {sub}/{other}")));
         }
     }
-    Ok(Some(numbers))
+    if let Ok(text) = std::fs::read_to_string(dir.join(ATTR_FILE))
+        && text.lines().nth(1) != Some(synth::CELEBA_HEADER_NAMES.join(" ").as_str())
+    {
+        return Err(refuse(format!("holds {ATTR_FILE} of other attributes")));
+    }
+    let images = dir.join(IMAGES);
+    let mut stale = Vec::new();
+    for name in names(&images)? {
+        match synthetic_number(&name) {
+            Some(i) if i <= n => {}
+            Some(_) => stale.push(images.join(&name)),
+            None if leftover(&name) => stale.push(images.join(&name)),
+            None => return Err(refuse(format!("holds the image {IMAGES}/{name}"))),
+        }
+    }
+    for sub in ["Anno", "Eval"] {
+        for name in names(&dir.join(sub))?.into_iter().filter(|n| leftover(n)) {
+            stale.push(dir.join(sub).join(name));
+        }
+    }
+    Ok(Some(stale))
 }
 
 /// Writes the synthetic set (`n` faces of `size` pixels from `seed`) in CelebA's
@@ -216,7 +238,7 @@ pub fn write_synthetic(
     seed: u64,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<()> {
-    let earlier = earlier_synthetic(dir)?;
+    let stale = earlier_synthetic(dir, n)?.unwrap_or_default();
     let io = |path: PathBuf| move |source| Error::Io { path, source };
     for sub in [IMAGES, "Anno", "Eval"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io(dir.join(sub)))?;
@@ -246,9 +268,8 @@ pub fn write_synthetic(
     }
     modkit_models::write_atomic(&dir.join(ATTR_FILE), attr.as_bytes())?;
     modkit_models::write_atomic(&dir.join(PARTITION_FILE), part.as_bytes())?;
-    // The earlier set's images the new lists no longer name.
-    for i in earlier.unwrap_or_default().into_iter().filter(|&i| i > n) {
-        let path = dir.join(IMAGES).join(format!("{i:06}.png"));
+    // The earlier set's images the new lists no longer name, and leftovers.
+    for path in stale {
         std::fs::remove_file(&path).map_err(io(path))?;
     }
     Ok(())
@@ -306,6 +327,17 @@ mod tests {
         std::fs::write(notes.join("todo.txt"), "x").expect("todo");
         refused(&notes, "holds \"todo.txt\"");
         assert_eq!(std::fs::read_dir(&notes).expect("ls").count(), 1);
+        // Interrupted: images and a leftover temporary file, no lists yet.
+        let cut = dir.path().join("cut");
+        write_synthetic(&cut, 12, 16, 1, &|_| {}).expect("first");
+        std::fs::remove_file(cut.join(ATTR_FILE)).expect("rm");
+        std::fs::remove_file(cut.join(PARTITION_FILE)).expect("rm");
+        std::fs::write(cut.join(IMAGES).join(".000013.png.tmp4567"), b"half").expect("tmp");
+        write_synthetic(&cut, 8, 16, 1, &|_| {}).expect("over an interrupted set");
+        assert_eq!(std::fs::read_dir(cut.join(IMAGES)).expect("ls").count(), 8);
+        // Another file beside the lists is not the set's.
+        std::fs::write(cut.join("Anno/notes.txt"), b"mine").expect("notes");
+        refused(&cut, "holds Anno/notes.txt");
         // An empty folder is fine.
         let empty = dir.path().join("empty");
         std::fs::create_dir_all(&empty).expect("mkdir");
