@@ -293,6 +293,10 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
         "resume into that checkpoint itself",
     );
     assert!(!bare.exists());
+    // Two checkpoints that share a log (an earlier build allowed it): each says
+    // to move the other away.
+    std::fs::copy(&ckpt, &bare).expect("copy");
+    fails_with(&["train", "--resume", b, "--epochs", "4", "-o", b], "move ");
     // A run saved as `m` (no extension) resumes in place.
     std::fs::rename(&ckpt, &bare).expect("rename");
     let o = modtrain(&["train", "--resume", b, "--epochs", "4", "-o", b]);

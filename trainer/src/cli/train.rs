@@ -350,19 +350,18 @@ impl TrainArgs {
         // `run` and `run.safetensors` would write one log.
         let partner = sibling_partner(out);
         if partner.is_file() {
-            let resumed = self
-                .resume
-                .as_deref()
-                .is_some_and(|r| same_file(r, &partner));
+            let resumed = |p: &Path| self.resume.as_deref().is_some_and(|r| same_file(r, p));
             anyhow::bail!(
                 "-o {}: its log and test triplets ({}) are those of the checkpoint {} beside it; {}",
                 out.display(),
                 sibling(out, "metrics.jsonl").display(),
                 partner.display(),
-                if resumed {
-                    "resume into that checkpoint itself (-o the same file)"
+                if resumed(&partner) {
+                    "resume into that checkpoint itself (-o the same file)".to_string()
+                } else if resumed(out) {
+                    format!("move {} away to resume this one", partner.display())
                 } else {
-                    "name the checkpoint otherwise"
+                    "name the checkpoint otherwise".to_string()
                 }
             );
         }
