@@ -296,7 +296,10 @@ fn eval_and_resume_reuse_the_checkpoints_data_settings() {
     // Two checkpoints that share a log (an earlier build allowed it): each says
     // to move the other away.
     std::fs::copy(&ckpt, &bare).expect("copy");
-    fails_with(&["train", "--resume", b, "--epochs", "4", "-o", b], "move ");
+    fails_with(
+        &["train", "--resume", b, "--epochs", "4", "-o", b],
+        "m.safetensors away to resume this one",
+    );
     // A run saved as `m` (no extension) resumes in place.
     std::fs::rename(&ckpt, &bare).expect("rename");
     let o = modtrain(&["train", "--resume", b, "--epochs", "4", "-o", b]);
