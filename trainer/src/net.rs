@@ -269,9 +269,15 @@ impl ConvBn {
             };
         }
         let yc = conv3x3_channel_major(x, &self.weight, self.pad)?;
-        match &self.bn {
-            Some(bn) => bn.forward(&yc, train, relu, skip),
-            None => self.biased(yc.transpose(0, 1)?, relu, skip),
+        match (&self.bn, &self.bias) {
+            (Some(bn), _) => bn.forward(&yc, train, relu, skip),
+            // The bias added channel-major, before the transpose: its gradient
+            // then sums contiguous rows, not a strided batch-major view.
+            (None, Some(b)) => {
+                let yc = yc.broadcast_add(&b.reshape(((), 1, 1, 1))?)?;
+                skip_relu(yc.transpose(0, 1)?, relu, skip)
+            }
+            (None, None) => skip_relu(yc.transpose(0, 1)?, relu, skip),
         }
     }
 
@@ -860,6 +866,45 @@ mod tests {
         (y + convbn(&block.res2, &r))
             .and_then(|t| t.relu())
             .expect("add")
+    }
+
+    /// Without BatchNorm a convolution adds its bias (channel-major on the CPU
+    /// kernels): the same values and gradients as candle's conv2d plus a
+    /// batch-major bias, with a skip and a ReLU.
+    #[test]
+    fn biased_convolution_equals_candle_in_value_and_gradient() {
+        use crate::ops::test_util::{grads_of, rand, rel_diff};
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let conv = ConvBn::new(3, 4, 1, false, vb).expect("conv");
+        let bias = conv.bias.clone().expect("bias");
+        vm.data().lock().expect("lock")["bias"]
+            .set(&rand(&[4], 7))
+            .expect("set");
+        let x = Var::from_tensor(&rand(&[2, 3, 5, 6], 8)).expect("x");
+        let skip = Var::from_tensor(&rand(&[2, 4, 5, 6], 9)).expect("skip");
+        let ours = conv
+            .forward(x.as_tensor(), true, true, Some(skip.as_tensor()))
+            .expect("ours");
+        let reference = x
+            .as_tensor()
+            .conv2d(&conv.weight, 1, 1, 1, 1)
+            .and_then(|y| y.broadcast_add(&bias.reshape((1, 4, 1, 1))?))
+            .and_then(|y| y + skip.as_tensor())
+            .and_then(|y| y.relu())
+            .expect("reference");
+        assert!(rel_diff(&ours, &reference) < 1e-6);
+        let up = rand(&[2, 4, 5, 6], 10);
+        let (g1, g2) = (grads_of(&ours, &up), grads_of(&reference, &up));
+        for (name, t) in [
+            ("x", x.as_tensor()),
+            ("skip", skip.as_tensor()),
+            ("weight", &conv.weight),
+            ("bias", &bias),
+        ] {
+            let (a, b) = (g1.get(t).expect(name), g2.get(t).expect(name));
+            assert!(rel_diff(a, b) < 1e-5, "gradient of {name}");
+        }
     }
 
     #[test]
