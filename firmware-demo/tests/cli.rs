@@ -19,6 +19,20 @@ fn demo(args: &[&str]) -> Output {
         .expect("run firmware-demo")
 }
 
+/// `-m MODEL -i INDEX --queries QUERIES` then `rest`.
+fn args<'a>(model: &'a Path, index: &'a Path, queries: &'a Path, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "-m",
+        model.to_str().expect("p"),
+        "-i",
+        index.to_str().expect("p"),
+        "--queries",
+        queries.to_str().expect("p"),
+    ];
+    args.extend_from_slice(rest);
+    args
+}
+
 /// Four gallery images and two query images, distinct colour patterns, beside a
 /// query file that is no image (the `._q0.jpg` a Mac leaves on a USB stick; it
 /// sorts first).
@@ -464,19 +478,12 @@ fn gallery_moved_is_found_through_gallery_and_missing_images_are_said_once() {
     let model = pretrained();
     let frames = format!("png:{}", tmp.path().join("f-{}.png").display());
     let run = |gallery: Option<&Path>| {
-        let mut args = vec![
-            "-m",
-            model.to_str().expect("p"),
-            "-i",
-            idx.to_str().expect("p"),
-            "--queries",
-            queries.to_str().expect("p"),
-            "--task",
-            "smiling,young",
-            "--once",
-            "--display",
-            &frames,
-        ];
+        let mut args = args(
+            &model,
+            &idx,
+            &queries,
+            &["--task", "smiling,young", "--once", "--display", &frames],
+        );
         if let Some(g) = gallery {
             args.extend(["--gallery", g.to_str().expect("p")]);
         }
@@ -517,19 +524,12 @@ fn frames_of_two_queries_never_go_to_one_file() {
     std::fs::create_dir_all(&out_dir).expect("mkdir");
     let display = format!("png:{}", out_dir.join("dd-{}.png").display());
     let model = pretrained();
-    let out = demo(&[
-        "-m",
-        model.to_str().expect("p"),
-        "-i",
-        idx.to_str().expect("p"),
-        "--queries",
-        queries.to_str().expect("p"),
-        "--task",
-        "smiling",
-        "--once",
-        "--display",
-        &display,
-    ]);
+    let out = demo(&args(
+        &model,
+        &idx,
+        &queries,
+        &["--task", "smiling", "--once", "--display", &display],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -560,17 +560,7 @@ fn a_task_the_package_lacks_is_not_a_task_to_index() {
     sub.save(&sub_i).expect("save");
     let model = pretrained();
     let run = |task: &str| {
-        let out = demo(&[
-            "-m",
-            model.to_str().expect("p"),
-            "-i",
-            sub_i.to_str().expect("p"),
-            "--queries",
-            queries.to_str().expect("p"),
-            "--task",
-            task,
-            "--once",
-        ]);
+        let out = demo(&args(&model, &sub_i, &queries, &["--task", task, "--once"]));
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(2), "{task}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");

@@ -872,23 +872,28 @@ mod tests {
         assert_eq!(nice_step(0.0), 1.0);
     }
 
-    /// A diverged run's loss near ±f64::MAX: a plot with a few grid lines, not
-    /// an endless loop over `usize::MAX` of them.
-    #[test]
-    fn extreme_losses_still_plot() {
-        let epoch = |epoch: usize, loss: f64| EpochLog {
+    /// One task's epoch with `loss`.
+    fn epoch_log(epoch: usize, loss: f64) -> EpochLog {
+        EpochLog {
             epoch,
             loss,
             train_accuracy: 0.5,
-            test_accuracy: [("smiling".to_string(), 50.0)].into(),
-            mean_accuracy: 50.0,
+            test_accuracy: [("smiling".to_string(), 0.5)].into(),
+            mean_accuracy: 0.5,
             lr: 0.01,
             seconds: 1.0,
             images_per_second: 1.0,
             step_seconds: Default::default(),
             ucr: None,
             relation_loss: None,
-        };
+        }
+    }
+
+    /// A diverged run's loss near ±f64::MAX: a plot with a few grid lines, not
+    /// an endless loop over `usize::MAX` of them.
+    #[test]
+    fn extreme_losses_still_plot() {
+        let epoch = epoch_log;
         let run = Run {
             name: "r".into(),
             path: PathBuf::from("r.metrics.jsonl"),
@@ -905,22 +910,7 @@ mod tests {
     /// a log that counts back or skips holds more than one run.
     #[test]
     fn a_log_counts_up_one_epoch_at_a_time_from_any_start() {
-        let line = |epoch: usize| {
-            serde_json::to_string(&EpochLog {
-                epoch,
-                loss: 0.5,
-                train_accuracy: 0.5,
-                test_accuracy: [("smiling".to_string(), 0.5)].into(),
-                mean_accuracy: 0.5,
-                lr: 0.01,
-                seconds: 1.0,
-                images_per_second: 1.0,
-                step_seconds: Default::default(),
-                ucr: None,
-                relation_loss: None,
-            })
-            .expect("json")
-        };
+        let line = |epoch: usize| serde_json::to_string(&epoch_log(epoch, 0.5)).expect("json");
         let dir = tempfile::tempdir().expect("tmp");
         let log = dir.path().join("r.metrics.jsonl");
         std::fs::write(&log, format!("{}\n{}\n", line(3), line(4))).expect("log");
