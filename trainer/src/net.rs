@@ -79,11 +79,12 @@ impl Norm {
     }
 
     /// [`Norm::frozen_affine`] where this BatchNorm is part of a frozen network
-    /// and runs on its running statistics. candle-nn's evaluation form also
-    /// differentiates the statistics, on the transposed layout, and made
-    /// only-mask's backward ~6× the modulated network's.
-    fn frozen_forward(&self, x: &Tensor, axis: usize, train: bool) -> Result<Option<Tensor>> {
-        if train || !self.frozen {
+    /// and runs on its running statistics, in training and evaluation alike.
+    /// candle-nn's evaluation form also differentiates the statistics, on the
+    /// transposed layout, and made only-mask's backward ~6× the modulated
+    /// network's.
+    fn frozen_forward(&self, x: &Tensor, axis: usize) -> Result<Option<Tensor>> {
+        if !self.frozen {
             return Ok(None);
         }
         self.frozen_affine(x, axis)
@@ -98,7 +99,7 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(y) = self.frozen_forward(xc, 0, train)? {
+        if let Some(y) = self.frozen_forward(xc, 0)? {
             return skip_relu(y.transpose(0, 1)?, relu, skip);
         }
         let Some((gamma, beta)) = self.fused_affine(xc, train) else {
@@ -119,7 +120,7 @@ impl Norm {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let y = match self.frozen_forward(x, 1, train)? {
+        let y = match self.frozen_forward(x, 1)? {
             Some(y) => y,
             None => match self.gpu_forward(x, train)? {
                 Some(y) => y,
@@ -143,49 +144,31 @@ impl Norm {
         Ok(Some(y))
     }
 
-    /// γ and β when a fused CPU node applies to `x`: training mode, CPU kernels, f32.
+    /// γ and β when a fused CPU node applies to `x` ([`fused_applies`]).
     fn fused_affine(&self, x: &Tensor, train: bool) -> Option<(&Tensor, &Tensor)> {
-        let fused = train && crate::ops::cpu_kernels(x) && x.dtype() == DType::F32;
-        self.inner.weight_and_bias().filter(|_| fused)
+        self.inner
+            .weight_and_bias()
+            .filter(|_| fused_applies(x, train))
     }
 
-    /// `BN(conv3x3(x, weight)) (+ skip) (→ ReLU)` in training mode on the CPU as
-    /// one graph node ([`crate::ops::conv_bn_train`]), or `None` where that does not
-    /// apply (evaluation, other devices, other dtypes).
-    fn conv_forward(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        pad: usize,
-        train: bool,
-        relu: bool,
-        skip: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        let Some((gamma, beta)) = self.fused_affine(x, train) else {
+    /// What a fused conv + BatchNorm node takes besides the weight: γ, β, and a
+    /// frozen network's running statistics as constants.
+    fn affine(&self) -> Result<Option<Affine>> {
+        let Some((gamma, beta)) = self.inner.weight_and_bias() else {
             return Ok(None);
         };
-        let eps = self.inner.eps();
-        let (y, stats) = crate::ops::conv_bn_train(x, weight, pad, gamma, beta, eps, relu, skip)?;
-        self.update_running(&stats, x.device())?;
-        Ok(Some(y))
-    }
-
-    /// `max_pool2x2(ReLU(BN(conv3x3(x, weight))))` as one graph node
-    /// ([`crate::ops::conv_bn_pool_train`]) where [`Norm::conv_forward`] applies.
-    fn conv_pool_forward(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        pad: usize,
-        train: bool,
-    ) -> Result<Option<Tensor>> {
-        let Some((gamma, beta)) = self.fused_affine(x, train) else {
-            return Ok(None);
+        let fixed = if self.frozen {
+            let var = self.running_var.as_tensor().detach();
+            let invstd = (var + self.inner.eps())?.sqrt()?.recip()?;
+            Some((self.running_mean.as_tensor().detach(), invstd))
+        } else {
+            None
         };
-        let eps = self.inner.eps();
-        let (y, stats) = crate::ops::conv_bn_pool_train(x, weight, pad, gamma, beta, eps)?;
-        self.update_running(&stats, x.device())?;
-        Ok(Some(y))
+        Ok(Some(Affine {
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+            fixed,
+        }))
     }
 
     /// Moves the running averages towards one batch's statistics, as candle-nn does
@@ -209,6 +192,22 @@ impl Norm {
         )?;
         Ok(())
     }
+}
+
+/// Whether the fused CPU nodes apply to `x`: a training step (gradients wanted),
+/// the CPU kernels, f32.
+fn fused_applies(x: &Tensor, train: bool) -> bool {
+    train && crate::ops::cpu_kernels(x) && x.dtype() == DType::F32
+}
+
+/// γ, β and the constants that a fused CPU node of one [`ConvBn`] takes besides
+/// its weight ([`ConvBn::affine`]).
+struct Affine {
+    gamma: Tensor,
+    beta: Tensor,
+    /// `(μ, 1/σ)` to normalise with: a frozen BatchNorm's running statistics, or
+    /// 0 and 1 for a bias (γ = 1, β the bias).
+    fixed: Option<(Tensor, Tensor)>,
 }
 
 /// `y` (+ skip) (→ ReLU when `relu`).
@@ -245,6 +244,51 @@ impl ConvBn {
         })
     }
 
+    /// The fused CPU nodes' γ, β and constants where they apply
+    /// ([`fused_applies`]): the BatchNorm's ([`Norm::affine`]), or for a bias
+    /// without BatchNorm, γ = 1, β = the bias, normalised with μ = 0, 1/σ = 1.
+    fn affine(&self, x: &Tensor, train: bool) -> Result<Option<Affine>> {
+        if !fused_applies(x, train) {
+            return Ok(None);
+        }
+        match (&self.bn, &self.bias) {
+            (Some(bn), _) => bn.affine(),
+            (None, Some(bias)) => {
+                let ones = bias.ones_like()?;
+                Ok(Some(Affine {
+                    gamma: ones.clone(),
+                    beta: bias.clone(),
+                    fixed: Some((bias.zeros_like()?, ones)),
+                }))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// This conv's parameters for a fused node, with `affine`'s values.
+    fn params<'a>(&'a self, affine: &'a Affine) -> ConvBnParams<'a> {
+        let params = ConvBnParams::new(&self.weight, &affine.gamma, &affine.beta);
+        match &affine.fixed {
+            Some((mean, invstd)) => params.fixed(mean, invstd),
+            None => params,
+        }
+    }
+
+    fn eps(&self) -> f64 {
+        self.bn
+            .as_ref()
+            .map_or(modkit_models::BATCH_NORM_EPS, |bn| bn.inner.eps())
+    }
+
+    /// Moves the running averages towards a fused node's batch statistics, where
+    /// it computed them.
+    fn update_running(&self, stats: Option<crate::ops::BatchStats>, dev: &Device) -> Result<()> {
+        match (&self.bn, stats) {
+            (Some(bn), Some(stats)) => bn.update_running(&stats, dev),
+            _ => Ok(()),
+        }
+    }
+
     /// conv → BN (+ skip) (→ ReLU when `relu`).
     fn forward(
         &self,
@@ -253,9 +297,12 @@ impl ConvBn {
         relu: bool,
         skip: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(bn) = &self.bn
-            && let Some(y) = bn.conv_forward(x, &self.weight, self.pad, train, relu, skip)?
-        {
+        // One graph node on the CPU in training ([`crate::ops::conv_bn_train`]).
+        if let Some(affine) = self.affine(x, train)? {
+            let params = self.params(&affine);
+            let (y, stats) =
+                crate::ops::conv_bn_train(x, params, self.pad, self.eps(), relu, skip)?;
+            self.update_running(stats, x.device())?;
             return Ok(y);
         }
         // Off the CPU kernels (CUDA; the generic path in tests) the convolution and
@@ -290,11 +337,13 @@ impl ConvBn {
         skip_relu(y, relu, skip)
     }
 
-    /// conv → BN → ReLU → 2×2 max-pool.
+    /// conv → BN → ReLU → 2×2 max-pool: one graph node where [`ConvBn::forward`]'s
+    /// is ([`crate::ops::conv_bn_pool_train`]).
     fn forward_pooled(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(bn) = &self.bn
-            && let Some(y) = bn.conv_pool_forward(x, &self.weight, self.pad, train)?
-        {
+        if let Some(affine) = self.affine(x, train)? {
+            let params = self.params(&affine);
+            let (y, stats) = crate::ops::conv_bn_pool_train(x, params, self.pad, self.eps())?;
+            self.update_running(stats, x.device())?;
             return Ok(y);
         }
         Ok(max_pool2x2(&self.forward(x, train, true, None)?)?)
@@ -329,29 +378,16 @@ impl Block {
     }
 
     /// The residual pair as one graph node ([`crate::ops::res_pair_train`]) where
-    /// both BatchNorms' fused nodes apply.
+    /// both stages' fused nodes apply.
     fn res_pair(&self, y: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        let (Some(n1), Some(n2)) = (&self.res1.bn, &self.res2.bn) else {
-            return Ok(None);
-        };
-        let (Some((g1, b1)), Some((g2, b2))) =
-            (n1.fused_affine(y, train), n2.fused_affine(y, train))
+        let (Some(a1), Some(a2)) = (self.res1.affine(y, train)?, self.res2.affine(y, train)?)
         else {
             return Ok(None);
         };
-        let first = ConvBnParams {
-            weight: &self.res1.weight,
-            gamma: g1,
-            beta: b1,
-        };
-        let second = ConvBnParams {
-            weight: &self.res2.weight,
-            gamma: g2,
-            beta: b2,
-        };
-        let (out, [s1, s2]) = crate::ops::res_pair_train(y, first, second, n1.inner.eps())?;
-        n1.update_running(&s1, y.device())?;
-        n2.update_running(&s2, y.device())?;
+        let (first, second) = (self.res1.params(&a1), self.res2.params(&a2));
+        let (out, [s1, s2]) = crate::ops::res_pair_train(y, first, second, self.res1.eps())?;
+        self.res1.update_running(s1, y.device())?;
+        self.res2.update_running(s2, y.device())?;
         Ok(Some(out))
     }
 }
@@ -364,9 +400,6 @@ struct Backbone {
     fc_weight: Tensor,
     fc_bias: Option<Tensor>,
     fc_bn: Option<Norm>,
-    /// BatchNorm always in evaluation form, on its running statistics, which
-    /// training then leaves as they are: `only-mask`'s fixed network.
-    frozen: bool,
 }
 
 impl Backbone {
@@ -388,13 +421,12 @@ impl Backbone {
             fc_weight: fc.get((spec.embedding, spec.fc_inputs()), "weight")?,
             fc_bias,
             fc_bn,
-            frozen: false,
         })
     }
 
-    /// Fixes the network: BatchNorm always on its running statistics.
+    /// Fixes the network (`only-mask`): BatchNorm always on its running
+    /// statistics, which training then leaves as they are.
     fn freeze(&mut self) {
-        self.frozen = true;
         let convs = std::iter::once(&mut self.conv1).chain(
             self.blocks
                 .iter_mut()
@@ -408,12 +440,6 @@ impl Backbone {
         }
     }
 
-    /// Whether BatchNorm normalises with the batch's statistics (and updates the
-    /// running ones): in training, unless the network is frozen.
-    fn batch_statistics(&self, train: bool) -> bool {
-        train && !self.frozen
-    }
-
     /// Stage `k`: 1 is conv1 (with its ReLU), 2..=5 the blocks.
     ///
     /// Outside training the output is detached, for callers that evaluate a
@@ -423,17 +449,15 @@ impl Backbone {
     /// last stage's output would keep every intermediate tensor of the forward
     /// alive. Evaluating the tiny spec's test set that way peaked at 1.29 GB.
     fn stage(&self, k: usize, x: &Tensor, train: bool) -> Result<Tensor> {
-        let stats = self.batch_statistics(train);
         let y = if k == 1 {
-            self.conv1.forward(x, stats, true, None)?
+            self.conv1.forward(x, train, true, None)?
         } else {
-            self.blocks[k - 2].forward(x, stats)?
+            self.blocks[k - 2].forward(x, train)?
         };
         Ok(if train { y } else { y.detach() })
     }
 
     fn fc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let train = self.batch_statistics(train);
         let y = x.flatten_from(1)?.matmul(&self.fc_weight.t()?)?;
         Ok(match (&self.fc_bias, &self.fc_bn) {
             (_, Some(bn)) if crate::ops::cpu_kernels(&y) => {
@@ -904,6 +928,72 @@ mod tests {
         ] {
             let (a, b) = (g1.get(t).expect(name), g2.get(t).expect(name));
             assert!(rel_diff(a, b) < 1e-5, "gradient of {name}");
+        }
+    }
+
+    /// A frozen network's block (`only-mask`) and a block without BatchNorm take
+    /// the fused nodes in training, with constants for the normalisation: the
+    /// same values and gradients (x, weights, γ and β or the biases) as their
+    /// unfused evaluation forms, and the running statistics stay as they were.
+    #[test]
+    fn fixed_normalisation_fuses_as_its_unfused_form() {
+        use crate::ops::test_util::{grads_of, rand, rel_diff};
+        for bn in [true, false] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+            let mut block = Block::new(3, 4, bn, vb).expect("block");
+            for (seed, (name, var)) in vm.data().lock().expect("lock").iter().enumerate() {
+                let shift = if name.ends_with("running_var") || name.ends_with("bn.weight") {
+                    1.0
+                } else {
+                    0.0
+                };
+                let t = rand(var.dims(), seed as u64 + 1)
+                    .affine(0.5, shift)
+                    .expect("t");
+                var.set(&t).expect("set");
+            }
+            for c in [&mut block.conv, &mut block.res1, &mut block.res2] {
+                if let Some(norm) = c.bn.as_mut() {
+                    norm.frozen = true;
+                }
+            }
+            let running = |vm: &VarMap| -> Vec<Vec<f32>> {
+                let data = vm.data().lock().expect("lock");
+                let mut stats: Vec<_> = data
+                    .iter()
+                    .filter(|(n, _)| n.contains("running"))
+                    .map(|(n, v)| (n.clone(), v.flatten_all().and_then(|t| t.to_vec1())))
+                    .collect();
+                stats.sort_by(|a, b| a.0.cmp(&b.0));
+                stats.into_iter().map(|(_, v)| v.expect("stats")).collect()
+            };
+            let before = running(&vm);
+            let x = Var::from_tensor(&rand(&[2, 3, 10, 10], 50)).expect("x");
+            let fused = block.forward(&x, true).expect("fused");
+            let unfused = block.forward(&x, false).expect("unfused");
+            assert!(rel_diff(&fused, &unfused) < 1e-5, "bn {bn}: output");
+            assert_eq!(running(&vm), before, "bn {bn}: running statistics moved");
+            let up = rand(fused.dims(), 51);
+            let (g1, g2) = (grads_of(&fused, &up), grads_of(&unfused, &up));
+            let data = vm.data().lock().expect("lock");
+            let mut checked = 0;
+            for (name, t) in data
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_tensor()))
+                .chain([("x", x.as_tensor())])
+            {
+                if name.contains("running") {
+                    assert!(g1.get(t).is_none(), "bn {bn}: a gradient for {name}");
+                    continue;
+                }
+                let (a, b) = (g1.get(t).expect(name), g2.get(t).expect(name));
+                let d = rel_diff(a, b);
+                assert!(d < 1e-4, "bn {bn}: gradient of {name} differs by {d}");
+                checked += 1;
+            }
+            // x and 3 weights, with 3 γ and 3 β or with 3 biases.
+            assert_eq!(checked, if bn { 10 } else { 7 }, "bn {bn}");
         }
     }
 

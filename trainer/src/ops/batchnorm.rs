@@ -39,6 +39,9 @@ pub(super) struct BnTrain {
     pub(super) relu: bool,
     /// Batch size (dimension 1 of `x`).
     pub(super) b: usize,
+    /// Normalising with constants ([`BnTrain::fixed`]), not with the batch's own
+    /// statistics: `∂x = a·g'`, without the statistics' terms.
+    pub(super) fixed: bool,
 }
 
 /// Independent f32 partial sums per reduction: one running sum is a chain of
@@ -153,6 +156,7 @@ impl BnTrain {
             invstd,
             relu,
             b,
+            fixed: false,
         };
         let stats = BatchStats {
             mean,
@@ -160,6 +164,20 @@ impl BnTrain {
             count: m,
         };
         (op, stats)
+    }
+
+    /// The op that normalises with constant `mean` and `invstd` (1/σ) per channel:
+    /// a frozen network's BatchNorm on its running statistics, or, with 0 and 1, a
+    /// convolution's bias as β. The backward then leaves out the statistics' terms
+    /// (they are not functions of `x`): `∂x = γ·invstd·g'`.
+    pub(super) fn fixed(mean: &[f32], invstd: &[f32], b: usize, relu: bool) -> Self {
+        BnTrain {
+            mean: mean.to_vec(),
+            invstd: invstd.to_vec(),
+            relu,
+            b,
+            fixed: true,
+        }
     }
 
     /// Channel `ch`'s `(a, c)` of the normalisation `a·x + c`: one expression for
@@ -353,12 +371,17 @@ impl BnTrain {
             .map(|(ch, x)| {
                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
                 let (sb, sg) = sums(ch, x);
+                // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M; constants have no such terms.
+                let (mb, mg) = if self.fixed {
+                    (0.0, 0.0)
+                } else {
+                    ((sb / m as f64) as f32, (sg / m as f64) as f32 * is)
+                };
                 let coef = DxCoef {
                     a: gamma[ch] * is,
                     mu,
-                    mb: (sb / m as f64) as f32,
-                    // x̂·∂γ/M = (x − μ)·σ⁻¹·∂γ/M
-                    mg: (sg / m as f64) as f32 * is,
+                    mb,
+                    mg,
                 };
                 (coef, (sg as f32, sb as f32))
             })

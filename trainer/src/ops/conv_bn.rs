@@ -13,6 +13,12 @@
 //! as one flat parameter `[W…, γ…, β…]` (a `cat` of the three, whose backward
 //! splits the gradient again); the skip input, when there is one, is the third.
 //!
+//! The same nodes normalise with constants instead of the batch's statistics
+//! ([`ConvBnParams::fixed`]): a frozen network's BatchNorm on its running
+//! statistics (`only-mask`), and a convolution's bias without BatchNorm (γ = 1,
+//! β the bias, μ = 0, 1/σ = 1). The constants follow in the flat parameter,
+//! `[W…, γ…, β…, μ…, 1/σ…]`; they get a zero gradient.
+//!
 //! A block's first conv is followed by a 2×2 max-pool, which the same node takes
 //! in ([`conv_bn_pool_train`]): the pool's input, the largest tensor of the block,
 //! is then never written at all (`bn_pool.rs`), nor given a zero-filled gradient
@@ -34,7 +40,8 @@ use super::{contiguous, with_slice};
 struct Saved {
     conv_out: Vec<f32>,
     bn: BnTrain,
-    stats: BatchStats,
+    /// The batch's statistics; none with constants.
+    stats: Option<BatchStats>,
     /// Where each pooled value's maximum was, when there is a pool.
     argmax: Option<Vec<u8>>,
 }
@@ -51,6 +58,8 @@ struct Stage {
     pool: bool,
     /// Output channels.
     o: usize,
+    /// Whether the flat parameter ends in constant `[μ…, 1/σ…]` to normalise with.
+    fixed: bool,
 }
 
 impl Stage {
@@ -58,9 +67,15 @@ impl Stage {
         Geom::new(dims, self.o, self.pad, self.chunk_floats)
     }
 
-    /// Length of the flat parameter `[W…, γ…, β…]` for `c` input channels.
+    /// Length of the flat parameter `[W…, γ…, β…(, μ…, 1/σ…)]` for `c` input
+    /// channels.
     fn params(&self, c: usize) -> usize {
-        self.o * c * 9 + 2 * self.o
+        self.o * c * 9 + self.per_channel() * self.o
+    }
+
+    /// Values per output channel after the weight: γ, β (and μ, 1/σ).
+    fn per_channel(&self) -> usize {
+        if self.fixed { 4 } else { 2 }
     }
 
     /// Weight length `O·C·9` of the flat parameter, checked against its length.
@@ -98,13 +113,20 @@ impl Stage {
             candle_core::bail!("conv_bn: the skip input does not match the output");
         }
         let conv_out = geom.forward(x, &p[..wl], self.o);
-        let (bn, stats) =
-            BnTrain::from_batch(&conv_out, geom.b * geom.n(), geom.b, self.eps, self.relu);
+        let (gb, fixed) = p[wl..].split_at(2 * self.o);
+        let (bn, stats) = if self.fixed {
+            let (mean, invstd) = fixed.split_at(self.o);
+            (BnTrain::fixed(mean, invstd, geom.b, self.relu), None)
+        } else {
+            let m = geom.b * geom.n();
+            let (bn, stats) = BnTrain::from_batch(&conv_out, m, geom.b, self.eps, self.relu);
+            (bn, Some(stats))
+        };
         let (out, argmax) = if self.pool {
-            let (pooled, argmax) = bn.forward_pool(&conv_out, &p[wl..], (geom.ho, geom.wo));
+            let (pooled, argmax) = bn.forward_pool(&conv_out, gb, (geom.ho, geom.wo));
             (pooled, Some(argmax))
         } else {
-            (bn.forward(&conv_out, &p[wl..], skip), None)
+            (bn.forward(&conv_out, gb, skip), None)
         };
         let saved = Saved {
             conv_out,
@@ -129,19 +151,21 @@ impl Stage {
         (with_dx, then_add): (bool, Option<Masked>),
     ) -> Result<StageGrads> {
         let wl = self.weight_len(geom, p.len())?;
-        let (wt, gamma) = (&p[..wl], &p[wl..wl + self.o]);
+        let (wt, gb) = (&p[..wl], &p[wl..wl + 2 * self.o]);
         let (bn, conv_out) = (&saved.bn, &saved.conv_out);
         let grad = match &saved.argmax {
-            Some(at) => bn.grad_pool(conv_out, gamma, (y, at, g), (geom.ho, geom.wo)),
-            None => bn.grad(conv_out, &p[wl..], y, g, skip),
+            Some(at) => bn.grad_pool(conv_out, &gb[..self.o], (y, at, g), (geom.ho, geom.wo)),
+            None => bn.grad(conv_out, gb, y, g, skip),
         };
         // BatchNorm's ∂x (the conv's output gradient) chunk by chunk, as the
         // convolution's backward multiplies it.
         let fill = |ch: usize, first: usize, dst: &mut [f32]| grad.fill(ch, first, dst);
         let (dw, dx) = geom.backward(x, wt, OutGrad::Rows(&fill), self.o, with_dx, then_add);
+        // The constants' gradient, zero, completes the flat parameter's.
+        let constants = vec![0f32; p.len() - wl - 2 * self.o];
         Ok(StageGrads {
             dx,
-            dp: [dw, grad.dgb].concat(),
+            dp: [dw, grad.dgb, constants].concat(),
             dskip: grad.dskip,
         })
     }
@@ -384,18 +408,71 @@ impl CustomOp2 for ResPairTrain {
     }
 }
 
-/// The weight `[O, C, 3, 3]`, γ and β of one conv + BatchNorm.
+/// The weight `[O, C, 3, 3]`, γ and β of one conv + BatchNorm, and the constant
+/// statistics it normalises with, if any.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvBnParams<'a> {
     pub weight: &'a Tensor,
     pub gamma: &'a Tensor,
     pub beta: &'a Tensor,
+    /// `(μ, 1/σ)`, each `[O]`: normalise with these instead of the batch's
+    /// statistics, which are then neither computed nor differentiated.
+    pub fixed: Option<(&'a Tensor, &'a Tensor)>,
 }
 
-impl ConvBnParams<'_> {
-    /// The flat parameter `[W…, γ…, β…]`.
+impl<'a> ConvBnParams<'a> {
+    /// Training-mode BatchNorm: the batch's statistics.
+    pub fn new(weight: &'a Tensor, gamma: &'a Tensor, beta: &'a Tensor) -> Self {
+        ConvBnParams {
+            weight,
+            gamma,
+            beta,
+            fixed: None,
+        }
+    }
+
+    /// Normalising with constant `mean` and `invstd` (1/σ): `γ·(x − μ)/σ + β`.
+    pub fn fixed(self, mean: &'a Tensor, invstd: &'a Tensor) -> Self {
+        ConvBnParams {
+            fixed: Some((mean, invstd)),
+            ..self
+        }
+    }
+
+    /// The flat parameter `[W…, γ…, β…(, μ…, 1/σ…)]`. The constants enter
+    /// detached: candle gives them no gradient.
     fn flat(&self) -> Result<Tensor> {
-        Tensor::cat(&[&self.weight.flatten_all()?, self.gamma, self.beta], 0)
+        let weight = self.weight.flatten_all()?;
+        match self.fixed {
+            None => Tensor::cat(&[&weight, self.gamma, self.beta], 0),
+            Some((mean, invstd)) => {
+                let (mean, invstd) = (mean.detach(), invstd.detach());
+                Tensor::cat(&[&weight, self.gamma, self.beta, &mean, &invstd], 0)
+            }
+        }
+    }
+
+    /// The stage computing this conv + BatchNorm, from what follows it.
+    fn stage(&self, pad: usize, eps: f64, after: After, chunk_floats: usize) -> Result<Stage> {
+        let o = self.weight.dim(0)?;
+        for (what, t) in [("γ", self.gamma), ("β", self.beta)].into_iter().chain(
+            self.fixed
+                .into_iter()
+                .flat_map(|(m, s)| [("μ", m), ("1/σ", s)]),
+        ) {
+            if t.dims() != [o] {
+                candle_core::bail!("conv_bn: {what} {:?} for {o} output channels", t.dims());
+            }
+        }
+        Ok(Stage {
+            pad,
+            chunk_floats,
+            eps,
+            relu: after.relu,
+            pool: after.pool,
+            o,
+            fixed: self.fixed.is_some(),
+        })
     }
 }
 
@@ -410,7 +487,7 @@ pub fn res_pair_train(
     first: ConvBnParams,
     second: ConvBnParams,
     eps: f64,
-) -> Result<(Tensor, [BatchStats; 2])> {
+) -> Result<(Tensor, [Option<BatchStats>; 2])> {
     let c = y.dim(1)?;
     for p in [first, second] {
         if p.weight.dims() != [c, c, 3, 3] {
@@ -421,18 +498,18 @@ pub fn res_pair_train(
             );
         }
     }
-    let stage = |o| Stage {
-        pad: 1,
-        chunk_floats: CHUNK_FLOATS,
-        eps,
+    let after = After {
         relu: true,
         pool: false,
-        o,
     };
+    let stages = [
+        first.stage(1, eps, after, CHUNK_FLOATS)?,
+        second.stage(1, eps, after, CHUNK_FLOATS)?,
+    ];
     let params = Tensor::cat(&[first.flat()?, second.flat()?], 0)?;
     let saved = Arc::new(Mutex::new(None));
     let op = ResPairTrain {
-        stages: [stage(c), stage(c)],
+        stages,
         saved: Arc::clone(&saved),
     };
     let out = y.contiguous()?.apply_op2(&params, op)?;
@@ -446,21 +523,19 @@ pub fn res_pair_train(
 /// `BN(conv3x3(x, weight, pad)) (+ skip) (→ ReLU)` in training mode on the CPU:
 /// `x: [B, C, H, W]`, `weight: [O, C, 3, 3]`, `skip` batch-major like the output
 /// `[B, O, Ho, Wo]`. Returns the output and the batch statistics (for the running
-/// averages). The same values as [`super::conv3x3_channel_major`] followed by
-/// [`super::batch_norm_train`], as one graph node.
-#[allow(clippy::too_many_arguments)]
+/// averages; none with [`ConvBnParams::fixed`] constants). The same values as
+/// [`super::conv3x3_channel_major`] followed by [`super::batch_norm_train`], as one
+/// graph node.
 pub fn conv_bn_train(
     x: &Tensor,
-    weight: &Tensor,
+    params: ConvBnParams,
     pad: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
     eps: f64,
     relu: bool,
     skip: Option<&Tensor>,
-) -> Result<(Tensor, BatchStats)> {
+) -> Result<(Tensor, Option<BatchStats>)> {
     let after = After { relu, pool: false };
-    conv_bn_chunked(x, weight, pad, gamma, beta, eps, after, skip, CHUNK_FLOATS)
+    conv_bn_chunked(x, params, pad, eps, after, skip, CHUNK_FLOATS)
 }
 
 /// `max_pool2x2(ReLU(BN(conv3x3(x, weight, pad))))` in training mode on the CPU, as
@@ -468,17 +543,15 @@ pub fn conv_bn_train(
 /// followed by [`super::max_pool2x2`].
 pub fn conv_bn_pool_train(
     x: &Tensor,
-    weight: &Tensor,
+    params: ConvBnParams,
     pad: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
     eps: f64,
-) -> Result<(Tensor, BatchStats)> {
+) -> Result<(Tensor, Option<BatchStats>)> {
     let after = After {
         relu: true,
         pool: true,
     };
-    conv_bn_chunked(x, weight, pad, gamma, beta, eps, after, None, CHUNK_FLOATS)
+    conv_bn_chunked(x, params, pad, eps, after, None, CHUNK_FLOATS)
 }
 
 /// What follows the BatchNorm in the node.
@@ -488,19 +561,17 @@ struct After {
     pool: bool,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn conv_bn_chunked(
     x: &Tensor,
-    weight: &Tensor,
+    params: ConvBnParams,
     pad: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
     eps: f64,
     after: After,
     skip: Option<&Tensor>,
     chunk_floats: usize,
-) -> Result<(Tensor, BatchStats)> {
-    let (o, c, kh, kw) = weight.dims4()?;
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let weight = params.weight;
+    let (_, c, kh, kw) = weight.dims4()?;
     if x.dim(1)? != c || (kh, kw) != (3, 3) {
         candle_core::bail!(
             "conv_bn: weight {:?} for input {:?}",
@@ -511,23 +582,16 @@ fn conv_bn_chunked(
     if after.pool && skip.is_some() {
         candle_core::bail!("conv_bn: a skip input before a max-pool");
     }
-    let params = Tensor::cat(&[&weight.flatten_all()?, gamma, beta], 0)?;
-    let saved = Arc::new(Mutex::new(None));
     let op = ConvBnTrain {
-        stage: Stage {
-            pad,
-            chunk_floats,
-            eps,
-            relu: after.relu,
-            pool: after.pool,
-            o,
-        },
-        saved: Arc::clone(&saved),
+        stage: params.stage(pad, eps, after, chunk_floats)?,
+        saved: Arc::new(Mutex::new(None)),
     };
+    let saved = Arc::clone(&op.saved);
+    let flat = params.flat()?;
     let x = x.contiguous()?;
     let y = match skip {
-        Some(skip) => x.apply_op3(&params, &skip.contiguous()?, op)?,
-        None => x.apply_op2(&params, op)?,
+        Some(skip) => x.apply_op3(&flat, &skip.contiguous()?, op)?,
+        None => x.apply_op2(&flat, op)?,
     };
     let guard = lock(&saved);
     let stats = guard
@@ -588,9 +652,10 @@ mod tests {
             };
 
             let after = After { relu, pool };
+            let params = ConvBnParams::new(&k, &gamma, &beta);
             let (ours, stats) =
-                conv_bn_chunked(&x, &k, pad, &gamma, &beta, 1e-5, after, skip, chunk)
-                    .expect("ours");
+                conv_bn_chunked(&x, params, pad, 1e-5, after, skip, chunk).expect("ours");
+            let stats = stats.expect("batch statistics");
             let yc = conv3x3_channel_major(&x, &k, pad).expect("conv");
             let (mut theirs, want) =
                 batch_norm_train(&yc, &gamma, &beta, 1e-5, relu, skip).expect("bn");
@@ -647,8 +712,9 @@ mod tests {
         let gamma = Var::from_tensor(&rand(&[c], 3).affine(1.0, 1.0).expect("g")).expect("g");
         let beta = Var::from_tensor(&rand(&[c], 4)).expect("b");
         let up = rand(&[b, c, h / 2, w / 2], 6).affine(1.0, 1.0).expect("up");
-        let (ours, _) = conv_bn_pool_train(&x, &k, 1, &gamma, &beta, 1e-5).expect("ours");
-        let (y, _) = conv_bn_train(&x, &k, 1, &gamma, &beta, 1e-5, true, None).expect("y");
+        let params = ConvBnParams::new(&k, &gamma, &beta);
+        let (ours, _) = conv_bn_pool_train(&x, params, 1, 1e-5).expect("ours");
+        let (y, _) = conv_bn_train(&x, params, 1, 1e-5, true, None).expect("y");
         let theirs = max_pool2x2(&y).expect("pool");
         assert_eq!(max_diff(&ours, &theirs), 0.0);
         let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
@@ -659,17 +725,19 @@ mod tests {
     }
 
     /// The residual pair as one node against two conv + BatchNorm nodes: output,
-    /// both statistics, and the gradients of y and of all six parameters.
+    /// both statistics, and the gradients of y and of all six parameters; with
+    /// the batch's statistics and with constants.
     #[test]
     fn residual_pair_matches_two_nodes() {
         // 6 channels on 7×5 (`im2col`), 8 on 10×10 (the direct kernels, where
         // AVX-512 is).
         for (b, c, h, w) in [(4, 6, 7, 5), (4, 8, 10, 10)] {
-            residual_pair_case(b, c, h, w);
+            residual_pair_case(b, c, h, w, false);
+            residual_pair_case(b, c, h, w, true);
         }
     }
 
-    fn residual_pair_case(b: usize, c: usize, h: usize, w: usize) {
+    fn residual_pair_case(b: usize, c: usize, h: usize, w: usize, fixed: bool) {
         let y = Var::from_tensor(&rand(&[b, c, h, w], 1)).expect("y");
         let var = |shape: &[usize], seed, shift| {
             Var::from_tensor(&rand(shape, seed).affine(1.0, shift).expect("t")).expect("var")
@@ -684,22 +752,22 @@ mod tests {
             var(&[c], 6, 1.0),
             var(&[c], 7, 0.0),
         );
-        let first = ConvBnParams {
-            weight: &w1,
-            gamma: &g1,
-            beta: &b1,
-        };
-        let second = ConvBnParams {
-            weight: &w2,
-            gamma: &g2,
-            beta: &b2,
-        };
+        let (mean, invstd) = (rand(&[c], 10), rand(&[c], 11).affine(0.5, 1.0).expect("s"));
+        let (mut first, mut second) = (
+            ConvBnParams::new(&w1, &g1, &b1),
+            ConvBnParams::new(&w2, &g2, &b2),
+        );
+        if fixed {
+            first = first.fixed(&mean, &invstd);
+            second = second.fixed(&mean, &invstd);
+        }
         let (ours, stats) = res_pair_train(&y, first, second, 1e-5).expect("ours");
-        let (r, s1) = conv_bn_train(&y, &w1, 1, &g1, &b1, 1e-5, true, None).expect("r");
-        let (theirs, s2) = conv_bn_train(&r, &w2, 1, &g2, &b2, 1e-5, true, Some(&y)).expect("out");
+        let (r, s1) = conv_bn_train(&y, first, 1, 1e-5, true, None).expect("r");
+        let (theirs, s2) = conv_bn_train(&r, second, 1, 1e-5, true, Some(&y)).expect("out");
         assert_eq!(ours.dims(), y.dims());
         assert!(max_diff(&ours, &theirs) < 1e-5, "output");
         assert_eq!(stats, [s1, s2]);
+        assert_eq!(stats[0].is_none(), fixed, "statistics");
         let up = rand(&[b, c, h, w], 8);
         let (ga, gb) = (grads_of(&ours, &up), grads_of(&theirs, &up));
         let vars = [
@@ -723,14 +791,97 @@ mod tests {
         assert!(e.to_string().contains("weight"), "{e}");
     }
 
+    /// With constants ([`ConvBnParams::fixed`]) the node is the convolution
+    /// followed by the affine map `γ·(x − μ)·(1/σ) + β` (+ skip, ReLU, pool) in
+    /// candle's own ops, in value and in the gradients of x, the weight, γ, β and
+    /// the skip; it computes no statistics and gives the constants no gradient.
+    #[test]
+    fn fixed_statistics_are_an_affine_map_after_the_convolution() {
+        // (pad, C, O, H, W, ReLU, skip, pool, chunk floats)
+        for (pad, c, o, h, w, relu, with_skip, pool, chunk) in [
+            (1, 3, 4, 6, 5, true, true, false, 1),
+            (0, 3, 4, 7, 6, false, false, false, 1),
+            (0, 3, 4, 7, 8, true, false, true, 1),
+            (1, 8, 16, 12, 12, true, false, true, CHUNK_FLOATS),
+            (1, 8, 16, 10, 10, true, true, false, CHUNK_FLOATS),
+            (1, 3, 16, 5, 7, true, false, false, CHUNK_FLOATS),
+        ] {
+            let case =
+                format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip} pool {pool}");
+            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
+            let x = Var::from_tensor(&rand(&[5, c, h, w], 1)).expect("x");
+            let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).expect("k");
+            let gamma = Var::from_tensor(&rand(&[o], 3).affine(1.0, 1.0).expect("g")).expect("g");
+            let beta = Var::from_tensor(&rand(&[o], 4)).expect("b");
+            let mean = Var::from_tensor(&rand(&[o], 7)).expect("mean");
+            let invstd = Var::from_tensor(&rand(&[o], 8).affine(0.5, 1.0).expect("s")).expect("s");
+            let skip = Var::from_tensor(&rand(&[5, o, ho, wo], 5)).expect("skip");
+            let skip = with_skip.then_some(skip.as_tensor());
+            let up = if pool {
+                rand(&[5, o, ho / 2, wo / 2], 6)
+            } else {
+                rand(&[5, o, ho, wo], 6)
+            };
+
+            let params = ConvBnParams::new(&k, &gamma, &beta).fixed(&mean, &invstd);
+            let after = After { relu, pool };
+            let (ours, stats) =
+                conv_bn_chunked(&x, params, pad, 1e-5, after, skip, chunk).expect("ours");
+            assert!(stats.is_none(), "{case}: statistics of constants");
+
+            let column = |t: &Tensor| t.reshape((1, o, 1, 1)).expect("column");
+            let y = crate::ops::conv3x3(&x, &k, pad).expect("conv");
+            let scale = (gamma.as_tensor() * invstd.as_tensor()).expect("scale");
+            let y = y
+                .broadcast_sub(&column(&mean))
+                .and_then(|y| y.broadcast_mul(&column(&scale)))
+                .and_then(|y| y.broadcast_add(&column(&beta)))
+                .expect("affine");
+            let y = match skip {
+                Some(skip) => (y + skip).expect("skip"),
+                None => y,
+            };
+            let y = if relu { y.relu().expect("relu") } else { y };
+            let theirs = if pool {
+                max_pool2x2(&y).expect("pool")
+            } else {
+                y
+            };
+            assert_eq!(ours.dims(), theirs.dims(), "{case}");
+            assert!(max_diff(&ours, &theirs) < 1e-5, "{case}: output");
+
+            let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
+            let mut vars = vec![
+                ("x", x.as_tensor()),
+                ("w", &k),
+                ("gamma", &gamma),
+                ("beta", &beta),
+            ];
+            if let Some(skip) = skip {
+                vars.push(("skip", skip));
+            }
+            for (name, v) in vars {
+                let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
+                assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
+            }
+            for (name, v) in [("mean", &mean), ("invstd", &invstd)] {
+                assert!(
+                    g1.get(v).is_none(),
+                    "{case}: a gradient for the constant {name}"
+                );
+            }
+        }
+    }
+
     /// The public pooled entry point is ReLU then pool, and refuses a skip input.
     #[test]
     fn pooled_node_is_relu_then_pool() {
         let x = rand(&[3, 4, 9, 9], 1);
         let k = rand(&[6, 4, 3, 3], 2);
         let (g, b) = (rand(&[6], 3), rand(&[6], 4));
-        let (ours, _) = conv_bn_pool_train(&x, &k, 1, &g, &b, 1e-5).expect("ours");
-        let (y, _) = conv_bn_train(&x, &k, 1, &g, &b, 1e-5, true, None).expect("conv_bn");
+        let params = ConvBnParams::new(&k, &g, &b);
+        let (ours, _) = conv_bn_pool_train(&x, params, 1, 1e-5).expect("ours");
+        let (y, _) = conv_bn_train(&x, params, 1, 1e-5, true, None).expect("conv_bn");
         let theirs = max_pool2x2(&y).expect("pool");
         assert_eq!(ours.dims(), &[3, 6, 4, 4]);
         assert!(max_diff(&ours, &theirs) < 1e-6);
@@ -739,7 +890,7 @@ mod tests {
             relu: true,
             pool: true,
         };
-        let e = conv_bn_chunked(&x, &k, 1, &g, &b, 1e-5, after, Some(&skip), CHUNK_FLOATS)
+        let e = conv_bn_chunked(&x, params, 1, 1e-5, after, Some(&skip), CHUNK_FLOATS)
             .expect_err("skip before a pool");
         assert!(e.to_string().contains("max-pool"), "{e}");
     }
@@ -749,10 +900,16 @@ mod tests {
         let x = rand(&[2, 3, 5, 5], 1);
         let k = rand(&[4, 2, 3, 3], 2);
         let g = rand(&[4], 3);
-        let e = conv_bn_train(&x, &k, 1, &g, &g, 1e-5, true, None).expect_err("channels");
+        let e = conv_bn_train(&x, ConvBnParams::new(&k, &g, &g), 1, 1e-5, true, None)
+            .expect_err("channels");
         assert!(e.to_string().contains("weight"), "{e}");
         let k = rand(&[4, 3, 3, 3], 2);
-        let e = conv_bn_train(&x, &k, 1, &rand(&[3], 3), &g, 1e-5, true, None).expect_err("gamma");
-        assert!(e.to_string().contains("parameters"), "{e}");
+        let short = rand(&[3], 3);
+        let e = conv_bn_train(&x, ConvBnParams::new(&k, &short, &g), 1, 1e-5, true, None)
+            .expect_err("gamma");
+        assert!(e.to_string().contains("γ [3] for 4 output channels"), "{e}");
+        let fixed = ConvBnParams::new(&k, &g, &g).fixed(&g, &short);
+        let e = conv_bn_train(&x, fixed, 1, 1e-5, true, None).expect_err("invstd");
+        assert!(e.to_string().contains("1/σ [3]"), "{e}");
     }
 }
