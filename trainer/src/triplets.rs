@@ -224,6 +224,7 @@ mod tests {
             image_size: 1,
             fit: crate::data::Fit::Crop,
             pixels: vec![0; n * 3],
+            notes: Vec::new(),
         };
         let ts = sample(&ds, Split::Train, &[0], 600, 3, 0).expect("sample");
         let mut anchors = [0usize; 3];

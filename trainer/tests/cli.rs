@@ -787,6 +787,12 @@ fn zappos_and_folder_data_train_and_evaluate() {
     let o = modtrain(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("150 images"), "{}", stderr(&o));
+    // 999999-1 has no image: left out, and said so.
+    assert!(
+        stderr(&o).contains("warning: 1 of the 151 shoes read from"),
+        "{}",
+        stderr(&o)
+    );
     let trained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     // The paper's four tasks by default.
     for task in ["category", "gender", "heel_height", "closure"] {

@@ -122,6 +122,9 @@ fn load_data(
         ds.len(),
         start.elapsed().as_secs_f64()
     );
+    for note in &ds.notes {
+        eprintln!("modtrain: warning: {note}");
+    }
     Ok(ds)
 }
 

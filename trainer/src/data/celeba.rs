@@ -134,6 +134,7 @@ pub fn load_with_progress(
         image_size: size,
         fit: super::Fit::Crop,
         pixels,
+        notes: Vec::new(),
     })
 }
 

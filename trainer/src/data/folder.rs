@@ -168,6 +168,7 @@ pub(crate) fn assemble(
         image_size: size,
         fit,
         pixels,
+        notes: Vec::new(),
     })
 }
 

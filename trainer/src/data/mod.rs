@@ -75,6 +75,9 @@ pub struct Dataset {
     /// [`modkit_models::Preprocess`], so that the runtime squares queries alike.
     pub fit: Fit,
     pub pixels: Vec<u8>,
+    /// What loading left out that the user should hear of (`modtrain` prints
+    /// each as a warning), e.g. UT-Zappos50K shoes without an image.
+    pub notes: Vec<String>,
 }
 
 /// The most memory the images of one dataset may take (3 bytes a pixel).
@@ -150,6 +153,7 @@ impl Dataset {
             image_size: size,
             fit: Fit::Crop,
             pixels: Vec::with_capacity(n * size * size * 3),
+            notes: Vec::new(),
         };
         for f in faces {
             ds.labels.extend(f.attributes.map(u16::from));

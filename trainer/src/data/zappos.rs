@@ -119,12 +119,13 @@ pub fn load_with_progress(
     modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(1, msg))?;
     let mut rows = Vec::new();
     let mut seen = HashMap::new();
-    let mut without_image = 0;
+    let (mut read, mut without_image) = (0usize, 0usize);
     for (i, record) in reader.records().enumerate() {
         if limit.is_some_and(|n| rows.len() >= n) {
             break;
         }
         let record = record.map_err(|e| malformed(i + 2, e.to_string()))?;
+        read += 1;
         let cid = record.get(0).unwrap_or_default();
         let Some(path) = by_name.get(&format!("{}.jpg", cid.replace('-', "."))) else {
             without_image += 1;
@@ -156,7 +157,7 @@ pub fn load_with_progress(
         )));
     }
     // The hash is of the relative path, which holds the CID.
-    assemble(
+    let mut ds = assemble(
         Table { attributes, rows },
         &images,
         size,
@@ -164,7 +165,13 @@ pub fn load_with_progress(
         (70, 10),
         &meta,
         progress,
-    )
+    )?;
+    if without_image > 0 {
+        ds.notes.push(format!(
+            "{without_image} of the {read} shoes read from {meta:?} have no image under {images:?} and are left out; check the unpacked images"
+        ));
+    }
+    Ok(ds)
 }
 
 #[cfg(test)]
@@ -245,6 +252,12 @@ mod tests {
             ["category", "heel_height", "closure", "gender"]
         );
         assert_eq!(ds.len(), 3, "300-1 has no image");
+        assert_eq!(ds.notes.len(), 1, "{:?}", ds.notes);
+        assert!(
+            ds.notes[0].starts_with("1 of the 4 shoes read from"),
+            "{}",
+            ds.notes[0]
+        );
         assert_eq!(ds.files[0], "Boots/Ankle/Brand/100.1.jpg");
         assert_eq!(ds.classes[0], ["Boots", "Shoes"]);
         assert_eq!(ds.class(1, 1), MISSING, "no heel height");
