@@ -255,10 +255,23 @@ impl Run {
     }
 }
 
+/// What [`load_runs`] read.
+#[derive(Debug)]
+pub struct Runs {
+    pub runs: Vec<Run>,
+    /// Why each log found in a named directory that could not be read was left
+    /// out (another run's lines appended by builds before session 23, a log
+    /// with no epoch yet, …).
+    pub skipped: Vec<String>,
+}
+
 /// The runs named by `paths`: checkpoints, logs, or directories (every
-/// `*.metrics.jsonl` in them, sorted by name).
-pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
-    let mut files = Vec::new();
+/// `*.metrics.jsonl` in them, sorted by name). A file named itself must be
+/// readable; a log found in a directory that is not is left out with its reason
+/// in [`Runs::skipped`], unless no log there or elsewhere is readable.
+pub fn load_runs(paths: &[PathBuf]) -> Result<Runs> {
+    // Each file, and whether it was found in a directory rather than named.
+    let mut files: Vec<(PathBuf, bool)> = Vec::new();
     for p in paths {
         if p.is_dir() {
             let io = |source| Error::Io {
@@ -276,17 +289,26 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
                 )));
             }
             found.sort();
-            files.extend(found);
+            files.extend(found.into_iter().map(|f| (f, true)));
         } else {
-            files.push(p.clone());
+            files.push((p.clone(), false));
         }
     }
     // A run named twice (its checkpoint and its log, or a folder and a file in
     // it) is reported once.
     let mut seen = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
-    for f in &files {
-        let run = Run::load(f)?;
+    let (mut skipped, mut first_error) = (Vec::new(), None);
+    for (f, found) in &files {
+        let run = match Run::load(f) {
+            Ok(run) => run,
+            Err(e) if *found => {
+                skipped.push(format!("{e}; left out of the report"));
+                first_error.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let log = std::fs::canonicalize(&run.path).unwrap_or_else(|_| run.path.clone());
         if !seen.contains(&log) {
             seen.push(log);
@@ -304,7 +326,10 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
             r.name = format!("{}-{}", dir.to_string_lossy(), r.name);
         }
     }
-    Ok(runs)
+    match first_error {
+        Some(e) if runs.is_empty() => Err(e),
+        _ => Ok(Runs { runs, skipped }),
+    }
 }
 
 /// The first line of a report's tables (and of report.md).
@@ -991,6 +1016,27 @@ mod tests {
         std::fs::write(&empty, "").expect("write");
         let err = load_runs(&[empty]).expect_err("empty");
         assert!(err.to_string().contains("holds no epoch"), "{err}");
+        // Found in the folder, the two are refused only while no log there reads.
+        let err = load_runs(std::slice::from_ref(&dir)).expect_err("no good log");
+        assert!(err.to_string().contains("bad.metrics.jsonl"), "{err}");
+        let line = serde_json::to_string(&epoch_log(1, 0.5)).expect("json");
+        std::fs::write(dir.join("good.metrics.jsonl"), format!("{line}\n")).expect("write");
+        let found = load_runs(std::slice::from_ref(&dir)).expect("the good log");
+        assert_eq!(found.runs.len(), 1);
+        assert_eq!(found.runs[0].name, "good");
+        assert_eq!(found.skipped.len(), 2, "{:?}", found.skipped);
+        assert!(
+            found.skipped[0].contains("bad.metrics.jsonl")
+                && found.skipped[0].contains("line 1")
+                && found.skipped[0].ends_with("left out of the report"),
+            "{:?}",
+            found.skipped
+        );
+        assert!(
+            found.skipped[1].contains("holds no epoch"),
+            "{:?}",
+            found.skipped
+        );
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 }

@@ -1827,7 +1827,7 @@ mod tests {
             std::fs::copy(&log, &to).expect("copy");
             copies.push(to);
         }
-        let runs = crate::report::load_runs(&copies).expect("runs");
+        let runs = crate::report::load_runs(&copies).expect("runs").runs;
         assert_eq!(runs[0].name, "a-mod");
         assert_eq!(runs[1].name, "b-mod");
     }

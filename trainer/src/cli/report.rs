@@ -30,7 +30,7 @@ pub struct ReportArgs {
 
 impl ReportArgs {
     pub fn run(self) -> Result<()> {
-        let runs = report::load_runs(&self.runs)?;
+        let report::Runs { runs, skipped } = report::load_runs(&self.runs)?;
         let out = match (&self.out, self.runs.as_slice()) {
             (Some(o), _) => o.clone(),
             (None, [dir]) if dir.is_dir() => dir.join("report"),
@@ -50,7 +50,11 @@ impl ReportArgs {
                 }
             );
         }
-        for note in runs.iter().filter_map(|r| r.note.as_deref()) {
+        for note in skipped
+            .iter()
+            .map(String::as_str)
+            .chain(runs.iter().filter_map(|r| r.note.as_deref()))
+        {
             eprintln!("modtrain: warning: {note}");
         }
         report::write_summary(&mut std::io::stdout().lock(), &runs)?;
