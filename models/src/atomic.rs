@@ -5,6 +5,13 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// Whether `path` lies under `/dev` or `/proc`: device and process files, which
+/// are written to in place, never replaced, and where a command should not put
+/// files beside its output.
+pub fn is_system_path(path: &Path) -> bool {
+    std::path::absolute(path).is_ok_and(|p| p.starts_with("/dev") || p.starts_with("/proc"))
+}
+
 /// Writes `bytes` to `path` so that a crash never leaves a half-written file:
 /// the data goes to a temporary file in the same directory, is synced, and is then
 /// renamed over `path` (atomic on POSIX file systems). A device or a pipe
@@ -18,9 +25,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // `/dev/stdout` redirected to a file, `/proc/self/fd/3`: links that a
     // rename would replace (as root) or cannot replace; the file behind them is
     // written in place.
-    let system =
-        std::path::absolute(path).is_ok_and(|p| p.starts_with("/dev") || p.starts_with("/proc"));
-    if system || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    if is_system_path(path) || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)

@@ -37,7 +37,7 @@ mod spec;
 pub mod tasks;
 mod variant;
 
-pub use atomic::write_atomic;
+pub use atomic::{is_system_path, write_atomic};
 pub use checkpoint::{Checkpoint, CheckpointHeader, TensorData};
 pub use error::{Error, Result, one_line};
 pub use package::{Package, Precision, Tails};

@@ -341,7 +341,7 @@ impl TrainArgs {
                 out.display()
             );
         }
-        if std::path::absolute(out).is_ok_and(|p| p.starts_with("/dev") || p.starts_with("/proc")) {
+        if modkit_models::is_system_path(out) {
             anyhow::bail!(
                 "-o {}: a run writes its log and test triplets beside its checkpoint; name a file in a folder of yours",
                 out.display()
