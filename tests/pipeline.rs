@@ -67,11 +67,14 @@ fn every_variant_trains_and_writes_a_valid_checkpoint() {
     }
 }
 
+/// The same seed gives the same weights bit for bit, on any number of threads:
+/// the convolutions sum their weight gradients over a fixed number of image
+/// groups, not one per thread.
 #[test]
 fn same_seed_same_checkpoint() {
     let ds = modkit_trainer::data::Dataset::synthetic(120, 48, 9);
     let dir = tempfile::tempdir().expect("tmp");
-    let run = |name: &str| {
+    let run = |name: &str, threads: usize| {
         let cfg = TrainConfig {
             spec: small_spec(),
             tasks: vec!["bangs".into(), "chubby".into()],
@@ -82,13 +85,22 @@ fn same_seed_same_checkpoint() {
             ..TrainConfig::default()
         };
         let out = dir.path().join(name);
-        Trainer::new(cfg, &ds, Device::Cpu)
-            .expect("t")
-            .run(&ds, &out)
-            .expect("run");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        pool.install(|| {
+            Trainer::new(cfg, &ds, Device::Cpu)
+                .expect("t")
+                .run(&ds, &out)
+                .expect("run")
+        });
         Checkpoint::load(&out).expect("load").tensors
     };
-    assert_eq!(run("a.safetensors"), run("b.safetensors"));
+    let two = run("a.safetensors", 2);
+    assert_eq!(two, run("b.safetensors", 2));
+    assert_eq!(two, run("c.safetensors", 1), "1 thread against 2");
+    assert_eq!(two, run("d.safetensors", 3), "3 threads against 2");
 }
 
 #[test]

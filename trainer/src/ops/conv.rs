@@ -9,9 +9,10 @@
 //! The columns are 9× the input. Built for the whole batch, they went to memory
 //! and back in every conv, twice per step (the backward rebuilt them), and `col2im`
 //! read 9× the input again: at the tiny spec, `im2col` and `col2im` were 24% of a
-//! training step and their GEMMs ran on cold data. Here each thread takes a group of
-//! images and walks it in chunks of whole output rows whose columns fit in its L2
-//! cache ([`CHUNK_FLOATS`]); each chunk is built, multiplied (the `gemm` crate,
+//! training step and their GEMMs ran on cold data. Here the batch is split into a
+//! fixed number of groups of images ([`IMAGE_GROUPS`]) that the threads share out,
+//! and each group is walked in chunks of whole output rows whose columns fit in
+//! the L2 cache ([`CHUNK_FLOATS`]); each chunk is built, multiplied (the `gemm` crate,
 //! writing straight into the output's block) and dropped before the next. No
 //! columns outlive a chunk, so the backward's memory is the gradients alone.
 //!
@@ -214,7 +215,7 @@ impl Geom {
         }
     }
 
-    /// `(first image, images)` of one group per rayon thread.
+    /// `(first image, images)` of each group of images ([`image_groups`]).
     fn groups(&self) -> Vec<(usize, usize)> {
         image_groups(self.b)
     }
@@ -714,9 +715,18 @@ pub(super) unsafe fn per_group<T: Send>(
     (parts, Some(dx))
 }
 
-/// `(start, count)` of one group of images per rayon thread (fewer when `b` is small).
+/// How many groups [`image_groups`] splits a batch into: a constant, not the
+/// thread count, so that `∂W`, summed per group and then over the groups in
+/// order, and so all of training, comes out bit for bit the same on any number
+/// of threads (`tests/pipeline.rs`). 12 groups share out evenly over 1, 2, 3, 4,
+/// 6 and 12 threads; on 2 threads they were no slower than one group per
+/// thread (`docs/performance.md`, session 28).
+pub(super) const IMAGE_GROUPS: usize = 12;
+
+/// `(start, count)` of the groups of images that the convolutions' threads take
+/// ([`IMAGE_GROUPS`] of them, fewer when `b` is small).
 pub(super) fn image_groups(b: usize) -> Vec<(usize, usize)> {
-    let per = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let per = b.div_ceil(IMAGE_GROUPS).max(1);
     (0..b).step_by(per).map(|s| (s, per.min(b - s))).collect()
 }
 
@@ -1079,8 +1089,8 @@ mod tests {
 
     /// Both lowerings and the automatic choice, on chunks of one output row,
     /// chunks that start inside an image and end in the next (taps), chunks of 2,
-    /// 2 and 1 rows of an image (rows), several image groups (three threads for
-    /// five images) and the tiny spec's real layer shapes with the default chunk
+    /// 2 and 1 rows of an image (rows), several image groups (five images, five
+    /// groups, on three threads) and the tiny spec's real layer shapes with the default chunk
     /// size, give candle's results.
     #[test]
     fn chunks_and_image_groups_match_candle_conv2d() {
