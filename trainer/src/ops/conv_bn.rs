@@ -638,27 +638,19 @@ mod tests {
         ] {
             let case =
                 format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip} pool {pool}");
-            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
-            let x = Var::from_tensor(&rand(&[5, c, h, w], 1)).expect("x");
-            let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).expect("k");
-            let gamma = Var::from_tensor(&rand(&[o], 3).affine(1.0, 1.0).expect("g")).expect("g");
-            let beta = Var::from_tensor(&rand(&[o], 4)).expect("b");
-            let skip = Var::from_tensor(&rand(&[5, o, ho, wo], 5)).expect("skip");
-            let skip = with_skip.then_some(skip.as_tensor());
-            let up = if pool {
-                rand(&[5, o, ho / 2, wo / 2], 6)
-            } else {
-                rand(&[5, o, ho, wo], 6)
-            };
-
+            let inputs = Inputs::new((pad, c, o, h, w), with_skip, pool);
+            let Inputs {
+                x, k, gamma, beta, ..
+            } = &inputs;
+            let skip = inputs.skip();
             let after = After { relu, pool };
-            let params = ConvBnParams::new(&k, &gamma, &beta);
+            let params = ConvBnParams::new(k, gamma, beta);
             let (ours, stats) =
-                conv_bn_chunked(&x, params, pad, 1e-5, after, skip, chunk).expect("ours");
+                conv_bn_chunked(x, params, pad, 1e-5, after, skip, chunk).expect("ours");
             let stats = stats.expect("batch statistics");
-            let yc = conv3x3_channel_major(&x, &k, pad).expect("conv");
+            let yc = conv3x3_channel_major(x, k, pad).expect("conv");
             let (mut theirs, want) =
-                batch_norm_train(&yc, &gamma, &beta, 1e-5, relu, skip).expect("bn");
+                batch_norm_train(&yc, gamma, beta, 1e-5, relu, skip).expect("bn");
             if pool {
                 theirs = max_pool2x2(&theirs).expect("pool");
             }
@@ -673,18 +665,56 @@ mod tests {
             {
                 assert!((a - b).abs() < 1e-5, "{case}: statistics {a} vs {b}");
             }
+            inputs.same_gradients(&case, &ours, &theirs);
+        }
+    }
 
-            let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
-            let mut vars = vec![
-                ("x", x.as_tensor()),
-                ("w", &k),
-                ("gamma", &gamma),
-                ("beta", &beta),
-            ];
-            if let Some(skip) = skip {
-                vars.push(("skip", skip));
+    /// The inputs of one case of a fused node: x `[5, C, H, W]`, the weight, γ, β,
+    /// a skip input, and the gradient to send back from the output.
+    struct Inputs {
+        x: Var,
+        k: Var,
+        gamma: Var,
+        beta: Var,
+        skip: Option<Var>,
+        up: Tensor,
+    }
+
+    impl Inputs {
+        fn new(
+            (pad, c, o, h, w): (usize, usize, usize, usize, usize),
+            with_skip: bool,
+            pool: bool,
+        ) -> Self {
+            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
+            let var = |t: &Tensor| Var::from_tensor(t).expect("var");
+            let (uh, uw) = if pool { (ho / 2, wo / 2) } else { (ho, wo) };
+            Inputs {
+                x: var(&rand(&[5, c, h, w], 1)),
+                k: var(&rand(&[o, c, 3, 3], 2)),
+                gamma: var(&rand(&[o], 3).affine(1.0, 1.0).expect("gamma")),
+                beta: var(&rand(&[o], 4)),
+                skip: with_skip.then(|| var(&rand(&[5, o, ho, wo], 5))),
+                up: rand(&[5, o, uh, uw], 6),
             }
-            for (name, v) in vars {
+        }
+
+        fn skip(&self) -> Option<&Tensor> {
+            self.skip.as_ref().map(Var::as_tensor)
+        }
+
+        /// `ours` and `theirs` send the same gradients back from `up` to x, the
+        /// weight, γ, β and the skip input.
+        fn same_gradients(&self, case: &str, ours: &Tensor, theirs: &Tensor) {
+            let (g1, g2) = (grads_of(ours, &self.up), grads_of(theirs, &self.up));
+            let vars = [
+                ("x", &self.x),
+                ("w", &self.k),
+                ("gamma", &self.gamma),
+                ("beta", &self.beta),
+            ];
+            let skip = self.skip.as_ref().map(|s| ("skip", s));
+            for (name, v) in vars.into_iter().chain(skip) {
                 let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
                 assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
             }
@@ -808,34 +838,26 @@ mod tests {
         ] {
             let case =
                 format!("pad {pad} {c}→{o} {h}×{w} relu {relu} skip {with_skip} pool {pool}");
-            let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
-            let x = Var::from_tensor(&rand(&[5, c, h, w], 1)).expect("x");
-            let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).expect("k");
-            let gamma = Var::from_tensor(&rand(&[o], 3).affine(1.0, 1.0).expect("g")).expect("g");
-            let beta = Var::from_tensor(&rand(&[o], 4)).expect("b");
+            let inputs = Inputs::new((pad, c, o, h, w), with_skip, pool);
+            let Inputs {
+                x, k, gamma, beta, ..
+            } = &inputs;
+            let skip = inputs.skip();
             let mean = Var::from_tensor(&rand(&[o], 7)).expect("mean");
             let invstd = Var::from_tensor(&rand(&[o], 8).affine(0.5, 1.0).expect("s")).expect("s");
-            let skip = Var::from_tensor(&rand(&[5, o, ho, wo], 5)).expect("skip");
-            let skip = with_skip.then_some(skip.as_tensor());
-            let up = if pool {
-                rand(&[5, o, ho / 2, wo / 2], 6)
-            } else {
-                rand(&[5, o, ho, wo], 6)
-            };
-
-            let params = ConvBnParams::new(&k, &gamma, &beta).fixed(&mean, &invstd);
+            let params = ConvBnParams::new(k, gamma, beta).fixed(&mean, &invstd);
             let after = After { relu, pool };
             let (ours, stats) =
-                conv_bn_chunked(&x, params, pad, 1e-5, after, skip, chunk).expect("ours");
+                conv_bn_chunked(x, params, pad, 1e-5, after, skip, chunk).expect("ours");
             assert!(stats.is_none(), "{case}: statistics of constants");
 
             let column = |t: &Tensor| t.reshape((1, o, 1, 1)).expect("column");
-            let y = crate::ops::conv3x3(&x, &k, pad).expect("conv");
+            let y = crate::ops::conv3x3(x, k, pad).expect("conv");
             let scale = (gamma.as_tensor() * invstd.as_tensor()).expect("scale");
             let y = y
                 .broadcast_sub(&column(&mean))
                 .and_then(|y| y.broadcast_mul(&column(&scale)))
-                .and_then(|y| y.broadcast_add(&column(&beta)))
+                .and_then(|y| y.broadcast_add(&column(beta)))
                 .expect("affine");
             let y = match skip {
                 Some(skip) => (y + skip).expect("skip"),
@@ -849,21 +871,8 @@ mod tests {
             };
             assert_eq!(ours.dims(), theirs.dims(), "{case}");
             assert!(max_diff(&ours, &theirs) < 1e-5, "{case}: output");
-
-            let (g1, g2) = (grads_of(&ours, &up), grads_of(&theirs, &up));
-            let mut vars = vec![
-                ("x", x.as_tensor()),
-                ("w", &k),
-                ("gamma", &gamma),
-                ("beta", &beta),
-            ];
-            if let Some(skip) = skip {
-                vars.push(("skip", skip));
-            }
-            for (name, v) in vars {
-                let d = rel_diff(g1.get(v).expect("ours"), g2.get(v).expect("theirs"));
-                assert!(d < 1e-5, "{case}: ∂{name} differs by {d} (relative)");
-            }
+            inputs.same_gradients(&case, &ours, &theirs);
+            let g1 = grads_of(&ours, &inputs.up);
             for (name, v) in [("mean", &mean), ("invstd", &invstd)] {
                 assert!(
                     g1.get(v).is_none(),
