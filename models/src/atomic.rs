@@ -7,9 +7,23 @@ use crate::{Error, Result};
 
 /// Whether `path` lies under `/dev` or `/proc`: device and process files, which
 /// are written to in place, never replaced, and where a command should not put
-/// files beside its output.
+/// files beside its output. `..` is folded first (`/tmp/../dev/null` is under
+/// `/dev`).
 pub fn is_system_path(path: &Path) -> bool {
-    std::path::absolute(path).is_ok_and(|p| p.starts_with("/dev") || p.starts_with("/proc"))
+    let Ok(absolute) = std::path::absolute(path) else {
+        return false;
+    };
+    let mut folded = std::path::PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                folded.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => folded.push(other),
+        }
+    }
+    folded.starts_with("/dev") || folded.starts_with("/proc")
 }
 
 /// Writes `bytes` to `path` so that a crash never leaves a half-written file:
@@ -117,6 +131,29 @@ mod tests {
         write_atomic(&link, b"through").expect("write through the link");
         assert_eq!(std::fs::read(&file).expect("read"), b"through");
         assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn system_paths_are_found_past_dot_dot() {
+        for path in [
+            "/dev/null",
+            "/proc/self/fd/1",
+            "/tmp/../dev/null",
+            "/dev/./x",
+        ] {
+            assert!(is_system_path(Path::new(path)), "{path}");
+        }
+        for path in [
+            "/tmp/dev/null",
+            "/device",
+            "/dev/../tmp/x",
+            "runs/x.safetensors",
+        ] {
+            assert!(!is_system_path(Path::new(path)), "{path}");
+        }
+        // A relative path climbing out of the working folder (never above `/`).
+        let up = "../".repeat(64) + "dev/null";
+        assert!(is_system_path(Path::new(&up)), "{up}");
     }
 
     #[test]

@@ -821,19 +821,30 @@ mod tests {
         let x = Var::from_tensor(&rand(&[2, 3, 4, 5], 5)).expect("x");
         let reference = norm.inner.forward_t(x.as_tensor(), false).expect("eval");
         norm.frozen = true;
-        let batch_major = norm
-            .forward_batch_major(x.as_tensor(), false, false, None)
-            .expect("batch-major");
         let xc = x
             .as_tensor()
             .transpose(0, 1)
             .and_then(|t| t.contiguous())
             .expect("xc");
-        let channel_major = norm
-            .forward(&xc, false, false, None)
-            .expect("channel-major");
-        assert!(rel_diff(&batch_major, &reference) < 1e-6);
-        assert!(rel_diff(&channel_major, &reference) < 1e-6);
+        let stats = |n: &Norm| {
+            [&n.running_mean, &n.running_var]
+                .map(|v| v.as_tensor().to_vec1::<f32>().expect("stats"))
+        };
+        let before = stats(&norm);
+        // In training too: a frozen BatchNorm never takes the batch's statistics,
+        // nor moves its running ones.
+        let mut batch_major = reference.clone();
+        for train in [false, true] {
+            batch_major = norm
+                .forward_batch_major(x.as_tensor(), train, false, None)
+                .expect("batch-major");
+            let channel_major = norm
+                .forward(&xc, train, false, None)
+                .expect("channel-major");
+            assert!(rel_diff(&batch_major, &reference) < 1e-6, "train {train}");
+            assert!(rel_diff(&channel_major, &reference) < 1e-6, "train {train}");
+            assert_eq!(stats(&norm), before, "train {train}");
+        }
         // ∂/∂x = γ / √(var + ε) per channel, ∂/∂β = Σ up; nothing for the statistics.
         let up = rand(&[2, 3, 4, 5], 6);
         let grads = grads_of(&batch_major, &up);
@@ -892,8 +903,9 @@ mod tests {
             .expect("add")
     }
 
-    /// Without BatchNorm a convolution adds its bias (channel-major on the CPU
-    /// kernels): the same values and gradients as candle's conv2d plus a
+    /// Without BatchNorm a convolution adds its bias (in training, the fused node
+    /// with γ = 1 and β = the bias; in evaluation, channel-major before the
+    /// transpose): the same values and gradients as candle's conv2d plus a
     /// batch-major bias, with a skip and a ReLU.
     #[test]
     fn biased_convolution_equals_candle_in_value_and_gradient() {
@@ -907,9 +919,6 @@ mod tests {
             .expect("set");
         let x = Var::from_tensor(&rand(&[2, 3, 5, 6], 8)).expect("x");
         let skip = Var::from_tensor(&rand(&[2, 4, 5, 6], 9)).expect("skip");
-        let ours = conv
-            .forward(x.as_tensor(), true, true, Some(skip.as_tensor()))
-            .expect("ours");
         let reference = x
             .as_tensor()
             .conv2d(&conv.weight, 1, 1, 1, 1)
@@ -917,17 +926,23 @@ mod tests {
             .and_then(|y| y + skip.as_tensor())
             .and_then(|y| y.relu())
             .expect("reference");
-        assert!(rel_diff(&ours, &reference) < 1e-6);
         let up = rand(&[2, 4, 5, 6], 10);
-        let (g1, g2) = (grads_of(&ours, &up), grads_of(&reference, &up));
-        for (name, t) in [
-            ("x", x.as_tensor()),
-            ("skip", skip.as_tensor()),
-            ("weight", &conv.weight),
-            ("bias", &bias),
-        ] {
-            let (a, b) = (g1.get(t).expect(name), g2.get(t).expect(name));
-            assert!(rel_diff(a, b) < 1e-5, "gradient of {name}");
+        let g2 = grads_of(&reference, &up);
+        for train in [true, false] {
+            let ours = conv
+                .forward(x.as_tensor(), train, true, Some(skip.as_tensor()))
+                .expect("ours");
+            assert!(rel_diff(&ours, &reference) < 1e-6, "train {train}");
+            let g1 = grads_of(&ours, &up);
+            for (name, t) in [
+                ("x", x.as_tensor()),
+                ("skip", skip.as_tensor()),
+                ("weight", &conv.weight),
+                ("bias", &bias),
+            ] {
+                let (a, b) = (g1.get(t).expect(name), g2.get(t).expect(name));
+                assert!(rel_diff(a, b) < 1e-5, "train {train}: gradient of {name}");
+            }
         }
     }
 
@@ -970,6 +985,12 @@ mod tests {
             };
             let before = running(&vm);
             let x = Var::from_tensor(&rand(&[2, 3, 10, 10], 50)).expect("x");
+            // Every conv of the block takes a fused node, with constants.
+            for c in [&block.conv, &block.res1, &block.res2] {
+                let affine = c.affine(&x, true).expect("affine").expect("fused");
+                assert!(affine.fixed.is_some(), "bn {bn}: no constants");
+                assert!(c.affine(&x, false).expect("eval").is_none(), "bn {bn}");
+            }
             let fused = block.forward(&x, true).expect("fused");
             let unfused = block.forward(&x, false).expect("unfused");
             assert!(rel_diff(&fused, &unfused) < 1e-5, "bn {bn}: output");

@@ -303,8 +303,12 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Runs> {
         let run = match Run::load(f) {
             Ok(run) => run,
             Err(e) if *found => {
-                skipped.push(format!("{e}; left out of the report"));
-                first_error.get_or_insert(e);
+                let log = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
+                if !seen.contains(&log) {
+                    seen.push(log);
+                    skipped.push(format!("{e}; left out of the report"));
+                    first_error.get_or_insert(e);
+                }
                 continue;
             }
             Err(e) => return Err(e),
@@ -327,7 +331,11 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Runs> {
         }
     }
     match first_error {
-        Some(e) if runs.is_empty() => Err(e),
+        Some(e) if runs.is_empty() && skipped.len() == 1 => Err(e),
+        Some(e) if runs.is_empty() => Err(Error::Config(format!(
+            "none of the {} logs found reads; the first: {e}",
+            skipped.len()
+        ))),
         _ => Ok(Runs { runs, skipped }),
     }
 }
@@ -1018,7 +1026,11 @@ mod tests {
         assert!(err.to_string().contains("holds no epoch"), "{err}");
         // Found in the folder, the two are refused only while no log there reads.
         let err = load_runs(std::slice::from_ref(&dir)).expect_err("no good log");
-        assert!(err.to_string().contains("bad.metrics.jsonl"), "{err}");
+        assert!(
+            err.to_string().contains("none of the 2 logs found reads")
+                && err.to_string().contains("bad.metrics.jsonl"),
+            "{err}"
+        );
         let line = serde_json::to_string(&epoch_log(1, 0.5)).expect("json");
         std::fs::write(dir.join("good.metrics.jsonl"), format!("{line}\n")).expect("write");
         let found = load_runs(std::slice::from_ref(&dir)).expect("the good log");
@@ -1037,6 +1049,9 @@ mod tests {
             "{:?}",
             found.skipped
         );
+        // The folder named twice: each log read, or left out, once.
+        let twice = load_runs(&[dir.clone(), dir.clone()]).expect("twice");
+        assert_eq!((twice.runs.len(), twice.skipped.len()), (1, 2));
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 }

@@ -719,8 +719,10 @@ pub(super) unsafe fn per_group<T: Send>(
 /// thread count, so that `∂W`, summed per group and then over the groups in
 /// order, and so all of training, comes out bit for bit the same on any number
 /// of threads (`tests/pipeline.rs`). 12 groups share out evenly over 1, 2, 3, 4,
-/// 6 and 12 threads; on 2 threads they were no slower than one group per
-/// thread (`docs/performance.md`, session 28).
+/// 6 and 12 threads (for a batch of a multiple of 12 images; 96 is the default);
+/// on 2 threads they were no slower than one group per thread
+/// (`docs/performance.md`, session 28). More than 12 threads find no group to
+/// take: the cost of the fixed count on a large machine.
 pub(super) const IMAGE_GROUPS: usize = 12;
 
 /// `(start, count)` of the groups of images that the convolutions' threads take
@@ -1089,9 +1091,9 @@ mod tests {
 
     /// Both lowerings and the automatic choice, on chunks of one output row,
     /// chunks that start inside an image and end in the next (taps), chunks of 2,
-    /// 2 and 1 rows of an image (rows), several image groups (five images, five
-    /// groups, on three threads) and the tiny spec's real layer shapes with the default chunk
-    /// size, give candle's results.
+    /// 2 and 1 rows of an image (rows), several image groups ([`GROUPED`] images:
+    /// groups of 3 and a last of 2, on three threads) and the tiny spec's real
+    /// layer shapes with the default chunk size, give candle's results.
     #[test]
     fn chunks_and_image_groups_match_candle_conv2d() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -1135,9 +1137,9 @@ mod tests {
                     pool.broadcast(|_| poison_scratch(1 << 21));
                     let case =
                         format!("pad {pad}, {c}→{o}, {h}×{w}, chunk {chunk_floats}, {lowering:?}");
-                    let x = Var::from_tensor(&rand(&[5, c, h, w], 4)).expect("x");
+                    let x = Var::from_tensor(&rand(&[GROUPED, c, h, w], 4)).expect("x");
                     let k = Var::from_tensor(&rand(&[o, c, 3, 3], 5)).expect("k");
-                    let up = rand(&[o, 5, h + 2 * pad - 2, w + 2 * pad - 2], 6);
+                    let up = rand(&[o, GROUPED, h + 2 * pad - 2, w + 2 * pad - 2], 6);
                     let ours = conv3x3_chunked(&x, &k, pad, chunk_floats, lowering).expect("ours");
                     let theirs = x
                         .conv2d(&k, pad, 1, 1, 1)
@@ -1154,6 +1156,19 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// A batch that [`image_groups`] splits into groups of 3 images and a last
+    /// group of 2, so that chunks span images inside a group and the last group
+    /// is shorter.
+    const GROUPED: usize = 2 + 3 * (IMAGE_GROUPS - 3);
+
+    #[test]
+    fn the_test_batch_makes_uneven_groups_of_several_images() {
+        let groups = image_groups(GROUPED);
+        assert!(groups.iter().all(|&(_, n)| n == 3 || n == 2), "{groups:?}");
+        assert_eq!(groups.last().map(|g| g.1), Some(2), "{groups:?}");
+        assert_eq!(groups.iter().map(|g| g.1).sum::<usize>(), GROUPED);
     }
 
     /// `then_add` gives `∂x` plus the masked gradient, bit for bit, whether an
@@ -1175,7 +1190,7 @@ mod tests {
                 (1, 6, 7, 5, CHUNK_FLOATS, Lowering::Direct),
                 (0, 8, 9, 9, CHUNK_FLOATS, Lowering::Direct),
             ] {
-                let (b, o) = (5, 3);
+                let (b, o) = (GROUPED, 3);
                 let geom = Geom::lowered((b, c, h, w), pad, chunk_floats, lowering).expect("geom");
                 let (x, wt) = (vec(b * c * h * w, 1), vec(o * c * 9, 2));
                 let g = vec(o * b * geom.n(), 3);

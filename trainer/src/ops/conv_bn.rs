@@ -524,8 +524,8 @@ pub fn res_pair_train(
 /// `x: [B, C, H, W]`, `weight: [O, C, 3, 3]`, `skip` batch-major like the output
 /// `[B, O, Ho, Wo]`. Returns the output and the batch statistics (for the running
 /// averages; none with [`ConvBnParams::fixed`] constants). The same values as
-/// [`super::conv3x3_channel_major`] followed by [`super::batch_norm_train`], as one
-/// graph node.
+/// [`super::conv3x3_channel_major`] followed by [`super::batch_norm_train`] (or,
+/// with constants, by the affine map `γ·(x − μ)/σ + β`), as one graph node.
 pub fn conv_bn_train(
     x: &Tensor,
     params: ConvBnParams,
