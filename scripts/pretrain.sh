@@ -53,6 +53,8 @@ inspect=$("$modc" inspect "$dst/tiny-faces.modpack" --json)
     echo "|---|---|"
     jq -r '.test_accuracy | to_entries[] | "| \(.key) | \(.value * 100 | . * 100 | round / 100)% |"' <<<"$metrics"
     echo
-    echo "Regenerate with \`bash scripts/pretrain.sh\`."
+    echo "Regenerate with \`bash scripts/pretrain.sh\` (another CPU model, or a build that"
+    echo "sums the convolutions' weight gradients otherwise, rounds differently and trains"
+    echo "to slightly different numbers)."
 } > "$dst/MODEL_CARD.md"
 echo "wrote $dst/ (model card: $dst/MODEL_CARD.md)"
