@@ -1848,25 +1848,35 @@ mod tests {
             .expect("base");
         cfg.variant = Variant::OnlyMask;
         cfg.init_from = Some(base.clone());
-        let out = dir.path().join("mask.safetensors");
-        let mut t = Trainer::new(cfg.clone(), &ds, Device::Cpu).expect("mask");
-        t.run(&ds, &out).expect("mask");
-        let (before, after) = (
-            Checkpoint::load(&base).expect("a"),
-            Checkpoint::load(&out).expect("b"),
-        );
-        let shared = names::base_network(&cfg.spec, "");
-        assert!(shared.iter().any(|e| e.name.ends_with("running_var")));
-        for e in shared {
-            assert_eq!(
-                before.tensors[&e.name], after.tensors[&e.name],
-                "{} changed",
-                e.name
+        // On the CPU's fused nodes, and on the generic ops that other devices run.
+        for generic in [false, true] {
+            let out = dir.path().join(format!("mask-{generic}.safetensors"));
+            let mut t = Trainer::new(cfg.clone(), &ds, Device::Cpu).expect("mask");
+            if generic {
+                crate::ops::with_generic_ops(|| t.run(&ds, &out)).expect("mask");
+            } else {
+                t.run(&ds, &out).expect("mask");
+            }
+            let (before, after) = (
+                Checkpoint::load(&base).expect("a"),
+                Checkpoint::load(&out).expect("b"),
+            );
+            let shared = names::base_network(&cfg.spec, "");
+            assert!(shared.iter().any(|e| e.name.ends_with("running_var")));
+            for e in shared {
+                assert_eq!(
+                    before.tensors[&e.name], after.tensors[&e.name],
+                    "generic {generic}: {} changed",
+                    e.name
+                );
+            }
+            let start = vec![1.0; cfg.spec.modulated_stages()[0].channels * cfg.tasks.len()];
+            let learned = &after.tensors[&names::modulation(cfg.spec.modulated_stages()[0].name)];
+            assert_ne!(
+                learned.data, start,
+                "generic {generic}: the vectors did not learn"
             );
         }
-        let start = vec![1.0; cfg.spec.modulated_stages()[0].channels * cfg.tasks.len()];
-        let learned = &after.tensors[&names::modulation(cfg.spec.modulated_stages()[0].name)];
-        assert_ne!(learned.data, start, "the vectors did not learn");
     }
 
     #[test]
