@@ -763,6 +763,111 @@ fn zappos_fixture(dir: &Path, n: usize) {
     std::fs::write(dir.join("ut-zap50k-data/meta-data.csv"), meta).expect("meta");
 }
 
+/// CSN's lists for [`zappos_fixture`]'s first `n` shoes: shoe `i`'s split is
+/// `split(i)` (none: in no list). Each split's shoes are listed in runs of three,
+/// the same for the four conditions.
+fn csn_fixture(dir: &Path, n: usize, split: impl Fn(usize) -> Option<&'static str>) {
+    let cats = ["Boots", "Shoes", "Sandals"];
+    let names: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{}/Sub/Brand{}/{}.{}.jpg",
+                cats[i % 3],
+                i % 4,
+                1000 + i,
+                i % 7
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("filenames.json"), names.join("\n") + "\n").expect("names");
+    std::fs::create_dir_all(dir.join("tripletlists")).expect("dirs");
+    for s in ["train", "val", "test"] {
+        let members: Vec<usize> = (0..n).filter(|&i| split(i) == Some(s)).collect();
+        let lines: String = members
+            .chunks(3)
+            .map(|c| format!("{} {} {}\n", c[0], c[c.len() / 2], c[c.len() - 1]))
+            .collect();
+        for condition in ["class", "closure", "gender", "heel"] {
+            let list = dir.join(format!("tripletlists/{condition}_tripletlist_{s}.txt"));
+            std::fs::write(list, &lines).expect("list");
+        }
+    }
+}
+
+/// With CSN's triplet lists beside the images, training and evaluation use their
+/// splits: the test triplets hold only CSN's test shoes.
+#[test]
+fn zappos_with_csn_lists_uses_their_splits() {
+    let dir = tempfile::tempdir().expect("tmp");
+    zappos_fixture(dir.path(), 150);
+    let split = |i: usize| match i {
+        149 => None,
+        i if i % 5 == 0 => Some("test"),
+        i if i % 10 == 1 => Some("val"),
+        _ => Some("train"),
+    };
+    csn_fixture(dir.path(), 150, split);
+    let ckpt = dir.path().join("csn.safetensors");
+    let src = format!("zappos:{}", dir.path().display());
+    let o = modtrain(&[
+        "train",
+        "--data",
+        &src,
+        "-o",
+        ckpt.to_str().expect("utf8"),
+        "--triplets-per-task",
+        "8",
+        "--batch-per-task",
+        "4",
+        "--test-triplets",
+        "10",
+        "--epochs",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("149 images (104 train, 15 val, 30 test)"),
+        "{err}"
+    );
+    assert!(err.contains("splits from CSN's triplet lists in"), "{err}");
+    assert!(
+        err.contains("warning: 1 of the 151 shoes read from"),
+        "{err}"
+    );
+    assert!(err.contains("are in none of CSN's lists"), "{err}");
+    let triplets = std::fs::read_to_string(dir.path().join("csn.triplets.json")).expect("list");
+    let triplets: serde_json::Value = serde_json::from_str(&triplets).expect("json");
+    let mut files = 0;
+    for rows in triplets["tasks"].as_object().expect("tasks").values() {
+        for file in rows
+            .as_array()
+            .expect("rows")
+            .iter()
+            .flat_map(|r| r.as_array().expect("row"))
+        {
+            let name = file
+                .as_str()
+                .expect("name")
+                .rsplit('/')
+                .next()
+                .expect("name");
+            let cid: usize = name
+                .split('.')
+                .next()
+                .expect("cid")
+                .parse()
+                .expect("number");
+            assert_eq!(split(cid - 1000), Some("test"), "{name}");
+            files += 1;
+        }
+    }
+    assert_eq!(files, 4 * 10 * 3);
+    // eval reads the same lists again.
+    let o = modtrain(&["eval", ckpt.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn zappos_and_folder_data_train_and_evaluate() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use modkit_trainer::data::{DataSource, Dataset, celeba, folder, zappos};
+use modkit_trainer::data::{DataSource, Dataset, Split, celeba, folder, zappos};
 
 /// Train modulated multi-task retrieval networks (Zhao et al., ECCV 2018) and the
 /// baselines the paper compares against.
@@ -117,11 +117,21 @@ fn load_data(
         };
         bail!("--data {data} holds no images; {hint}");
     }
+    let count = |split| ds.splits.iter().filter(|&&s| s == split).count();
     eprintln!(
-        "{} images in {:.1} s",
+        "{} images ({} train, {} val, {} test) in {:.1} s",
         ds.len(),
+        count(Split::Train),
+        count(Split::Val),
+        count(Split::Test),
         start.elapsed().as_secs_f64()
     );
+    if let DataSource::Zappos(dir) = &source {
+        let lists = dir.join(zappos::CSN_LISTS);
+        if lists.is_dir() {
+            eprintln!("splits from CSN's triplet lists in {}", lists.display());
+        }
+    }
     for note in &ds.notes {
         eprintln!("modtrain: warning: {note}");
     }

@@ -33,7 +33,8 @@ const TEST_TRIPLETS: Output = Output::Text {
 pub struct TrainArgs {
     /// Data: `synth` (generated in memory, the default), `celeba:DIR` (CelebA layout,
     /// e.g. from `modtrain synth`), `zappos:DIR` (UT-Zappos50K as unpacked: its
-    /// images directory and ut-zap50k-data/meta-data.csv) or `folder:DIR` (images
+    /// images directory and ut-zap50k-data/meta-data.csv; with CSN's
+    /// tripletlists/ and filenames.json there, the paper's splits) or `folder:DIR` (images
     /// with DIR/labels.csv: `file,<attribute>,…[,split]`, any class values)
     /// [default with --resume: the data the checkpoint was trained on].
     #[arg(long)]
