@@ -868,6 +868,50 @@ fn zappos_with_csn_lists_uses_their_splits() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// `scripts/table6.sh`, scaled down: the four methods of the paper's Table 6
+/// trained on the fixture's CSN splits and reported side by side.
+#[test]
+fn table6_script_reports_the_four_methods() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let zap = dir.path().join("zappos");
+    zappos_fixture(&zap, 150);
+    csn_fixture(&zap, 150, |i| {
+        Some(["train", "train", "val", "test"][i % 4])
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/table6.sh");
+    let out = dir.path().join("t6");
+    let o = Command::new("bash")
+        .arg(&script)
+        .args([&zap, &out])
+        .env("MODTRAIN", env!("CARGO_BIN_EXE_modtrain"))
+        .envs([("SPEC", "tiny"), ("EPOCHS", "1"), ("TRIPLETS", "8")])
+        .envs([("TEST", "10"), ("BATCH", "4")])
+        .output()
+        .expect("runs bash");
+    let (report, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("splits from CSN's triplet lists"), "{err}");
+    for name in ["fsn", "itn", "csn", "ours"] {
+        assert!(
+            out.join(format!("runs/{name}.safetensors")).is_file(),
+            "{name}"
+        );
+        assert!(report.contains(name), "{name}: {report}");
+    }
+    for task in ["category", "gender", "heel_height", "closure"] {
+        assert!(report.contains(task), "{task}: {report}");
+    }
+    assert!(out.join("runs/report/report.md").is_file());
+    // A missing data folder: usage, not a half-run.
+    let o = Command::new("bash")
+        .arg(&script)
+        .arg(dir.path().join("absent"))
+        .output()
+        .expect("runs bash");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+}
+
 #[test]
 fn zappos_and_folder_data_train_and_evaluate() {
     let dir = tempfile::tempdir().expect("tmp");
