@@ -3,6 +3,18 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// A run of seconds: 8 triplets per task in batches of 4, 10 test triplets, one epoch.
+const SMALL: [&str; 8] = [
+    "--triplets-per-task",
+    "8",
+    "--batch-per-task",
+    "4",
+    "--test-triplets",
+    "10",
+    "--epochs",
+    "1",
+];
+
 fn modtrain(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_modtrain"))
         .args(args)
@@ -809,21 +821,9 @@ fn zappos_with_csn_lists_uses_their_splits() {
     csn_fixture(dir.path(), 150, split);
     let ckpt = dir.path().join("csn.safetensors");
     let src = format!("zappos:{}", dir.path().display());
-    let o = modtrain(&[
-        "train",
-        "--data",
-        &src,
-        "-o",
-        ckpt.to_str().expect("utf8"),
-        "--triplets-per-task",
-        "8",
-        "--batch-per-task",
-        "4",
-        "--test-triplets",
-        "10",
-        "--epochs",
-        "1",
-    ]);
+    let mut args = vec!["train", "--data", &src, "-o", ckpt.to_str().expect("utf8")];
+    args.extend(SMALL);
+    let o = modtrain(&args);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -920,19 +920,10 @@ fn zappos_and_folder_data_train_and_evaluate() {
     let ckpt = dir.path().join("shoes.safetensors");
     let c = ckpt.to_str().expect("utf8");
     let src = format!("zappos:{}", zap.display());
-    let small = [
-        "--triplets-per-task",
-        "8",
-        "--batch-per-task",
-        "4",
-        "--test-triplets",
-        "10",
-        "--epochs",
-        "1",
-        "--json",
-    ];
+    let mut small = SMALL.to_vec();
+    small.push("--json");
     let mut args = vec!["train", "--data", &src, "-o", c];
-    args.extend(small);
+    args.extend(&small);
     let o = modtrain(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("150 images"), "{}", stderr(&o));
@@ -972,7 +963,7 @@ fn zappos_and_folder_data_train_and_evaluate() {
     let out = dir.path().join("folder.safetensors");
     let src = format!("folder:{}", folder.display());
     let mut args = vec!["train", "--data", &src, "-o", out.to_str().expect("utf8")];
-    args.extend(small);
+    args.extend(&small);
     let o = modtrain(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let trained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -982,7 +973,7 @@ fn zappos_and_folder_data_train_and_evaluate() {
     );
     // A relative --data is recorded absolute: `eval` finds it from elsewhere.
     let mut args = vec!["train", "--data", "folder:folder", "-o", "rel.safetensors"];
-    args.extend(small);
+    args.extend(&small);
     let o = Command::new(env!("CARGO_BIN_EXE_modtrain"))
         .args(&args)
         .current_dir(dir.path())
@@ -1013,16 +1004,7 @@ fn only_mask_continues_a_branch_run_from_the_command_line() {
         branch.to_str().expect("utf8"),
         masked.to_str().expect("utf8"),
     );
-    let small = [
-        "--triplets-per-task",
-        "8",
-        "--batch-per-task",
-        "4",
-        "--test-triplets",
-        "10",
-        "--epochs",
-        "1",
-    ];
+    let small = SMALL;
     let mut args = vec![
         "train",
         "--synth-images",
