@@ -46,6 +46,10 @@ pub struct TrainConfig {
     /// Images kept from a CelebA directory (all when `None`).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// For UT-Zappos50K, whether the run's splits were CSN's ([`Dataset::csn_splits`];
+    /// runs from before it was recorded split by hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csn_splits: Option<bool>,
     pub epochs: usize,
     /// Training triplets per task per epoch (re-sampled every epoch).
     pub triplets_per_task: usize,
@@ -117,6 +121,7 @@ impl Default for TrainConfig {
             data: "synth".into(),
             synth_images: default_synth_images(),
             limit: None,
+            csn_splits: None,
             epochs: 4,
             triplets_per_task: 400,
             batch_per_task: 4,
@@ -401,6 +406,29 @@ pub fn existing_sibling(ckpt: &Path, suffix: &str) -> PathBuf {
     path
 }
 
+/// Refuses UT-Zappos50K data whose splits are not the ones the run at `path`
+/// trained on: its test triplets would come from other shoes (CSN's test shoes
+/// are partly in the hash split's training set, and the other way round).
+fn check_splits(path: &Path, cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
+    let Some(now) = ds.csn_splits else {
+        return Ok(());
+    };
+    let then = cfg.csn_splits.unwrap_or(false);
+    match (then, now) {
+        (false, true) => Err(Error::Config(format!(
+            "{path:?} was trained on UT-Zappos50K split by hash, but the data now has CSN's triplet lists ({}/), whose test shoes that run partly trained on: move {} away to evaluate or resume it, or train again on CSN's splits",
+            crate::data::zappos::CSN_LISTS,
+            crate::data::zappos::CSN_LISTS
+        ))),
+        (true, false) => Err(Error::Config(format!(
+            "{path:?} was trained on CSN's splits of UT-Zappos50K, but the data has no CSN triplet lists ({}/) now: put them back (with {}) to evaluate or resume it",
+            crate::data::zappos::CSN_LISTS,
+            crate::data::zappos::CSN_FILENAMES
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Trainer {
     /// A fresh run: validates the config against the data, initialises the network
     /// from the seed and fixes the test triplets.
@@ -451,6 +479,7 @@ impl Trainer {
         cfg.tasks = attrs.iter().map(|&a| ds.attributes[a].clone()).collect();
         // The data decides how images are squared; the runtime reads it back.
         cfg.preprocess.fit = ds.fit;
+        cfg.csn_splits = ds.csn_splits;
         let test = triplets::sample(
             ds,
             Split::Test,
@@ -545,6 +574,7 @@ impl Trainer {
             // The other variants' loss did not change.
             cfg.objective = OBJECTIVE;
         }
+        check_splits(path, &cfg, ds)?;
         // Every weight comes from the checkpoint, so `init_from` is not read again.
         let mut t = Self::fresh(cfg, ds, device)?;
         t.load_tensors(&ckpt)?;

@@ -225,6 +225,7 @@ mod tests {
             fit: crate::data::Fit::Crop,
             pixels: vec![0; n * 3],
             notes: Vec::new(),
+            csn_splits: None,
         };
         let ts = sample(&ds, Split::Train, &[0], 600, 3, 0).expect("sample");
         let mut anchors = [0usize; 3];

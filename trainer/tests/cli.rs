@@ -812,6 +812,24 @@ fn csn_fixture(dir: &Path, n: usize, split: impl Fn(usize) -> Option<&'static st
 fn zappos_with_csn_lists_uses_their_splits() {
     let dir = tempfile::tempdir().expect("tmp");
     zappos_fixture(dir.path(), 150);
+    let src = format!("zappos:{}", dir.path().display());
+    let train = |name: &str| {
+        let ckpt = dir.path().join(format!("{name}.safetensors"));
+        let mut args = vec!["train", "--data", &src, "--json", "-o"];
+        args.push(ckpt.to_str().expect("utf8"));
+        args.extend(SMALL);
+        (modtrain(&args), ckpt)
+    };
+    let eval = |ckpt: &Path| modtrain(&["eval", ckpt.to_str().expect("utf8"), "--json"]);
+    // First without the lists: split by hash.
+    let (o, hashed) = train("hashed");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("splits drawn by a hash"),
+        "{}",
+        stderr(&o)
+    );
+
     let split = |i: usize| match i {
         149 => None,
         i if i % 5 == 0 => Some("test"),
@@ -819,23 +837,18 @@ fn zappos_with_csn_lists_uses_their_splits() {
         _ => Some("train"),
     };
     csn_fixture(dir.path(), 150, split);
-    let ckpt = dir.path().join("csn.safetensors");
-    let src = format!("zappos:{}", dir.path().display());
-    let mut args = vec!["train", "--data", &src, "-o", ckpt.to_str().expect("utf8")];
-    args.extend(SMALL);
-    let o = modtrain(&args);
+    let (o, ckpt) = train("csn");
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("149 images (104 train, 15 val, 30 test)"),
-        "{err}"
-    );
+    let loaded = "149 images (104 train, 15 val, 30 test)";
+    assert!(err.contains(loaded), "{err}");
     assert!(err.contains("splits from CSN's triplet lists in"), "{err}");
-    assert!(
-        err.contains("warning: 1 of the 151 shoes read from"),
-        "{err}"
-    );
-    assert!(err.contains("are in none of CSN's lists"), "{err}");
+    // 149 is in no list: a warning of its own, beside 999999-1's (no image).
+    let unlisted = |l: &str| {
+        l.contains("warning: 1 of the 151 shoes read from") && l.contains("in none of CSN's lists")
+    };
+    assert!(err.lines().any(unlisted), "{err}");
+    let trained: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let triplets = std::fs::read_to_string(dir.path().join("csn.triplets.json")).expect("list");
     let triplets: serde_json::Value = serde_json::from_str(&triplets).expect("json");
     let mut files = 0;
@@ -846,12 +859,8 @@ fn zappos_with_csn_lists_uses_their_splits() {
             .iter()
             .flat_map(|r| r.as_array().expect("row"))
         {
-            let name = file
-                .as_str()
-                .expect("name")
-                .rsplit('/')
-                .next()
-                .expect("name");
+            let name = file.as_str().expect("name");
+            let name = name.rsplit('/').next().expect("name");
             let cid: usize = name
                 .split('.')
                 .next()
@@ -863,8 +872,29 @@ fn zappos_with_csn_lists_uses_their_splits() {
         }
     }
     assert_eq!(files, 4 * 10 * 3);
-    // eval reads the same lists again.
-    let o = modtrain(&["eval", ckpt.to_str().expect("utf8")]);
+    // eval reads the same lists again, and scores what training did.
+    let o = eval(&ckpt);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(loaded), "{}", stderr(&o));
+    let evaluated: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(evaluated["mean_accuracy"], trained["mean_accuracy"]);
+    // The run split by hash is not evaluated on CSN's splits, nor the other way.
+    let o = eval(&hashed);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("was trained on UT-Zappos50K split by hash"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::rename(dir.path().join("tripletlists"), dir.path().join("away")).expect("mv");
+    let o = eval(&ckpt);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("was trained on CSN's splits"),
+        "{}",
+        stderr(&o)
+    );
+    let o = eval(&hashed);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -902,14 +932,21 @@ fn table6_script_reports_the_four_methods() {
         assert!(report.contains(task), "{task}: {report}");
     }
     assert!(out.join("runs/report/report.md").is_file());
-    // A missing data folder: usage, not a half-run.
-    let o = Command::new("bash")
-        .arg(&script)
-        .arg(dir.path().join("absent"))
-        .output()
-        .expect("runs bash");
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+    // A missing data folder, or flags where OUT_DIR goes: usage, not a half-run.
+    let absent = dir.path().join("absent");
+    for (args, want) in [
+        ([absent.as_os_str(), out.as_os_str()], "is not a directory"),
+        ([zap.as_os_str(), "--epochs".as_ref()], "give OUT_DIR"),
+    ] {
+        let o = Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .output()
+            .expect("runs bash");
+        assert_eq!(o.status.code(), Some(2));
+        assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    }
+    assert!(!dir.path().join("--epochs").exists());
 }
 
 #[test]

@@ -128,8 +128,13 @@ fn load_data(
     );
     if let DataSource::Zappos(dir) = &source {
         let lists = dir.join(zappos::CSN_LISTS);
-        if lists.is_dir() {
+        if ds.csn_splits == Some(true) {
             eprintln!("splits from CSN's triplet lists in {}", lists.display());
+        } else {
+            eprintln!(
+                "splits drawn by a hash of each shoe's CID ({} has no CSN triplet lists)",
+                lists.display()
+            );
         }
     }
     for note in &ds.notes {

@@ -276,6 +276,8 @@ impl TrainArgs {
             data,
             synth_images: self.synth_images.unwrap_or(defaults.synth_images),
             limit: self.limit,
+            // From the data, in `Trainer::new`.
+            csn_splits: None,
             epochs: self.epochs.unwrap_or(TrainConfig::default().epochs),
             triplets_per_task: self.triplets_per_task,
             batch_per_task: self.batch_per_task,

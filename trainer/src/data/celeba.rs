@@ -135,6 +135,7 @@ pub fn load_with_progress(
         fit: super::Fit::Crop,
         pixels,
         notes: Vec::new(),
+        csn_splits: None,
     })
 }
 

@@ -169,6 +169,7 @@ pub(crate) fn assemble(
         fit,
         pixels,
         notes: Vec::new(),
+        csn_splits: None,
     })
 }
 

@@ -78,6 +78,10 @@ pub struct Dataset {
     /// What loading left out that the user should hear of (`modtrain` prints
     /// each as a warning), e.g. UT-Zappos50K shoes without an image.
     pub notes: Vec<String>,
+    /// For UT-Zappos50K, whether the splits are CSN's (from its triplet lists)
+    /// rather than drawn by hash; `None` for other data. Training records it, so
+    /// that a run is not evaluated or resumed on other splits.
+    pub csn_splits: Option<bool>,
 }
 
 /// The most memory the images of one dataset may take (3 bytes a pixel).
@@ -154,6 +158,7 @@ impl Dataset {
             fit: Fit::Crop,
             pixels: Vec::with_capacity(n * size * size * 3),
             notes: Vec::new(),
+            csn_splits: None,
         };
         for f in faces {
             ds.labels.extend(f.attributes.map(u16::from));

@@ -26,7 +26,7 @@
 //! * The square images are used as they are; the original 136×102 ones are padded
 //!   with white to a square, not cropped, so no toe or heel is cut off.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use super::folder::{Table, assemble, duplicate};
@@ -88,9 +88,9 @@ fn files_under(dir: &Path, out: &mut HashMap<String, PathBuf>) -> Result<()> {
 #[derive(Debug, Clone, Default)]
 pub struct CsnSplits {
     pub by_name: HashMap<String, Split>,
-    /// Images that lists of two splits name; each is kept in the later of train,
-    /// val and test, so that no test image is trained on.
-    pub conflicts: usize,
+    /// Images that the lists of more than one split name; each is kept in the
+    /// latest of train, val and test, so that no test image is trained on.
+    pub conflicted: HashSet<String>,
 }
 
 /// The image names of CSN's image list: its lines, or (should a copy have been
@@ -176,13 +176,20 @@ pub fn csn_splits(dir: &Path) -> Result<Option<CsnSplits>> {
             *by_bits.entry(name).or_default() |= bits;
         }
     }
-    let conflicts = by_bits.values().filter(|b| b.count_ones() > 1).count();
-    // The latest split wins: a test image is never trained on.
+    let conflicted = by_bits
+        .iter()
+        .filter(|(_, bits)| bits.count_ones() > 1)
+        .map(|(name, _)| name.clone())
+        .collect();
+    // The latest split wins (the highest bit): a test image is never trained on.
     let by_name = by_bits
         .into_iter()
-        .map(|(name, bits)| (name, SPLITS[7 - bits.leading_zeros() as usize]))
+        .map(|(name, bits)| (name, SPLITS[bits.ilog2() as usize]))
         .collect();
-    Ok(Some(CsnSplits { by_name, conflicts }))
+    Ok(Some(CsnSplits {
+        by_name,
+        conflicted,
+    }))
 }
 
 /// Loads UT-Zappos50K from `dir` at `size`; `limit` keeps the first N shoes that
@@ -235,7 +242,7 @@ pub fn load_with_progress(
     modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(1, msg))?;
     let mut rows = Vec::new();
     let mut seen = HashMap::new();
-    let (mut read, mut without_image, mut unlisted) = (0usize, 0usize, 0usize);
+    let (mut read, mut without_image, mut unlisted, mut conflicts) = (0, 0, 0, 0usize);
     for (i, record) in reader.records().enumerate() {
         if limit.is_some_and(|n| rows.len() >= n) {
             break;
@@ -251,7 +258,10 @@ pub fn load_with_progress(
         let split = match &csn {
             None => None,
             Some(csn) => match csn.by_name.get(&name) {
-                Some(&split) => Some(split),
+                Some(&split) => {
+                    conflicts += usize::from(csn.conflicted.contains(&name));
+                    Some(split)
+                }
                 None => {
                     unlisted += 1;
                     continue;
@@ -307,18 +317,18 @@ pub fn load_with_progress(
             "{without_image} of the {read} shoes read from {meta:?} have no image under {images:?} and are left out; check the unpacked images"
         ));
     }
-    if let Some(csn) = &csn {
+    ds.csn_splits = Some(csn.is_some());
+    if csn.is_some() {
         if unlisted > 0 {
             ds.notes.push(format!(
                 "{unlisted} of the {read} shoes read from {meta:?} are in none of CSN's lists in {:?} and are left out",
                 dir.join(CSN_LISTS)
             ));
         }
-        if csn.conflicts > 0 {
+        if conflicts > 0 {
             ds.notes.push(format!(
-                "images in the lists of two splits in {:?}: {}; each is kept in the later of train, val, test",
-                dir.join(CSN_LISTS),
-                csn.conflicts
+                "{conflicts} of the shoes loaded are in the lists of more than one split in {:?}; each is kept in the latest of train, val, test",
+                dir.join(CSN_LISTS)
             ));
         }
     }
@@ -481,23 +491,24 @@ mod tests {
         }
         std::fs::write(dir.path().join(META), meta).expect("meta");
         // CSN's paths (other folders than ours: only the file name counts), one
-        // image without a shoe (number 8), and shoe 107 in no list.
+        // image without a shoe (number 8), and shoe 101 in no list.
         let names: Vec<String> = (0..9)
             .map(|i| format!("Boots/Mid-Calf/A. Testoni/10{i}.1.jpg"))
             .collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         // 104 is in train's and test's lists: test wins.
-        let train: &[[usize; 3]] = &[[0, 1, 2], [2, 3, 4]];
+        let train: &[[usize; 3]] = &[[0, 7, 2], [2, 3, 4]];
         csn_lists(dir.path(), &names, [train, &[[5, 8, 5]], &[[6, 4, 6]]]);
         let ds = load(dir.path(), 6, None).expect("load");
         let split_of = |cid: &str| {
             let i = ds.files.iter().position(|f| f.ends_with(cid)).expect(cid);
             ds.splits[i]
         };
-        assert_eq!(ds.len(), 7, "107 is in no list: {:?}", ds.files);
+        assert_eq!(ds.len(), 7, "101 is in no list: {:?}", ds.files);
         for (cid, split) in [
             ("100.1.jpg", Split::Train),
             ("103.1.jpg", Split::Train),
+            ("107.1.jpg", Split::Train),
             ("104.1.jpg", Split::Test),
             ("105.1.jpg", Split::Val),
             ("106.1.jpg", Split::Test),
@@ -516,12 +527,13 @@ mod tests {
             ds.notes[0]
         );
         assert!(
-            ds.notes[1].starts_with("images in the lists of two splits"),
+            ds.notes[1]
+                .starts_with("1 of the shoes loaded are in the lists of more than one split"),
             "{}",
             ds.notes[1]
         );
-        assert!(ds.notes[1].contains(": 1; each is kept"), "{}", ds.notes[1]);
-        // --limit counts listed shoes only.
+        assert_eq!(ds.csn_splits, Some(true));
+        // --limit counts listed shoes only (101, the second, is not).
         assert_eq!(load(dir.path(), 6, Some(7)).expect("limit").len(), 7);
 
         // The same names as a JSON array read alike.
@@ -572,6 +584,7 @@ mod tests {
 
         // Without the lists: the hash split, every shoe.
         std::fs::remove_dir_all(dir.path().join(CSN_LISTS)).expect("rm");
-        assert_eq!(load(dir.path(), 6, None).expect("hash").len(), 8);
+        let hashed = load(dir.path(), 6, None).expect("hash");
+        assert_eq!((hashed.len(), hashed.csn_splits), (8, Some(false)));
     }
 }
