@@ -33,14 +33,20 @@ mkdir -p -- "$2"
 out=$(CDPATH='' cd -- "$2" && pwd)
 shift 2
 device=${DEVICE:-cpu}
-if [ -n "${MODTRAIN:-}" ]; then
-  modtrain=$(realpath -- "$MODTRAIN")
-fi
-cd "$(dirname "$0")/.."
+# MODTRAIN as given, from here: a path (made absolute before the cd) or a command.
+case ${MODTRAIN:-} in
+  '') ;;
+  /*) modtrain=$MODTRAIN ;;
+  */*) modtrain=$PWD/$MODTRAIN ;;
+  *) modtrain=$(command -v -- "$MODTRAIN") || { echo "MODTRAIN=$MODTRAIN: no such command" >&2; exit 2; } ;;
+esac
+CDPATH='' cd -- "$(dirname -- "$0")/.."
 if [ -z "${MODTRAIN:-}" ]; then
-  features=()
-  [[ $device == cuda* ]] && features=(--features cuda)
-  cargo build --release -q -p modkit-trainer --bin modtrain "${features[@]}"
+  if [[ $device == cuda* ]]; then
+    cargo build --release -q -p modkit-trainer --bin modtrain --features cuda
+  else
+    cargo build --release -q -p modkit-trainer --bin modtrain
+  fi
   modtrain=$PWD/target/release/modtrain
 fi
 common=(--data "zappos:$data" --spec "${SPEC:-paper}" --device "$device"

@@ -407,23 +407,31 @@ pub fn existing_sibling(ckpt: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Refuses UT-Zappos50K data whose splits are not the ones the run at `path`
-/// trained on: its test triplets would come from other shoes (CSN's test shoes
-/// are partly in the hash split's training set, and the other way round).
-fn check_splits(path: &Path, cfg: &TrainConfig, ds: &Dataset) -> Result<()> {
-    let Some(now) = ds.csn_splits else {
+/// trained on, when it `is` to be evaluated, resumed or started from: its test
+/// triplets would come from shoes it partly trained on (CSN's test shoes are
+/// partly in the hash split's training set, and the other way round). `config`
+/// is that run's recorded training config; a run on other data, or data other
+/// than UT-Zappos50K now, is not checked.
+fn check_splits(path: &Path, config: &serde_json::Value, ds: &Dataset, is: &str) -> Result<()> {
+    use crate::data::zappos::{CSN_FILENAMES, CSN_LISTS};
+    let recorded = config
+        .get("csn_splits")
+        .and_then(serde_json::Value::as_bool);
+    // Runs from before the record split UT-Zappos50K by hash.
+    let on_zappos = config
+        .get("data")
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|d| d.starts_with("zappos:"));
+    let then = recorded.or(on_zappos.then_some(false));
+    let (Some(then), Some(now)) = (then, ds.csn_splits) else {
         return Ok(());
     };
-    let then = cfg.csn_splits.unwrap_or(false);
     match (then, now) {
         (false, true) => Err(Error::Config(format!(
-            "{path:?} was trained on UT-Zappos50K split by hash, but the data now has CSN's triplet lists ({}/), whose test shoes that run partly trained on: move {} away to evaluate or resume it, or train again on CSN's splits",
-            crate::data::zappos::CSN_LISTS,
-            crate::data::zappos::CSN_LISTS
+            "{path:?} was trained on UT-Zappos50K split by hash, but the data now has CSN's triplet lists ({CSN_LISTS}/), whose test shoes that run partly trained on: move {CSN_LISTS} away {is}, or train again on CSN's splits"
         ))),
         (true, false) => Err(Error::Config(format!(
-            "{path:?} was trained on CSN's splits of UT-Zappos50K, but the data has no CSN triplet lists ({}/) now: put them back (with {}) to evaluate or resume it",
-            crate::data::zappos::CSN_LISTS,
-            crate::data::zappos::CSN_FILENAMES
+            "{path:?} was trained on CSN's splits of UT-Zappos50K, but the data has no CSN triplet lists ({CSN_LISTS}/) now: put them back (with {CSN_FILENAMES}) {is}"
         ))),
         _ => Ok(()),
     }
@@ -437,7 +445,10 @@ impl Trainer {
         let init_from = cfg.init_from.clone();
         let mut t = Self::fresh(cfg, ds, device)?;
         if let Some(path) = init_from {
-            t.load_shared(&path)?;
+            let ckpt = Checkpoint::load(&path)?;
+            let start = "to start from it";
+            check_splits(&path, &ckpt.header.train_config, ds, start)?;
+            t.load_shared(&path, &ckpt)?;
         }
         Ok(t)
     }
@@ -574,7 +585,8 @@ impl Trainer {
             // The other variants' loss did not change.
             cfg.objective = OBJECTIVE;
         }
-        check_splits(path, &cfg, ds)?;
+        let again = "to evaluate or resume it";
+        check_splits(path, &ckpt.header.train_config, ds, again)?;
         // Every weight comes from the checkpoint, so `init_from` is not read again.
         let mut t = Self::fresh(cfg, ds, device)?;
         t.load_tensors(&ckpt)?;
@@ -619,8 +631,7 @@ impl Trainer {
     /// Copies the shared network (every tensor of the plain network: weights,
     /// BatchNorm parameters and statistics) of the checkpoint at `path` into the
     /// variables. The checkpoint must be of the same spec and have a shared trunk.
-    fn load_shared(&mut self, path: &Path) -> Result<()> {
-        let ckpt = Checkpoint::load(path)?;
+    fn load_shared(&mut self, path: &Path, ckpt: &Checkpoint) -> Result<()> {
         let theirs = &ckpt.header.spec;
         let ours = &self.cfg.spec;
         let same = theirs.input_size == ours.input_size
@@ -1133,6 +1144,37 @@ fn logged_epochs(path: &Path, epoch: usize) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only UT-Zappos50K runs evaluated on UT-Zappos50K are checked, and runs
+    /// from before the record count as split by hash.
+    #[test]
+    fn splits_are_checked_for_zappos_runs_only() {
+        let path = Path::new("run.safetensors");
+        let mut ds = Dataset::synthetic(4, 48, 0);
+        let check = |config: serde_json::Value, ds: &Dataset| {
+            check_splits(path, &config, ds, "to use it").map_err(|e| e.to_string())
+        };
+        let (zappos, old_zappos, folder) = (
+            serde_json::json!({ "data": "zappos:/z", "csn_splits": true }),
+            serde_json::json!({ "data": "zappos:/z" }),
+            serde_json::json!({ "data": "folder:/f" }),
+        );
+        ds.csn_splits = Some(true);
+        assert_eq!(check(zappos.clone(), &ds), Ok(()));
+        assert_eq!(check(folder.clone(), &ds), Ok(()));
+        let err = check(old_zappos.clone(), &ds).unwrap_err();
+        assert!(
+            err.contains("split by hash") && err.contains("away to use it"),
+            "{err}"
+        );
+        ds.csn_splits = Some(false);
+        assert_eq!(check(old_zappos.clone(), &ds), Ok(()));
+        let err = check(zappos.clone(), &ds).unwrap_err();
+        assert!(err.contains("put them back"), "{err}");
+        // Not UT-Zappos50K now: nothing to compare.
+        ds.csn_splits = None;
+        assert_eq!(check(zappos, &ds), Ok(()));
+    }
 
     fn small_cfg() -> TrainConfig {
         let mut spec = NetSpec::tiny();

@@ -886,6 +886,23 @@ fn zappos_with_csn_lists_uses_their_splits() {
         "{}",
         stderr(&o)
     );
+    // Nor is it started from (only-mask takes its data and tasks).
+    let masked = dir.path().join("masked.safetensors");
+    let mut args = vec!["train", "--variant", "only-mask", "--init-from"];
+    args.extend([
+        hashed.to_str().expect("utf8"),
+        "-o",
+        masked.to_str().expect("utf8"),
+    ]);
+    args.extend(SMALL);
+    let o = modtrain(&args);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("split by hash") && stderr(&o).contains("away to start from it"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!masked.exists());
     std::fs::rename(dir.path().join("tripletlists"), dir.path().join("away")).expect("mv");
     let o = eval(&ckpt);
     assert!(!o.status.success());
@@ -941,6 +958,7 @@ fn table6_script_reports_the_four_methods() {
         let o = Command::new("bash")
             .arg(&script)
             .args(args)
+            .current_dir(dir.path())
             .output()
             .expect("runs bash");
         assert_eq!(o.status.code(), Some(2));

@@ -192,6 +192,14 @@ pub fn csn_splits(dir: &Path) -> Result<Option<CsnSplits>> {
     }))
 }
 
+/// How many of `files` (paths) have a file name in `conflicted`.
+fn rows_conflicted(files: &[String], conflicted: &HashSet<String>) -> usize {
+    files
+        .iter()
+        .filter(|f| conflicted.contains(f.rsplit(['/', '\\']).next().unwrap_or_default()))
+        .count()
+}
+
 /// Loads UT-Zappos50K from `dir` at `size`; `limit` keeps the first N shoes that
 /// have an image (and, with CSN's lists, are in one).
 pub fn load(dir: &Path, size: usize, limit: Option<usize>) -> Result<Dataset> {
@@ -242,7 +250,7 @@ pub fn load_with_progress(
     modkit_models::tasks::check_header(&attributes).map_err(|msg| malformed(1, msg))?;
     let mut rows = Vec::new();
     let mut seen = HashMap::new();
-    let (mut read, mut without_image, mut unlisted, mut conflicts) = (0, 0, 0, 0usize);
+    let (mut read, mut without_image, mut unlisted) = (0usize, 0usize, 0usize);
     for (i, record) in reader.records().enumerate() {
         if limit.is_some_and(|n| rows.len() >= n) {
             break;
@@ -258,10 +266,7 @@ pub fn load_with_progress(
         let split = match &csn {
             None => None,
             Some(csn) => match csn.by_name.get(&name) {
-                Some(&split) => {
-                    conflicts += usize::from(csn.conflicted.contains(&name));
-                    Some(split)
-                }
+                Some(&split) => Some(split),
                 None => {
                     unlisted += 1;
                     continue;
@@ -318,7 +323,9 @@ pub fn load_with_progress(
         ));
     }
     ds.csn_splits = Some(csn.is_some());
-    if csn.is_some() {
+    if let Some(csn) = &csn {
+        // Over the shoes kept (a shoe listed twice alike is one row).
+        let conflicts = rows_conflicted(&ds.files, &csn.conflicted);
         if unlisted > 0 {
             ds.notes.push(format!(
                 "{unlisted} of the {read} shoes read from {meta:?} are in none of CSN's lists in {:?} and are left out",
