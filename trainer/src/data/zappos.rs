@@ -85,12 +85,17 @@ fn files_under(dir: &Path, out: &mut HashMap<String, PathBuf>) -> Result<()> {
 
 /// The split CSN's triplet lists put each image in, by file name (the last part
 /// of its path).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CsnSplits {
     pub by_name: HashMap<String, Split>,
     /// Images that the lists of more than one split name; each is kept in the
     /// latest of train, val and test, so that no test image is trained on.
     pub conflicted: HashSet<String>,
+}
+
+/// The last part of a path as CSN's list or the loader writes it (`/` or `\\`).
+fn file_name(path: &str) -> &str {
+    path.rsplit(['/', '\\']).next().unwrap_or_default()
 }
 
 /// The image names of CSN's image list: its lines, or (should a copy have been
@@ -108,7 +113,7 @@ fn csn_names(path: &Path) -> Result<Vec<String>> {
     };
     Ok(names
         .into_iter()
-        .map(|n| n.rsplit(['/', '\\']).next().unwrap_or_default().to_string())
+        .map(|n| file_name(&n).to_string())
         .collect())
 }
 
@@ -196,7 +201,7 @@ pub fn csn_splits(dir: &Path) -> Result<Option<CsnSplits>> {
 fn rows_conflicted(files: &[String], conflicted: &HashSet<String>) -> usize {
     files
         .iter()
-        .filter(|f| conflicted.contains(f.rsplit(['/', '\\']).next().unwrap_or_default()))
+        .filter(|f| conflicted.contains(file_name(f)))
         .count()
 }
 
