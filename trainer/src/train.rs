@@ -406,13 +406,39 @@ pub fn existing_sibling(ckpt: &Path, suffix: &str) -> PathBuf {
     path
 }
 
+/// What a saved run is used for, as [`check_splits`] words its advice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// Evaluated, or resumed.
+    Again,
+    /// Started from (`--init-from`).
+    Start,
+}
+
+impl Reuse {
+    fn purpose(self) -> &'static str {
+        match self {
+            Reuse::Again => "to evaluate or resume it",
+            Reuse::Start => "to start from it",
+        }
+    }
+}
+
 /// Refuses UT-Zappos50K data whose splits are not the ones the run at `path`
-/// trained on, when it `is` to be evaluated, resumed or started from: its test
-/// triplets would come from shoes it partly trained on (CSN's test shoes are
-/// partly in the hash split's training set, and the other way round). `config`
-/// is that run's recorded training config; a run on other data, or data other
-/// than UT-Zappos50K now, is not checked.
-fn check_splits(path: &Path, config: &serde_json::Value, ds: &Dataset, is: &str) -> Result<()> {
+/// trained on: its test triplets would come from shoes it partly trained on
+/// (CSN's test shoes are partly in the hash split's training set, and the
+/// other way round). `config` is that run's recorded training config and `now`
+/// the data's [`Dataset::csn_splits`], which [`DataSource::csn_splits`] knows
+/// before the images load; a run on other data, or data other than
+/// UT-Zappos50K now, is not checked.
+///
+/// [`DataSource::csn_splits`]: crate::data::DataSource::csn_splits
+pub fn check_splits(
+    path: &Path,
+    config: &serde_json::Value,
+    now: Option<bool>,
+    reuse: Reuse,
+) -> Result<()> {
     use crate::data::zappos::{CSN_FILENAMES, CSN_LISTS};
     let recorded = config
         .get("csn_splits")
@@ -423,15 +449,16 @@ fn check_splits(path: &Path, config: &serde_json::Value, ds: &Dataset, is: &str)
         .and_then(serde_json::Value::as_str)
         .is_some_and(|d| d.starts_with("zappos:"));
     let then = recorded.or(on_zappos.then_some(false));
-    let (Some(then), Some(now)) = (then, ds.csn_splits) else {
+    let (Some(then), Some(now)) = (then, now) else {
         return Ok(());
     };
+    let purpose = reuse.purpose();
     match (then, now) {
         (false, true) => Err(Error::Config(format!(
-            "{path:?} was trained on UT-Zappos50K split by hash, but the data now has CSN's triplet lists ({CSN_LISTS}/), whose test shoes that run partly trained on: move {CSN_LISTS} away {is}, or train again on CSN's splits"
+            "{path:?} was trained on UT-Zappos50K split by hash, but the data now has CSN's triplet lists ({CSN_LISTS}/), whose test shoes that run partly trained on: move {CSN_LISTS} away {purpose}, or train again on CSN's splits"
         ))),
         (true, false) => Err(Error::Config(format!(
-            "{path:?} was trained on CSN's splits of UT-Zappos50K, but the data has no CSN triplet lists ({CSN_LISTS}/) now: put them back (with {CSN_FILENAMES}) {is}"
+            "{path:?} was trained on CSN's splits of UT-Zappos50K, but the data has no CSN triplet lists ({CSN_LISTS}/) now: put them back (with {CSN_FILENAMES}) {purpose}"
         ))),
         _ => Ok(()),
     }
@@ -446,8 +473,8 @@ impl Trainer {
         let mut t = Self::fresh(cfg, ds, device)?;
         if let Some(path) = init_from {
             let ckpt = Checkpoint::load(&path)?;
-            let start = "to start from it";
-            check_splits(&path, &ckpt.header.train_config, ds, start)?;
+            let config = &ckpt.header.train_config;
+            check_splits(&path, config, ds.csn_splits, Reuse::Start)?;
             t.load_shared(&path, &ckpt)?;
         }
         Ok(t)
@@ -585,8 +612,8 @@ impl Trainer {
             // The other variants' loss did not change.
             cfg.objective = OBJECTIVE;
         }
-        let again = "to evaluate or resume it";
-        check_splits(path, &ckpt.header.train_config, ds, again)?;
+        let config = &ckpt.header.train_config;
+        check_splits(path, config, ds.csn_splits, Reuse::Again)?;
         // Every weight comes from the checkpoint, so `init_from` is not read again.
         let mut t = Self::fresh(cfg, ds, device)?;
         t.load_tensors(&ckpt)?;
@@ -1150,30 +1177,34 @@ mod tests {
     #[test]
     fn splits_are_checked_for_zappos_runs_only() {
         let path = Path::new("run.safetensors");
-        let mut ds = Dataset::synthetic(4, 48, 0);
-        let check = |config: serde_json::Value, ds: &Dataset| {
-            check_splits(path, &config, ds, "to use it").map_err(|e| e.to_string())
+        let check = |config: serde_json::Value, now: Option<bool>| {
+            check_splits(path, &config, now, Reuse::Start).map_err(|e| e.to_string())
         };
         let (zappos, old_zappos, folder) = (
             serde_json::json!({ "data": "zappos:/z", "csn_splits": true }),
             serde_json::json!({ "data": "zappos:/z" }),
             serde_json::json!({ "data": "folder:/f" }),
         );
-        ds.csn_splits = Some(true);
-        assert_eq!(check(zappos.clone(), &ds), Ok(()));
-        assert_eq!(check(folder.clone(), &ds), Ok(()));
-        let err = check(old_zappos.clone(), &ds).unwrap_err();
+        assert_eq!(check(zappos.clone(), Some(true)), Ok(()));
+        assert_eq!(check(folder.clone(), Some(true)), Ok(()));
+        let err = check(old_zappos.clone(), Some(true)).unwrap_err();
         assert!(
-            err.contains("split by hash") && err.contains("away to use it"),
+            err.contains("split by hash") && err.contains("away to start from it"),
             "{err}"
         );
-        ds.csn_splits = Some(false);
-        assert_eq!(check(old_zappos.clone(), &ds), Ok(()));
-        let err = check(zappos.clone(), &ds).unwrap_err();
-        assert!(err.contains("put them back"), "{err}");
+        assert_eq!(check(old_zappos.clone(), Some(false)), Ok(()));
+        let err = check(zappos.clone(), Some(false)).unwrap_err();
+        assert!(
+            err.contains("put them back") && err.contains("to start from it"),
+            "{err}"
+        );
         // Not UT-Zappos50K now: nothing to compare.
-        ds.csn_splits = None;
-        assert_eq!(check(zappos, &ds), Ok(()));
+        assert_eq!(check(zappos, None), Ok(()));
+        let err = check_splits(path, &old_zappos, Some(true), Reuse::Again).unwrap_err();
+        assert!(
+            err.to_string().contains("away to evaluate or resume it"),
+            "{err}"
+        );
     }
 
     fn small_cfg() -> TrainConfig {

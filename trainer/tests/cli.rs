@@ -879,13 +879,14 @@ fn zappos_with_csn_lists_uses_their_splits() {
     let evaluated: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(evaluated["mean_accuracy"], trained["mean_accuracy"]);
     // The run split by hash is not evaluated on CSN's splits, nor the other way.
-    let o = eval(&hashed);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("was trained on UT-Zappos50K split by hash"),
-        "{}",
-        stderr(&o)
-    );
+    // Each refusal comes before the images load.
+    let refused = |o: &std::process::Output, what: &str| {
+        let err = stderr(o);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains(what), "{err}");
+        assert!(!err.contains("loading ") && !err.contains(loaded), "{err}");
+    };
+    refused(&eval(&hashed), "was trained on UT-Zappos50K split by hash");
     // Nor is it started from (only-mask takes its data and tasks).
     let masked = dir.path().join("masked.safetensors");
     let mut args = vec!["train", "--variant", "only-mask", "--init-from"];
@@ -896,21 +897,15 @@ fn zappos_with_csn_lists_uses_their_splits() {
     ]);
     args.extend(SMALL);
     let o = modtrain(&args);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("split by hash") && stderr(&o).contains("away to start from it"),
-        "{}",
-        stderr(&o)
-    );
+    refused(&o, "split by hash");
+    refused(&o, "away to start from it");
     assert!(!masked.exists());
+    // Nor resumed.
+    let h = hashed.to_str().expect("utf8");
+    let o = modtrain(&["train", "--resume", h, "--epochs", "9", "-o", h]);
+    refused(&o, "away to evaluate or resume it");
     std::fs::rename(dir.path().join("tripletlists"), dir.path().join("away")).expect("mv");
-    let o = eval(&ckpt);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("was trained on CSN's splits"),
-        "{}",
-        stderr(&o)
-    );
+    refused(&eval(&ckpt), "was trained on CSN's splits");
     let o = eval(&hashed);
     assert!(o.status.success(), "{}", stderr(&o));
 }

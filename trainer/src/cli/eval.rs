@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use modkit_models::Checkpoint;
-use modkit_trainer::train::{TrainConfig, Trainer};
+use modkit_trainer::data::DataSource;
+use modkit_trainer::train::{Reuse, TrainConfig, Trainer, check_splits};
 
 /// Per-task triplet accuracy of a checkpoint on its fixed test triplets.
 ///
@@ -40,6 +41,14 @@ impl EvalArgs {
                 )
             })?;
         let data = self.data.clone().unwrap_or(cfg.data.clone());
+        // Before the data, which may take minutes to load.
+        let now = data.parse::<DataSource>()?.csn_splits();
+        check_splits(
+            &self.checkpoint,
+            &ckpt.header.train_config,
+            now,
+            Reuse::Again,
+        )?;
         let ds = super::load_data(
             &data,
             cfg.spec.input_size,

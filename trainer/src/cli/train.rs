@@ -7,7 +7,7 @@ use modkit_models::output::{self, Output};
 use modkit_models::{Modulation, NetSpec, Variant};
 use modkit_trainer::data::{DataSource, zappos};
 use modkit_trainer::optim::OptimizerKind;
-use modkit_trainer::train::{TrainConfig, Trainer, sibling, sibling_partner};
+use modkit_trainer::train::{Reuse, TrainConfig, Trainer, check_splits, sibling, sibling_partner};
 
 /// What a training log starts with: its first line's first field.
 const LOG: Output = Output::Text {
@@ -450,6 +450,17 @@ impl TrainArgs {
         }
         self.check_outputs(cfg.init_from.as_deref())?;
         cfg.validate()?;
+        // The splits too: a run on other splits is refused before minutes of loading.
+        let now = cfg.data.parse::<DataSource>()?.csn_splits();
+        // A resumed run's `init_from` is not read again.
+        let reused = match &self.resume {
+            Some(path) => Some((path, Reuse::Again)),
+            None => cfg.init_from.as_ref().map(|path| (path, Reuse::Start)),
+        };
+        if let (Some((path, reuse)), Some(_)) = (reused, now) {
+            let ckpt = modkit_models::Checkpoint::load(path)?;
+            check_splits(path, &ckpt.header.train_config, now, reuse)?;
+        }
         let mut cfg = cfg;
         let ds = super::load_data(
             &cfg.data,

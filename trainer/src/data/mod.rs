@@ -307,6 +307,15 @@ impl DataSource {
     pub fn is_faces(&self) -> bool {
         matches!(self, DataSource::Synth | DataSource::Celeba(_))
     }
+
+    /// For UT-Zappos50K, whether it is split by CSN's triplet lists, as the
+    /// loaded [`Dataset::csn_splits`] will say; `None` for other data.
+    pub fn csn_splits(&self) -> Option<bool> {
+        match self {
+            DataSource::Zappos(dir) => Some(zappos::has_csn_lists(dir)),
+            _ => None,
+        }
+    }
 }
 
 impl FromStr for DataSource {

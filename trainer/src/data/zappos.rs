@@ -117,13 +117,19 @@ fn csn_names(path: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Whether `dir` has CSN's [`CSN_LISTS`], and so is split by them: known
+/// before any image loads.
+pub fn has_csn_lists(dir: &Path) -> bool {
+    dir.join(CSN_LISTS).is_dir()
+}
+
 /// Reads CSN's splits from `dir`'s [`CSN_LISTS`], or `None` where `dir` has none.
 /// All twelve lists (four conditions × train, val, test) must be there.
 pub fn csn_splits(dir: &Path) -> Result<Option<CsnSplits>> {
-    let lists = dir.join(CSN_LISTS);
-    if !lists.is_dir() {
+    if !has_csn_lists(dir) {
         return Ok(None);
     }
+    let lists = dir.join(CSN_LISTS);
     let candidates = [dir.join(CSN_FILENAMES), lists.join(CSN_FILENAMES)];
     let Some(names_path) = candidates.iter().find(|p| p.is_file()) else {
         return Err(Error::Config(format!(
