@@ -161,11 +161,17 @@ fn leftover(name: &str) -> bool {
             .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The file [`write_synthetic`] writes first, which marks its folder as a
+/// synthetic set even before the lists are written.
+pub const SYNTH_MARKER: &str = ".modtrain-synth";
+
 /// The files of an earlier synthetic set in `dir` that a new one of `n` images
 /// would not replace (its images past `n`, leftovers of an interrupted write),
 /// or `None` where `dir` is missing or empty; an error where `dir` holds
 /// anything else, which writing a set there would mix with or replace. A set
-/// interrupted before its lists were written (images only) counts as one.
+/// interrupted before its lists were written (images only) counts as one when
+/// [`SYNTH_MARKER`] says so: images named like CelebA's alone are not enough
+/// (a CelebA copy converted to PNG before its lists arrive).
 fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -191,7 +197,7 @@ fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
     }
     if let Some(other) = top
         .iter()
-        .find(|n| !["Anno", "Eval", IMAGES].contains(&n.as_str()))
+        .find(|n| !["Anno", "Eval", IMAGES, SYNTH_MARKER].contains(&n.as_str()))
     {
         return Err(refuse(format!("holds {other:?}")));
     }
@@ -211,8 +217,19 @@ fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
         return Err(refuse(format!("holds {ATTR_FILE} of other attributes")));
     }
     let images = dir.join(IMAGES);
+    let listed = dir.join(ATTR_FILE).is_file();
+    let marked = dir.join(SYNTH_MARKER).is_file();
+    let found = names(&images)?;
+    if let Some(image) = found.iter().find(|n| !leftover(n))
+        && !listed
+        && !marked
+    {
+        return Err(refuse(format!(
+            "holds the image {IMAGES}/{image} and neither {ATTR_FILE} nor {SYNTH_MARKER}"
+        )));
+    }
     let mut stale = Vec::new();
-    for name in names(&images)? {
+    for name in found {
         match synthetic_number(&name) {
             Some(i) if i <= n => {}
             Some(_) => stale.push(images.join(&name)),
@@ -245,6 +262,7 @@ pub fn write_synthetic(
     for sub in [IMAGES, "Anno", "Eval"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(io(dir.join(sub)))?;
     }
+    modkit_models::write_atomic(&dir.join(SYNTH_MARKER), b"written by modtrain synth\n")?;
     let files: Vec<String> = (1..=n).map(|i| format!("{i:06}.png")).collect();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let labels: Vec<[bool; 20]> = (0..n)
@@ -337,6 +355,20 @@ mod tests {
         std::fs::write(cut.join(IMAGES).join(".000013.png.tmp4567"), b"half").expect("tmp");
         write_synthetic(&cut, 8, 16, 1, &|_| {}).expect("over an interrupted set");
         assert_eq!(std::fs::read_dir(cut.join(IMAGES)).expect("ls").count(), 8);
+        // Images named like CelebA's without the marker or lists (a CelebA copy
+        // converted to PNG, lists still to come): refused, untouched.
+        let png = dir.path().join("png");
+        std::fs::create_dir_all(png.join(IMAGES)).expect("mkdir");
+        for i in 1..=3 {
+            let path = png.join(IMAGES).join(format!("{i:06}.png"));
+            std::fs::write(path, b"photo").expect("png");
+        }
+        refused(&png, "img_align_celeba/00000");
+        refused(&png, "neither Anno/list_attr_celeba.txt nor .modtrain-synth");
+        let kept = std::fs::read_dir(png.join(IMAGES)).expect("ls").count();
+        assert_eq!(kept, 3);
+        assert_eq!(std::fs::read(png.join(IMAGES).join("000003.png")).expect("png"), b"photo");
+        assert!(!png.join("Anno").exists() && !png.join(SYNTH_MARKER).exists());
         // Another file beside the lists is not the set's.
         std::fs::write(cut.join("Anno/notes.txt"), b"mine").expect("notes");
         refused(&cut, "holds Anno/notes.txt");
