@@ -150,15 +150,11 @@ impl Display {
         match self {
             Display::Png { canvas, .. } => {
                 let _ = screen::draw(canvas, frame);
-                let mut bytes = std::io::Cursor::new(Vec::new());
-                canvas
-                    .image
-                    .write_to(&mut bytes, image::ImageFormat::Png)
-                    .context("encoding the frame")?;
+                let bytes = output::encode_png(&canvas.image).context("encoding the frame")?;
                 let file = self.frame_file(query, &frame.task).unwrap_or_default();
                 // Checked again: a file may have appeared since the start.
                 self.check_frame(&file, gallery)?;
-                modkit_models::write_atomic(Path::new(&file), bytes.get_ref())?;
+                modkit_models::write_atomic(Path::new(&file), &bytes)?;
                 Ok(file)
             }
             Display::Fb(fb) => {
@@ -187,11 +183,13 @@ impl Display {
         let Display::Png { inputs, .. } = self else {
             return Ok(());
         };
-        let inputs: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
-        output::check(Path::new(file), Output::Png, &inputs)?;
+        // The gallery first: its images are PNGs modkit did not write, which
+        // `output::check` refuses too, but less plainly.
         if gallery.find(Path::new(file)).is_some() {
             bail!("--display {file:?} is an image of the gallery; name a new file for the frames");
         }
+        let inputs: Vec<_> = inputs.iter().map(|(p, w)| (p.as_path(), *w)).collect();
+        output::check(Path::new(file), Output::Png, &inputs)?;
         Ok(())
     }
 

@@ -398,7 +398,8 @@ fn bad_arguments_are_one_line_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
-    // Nor an image of the gallery.
+    // Nor an image of the gallery (a PNG modkit did not write: refused as one
+    // before the gallery is read).
     let image = gallery.join("g2.png");
     let before = std::fs::read(&image).expect("read");
     let onto = format!("png:{}", image.display());
@@ -415,7 +416,7 @@ fn bad_arguments_are_one_line_errors() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("is an image of the gallery"), "{err}");
+    assert!(err.contains("is not a PNG image modkit wrote"), "{err}");
     assert_eq!(std::fs::read(&image).expect("read"), before);
     // Found before any work where only a later frame would land on one: q1's
     // frame is an image of this gallery, q0's (drawn first) is not.

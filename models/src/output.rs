@@ -2,7 +2,9 @@
 //! costs an error, not a file.
 //!
 //! A command may replace a file of the kind it writes (an old package, index or
-//! sheet: that is how a rerun updates one) or an empty file. It refuses a folder,
+//! sheet: that is how a rerun updates one) or an empty file. PNGs and ONNX
+//! models are common files, so only those modkit wrote count: a PNG carrying
+//! [`encode_png`]'s text chunk, an ONNX model whose producer is `modc`. It refuses a folder,
 //! a folder that does not exist, one of its own inputs under any spelling of the
 //! path (`./x`, `../d/x`, absolute, a link), and an existing file of another kind
 //! (a checkpoint, a gallery image, a label list).
@@ -33,11 +35,12 @@ use crate::{Error, Result};
 pub enum Output<'a> {
     /// A framed modkit file (`.modpack`, `.modidx`), known by its magic bytes.
     Container(&'a Kind),
-    /// A PNG image.
+    /// A PNG image modkit wrote (a sheet, a frame, a plot): one that
+    /// [`encode_png`] marked.
     Png,
-    /// An ONNX model: a protobuf `ModelProto`, whose first field (`ir_version`,
-    /// field 1, a small varint) every exporter writes first: the bytes `0x08`,
-    /// `1..=0x7f`, then another field's tag (never 0).
+    /// An ONNX model `modc` wrote: a protobuf `ModelProto`, whose first fields
+    /// (`ir_version`, field 1, a small varint; `producer_name`, field 2) it
+    /// writes first: the bytes `0x08`, `1..=0x7f`, `0x12`, 4, `modc`.
     Onnx,
     /// A modkit checkpoint: safetensors, whose header (after its 8-byte length)
     /// opens with the metadata modkit writes first.
@@ -66,12 +69,13 @@ impl Output<'_> {
     fn recognises(&self, head: &[u8]) -> bool {
         match self {
             Output::Container(kind) => head.starts_with(&kind.magic),
-            Output::Png => head.starts_with(b"\x89PNG\r\n\x1a\n"),
-            // A safetensors file (a checkpoint) starts with its header's length,
-            // a little-endian u64: `08 01 00 …` for 264 bytes, then `{`.
-            Output::Onnx => {
-                matches!(head, [0x08, 1..=0x7f, tag, ..] if *tag != 0) && head.get(8) != Some(&b'{')
+            Output::Png => {
+                head.starts_with(PNG_SIGNATURE)
+                    && head
+                        .get(MARK_AT..)
+                        .is_some_and(|h| h.starts_with(&png_mark()))
             }
+            Output::Onnx => matches!(head, [0x08, 1..=0x7f, 0x12, 4, b'm', b'o', b'd', b'c', ..]),
             Output::Checkpoint => head
                 .get(8..)
                 .is_some_and(|h| h.starts_with(b"{\"__metadata__\"")),
@@ -81,7 +85,40 @@ impl Output<'_> {
 }
 
 /// The bytes of an existing file its kind is recognised by.
-const HEAD: usize = 32;
+const HEAD: usize = 64;
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// Where a PNG's second chunk starts: after the signature and the IHDR chunk
+/// (length, type, 13 bytes of data, CRC), which every PNG opens with.
+const MARK_AT: usize = 8 + 4 + 4 + 13 + 4;
+
+/// The `tEXt` chunk's keyword and text (Latin-1, NUL between them).
+const MARK_TEXT: &[u8] = b"Software\0modkit";
+
+/// The `tEXt` chunk [`encode_png`] puts right after IHDR: length, type, text, CRC.
+fn png_mark() -> Vec<u8> {
+    let mut chunk = (MARK_TEXT.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(b"tEXt");
+    chunk.extend_from_slice(MARK_TEXT);
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    chunk
+}
+
+/// `img` as a PNG that [`check`] knows as modkit's, so that a rerun may replace
+/// it and nothing else: `image`'s encoding with a `Software: modkit` text chunk
+/// after IHDR (the `image` crate writes no text chunks itself).
+pub fn encode_png(img: &image::RgbImage) -> image::ImageResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
+    debug_assert_eq!(&bytes[8 + 4..8 + 8], b"IHDR");
+    bytes.splice(MARK_AT..MARK_AT, png_mark());
+    Ok(bytes)
+}
 
 /// "a" or "an" before `word`, by its first letter.
 fn article(word: &str) -> &'static str {
@@ -136,9 +173,14 @@ pub fn check(path: &Path, kind: Output, inputs: &[(&Path, &str)]) -> Result<()> 
         Ok(0) => Ok(()),
         Ok(_) if kind.recognises(&head) => Ok(()),
         Ok(_) => Err(refuse(format!(
-            "exists and is not {} {}; name a new file, or delete this one first to replace it",
+            "exists and is not {} {}{}; name a new file, or delete this one first to replace it",
             article(kind.what()),
-            kind.what()
+            kind.what(),
+            match kind {
+                Output::Png => " modkit wrote",
+                Output::Onnx => " modc exported",
+                _ => "",
+            }
         ))),
         Err(source) => Err(Error::Io {
             path: path.to_path_buf(),
@@ -151,6 +193,27 @@ pub fn check(path: &Path, kind: Output, inputs: &[(&Path, &str)]) -> Result<()> 
 mod tests {
     use super::*;
     use crate::package;
+
+    /// The marked PNG decodes as the image it was given (the chunk is valid:
+    /// `image` checks CRCs), and carries the mark where [`check`] looks.
+    #[test]
+    fn marked_pngs_decode_to_their_image() {
+        let img =
+            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        let bytes = encode_png(&img).expect("encode");
+        assert!(Output::Png.recognises(&bytes[..HEAD]));
+        let back = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+            .expect("decode")
+            .to_rgb8();
+        assert_eq!(back, img);
+        let mut plain = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut plain),
+            image::ImageFormat::Png,
+        )
+        .expect("encode");
+        assert!(!Output::Png.recognises(&plain[..HEAD.min(plain.len())]));
+    }
 
     #[test]
     fn refuses_folders_inputs_and_other_kinds() {
@@ -208,12 +271,21 @@ mod tests {
             e.contains("not a modkit package") && e.contains("delete"),
             "{e}"
         );
-        check(&png, Output::Png, &inputs).expect("an old sheet");
+        // A PNG modkit did not write (a photo) is not replaced; a sheet is.
+        let e = err(&png, Output::Png);
+        assert!(e.contains("not a PNG image modkit wrote"), "{e}");
+        let sheet = d.join("sheet.png");
+        let img = image::RgbImage::from_pixel(3, 2, image::Rgb([9, 8, 7]));
+        std::fs::write(&sheet, encode_png(&img).expect("encode")).expect("sheet");
+        check(&sheet, Output::Png, &inputs).expect("an old sheet");
         assert!(err(&old, Output::Png).contains("not a PNG image"));
         assert!(err(&old, Output::Onnx).contains("not an ONNX model"));
         let onnx = d.join("m.onnx");
-        std::fs::write(&onnx, b"\x08\x09\x12\x06modkit").expect("onnx");
+        std::fs::write(&onnx, b"\x08\x09\x12\x04modc\x1a\x050.1.0").expect("onnx");
         check(&onnx, Output::Onnx, &inputs).expect("an old export");
+        std::fs::write(&onnx, b"\x08\x09\x12\x07pytorch\x1a\x032.1").expect("onnx");
+        let e = err(&onnx, Output::Onnx);
+        assert!(e.contains("not an ONNX model modc exported"), "{e}");
         // A checkpoint replaces a checkpoint only; a log a log only.
         check(&long, Output::Checkpoint, &inputs).expect("an old checkpoint");
         let notes = d.join("list_attr_celeba.txt");

@@ -357,7 +357,8 @@ impl QueryArgs {
                 (&self.index, "the index"),
             ];
             output::check(sheet, Output::Png, &inputs)?;
-            // An old sheet may be replaced, a PNG of the gallery not.
+            // An old sheet may be replaced, a PNG of the gallery not (should it
+            // be a sheet modkit wrote).
             if index.find(sheet).is_some() {
                 bail!(
                     "--sheet {sheet:?} is an image of the gallery; name a new file for the sheet"
@@ -518,10 +519,8 @@ impl QueryArgs {
 }
 
 fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png)
-        .context("encoding the PNG")?;
-    modkit_models::write_atomic(path, bytes.get_ref())?;
+    let bytes = output::encode_png(img).context("encoding the PNG")?;
+    modkit_models::write_atomic(path, &bytes)?;
     Ok(())
 }
 

@@ -538,7 +538,8 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
         )
     };
     query(&q, "5", "is the query image");
-    query(&other, "5", "is an image of the gallery");
+    // A gallery image is a PNG modkit did not write.
+    query(&other, "5", "exists and is not a PNG image modkit wrote");
     query(&g.idx, "5", "is the index");
     query(&g.model, "5", "is the package");
     // Nor a file of another kind, nor a folder.
@@ -558,6 +559,16 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
     let fresh = fresh.to_str().expect("path");
     g.query_json(&q, "smiling", "100", &["--sheet", fresh]);
     assert!(std::path::Path::new(fresh).exists());
+    // A sheet is replaced by the next one; a photo outside the gallery is not.
+    g.query_json(&q, "smiling", "3", &["--sheet", fresh]);
+    let photo = g.tmp.path().join("holiday.png");
+    std::fs::copy(&q, &photo).expect("copy");
+    query(
+        photo.to_str().expect("path"),
+        "5",
+        "exists and is not a PNG image modkit wrote",
+    );
+    assert_eq!(std::fs::read(&photo).expect("photo"), before);
     let mut rows = String::from("51\nSmiling\n");
     let big = g.tmp.path().join("big");
     let big_images = big.join("img_align_celeba");

@@ -522,13 +522,8 @@ pub fn write_report(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Config(format!("encoding a PNG: {e}")))?;
-    Ok(bytes)
+    modkit_models::output::encode_png(img)
+        .map_err(|e| Error::Config(format!("encoding a PNG: {e}")))
 }
 
 /// An `image` buffer embedded-graphics draws into.

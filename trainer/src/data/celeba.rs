@@ -364,10 +364,16 @@ mod tests {
             std::fs::write(path, b"photo").expect("png");
         }
         refused(&png, "img_align_celeba/00000");
-        refused(&png, "neither Anno/list_attr_celeba.txt nor .modtrain-synth");
+        refused(
+            &png,
+            "neither Anno/list_attr_celeba.txt nor .modtrain-synth",
+        );
         let kept = std::fs::read_dir(png.join(IMAGES)).expect("ls").count();
         assert_eq!(kept, 3);
-        assert_eq!(std::fs::read(png.join(IMAGES).join("000003.png")).expect("png"), b"photo");
+        assert_eq!(
+            std::fs::read(png.join(IMAGES).join("000003.png")).expect("png"),
+            b"photo"
+        );
         assert!(!png.join("Anno").exists() && !png.join(SYNTH_MARKER).exists());
         // Another file beside the lists is not the set's.
         std::fs::write(cut.join("Anno/notes.txt"), b"mine").expect("notes");
