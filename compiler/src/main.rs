@@ -223,11 +223,14 @@ impl VerifyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Compile(a) => a.run(),
-        Command::ExportOnnx(a) => a.run(),
-        Command::Inspect(a) => a.run(),
-        Command::Verify(a) => a.run(),
+    let result = match modkit_models::threads::check_rayon_env() {
+        Err(e) => Err(e.into()),
+        Ok(()) => match cli.command {
+            Command::Compile(a) => a.run(),
+            Command::ExportOnnx(a) => a.run(),
+            Command::Inspect(a) => a.run(),
+            Command::Verify(a) => a.run(),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

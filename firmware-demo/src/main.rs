@@ -504,7 +504,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let result = modkit_models::threads::check_rayon_env()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| run(cli));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // `firmware-demo --once | head`: the reader left; not a failure.

@@ -120,6 +120,10 @@ pub enum Error {
     #[error("output {path:?} {reason}")]
     Output { path: PathBuf, reason: String },
 
+    /// A thread count out of range ([`crate::threads`]).
+    #[error("{0}")]
+    Threads(String),
+
     #[error("{path:?} is damaged: {detail}; write it again")]
     Damaged { path: PathBuf, detail: String },
 

@@ -35,6 +35,7 @@ pub mod pixels;
 mod preprocess;
 mod spec;
 pub mod tasks;
+pub mod threads;
 mod variant;
 
 pub use atomic::{is_system_path, write_atomic};

@@ -46,7 +46,8 @@ struct ModelArgs {
     /// The compiled package (`modc compile CKPT -o model.modpack`).
     #[arg(long, short)]
     model: PathBuf,
-    /// Threads for tract's matrix products (1 is tract's single-threaded default).
+    /// Threads for tract's matrix products, 1 to 256 (1 is tract's single-threaded
+    /// default; the core count is the most that helps).
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }
@@ -708,12 +709,15 @@ impl BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Index(a) => a.run(),
-        Command::Query(a) => a.run(),
-        Command::Embed(a) => a.run(),
-        Command::Eval(a) => a.run(),
-        Command::Bench(a) => a.run(),
+    let result = match modkit_models::threads::check_rayon_env() {
+        Err(e) => Err(e.into()),
+        Ok(()) => match cli.command {
+            Command::Index(a) => a.run(),
+            Command::Query(a) => a.run(),
+            Command::Embed(a) => a.run(),
+            Command::Eval(a) => a.run(),
+            Command::Bench(a) => a.run(),
+        },
     };
     let result = result.and_then(|out| {
         use std::io::Write as _;

@@ -104,14 +104,27 @@ impl Model {
 
     /// Plans an in-memory package.
     pub fn from_package(pkg: Package, fingerprint: u64, options: &Options) -> Result<Model> {
-        if options.threads == 0 {
-            return Err(Error::Invalid(
-                "--threads 0: use at least 1 thread".to_string(),
-            ));
-        }
+        let n = options.threads;
+        let what = format!("--threads {n}");
+        modkit_models::threads::check(n, &what).map_err(|e| Error::Invalid(e.to_string()))?;
+        // Built here, not by tract's `Executor::multithread`, which panics where
+        // the system cannot start the threads.
+        let executor = match n {
+            1 => None,
+            n => Some(tract_linalg::multithread::Executor::MultiThread(
+                std::sync::Arc::new(
+                    rayon::ThreadPoolBuilder::new()
+                        .thread_name(|i| format!("modrt-{i}"))
+                        .num_threads(n)
+                        .build()
+                        .map_err(|e| {
+                            Error::Invalid(format!("{what}: cannot start them ({e}); use fewer"))
+                        })?,
+                ),
+            )),
+        };
         let run_options = RunOptions {
-            executor: (options.threads > 1)
-                .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+            executor,
             ..RunOptions::default()
         };
         let s = pkg.spec.input_size;

@@ -255,6 +255,10 @@ fn bad_input_is_one_line_with_exit_status_2() {
     fails(&["embed", q, "-m", "nope.modpack"], "nope.modpack");
     fails(&["embed", q, "-m", idx_s], "not a modkit package");
     fails(&["embed", q, "-m", model, "--threads", "0"], "--threads 0");
+    // Past what any machine has: refused before a thread starts (it panicked in
+    // tract where the system could not start them).
+    let many = ["embed", q, "-m", model, "--threads", "100000"];
+    fails(&many, "--threads 100000: at most 256 threads");
     fails(&["bench", "-m", model, "--tasks", "999"], "--tasks 999");
     fails(
         &["bench", "-m", model, "--gallery", "18446744073709551615"],

@@ -68,7 +68,11 @@ fn main() -> ExitCode {
     short_candle_spin();
     keep_freed_memory();
     let args = cli::Cli::parse();
-    match on_worker_thread(|| args.run()) {
+    let result = match modkit_models::threads::check_rayon_env() {
+        Err(e) => Err(e.into()),
+        Ok(()) => on_worker_thread(|| args.run()),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // A closed pipe (`modtrain eval … | head`) is not a failure.

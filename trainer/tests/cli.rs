@@ -38,6 +38,29 @@ fn fails_with(args: &[&str], want: &str) {
     );
 }
 
+/// `RAYON_NUM_THREADS` past any machine's cores, or not a number, is one line,
+/// not a panic of the thread pool, and no work starts.
+#[test]
+fn bad_rayon_thread_counts_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("data");
+    for (value, want) in [
+        ("100000", "RAYON_NUM_THREADS=100000: at most 256 threads"),
+        ("two", "RAYON_NUM_THREADS=two: not a thread count"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_modtrain"))
+            .args(["synth", "--out", out.to_str().expect("utf8"), "--n", "4"])
+            .env("RAYON_NUM_THREADS", value)
+            .output()
+            .expect("runs modtrain");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.starts_with("modtrain: ") && err.contains(want), "{err}");
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn synth_train_eval_round_trip() {
     let dir = tempfile::tempdir().expect("tmp");
