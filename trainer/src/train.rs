@@ -236,6 +236,21 @@ impl TrainConfig {
                 per_task.saturating_mul(tasks)
             )));
         }
+        // A step's images: a triplet's three per task (the tasks read from the
+        // data are checked again when the run starts).
+        let images = self.batch_per_task.saturating_mul(3).saturating_mul(tasks);
+        let (bytes, limit) = (step_bytes(&self.spec, images), max_step_bytes());
+        if bytes > limit {
+            let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
+            return Err(Error::Config(format!(
+                "--batch-per-task {} for {tasks} tasks is {images} images a step, whose tensors would take about {:.1} GiB at {}×{}, more than this machine's {:.1} GiB: give a smaller --batch-per-task",
+                self.batch_per_task,
+                gib(bytes),
+                self.spec.input_size,
+                self.spec.input_size,
+                gib(limit)
+            )));
+        }
         if self.test_triplets_per_task == 0 {
             return Err(Error::Config(
                 "--test-triplets 0 leaves nothing to evaluate each epoch on: give 1 or more (500 is the default)".into(),
@@ -368,6 +383,48 @@ pub struct Trainer {
 /// The most triplets a run may ask for, per task and over all tasks' training
 /// and test lists: past this the lists alone would not fit in memory.
 pub const MAX_TRIPLETS: usize = 100_000_000;
+
+/// The most memory a training step's tensors may take, by [`step_bytes`]'s
+/// estimate: the machine's memory (`MemTotal`), or where that is unknown the
+/// bound datasets have ([`crate::data::MAX_PIXEL_BYTES`]).
+fn max_step_bytes() -> u128 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u128>().ok())
+    });
+    total_kib.map_or(u128::from(crate::data::MAX_PIXEL_BYTES), |k| k << 10)
+}
+
+/// An estimate of the memory a training step on `images` images takes, high
+/// rather than low: per image, its input and every stage's output, a block's
+/// convolution output before its pool and the two residual stages' as well,
+/// each held for the backward, given a gradient and a scratch copy (×3). With
+/// 96 images: 0.91 GB at paper@64 and 5.3 GB at paper@150, where the process
+/// peaks at 0.66 and 3.5 GB (`modtrain bench-step`, data and model included).
+pub fn step_bytes(spec: &NetSpec, images: usize) -> u128 {
+    let stages = spec.stages();
+    let per_image: u128 = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let out = (s.channels * s.size * s.size) as u128;
+            match i {
+                // conv1, fc: one output.
+                0 => out,
+                _ if s.name == "fc" => out,
+                // A block: the convolution's output before the 2×2 pool (twice
+                // the side, less its border) and three at the pooled size.
+                _ => {
+                    let before = (2 * s.size + 2).pow(2) as u128 * s.channels as u128;
+                    before + 3 * out
+                }
+            }
+        })
+        .sum::<u128>()
+        + 3 * (spec.input_size as u128).pow(2);
+    per_image * images as u128 * 4 * 3
+}
 
 /// `OUT.suffix` next to the checkpoint `OUT.safetensors`; a checkpoint named
 /// otherwise keeps its whole name (`run.v1` → `run.v1.suffix`), so that two runs
@@ -1205,6 +1262,36 @@ mod tests {
             err.to_string().contains("away to evaluate or resume it"),
             "{err}"
         );
+    }
+
+    /// The step estimate is above what a step takes, and refuses only minibatches
+    /// far past the paper's (7 tasks × 8 triplets at 150×150).
+    #[test]
+    fn step_memory_is_bounded_above_real_steps() {
+        let paper = NetSpec::paper();
+        let mut p64 = paper.clone();
+        p64.input_size = 64;
+        let gb = |b: u128| b as f64 / 1e9;
+        // `bench-step --spec paper --size 64`: 96 images, 0.66 GB peak resident.
+        let at64 = gb(step_bytes(&p64, 96));
+        assert!((0.66..2.0).contains(&at64), "{at64}");
+        let at150 = gb(step_bytes(&paper, 96));
+        assert!((3.5..8.0).contains(&at150), "{at150}");
+        // The paper's minibatch fits a machine of 16 GB.
+        assert!(gb(step_bytes(&paper, 7 * 8 * 3)) < 16.0);
+        let mut cfg = small_cfg();
+        cfg.spec = NetSpec::tiny();
+        cfg.batch_per_task = 100_000;
+        cfg.triplets_per_task = 100_000;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--batch-per-task 100000 for 2 tasks is 600000 images")
+                && err.contains("more than this machine's")
+                && err.contains("smaller --batch-per-task"),
+            "{err}"
+        );
+        cfg.batch_per_task = 32;
+        cfg.validate().expect("a usual minibatch");
     }
 
     fn small_cfg() -> TrainConfig {
