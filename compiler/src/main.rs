@@ -112,7 +112,7 @@ impl CompileArgs {
         let ckpt = Checkpoint::load(&self.checkpoint)?;
         let fold = match self.fold_tasks.as_deref() {
             None => FoldTasks::None,
-            Some("all") => FoldTasks::All,
+            Some(all) if all.trim().eq_ignore_ascii_case("all") => FoldTasks::All,
             Some(list) => FoldTasks::Some(list.split(',').map(|s| s.trim().to_string()).collect()),
         };
         let opts = CompileOptions {
@@ -122,8 +122,10 @@ impl CompileArgs {
         };
         let pkg = compile(&ckpt, &opts)
             .with_context(|| format!("compiling {}", self.checkpoint.display()))?;
-        pkg.save(&self.out)?;
-        let size = std::fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0);
+        let bytes = pkg.to_bytes()?;
+        modkit_models::write_atomic(&self.out, &bytes)?;
+        // Its length, not the file's: `-o /dev/null` has none.
+        let size = bytes.len();
         eprintln!(
             "wrote {} ({} task{}, {size} bytes)",
             self.out.display(),
@@ -193,8 +195,8 @@ impl VerifyArgs {
             Precision::F32 => 1e-4,
             Precision::F16 => 2e-2,
         });
-        if tolerance.is_nan() || tolerance < 0.0 {
-            bail!("--tolerance {tolerance}: give a non-negative number such as 1e-4");
+        if !tolerance.is_finite() || tolerance < 0.0 {
+            bail!("--tolerance {tolerance}: give a finite number ≥ 0 such as 1e-4");
         }
         let checks = verify::verify(&pkg, &ckpt, self.images)?;
         let mut out = std::io::stdout().lock();
@@ -214,7 +216,11 @@ impl VerifyArgs {
         }
         let worst = checks.iter().map(|c| c.max_abs_error).fold(0.0, f32::max);
         if worst > tolerance {
-            bail!("max abs error {worst:.3e} exceeds --tolerance {tolerance:.1e}");
+            bail!(
+                "max abs error {worst:.3e} exceeds --tolerance {tolerance:.1e}; if {} was compiled from another checkpoint than {}, name that one with --against",
+                self.package.display(),
+                self.against.display()
+            );
         }
         writeln!(out, "ok: all {} tasks within {tolerance:.1e}", checks.len(),)?;
         Ok(())

@@ -91,7 +91,8 @@ fn compile_inspect_verify_export() {
     for (arg, want) in [
         ("--images=0", "--images 1"),
         ("--images=18446744073709551615", "at most 64"),
-        ("--tolerance=-1", "non-negative"),
+        ("--tolerance=-1", "finite number ≥ 0"),
+        ("--tolerance=inf", "--tolerance inf: give a finite number"),
     ] {
         let o = modc(&["verify", p, "--against", c, arg]);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -123,7 +124,31 @@ fn compile_inspect_verify_export() {
     ck.save(&other).expect("save");
     let o = modc(&["verify", p, "--against", other.to_str().expect("utf8")]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("exceeds --tolerance"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("exceeds --tolerance") && err.contains("name that one with --against"),
+        "{err}"
+    );
+    // `--fold-tasks ALL` is `all` (task names are case-insensitive), and a
+    // package written to /dev/null is reported at its real size.
+    let o = modc(&["compile", c, "-o", "/dev/null", "--fold-tasks", "ALL"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let size: usize = err
+        .split_once("tasks, ")
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .expect("size");
+    let all = dir.path().join("all.modpack");
+    let o = modc(&[
+        "compile",
+        c,
+        "-o",
+        all.to_str().expect("utf8"),
+        "--fold-tasks",
+        "all",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(size as u64, std::fs::metadata(&all).expect("all").len());
 
     let onnx = dir.path().join("smiling.onnx");
     let o = modc(&[

@@ -47,7 +47,7 @@ pub enum Error {
         expected: u64,
     },
 
-    #[error("index {path:?} has no embeddings for task {task:?}; it holds {}; pick one of those, or rebuild it with `--tasks {},{task}` (or without --tasks, for every task)", available.join(", "), available.join(","))]
+    #[error("index {path:?} has no embeddings for task {task:?}; it holds {}; pick one of those, or (if the package has it) rebuild the index with `--tasks {},{task}`, or without --tasks for every task", available.join(", "), available.join(","))]
     TaskNotIndexed {
         path: PathBuf,
         task: String,

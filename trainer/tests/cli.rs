@@ -396,10 +396,11 @@ fn train_outputs_never_replace_data_or_logs() {
     // The log or test triplets it would write: a folder, a text file.
     std::fs::create_dir(d.join("x.metrics.jsonl")).expect("mkdir");
     let o = train(&d.join("x.safetensors"));
+    let err = stderr(&o);
     assert!(
-        stderr(&o).contains("x.metrics.jsonl\" is a folder"),
-        "{}",
-        stderr(&o)
+        err.contains("x.metrics.jsonl, which is a folder")
+            && err.contains("move it away, or name another checkpoint"),
+        "{err}"
     );
     std::fs::write(d.join("y.triplets.json"), "my notes\n").expect("notes");
     let o = train(&d.join("y.safetensors"));

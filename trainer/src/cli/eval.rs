@@ -49,6 +49,7 @@ impl EvalArgs {
             now,
             Reuse::Again,
         )?;
+        let device = super::device(&self.device)?;
         let ds = super::load_data(
             &data,
             cfg.spec.input_size,
@@ -56,7 +57,7 @@ impl EvalArgs {
             cfg.seed,
             self.limit.or(cfg.limit),
         )?;
-        let trainer = Trainer::resume(&self.checkpoint, &ds, super::device(&self.device)?, None)?;
+        let trainer = Trainer::resume(&self.checkpoint, &ds, device, None)?;
         let acc = trainer.evaluate(&ds)?;
         let mean = acc.iter().sum::<f64>() / acc.len() as f64;
         let rows: Vec<(String, f64)> = trainer.cfg.tasks.iter().cloned().zip(acc).collect();

@@ -384,8 +384,19 @@ impl TrainArgs {
             .into_iter()
             .collect();
         output::check(out, Output::Checkpoint, &inputs)?;
-        output::check(&sibling(out, "metrics.jsonl"), LOG, &inputs)?;
-        output::check(&sibling(out, "triplets.json"), TEST_TRIPLETS, &inputs)?;
+        for (suffix, kind) in [("metrics.jsonl", LOG), ("triplets.json", TEST_TRIPLETS)] {
+            let path = sibling(out, suffix);
+            // Named after -o, so the fix is another -o or moving the folder.
+            if path.is_dir() {
+                anyhow::bail!(
+                    "-o {}: the run's {} goes to {}, which is a folder; move it away, or name another checkpoint",
+                    out.display(),
+                    kind.what(),
+                    path.display()
+                );
+            }
+            output::check(&path, kind, &inputs)?;
+        }
         // A folder the run cannot write in fails now, not after the first epoch.
         let dir = dir.unwrap_or(Path::new("."));
         let probe = dir.join(format!(".modtrain-probe{}", std::process::id()));

@@ -191,6 +191,12 @@ fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
             dir.display()
         ))
     };
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "--out {}: is a file, not a folder; name a new or empty folder for the synthetic set",
+            dir.display()
+        )));
+    }
     let top = names(dir)?;
     if top.is_empty() {
         return Ok(None);
@@ -378,6 +384,11 @@ mod tests {
         // Another file beside the lists is not the set's.
         std::fs::write(cut.join("Anno/notes.txt"), b"mine").expect("notes");
         refused(&cut, "holds Anno/notes.txt");
+        // A file is not a folder.
+        let file = dir.path().join("face.png");
+        std::fs::write(&file, b"photo").expect("file");
+        refused(&file, "is a file, not a folder");
+        assert_eq!(std::fs::read(&file).expect("file"), b"photo");
         // An empty folder is fine.
         let empty = dir.path().join("empty");
         std::fs::create_dir_all(&empty).expect("mkdir");

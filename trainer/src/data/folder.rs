@@ -77,6 +77,13 @@ pub(crate) fn parse_labels(text: &str, path: &Path, limit: Option<usize>) -> Res
         .clone();
     let names: Vec<String> = header.iter().map(|h| h.to_ascii_lowercase()).collect();
     let split_col = names.iter().position(|n| n == "split");
+    if names.iter().filter(|n| *n == "split").count() > 1 {
+        return Err(malformed(
+            path,
+            1,
+            "the header names \"split\" twice: keep one split column",
+        ));
+    }
     let attr_cols: Vec<usize> = (1..names.len()).filter(|&c| Some(c) != split_col).collect();
     if attr_cols.is_empty() {
         return Err(malformed(
@@ -250,6 +257,10 @@ mod tests {
 
     #[test]
     fn a_repeated_column_is_named() {
+        let text = "file,a,split,Split\na.png,1,train,test\n";
+        let err = parse_labels(text, Path::new("labels.csv"), None).map(|_| ());
+        let err = err.expect_err("two split columns").to_string();
+        assert!(err.contains("names \"split\" twice"), "{err}");
         let text = "file,smiling,Smiling\na.png,1,0\n";
         let Err(err) = parse_labels(text, Path::new("labels.csv"), None) else {
             panic!("a repeated column parsed");

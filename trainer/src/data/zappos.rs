@@ -133,7 +133,7 @@ pub fn csn_splits(dir: &Path) -> Result<Option<CsnSplits>> {
     let candidates = [dir.join(CSN_FILENAMES), lists.join(CSN_FILENAMES)];
     let Some(names_path) = candidates.iter().find(|p| p.is_file()) else {
         return Err(Error::Config(format!(
-            "{lists:?} holds CSN's triplet lists, but neither {:?} nor {:?} exists: put CSN's {CSN_FILENAMES} (the image list its triplets number) in one of them, or move {CSN_LISTS} away to split by hash",
+            "{lists:?} is there, for CSN's triplet lists, but neither {:?} nor {:?} exists: put CSN's {CSN_FILENAMES} (the image list its triplets number) in one of them, or move {CSN_LISTS} away to split by hash",
             candidates[0], candidates[1]
         )));
     };
