@@ -125,11 +125,7 @@ pub fn parse_attributes(text: &str, path: &Path) -> Result<AttrTable> {
 impl AttrTable {
     /// Reads and parses the attribute file at `path`.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
-        parse_attributes(&text, path)
+        parse_attributes(&crate::read_text(path)?, path)
     }
 
     /// The column of `attribute` (case-insensitive), if the table has it.

@@ -46,3 +46,21 @@ pub use params::ParamCount;
 pub use preprocess::{Fit, Preprocess};
 pub use spec::{BATCH_NORM_EPS, Modulation, NetSpec, StageShape};
 pub use variant::Variant;
+
+/// Reads a text file a user wrote (a label list): not UTF-8 is an error naming
+/// the line where it stops being UTF-8, and the fix.
+pub fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::Malformed {
+            path: path.into(),
+            line,
+            msg: "is not UTF-8 text; save the file as UTF-8".into(),
+        }
+    })
+}

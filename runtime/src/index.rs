@@ -89,6 +89,9 @@ pub struct Report {
 pub struct Gallery {
     pub root: PathBuf,
     pub ids: Vec<String>,
+    /// Images whose path is not UTF-8, which an id cannot name (lossily
+    /// spelled): left out, and said so.
+    pub not_utf8: Vec<String>,
     pub attributes: Option<AttrTable>,
 }
 
@@ -120,21 +123,31 @@ impl Gallery {
             Some(real) if !attr.is_file() => real,
             _ => attr,
         };
-        let mut ids = Vec::new();
+        let (mut ids, mut not_utf8) = (Vec::new(), Vec::new());
         let mut seen = HashSet::from([root.clone()]);
-        list(&root, &root, &mut seen, &mut ids)?;
+        list(&root, &root, &mut seen, &mut ids, &mut not_utf8)?;
         ids.sort();
         if ids.is_empty() {
+            if let Some(name) = not_utf8.first() {
+                return Err(Error::Invalid(format!(
+                    "{root:?}: every image's file name is not UTF-8 ({name:?}, …), which an index cannot record; rename the files"
+                )));
+            }
             return Err(Error::EmptyGallery { path: root });
         }
         let attributes = if attr.is_file() {
             Some(AttrTable::read(&attr)?)
+        } else if attr.exists() {
+            return Err(Error::Invalid(format!(
+                "{attr:?} is not a file; CelebA's attribute list goes there (move the folder away to index without attributes)"
+            )));
         } else {
             None
         };
         Ok(Gallery {
             root,
             ids,
+            not_utf8,
             attributes,
         })
     }
@@ -166,8 +179,15 @@ impl Gallery {
 /// path lies under `root` (a folder, or a file named as an image) is passed over:
 /// its target is listed as itself, so the image keeps the id `find` gives it and
 /// is not embedded twice. `seen` holds the real folders listed so far, so that other
-/// linked folders are listed once and a link loop ends.
-fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<String>) -> Result<()> {
+/// linked folders are listed once and a link loop ends. Images whose path below
+/// `root` is not UTF-8 go to `not_utf8` instead.
+fn list(
+    root: &Path,
+    dir: &Path,
+    seen: &mut HashSet<PathBuf>,
+    out: &mut Vec<String>,
+    not_utf8: &mut Vec<String>,
+) -> Result<()> {
     let mut paths = std::fs::read_dir(dir)
         .map_err(Error::io(dir))?
         .map(|e| e.map(|e| e.path()))
@@ -184,14 +204,18 @@ fn list(root: &Path, dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<Stri
         if path.is_dir() {
             let (inside, real) = inside(&path)?;
             if !(link && inside) && seen.insert(real) {
-                list(root, &path, seen, out)?;
+                list(root, &path, seen, out, not_utf8)?;
             }
         } else if is_image(&path) {
             // A link to an image the walk lists itself (under the root, named as
             // an image) is that image; a link to anything else is listed.
             let listed = |(inside, real): (bool, PathBuf)| inside && is_image(&real);
             if !(link && inside(&path).is_ok_and(listed)) {
-                out.push(id_of(path.strip_prefix(root).unwrap_or(&path)));
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                match rel.to_str() {
+                    Some(_) => out.push(id_of(rel)),
+                    None => not_utf8.push(id_of(rel)),
+                }
             }
         }
     }
@@ -290,6 +314,10 @@ pub fn build(
         kept: index.ids.len(),
         ..Report::default()
     };
+    for name in &gallery.not_utf8 {
+        let why = "its file name is not UTF-8, which an index cannot record; rename the file";
+        report.skipped.push((name.clone(), why.to_string()));
+    }
     let mut added_ids = Vec::new();
     for (id, r) in todo.iter().zip(results) {
         match r {

@@ -857,3 +857,51 @@ fn precision_is_over_the_results_whose_value_is_known() {
     let p = v["precision"].as_f64().expect("precision");
     assert!((p - 5.0 / 11.0).abs() < 1e-9, "{p}");
 }
+
+/// An image whose file name is not UTF-8 is left out and said so (an id is a
+/// string); a gallery of nothing else is refused with the reason.
+#[test]
+fn images_with_non_utf8_names_are_skipped_with_the_reason() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let images = gallery(tmp.path());
+    let bad = std::ffi::OsStr::from_bytes(b"bad\xff\xfename.png");
+    std::fs::copy(images.join("000001.png"), images.join(bad)).expect("copy");
+    let model = pretrained().to_str().expect("path").to_string();
+    let idx = tmp.path().join("g.modidx");
+    let args = ["index", tmp.path().to_str().expect("path"), "-m", &model];
+    let out = modrt(&[&args[..], &["-o", idx.to_str().expect("path")]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(12 new, 0 kept, 1 skipped)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("skipped bad") && err.contains("file name is not UTF-8"),
+        "{err}"
+    );
+    let only = tmp.path().join("only");
+    std::fs::create_dir_all(&only).expect("mkdir");
+    std::fs::copy(images.join("000001.png"), only.join(bad)).expect("copy");
+    let only = only.to_str().expect("path");
+    fails(
+        &[
+            "index",
+            only,
+            "-m",
+            &model,
+            "-o",
+            idx.to_str().expect("path"),
+        ],
+        "every image's file name is not UTF-8",
+    );
+    // The attribute list: not UTF-8, or a folder, is named, not read as none.
+    let attr = tmp.path().join("Anno/list_attr_celeba.txt");
+    std::fs::write(&attr, b"12\nSmiling Young\n000001.png 1 \xff\n").expect("attr");
+    let again = [&args[..], &["-o", idx.to_str().expect("path")]].concat();
+    fails(&again, "line 3: is not UTF-8 text; save the file as UTF-8");
+    std::fs::remove_file(&attr).expect("rm");
+    std::fs::create_dir(&attr).expect("mkdir");
+    fails(&again, "list_attr_celeba.txt\" is not a file");
+}

@@ -460,25 +460,36 @@ fn write_task_matrix(
     Ok(())
 }
 
-/// Writes `report.md`, `loss.png`, `accuracy.png`, and where runs measured UCR
-/// `ucr.png` (its mean per epoch) and one `ucr-NAME.png` heatmap per run, into
-/// `dir` (each file atomically); returns their paths.
-pub fn write_report(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
+/// Refuses `dir` as a report's folder where it is a file, or holds files and
+/// no earlier report: a folder of other files (a dataset's `loss.png`) is not
+/// overwritten; an earlier report, known by its report.md, is. Called before
+/// any work, and by [`write_report`].
+pub fn check_report_dir(dir: &Path) -> Result<()> {
     if dir.is_file() {
         return Err(Error::Config(format!(
             "-o {dir:?} is a file; the report is a folder (report.md and the plots): name a folder"
         )));
     }
-    // A folder of other files (a dataset's `loss.png`) is not overwritten; an
-    // earlier report, known by its report.md, is.
     let holds_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-    let earlier = std::fs::read_to_string(dir.join("report.md"))
-        .is_ok_and(|md| md.starts_with(SUMMARY_HEADER));
+    let md = dir.join("report.md");
+    let earlier = std::fs::read_to_string(&md).is_ok_and(|md| md.starts_with(SUMMARY_HEADER));
     if holds_files && !earlier {
+        let holds = match md.exists() {
+            true => "a report.md that modtrain report did not write",
+            false => "files and no earlier report (report.md)",
+        };
         return Err(Error::Config(format!(
-            "-o {dir:?} holds files and no earlier report (report.md) whose plots the report would replace: name a new or empty folder"
+            "-o {dir:?} holds {holds}, which the report would mix with or replace: name a new or empty folder"
         )));
     }
+    Ok(())
+}
+
+/// Writes `report.md`, `loss.png`, `accuracy.png`, and where runs measured UCR
+/// `ucr.png` (its mean per epoch) and one `ucr-NAME.png` heatmap per run, into
+/// `dir` (each file atomically); returns their paths.
+pub fn write_report(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
+    check_report_dir(dir)?;
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.into(),
         source,

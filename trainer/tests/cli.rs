@@ -696,6 +696,24 @@ fn ucr_is_measured_logged_and_reported() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(text.matches("| fsn (shared) |").count(), 1, "{text}");
+    // A folder with someone's report.md: refused before any table prints.
+    let notes = dir.path().join("notes");
+    std::fs::create_dir(&notes).expect("mkdir");
+    std::fs::write(notes.join("report.md"), "# My notes\n").expect("md");
+    let o = modtrain(&["report", &path(&fsn_ckpt), "-o", &path(&notes)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        stderr(&o).contains("a report.md that modtrain report did not write"),
+        "{}",
+        stderr(&o)
+    );
+    let md = std::fs::read_to_string(notes.join("report.md")).expect("md");
+    assert_eq!(md, "# My notes\n");
     // Two runs' lines in one log: refused, naming the line.
     let other = dir.path().join("other");
     std::fs::create_dir(&other).expect("mkdir");

@@ -57,6 +57,8 @@ impl ReportArgs {
         {
             eprintln!("modtrain: warning: {note}");
         }
+        // Before the tables: a refused folder prints nothing.
+        report::check_report_dir(&out)?;
         report::write_summary(&mut std::io::stdout().lock(), &runs)?;
         for path in report::write_report(&runs, &out)? {
             eprintln!("wrote {}", path.display());

@@ -226,19 +226,7 @@ pub use modkit_models::Fit;
 /// A label or annotation file's text; bytes that are not UTF-8 are an error
 /// naming their line, not "stream did not contain valid UTF-8".
 pub(crate) fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })?;
-    String::from_utf8(bytes).map_err(|e| {
-        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-        Error::Malformed {
-            path: path.into(),
-            line,
-            msg: "is not UTF-8 text; save the file as UTF-8".into(),
-        }
-    })
+    Ok(modkit_models::read_text(path)?)
 }
 
 /// Decodes an image, squares it by `fit` and resizes it to `size`: RGB bytes,
