@@ -32,6 +32,9 @@ esac
 # A gallery the model never saw: another seed.
 "$bin/modtrain" synth --out "$out/gallery" --n "${GALLERY:-1000}" --size 48 --seed 1
 "$bin/modrt" index "$out/gallery" --model "$out/model.modpack" -o "$out/gallery.modidx"
+# The demo's own sheet: one an earlier build wrote lacks the mark that lets
+# modrt replace it, so it goes first.
+rm -f "$out/query.png"
 "$bin/modrt" query "$out/gallery/img_align_celeba/000001.png" --task "$tasks" \
     --model "$out/model.modpack" --index "$out/gallery.modidx" -k 5 \
     --sheet "$out/query.png"
