@@ -5,41 +5,49 @@
 
 use crate::{Error, Result};
 
-/// The most threads a command starts: far above the cores of any machine these
-/// commands run on, and low enough to start everywhere.
+/// The most threads a command starts, on a machine with fewer cores than
+/// this: far above what helps, and low enough to start everywhere.
 pub const MAX_THREADS: usize = 256;
 
-/// Checks a thread count given as `what` (`--threads 4`): 1 to [`MAX_THREADS`].
+/// The most threads a command starts here: [`MAX_THREADS`], or the core count
+/// where that is more.
+pub fn max_threads() -> usize {
+    MAX_THREADS.max(cores())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Checks a thread count given as `what` (`--threads 4`): 1 to
+/// [`max_threads`].
 pub fn check(n: usize, what: &str) -> Result<()> {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let (cores, max) = (cores(), max_threads());
     match n {
         0 => Err(Error::Threads(format!("{what}: use at least 1 thread"))),
-        n if n > MAX_THREADS => Err(Error::Threads(format!(
-            "{what}: at most {MAX_THREADS} threads; this machine has {cores} cores, so {cores} is a good choice"
+        n if n > max => Err(Error::Threads(format!(
+            "{what}: at most {max} threads; this machine has {cores} cores, so {cores} is a good choice"
         ))),
         _ => Ok(()),
     }
 }
 
-/// Checks `RAYON_NUM_THREADS`, which sizes every parallel loop's pool, before
-/// that pool starts: unset, empty or 0 (rayon's default: one per core) or 1 to
-/// [`MAX_THREADS`].
+/// Checks `RAYON_NUM_THREADS` and `RAYON_RS_NUM_CPUS`, which size every
+/// parallel loop's pool, before that pool starts: a count rayon would use
+/// must be 1 to [`max_threads`]. rayon ignores what is not a number (or is 0)
+/// and uses every core, so those pass.
 pub fn check_rayon_env() -> Result<()> {
-    const VAR: &str = "RAYON_NUM_THREADS";
-    let Some(value) = std::env::var_os(VAR) else {
-        return Ok(());
-    };
-    let text = value.to_string_lossy();
-    let what = format!("{VAR}={text}");
-    match text.trim() {
-        "" | "0" => Ok(()),
-        t => match t.parse::<usize>() {
-            Ok(n) => check(n, &what),
-            Err(_) => Err(Error::Threads(format!(
-                "{what}: not a thread count; set a number from 1 to {MAX_THREADS}, or unset it to use every core"
-            ))),
-        },
+    for var in ["RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"] {
+        let Some(value) = std::env::var_os(var) else {
+            continue;
+        };
+        let text = value.to_string_lossy();
+        // As rayon reads it: the whole value, as a number.
+        if let Ok(n @ 1..) = text.parse::<usize>() {
+            check(n, &format!("{var}={text}"))?;
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -50,11 +58,13 @@ mod tests {
     fn counts_past_the_limit_are_refused() {
         assert!(check(1, "--threads 1").is_ok());
         assert!(check(MAX_THREADS, "--threads").is_ok());
+        assert!(check(max_threads(), "--threads").is_ok());
         let err = check(0, "--threads 0").unwrap_err().to_string();
         assert!(err.contains("--threads 0: use at least 1"), "{err}");
         let err = check(100_000, "--threads 100000").unwrap_err().to_string();
         assert!(
-            err.contains("--threads 100000: at most 256") && err.contains("cores"),
+            err.contains(&format!("--threads 100000: at most {}", max_threads()))
+                && err.contains("cores"),
             "{err}"
         );
     }

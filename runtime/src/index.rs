@@ -129,8 +129,9 @@ impl Gallery {
         ids.sort();
         if ids.is_empty() {
             if let Some(name) = not_utf8.first() {
+                let more = if not_utf8.len() > 1 { ", …" } else { "" };
                 return Err(Error::Invalid(format!(
-                    "{root:?}: every image's file name is not UTF-8 ({name:?}, …), which an index cannot record; rename the files"
+                    "{root:?}: every image's file name is not UTF-8 ({name:?}{more}), which an index cannot record; rename the files"
                 )));
             }
             return Err(Error::EmptyGallery { path: root });

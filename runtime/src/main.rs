@@ -46,7 +46,7 @@ struct ModelArgs {
     /// The compiled package (`modc compile CKPT -o model.modpack`).
     #[arg(long, short)]
     model: PathBuf,
-    /// Threads for tract's matrix products, 1 to 256 (1 is tract's single-threaded
+    /// Threads for tract's matrix products, 1 to 256 or the core count (1 is tract's single-threaded
     /// default; the core count is the most that helps).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -121,7 +121,8 @@ struct QueryArgs {
     /// Write a contact sheet PNG, a row per task: the query, then the results with
     /// rank, distance and attribute value: at most 50 per row, so a larger -k is
     /// refused where the gallery has more than 50 images. It must be a new
-    /// file or an old sheet, not the query, the package, the index or a gallery image.
+    /// file or an old sheet (a PNG modrt marked as its own), not the query, the
+    /// package, the index, a gallery image or any other PNG.
     #[arg(long)]
     sheet: Option<PathBuf>,
     /// Keep the query image itself in the results when it is in the gallery.

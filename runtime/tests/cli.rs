@@ -258,7 +258,7 @@ fn bad_input_is_one_line_with_exit_status_2() {
     // Past what any machine has: refused before a thread starts (it panicked in
     // tract where the system could not start them).
     let many = ["embed", q, "-m", model, "--threads", "100000"];
-    fails(&many, "--threads 100000: at most 256 threads");
+    fails(&many, "--threads 100000: at most");
     fails(&["bench", "-m", model, "--tasks", "999"], "--tasks 999");
     fails(
         &["bench", "-m", model, "--gallery", "18446744073709551615"],
@@ -614,6 +614,17 @@ fn a_sheet_never_overwrites_an_input_and_is_bounded() {
         "at most 50 results",
     );
     assert!(!sheet.exists());
+    // A sheet indexed into the gallery is a gallery image, though modrt wrote it.
+    let indexed_sheet = g.images.join("sheet.png");
+    std::fs::copy(fresh, &indexed_sheet).expect("copy");
+    ok(&["index", g.dir(), "-m", &g.model, "-o", &g.idx, "--append"]);
+    let before = std::fs::read(&indexed_sheet).expect("sheet");
+    query(
+        indexed_sheet.to_str().expect("path"),
+        "5",
+        "is an image of the gallery",
+    );
+    assert_eq!(std::fs::read(&indexed_sheet).expect("sheet"), before);
 }
 
 /// The ids of a `query --json` answer's results, in rank order.

@@ -236,21 +236,6 @@ impl TrainConfig {
                 per_task.saturating_mul(tasks)
             )));
         }
-        // A step's images: a triplet's three per task (the tasks read from the
-        // data are checked again when the run starts).
-        let images = self.batch_per_task.saturating_mul(3).saturating_mul(tasks);
-        let (bytes, limit) = (step_bytes(&self.spec, images), max_step_bytes());
-        if bytes > limit {
-            let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
-            return Err(Error::Config(format!(
-                "--batch-per-task {} for {tasks} tasks is {images} images a step, whose tensors would take about {:.1} GiB at {}×{}, more than this machine's {:.1} GiB: give a smaller --batch-per-task",
-                self.batch_per_task,
-                gib(bytes),
-                self.spec.input_size,
-                self.spec.input_size,
-                gib(limit)
-            )));
-        }
         if self.test_triplets_per_task == 0 {
             return Err(Error::Config(
                 "--test-triplets 0 leaves nothing to evaluate each epoch on: give 1 or more (500 is the default)".into(),
@@ -263,6 +248,34 @@ impl TrainConfig {
                 self.ucr_every,
                 self.variant,
                 self.tasks.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// Refuses a minibatch whose training step would not fit in `limit` bytes
+    /// ([`step_bytes`]), on the CPU; the tasks are checked again once the data
+    /// has named them. For runs that start: evaluating or resuming a run takes
+    /// no new minibatch size, and a step on a GPU holds its tensors there.
+    pub fn check_step_memory(&self, device: &Device, limit: u128) -> Result<()> {
+        if !device.is_cpu() {
+            return Ok(());
+        }
+        let tasks = self.tasks.len().max(1);
+        // A step's images: a triplet's three per task.
+        let images = self.batch_per_task.saturating_mul(3).saturating_mul(tasks);
+        let bytes = step_bytes(&self.spec, images);
+        if bytes > limit {
+            let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
+            return Err(Error::Config(format!(
+                "--batch-per-task {} for {tasks} tasks is {images} images a step, whose tensors would take about {:.1} GiB at {}×{}, more than this machine's {:.1} GiB: give a smaller --batch-per-task",
+                self.batch_per_task,
+                gib(bytes),
+                self.spec.input_size,
+                self.spec.input_size,
+                gib(limit)
             )));
         }
         Ok(())
@@ -387,7 +400,7 @@ pub const MAX_TRIPLETS: usize = 100_000_000;
 /// The most memory a training step's tensors may take, by [`step_bytes`]'s
 /// estimate: the machine's memory (`MemTotal`), or where that is unknown the
 /// bound datasets have ([`crate::data::MAX_PIXEL_BYTES`]).
-fn max_step_bytes() -> u128 {
+pub fn max_step_bytes() -> u128 {
     let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -401,7 +414,8 @@ fn max_step_bytes() -> u128 {
 /// convolution output before its pool and the two residual stages' as well,
 /// each held for the backward, given a gradient and a scratch copy (×3). With
 /// 96 images: 0.91 GB at paper@64 and 5.3 GB at paper@150, where the process
-/// peaks at 0.66 and 3.5 GB (`modtrain bench-step`, data and model included).
+/// peaks at 0.66 and 3.5–4.0 GB (`modtrain bench-step`, data and model
+/// included).
 pub fn step_bytes(spec: &NetSpec, images: usize) -> u128 {
     let stages = spec.stages();
     let per_image: u128 = stages
@@ -526,6 +540,7 @@ impl Trainer {
     /// from the seed and fixes the test triplets.
     pub fn new(cfg: TrainConfig, ds: &Dataset, device: Device) -> Result<Self> {
         cfg.validate()?;
+        cfg.check_step_memory(&device, max_step_bytes())?;
         let init_from = cfg.init_from.clone();
         let mut t = Self::fresh(cfg, ds, device)?;
         if let Some(path) = init_from {
@@ -1277,21 +1292,28 @@ mod tests {
         assert!((0.66..2.0).contains(&at64), "{at64}");
         let at150 = gb(step_bytes(&paper, 96));
         assert!((3.5..8.0).contains(&at150), "{at150}");
-        // The paper's minibatch fits a machine of 16 GB.
-        assert!(gb(step_bytes(&paper, 7 * 8 * 3)) < 16.0);
         let mut cfg = small_cfg();
         cfg.spec = NetSpec::tiny();
         cfg.batch_per_task = 100_000;
         cfg.triplets_per_task = 100_000;
-        let err = cfg.validate().unwrap_err().to_string();
+        let (cpu, limit) = (Device::Cpu, 16 << 30);
+        let err = cfg.check_step_memory(&cpu, limit).unwrap_err().to_string();
         assert!(
             err.contains("--batch-per-task 100000 for 2 tasks is 600000 images")
-                && err.contains("more than this machine's")
+                && err.contains("more than this machine's 16.0 GiB")
                 && err.contains("smaller --batch-per-task"),
             "{err}"
         );
+        cfg.validate()
+            .expect("not checked when validating (eval, resume)");
         cfg.batch_per_task = 32;
-        cfg.validate().expect("a usual minibatch");
+        cfg.check_step_memory(&cpu, limit)
+            .expect("a usual minibatch");
+        // The paper's minibatch fits 16 GiB.
+        cfg.spec = paper;
+        cfg.tasks = (0..7).map(|i| format!("t{i}")).collect();
+        cfg.batch_per_task = 8;
+        cfg.check_step_memory(&cpu, limit).expect("the paper's");
     }
 
     fn small_cfg() -> TrainConfig {

@@ -38,19 +38,19 @@ fn fails_with(args: &[&str], want: &str) {
     );
 }
 
-/// `RAYON_NUM_THREADS` past any machine's cores, or not a number, is one line,
-/// not a panic of the thread pool, and no work starts.
+/// `RAYON_NUM_THREADS` (or `RAYON_RS_NUM_CPUS`) past any machine's cores is
+/// one line, not a panic of the thread pool, and no work starts.
 #[test]
 fn bad_rayon_thread_counts_are_refused() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("data");
-    for (value, want) in [
-        ("100000", "RAYON_NUM_THREADS=100000: at most 256 threads"),
-        ("two", "RAYON_NUM_THREADS=two: not a thread count"),
+    for (var, want) in [
+        ("RAYON_NUM_THREADS", "RAYON_NUM_THREADS=100000: at most"),
+        ("RAYON_RS_NUM_CPUS", "RAYON_RS_NUM_CPUS=100000: at most"),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_modtrain"))
             .args(["synth", "--out", out.to_str().expect("utf8"), "--n", "4"])
-            .env("RAYON_NUM_THREADS", value)
+            .env(var, "100000")
             .output()
             .expect("runs modtrain");
         let err = stderr(&o);
@@ -948,6 +948,16 @@ fn zappos_with_csn_lists_uses_their_splits() {
     refused(&o, "away to evaluate or resume it");
     std::fs::rename(dir.path().join("tripletlists"), dir.path().join("away")).expect("mv");
     refused(&eval(&ckpt), "was trained on CSN's splits");
+    // A folder that is not there: the loader names what is missing; the
+    // splits are not blamed.
+    let c = ckpt.to_str().expect("utf8");
+    let o = modtrain(&["eval", c, "--data", "zappos:/no/such/dir"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("meta-data.csv") && !err.contains("put them back"),
+        "{err}"
+    );
     let o = eval(&hashed);
     assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -7,7 +7,9 @@ use modkit_models::output::{self, Output};
 use modkit_models::{Modulation, NetSpec, Variant};
 use modkit_trainer::data::{DataSource, zappos};
 use modkit_trainer::optim::OptimizerKind;
-use modkit_trainer::train::{Reuse, TrainConfig, Trainer, check_splits, sibling, sibling_partner};
+use modkit_trainer::train::{
+    Reuse, TrainConfig, Trainer, check_splits, max_step_bytes, sibling, sibling_partner,
+};
 
 /// What a training log starts with: its first line's first field.
 const LOG: Output = Output::Text {
@@ -461,6 +463,9 @@ impl TrainArgs {
         }
         self.check_outputs(cfg.init_from.as_deref())?;
         cfg.validate()?;
+        if self.resume.is_none() {
+            cfg.check_step_memory(&device, max_step_bytes())?;
+        }
         // The splits too: a run on other splits is refused before minutes of loading.
         let now = cfg.data.parse::<DataSource>()?.csn_splits();
         // A resumed run's `init_from` is not read again.

@@ -203,7 +203,7 @@ fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
     }
     if let Some(other) = top
         .iter()
-        .find(|n| !["Anno", "Eval", IMAGES, SYNTH_MARKER].contains(&n.as_str()))
+        .find(|n| !["Anno", "Eval", IMAGES, SYNTH_MARKER].contains(&n.as_str()) && !leftover(n))
     {
         return Err(refuse(format!("holds {other:?}")));
     }
@@ -247,6 +247,10 @@ fn earlier_synthetic(dir: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
         for name in names(&dir.join(sub))?.into_iter().filter(|n| leftover(n)) {
             stale.push(dir.join(sub).join(name));
         }
+    }
+    // The marker's, cut off as it was written.
+    for name in top.iter().filter(|n| leftover(n)) {
+        stale.push(dir.join(name));
     }
     Ok(Some(stale))
 }

@@ -297,10 +297,14 @@ impl DataSource {
     }
 
     /// For UT-Zappos50K, whether it is split by CSN's triplet lists, as the
-    /// loaded [`Dataset::csn_splits`] will say; `None` for other data.
+    /// loaded [`Dataset::csn_splits`] will say; `None` for other data, and for
+    /// a folder without UT-Zappos50K's meta-data (missing or mistyped: the
+    /// loader's error says which file is missing, and its dataset is checked).
     pub fn csn_splits(&self) -> Option<bool> {
         match self {
-            DataSource::Zappos(dir) => Some(zappos::has_csn_lists(dir)),
+            DataSource::Zappos(dir) if dir.join(zappos::META).is_file() => {
+                Some(zappos::has_csn_lists(dir))
+            }
             _ => None,
         }
     }
